@@ -40,25 +40,14 @@ def _frame_reference(data: bytes) -> bytes:
 # Example{features{feature{"a": int64 [1, 300]} {"b": bytes ["xy"]} {"c": float [1.5]}}},
 # written out by hand from tensorflow/core/example/{example,feature}.proto field numbers.
 _HAND_EXAMPLE = bytes.fromhex(
-    "0a2a"  # Example.features (field 1), 42 bytes
-    "0a0c"
-    "0a0161"
-    "1207"
-    "1a05"
-    "0a03"
-    "01ac02"  # entry "a": Feature.int64_list, packed
-    "0a0b"
-    "0a0162"
-    "1206"
-    "0a04"
-    "0a02"
-    "7879"  # entry "b": Feature.bytes_list
-    "0a0d"
-    "0a0163"
-    "1208"
-    "1206"
-    "0a04"
-    "0000c03f"  # entry "c": Feature.float_list, packed
+    # Example.features (field 1), 42 bytes
+    "0a2a"
+    # map entry "a" -> Feature.int64_list (field 3) -> packed varints 1, 300
+    "0a0c 0a0161 1207 1a05 0a03 01ac02"
+    # map entry "b" -> Feature.bytes_list (field 1) -> "xy"
+    "0a0b 0a0162 1206 0a04 0a02 7879"
+    # map entry "c" -> Feature.float_list (field 2) -> packed little-endian float 1.5
+    "0a0d 0a0163 1208 1206 0a04 0000c03f"
 )
 
 
