@@ -1,0 +1,348 @@
+"""Split manifests of the supported datasets, read into one list of entries plus a class list.
+
+Supported files:
+
+* WLASL `WLASL_v0.3.json`: a list of glosses, each with `instances` (video_id, split,
+  frame_start indexed from 1, frame_end inclusive or -1 for the last frame, counted at the
+  instance's `fps`, 25). Class ids are the glosses in file order.
+* WLASL `nslt_{100,300,1000,2000}.json`: `{video_id: {"subset": split, "action": [label,
+  frame_start, frame_end]}}` with `wlasl_class_list.txt` (`index<TAB>gloss` lines). These
+  split files index start_kit's per-instance clips (`videos/{video_id}.mp4`, already cut to
+  the gloss), so the whole clip is used and the `action` frame numbers are not applied again.
+* The published SignNet CSV splits: `relative/path.mp4 label` per line; split = file stem.
+* ASL-Citizen CSV splits: `Participant ID,Video file,Gloss,ASL-LEX Code`; split = file stem;
+  classes are the sorted unique glosses of `train.csv`.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Sequence
+
+DATASETS = ("wlasl", "csv", "asl_citizen")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One video of a split manifest.
+
+    Attributes:
+      split: split name ("train", "val", "test", ...).
+      video_id: id from the manifest (unique within a split).
+      path: video path relative to the videos folder.
+      label: class index into the manifest's class list.
+      gloss: class name.
+      frame_start: first frame of the gloss, indexed from 1, counted at span_fps; None = start.
+      frame_end: last frame of the gloss (inclusive), counted at span_fps; None = to the end.
+      span_fps: frame rate the frame numbers count at; None if the whole video is used.
+    """
+
+    split: str
+    video_id: str
+    path: str
+    label: int
+    gloss: str
+    frame_start: int | None = None
+    frame_end: int | None = None
+    span_fps: float | None = None
+
+    def source_span(self, source_fps: float) -> tuple[int, int | None]:
+        """Converts the manifest span to source frame indices.
+
+        Args:
+          source_fps: frame rate of the video file.
+
+        Returns:
+          [start, end) source frame indices; end None means to the last frame.
+        """
+        if self.span_fps is None:
+            return 0, None
+        scale = source_fps / self.span_fps if source_fps > 0 else 1.0
+        start = 0 if self.frame_start is None else max(0, round((self.frame_start - 1) * scale))
+        # frame_end is inclusive and 1-indexed, i.e. the exclusive 0-indexed end at span_fps.
+        end = None if self.frame_end is None else max(0, round(self.frame_end * scale))
+        return start, end
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Entries of one or more splits and the class list their labels index."""
+
+    classes: list[str]
+    entries: list[Entry]
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of entries per split, in first-seen order."""
+        return dict(collections.Counter(e.split for e in self.entries))
+
+
+def load_class_list(path: str | os.PathLike) -> list[str]:
+    """Reads a class list: `index gloss` lines (as wlasl_class_list.txt) or one gloss a line.
+
+    Args:
+      path: text file; with indices they must run 0, 1, 2, ... in order.
+
+    Returns:
+      Glosses; label i is element i.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n\r") for line in f]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: class list is empty")
+    indexed = [re.fullmatch(r"\s*(\d+)\s+(\S.*?)\s*", line) for line in lines]
+    if all(indexed):
+        glosses = []
+        for lineno, m in enumerate(indexed):
+            if int(m.group(1)) != lineno:
+                raise ValueError(
+                    f"{path}: line {lineno + 1} has index {m.group(1)}, expected {lineno} "
+                    "(indices must run 0, 1, 2, ... in order)"
+                )
+            glosses.append(m.group(2))
+    else:
+        glosses = [line.strip() for line in lines]
+    dupes = [g for g, n in collections.Counter(glosses).items() if n > 1]
+    if dupes:
+        raise ValueError(f"{path}: duplicate classes {dupes[:5]}")
+    return glosses
+
+
+def _load_json(path: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_wlasl(
+    split_file: str | os.PathLike, class_list: str | os.PathLike | None = None
+) -> Manifest:
+    """Reads WLASL_v0.3.json or an nslt_*.json split file.
+
+    Args:
+      split_file: `WLASL_v0.3.json` (list of glosses) or `nslt_K.json` (dict of video ids).
+      class_list: for nslt files, `wlasl_class_list.txt`; defaults to the one beside the
+        split file. Not needed for WLASL_v0.3.json, whose gloss order defines the classes.
+
+    Returns:
+      The manifest; for nslt_K.json the classes are the first K of the class list.
+    """
+    split_file = os.fspath(split_file)
+    data = _load_json(split_file)
+    if isinstance(data, list):
+        return _load_wlasl_v03(split_file, data)
+    if isinstance(data, dict):
+        return _load_nslt(split_file, data, class_list)
+    raise ValueError(f"{split_file}: expected WLASL_v0.3.json (a list) or nslt_*.json (a dict)")
+
+
+def _load_wlasl_v03(path: str, data: list) -> Manifest:
+    classes, entries = [], []
+    for label, item in enumerate(data):
+        try:
+            gloss = item["gloss"]
+            instances = item["instances"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: gloss #{label} lacks 'gloss'/'instances'") from e
+        classes.append(gloss)
+        for inst in instances:
+            try:
+                video_id = str(inst["video_id"])
+                start = int(inst["frame_start"])
+                end = int(inst["frame_end"])
+                entries.append(
+                    Entry(
+                        split=inst["split"],
+                        video_id=video_id,
+                        path=f"{video_id}.mp4",
+                        label=label,
+                        gloss=gloss,
+                        frame_start=start,
+                        frame_end=None if end == -1 else end,
+                        span_fps=float(inst.get("fps", 25)),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{path}: gloss {gloss!r}: instance {inst!r:.120} lacks video_id / split / "
+                    f"frame_start / frame_end ({e})"
+                ) from e
+    return Manifest(classes, entries)
+
+
+def _load_nslt(path: str, data: dict, class_list: str | os.PathLike | None) -> Manifest:
+    if class_list is None:
+        class_list = os.path.join(os.path.dirname(path), "wlasl_class_list.txt")
+        if not os.path.isfile(class_list):
+            raise FileNotFoundError(
+                f"{path}: nslt split files need wlasl_class_list.txt; not found beside it, "
+                "pass --class-list"
+            )
+    all_classes = load_class_list(class_list)
+    entries = []
+    for video_id, item in data.items():
+        try:
+            label = int(item["action"][0])
+            split = item["subset"]
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"{path}: {video_id}: expected {{'subset', 'action': [label, ...]}}"
+            ) from e
+        if not 0 <= label < len(all_classes):
+            raise ValueError(
+                f"{path}: {video_id}: label {label} outside {class_list} "
+                f"({len(all_classes)} classes)"
+            )
+        entries.append(Entry(split, str(video_id), f"{video_id}.mp4", label, all_classes[label]))
+    m = re.fullmatch(r"nslt_(\d+)\.json", os.path.basename(path))
+    k = int(m.group(1)) if m else max((e.label for e in entries), default=-1) + 1
+    if k > len(all_classes) or any(e.label >= k for e in entries):
+        raise ValueError(f"{path}: labels exceed the {k} classes its name implies")
+    return Manifest(all_classes[:k], entries)
+
+
+def _split_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_csv(
+    split_files: Sequence[str | os.PathLike], class_list: str | os.PathLike | None
+) -> Manifest:
+    """Reads the published SignNet CSV splits (`relative/path.mp4 label` lines).
+
+    Args:
+      split_files: one file per split; the split name is the file stem (train.csv -> train).
+      class_list: the class list the integer labels index (required: the published CSVs
+        number classes alphabetically and carry no names).
+
+    Returns:
+      The manifest; video_id is the relative path as written.
+    """
+    if class_list is None:
+        raise ValueError(
+            "--dataset csv needs --class-list FILE (one gloss a line, line i = label i, or "
+            "'i gloss' lines): the CSV labels are bare integers"
+        )
+    classes = load_class_list(class_list)
+    entries = []
+    for split_file in map(os.fspath, split_files):
+        split = _split_name(split_file)
+        with open(split_file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                parts = line.strip().rsplit(maxsplit=1)
+                if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+                    raise ValueError(
+                        f"{split_file}:{lineno}: expected 'relative/path.mp4 label', "
+                        f"got {line.strip()!r}"
+                    )
+                rel, label = parts[0], int(parts[1])
+                if not 0 <= label < len(classes):
+                    raise ValueError(
+                        f"{split_file}:{lineno}: label {label} outside the class list "
+                        f"{class_list} ({len(classes)} classes)"
+                    )
+                entries.append(Entry(split, rel, rel, label, classes[label]))
+    return Manifest(classes, entries)
+
+
+ASL_CITIZEN_COLUMNS = ("Participant ID", "Video file", "Gloss", "ASL-LEX Code")
+
+
+def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("Video file", "Gloss") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; ASL-Citizen CSVs have the header "
+                f"{','.join(ASL_CITIZEN_COLUMNS)}"
+            )
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            video, gloss = (row["Video file"] or "").strip(), (row["Gloss"] or "").strip()
+            if not video or not gloss:
+                raise ValueError(f"{path}:{lineno}: empty 'Video file' or 'Gloss'")
+            rows.append((lineno, video, gloss))
+    return rows
+
+
+def load_asl_citizen(
+    split_files: Sequence[str | os.PathLike], class_list: str | os.PathLike | None = None
+) -> Manifest:
+    """Reads ASL-Citizen split CSVs.
+
+    Args:
+      split_files: e.g. splits/train.csv, splits/val.csv, splits/test.csv; split = file stem.
+      class_list: optional; by default the sorted unique glosses of the split named "train".
+
+    Returns:
+      The manifest; video_id and path are the `Video file` column.
+    """
+    files = [os.fspath(p) for p in split_files]
+    rows = {p: _read_asl_citizen(p) for p in files}
+    if class_list is not None:
+        classes = load_class_list(class_list)
+    else:
+        train = [p for p in files if _split_name(p) == "train"]
+        if not train:
+            raise ValueError(
+                "ASL-Citizen classes are the sorted glosses of train.csv: include it in "
+                "--split-file or pass --class-list"
+            )
+        classes = sorted({gloss for _, _, gloss in rows[train[0]]})
+    index = {g: i for i, g in enumerate(classes)}
+    entries = []
+    for path in files:
+        split = _split_name(path)
+        unknown = sorted({g for _, _, g in rows[path] if g not in index})
+        if unknown:
+            raise ValueError(
+                f"{path}: {len(unknown)} gloss(es) not in the class list, e.g. {unknown[:5]}"
+            )
+        entries.extend(Entry(split, v, v, index[g], g) for _, v, g in rows[path])
+    return Manifest(classes, entries)
+
+
+def load_manifest(
+    dataset: str,
+    split_files: Sequence[str | os.PathLike],
+    class_list: str | os.PathLike | None = None,
+) -> Manifest:
+    """Reads the split files of a dataset.
+
+    Args:
+      dataset: "wlasl", "csv" or "asl_citizen".
+      split_files: the split file(s); for wlasl exactly one JSON.
+      class_list: class list file (see the loaders).
+
+    Returns:
+      The manifest.
+    """
+    for p in split_files:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"split file {p} not found")
+    if dataset == "wlasl":
+        if len(split_files) != 1:
+            raise ValueError(
+                "--dataset wlasl takes one --split-file (WLASL_v0.3.json or nslt_K.json)"
+            )
+        manifest = load_wlasl(split_files[0], class_list)
+    elif dataset == "csv":
+        manifest = load_csv(split_files, class_list)
+    elif dataset == "asl_citizen":
+        manifest = load_asl_citizen(split_files, class_list)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if not manifest.entries:
+        raise ValueError(f"{', '.join(map(str, split_files))}: no entries")
+    return manifest

@@ -1,0 +1,201 @@
+"""Tests for data_prep.manifests on the real WLASL split files and small hand-written ones."""
+
+import collections
+import json
+
+import pytest
+
+from data_prep import manifests
+
+
+@pytest.fixture(scope="module")
+def wlasl_dir(shared_dir):
+    return shared_dir / "datasets" / "wlasl"
+
+
+def test_real_nslt_2000(wlasl_dir):
+    m = manifests.load_manifest("wlasl", [wlasl_dir / "nslt_2000.json"])
+    assert len(m.entries) == 21_095
+    assert m.split_counts() == {"train": 14_296, "val": 3_920, "test": 2_879}
+    assert len(m.classes) == 2000
+    assert m.classes[:3] == ["book", "drink", "computer"]
+    assert all(0 <= e.label < 2000 and m.classes[e.label] == e.gloss for e in m.entries)
+    # every class has training and (in nslt_2000, unlike v0.3's 'caterpillar') test videos
+    assert {e.label for e in m.entries if e.split == "train"} == set(range(2000))
+    assert {e.label for e in m.entries if e.split == "test"} == set(range(2000))
+    by_id = {e.video_id: e for e in m.entries}
+    e = by_id["05237"]
+    assert (e.split, e.label, e.gloss, e.path) == ("train", 77, "basketball", "05237.mp4")
+    # nslt files index start_kit's already-cut clips: the whole file is used
+    assert e.source_span(29.97) == (0, None)
+
+
+@pytest.mark.parametrize("k", [100, 300, 1000])
+def test_real_nslt_subsets_are_first_k_classes(wlasl_dir, k):
+    full = manifests.load_wlasl(wlasl_dir / "nslt_2000.json")
+    m = manifests.load_wlasl(wlasl_dir / f"nslt_{k}.json")
+    assert m.classes == full.classes[:k]
+    assert max(e.label for e in m.entries) == k - 1
+    full_by_id = {e.video_id: e for e in full.entries}
+    assert all(full_by_id[e.video_id] == e for e in m.entries)
+
+
+def test_real_nslt_100_counts(wlasl_dir):
+    m = manifests.load_wlasl(wlasl_dir / "nslt_100.json")
+    assert m.split_counts() == {"train": 1442, "val": 338, "test": 258}
+
+
+def test_nslt_needs_class_list(tmp_path, wlasl_dir):
+    split = tmp_path / "nslt_100.json"
+    split.write_text((wlasl_dir / "nslt_100.json").read_text())
+    with pytest.raises(FileNotFoundError, match="wlasl_class_list.txt.*--class-list"):
+        manifests.load_wlasl(split)
+    m = manifests.load_wlasl(split, class_list=wlasl_dir / "wlasl_class_list.txt")
+    assert len(m.classes) == 100
+
+
+def test_nslt_label_out_of_range(tmp_path):
+    (tmp_path / "classes.txt").write_text("0\ta\n1\tb\n")
+    split = tmp_path / "nslt_2.json"
+    split.write_text(json.dumps({"00001": {"subset": "train", "action": [2, 1, 10]}}))
+    with pytest.raises(ValueError, match="00001: label 2 outside"):
+        manifests.load_wlasl(split, tmp_path / "classes.txt")
+
+
+def _v03():
+    return [
+        {
+            "gloss": "book",
+            "instances": [
+                {
+                    "video_id": "69241",
+                    "split": "train",
+                    "frame_start": 1,
+                    "frame_end": -1,
+                    "fps": 25,
+                },
+                {
+                    "video_id": "65225",
+                    "split": "test",
+                    "frame_start": 26,
+                    "frame_end": 75,
+                    "fps": 25,
+                },
+            ],
+        },
+        {
+            "gloss": "drink",
+            "instances": [
+                {"video_id": "69302", "split": "val", "frame_start": 11, "frame_end": 60, "fps": 25}
+            ],
+        },
+    ]
+
+
+def test_wlasl_v03_spans_and_classes(tmp_path):
+    path = tmp_path / "WLASL_v0.3.json"
+    path.write_text(json.dumps(_v03()))
+    m = manifests.load_manifest("wlasl", [path])
+    assert m.classes == ["book", "drink"]
+    assert [(e.split, e.video_id, e.label, e.gloss) for e in m.entries] == [
+        ("train", "69241", 0, "book"),
+        ("test", "65225", 0, "book"),
+        ("val", "69302", 1, "drink"),
+    ]
+    whole, span, other = m.entries
+    assert whole.source_span(25.0) == (0, None)
+    # frames 26..75 (1-indexed, inclusive) at 25 fps are source frames [25, 75) at 25 fps ...
+    assert span.source_span(25.0) == (25, 75)
+    # ... and the same 1 s to 3 s of video, [30, 90), in a 30 fps file
+    assert span.source_span(30.0) == (30, 90)
+    assert other.source_span(50.0) == (20, 120)
+
+
+def test_wlasl_v03_bad_instance_named(tmp_path):
+    data = _v03()
+    del data[1]["instances"][0]["split"]
+    path = tmp_path / "WLASL_v0.3.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="gloss 'drink'.*69302"):
+        manifests.load_wlasl(path)
+
+
+def test_class_list_formats(tmp_path):
+    indexed = tmp_path / "a.txt"
+    indexed.write_text("0\tthank you\n1 book\n\n")
+    assert manifests.load_class_list(indexed) == ["thank you", "book"]
+    plain = tmp_path / "b.txt"
+    plain.write_text("apple\nbanana split\n")
+    assert manifests.load_class_list(plain) == ["apple", "banana split"]
+    bad = tmp_path / "c.txt"
+    bad.write_text("0 a\n2 b\n")
+    with pytest.raises(ValueError, match="c.txt: line 2 has index 2, expected 1"):
+        manifests.load_class_list(bad)
+    dup = tmp_path / "d.txt"
+    dup.write_text("a\nb\na\n")
+    with pytest.raises(ValueError, match="duplicate classes \\['a'\\]"):
+        manifests.load_class_list(dup)
+
+
+def test_signnet_csv(tmp_path):
+    (tmp_path / "classes.txt").write_text("apple\nbook\ncat\n")
+    (tmp_path / "train.csv").write_text("WLASL/00001.mp4 2\nWLASL/00002.mp4 0\n\n")
+    (tmp_path / "val.csv").write_text("dir with space/00003.mp4 1\n")
+    m = manifests.load_manifest(
+        "csv", [tmp_path / "train.csv", tmp_path / "val.csv"], tmp_path / "classes.txt"
+    )
+    assert m.classes == ["apple", "book", "cat"]
+    assert [(e.split, e.video_id, e.path, e.label, e.gloss) for e in m.entries] == [
+        ("train", "WLASL/00001.mp4", "WLASL/00001.mp4", 2, "cat"),
+        ("train", "WLASL/00002.mp4", "WLASL/00002.mp4", 0, "apple"),
+        ("val", "dir with space/00003.mp4", "dir with space/00003.mp4", 1, "book"),
+    ]
+    assert m.entries[0].source_span(30.0) == (0, None)
+
+
+def test_signnet_csv_errors(tmp_path):
+    (tmp_path / "classes.txt").write_text("apple\nbook\n")
+    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 7\n")
+    with pytest.raises(ValueError, match="needs --class-list"):
+        manifests.load_manifest("csv", [tmp_path / "train.csv"])
+    with pytest.raises(ValueError, match=r"train.csv:2: label 7 outside"):
+        manifests.load_manifest("csv", [tmp_path / "train.csv"], tmp_path / "classes.txt")
+    (tmp_path / "test.csv").write_text("a.mp4,0\n")
+    with pytest.raises(ValueError, match=r"test.csv:1: expected 'relative/path.mp4 label'"):
+        manifests.load_manifest("csv", [tmp_path / "test.csv"], tmp_path / "classes.txt")
+    with pytest.raises(FileNotFoundError, match="split file .*nope.csv not found"):
+        manifests.load_manifest("csv", [tmp_path / "nope.csv"], tmp_path / "classes.txt")
+
+
+HEADER = "Participant ID,Video file,Gloss,ASL-LEX Code\n"
+
+
+def test_asl_citizen(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        HEADER
+        + "P1,111-ZEBRA.mp4,ZEBRA,A_01\nP2,112-APPLE.mp4,APPLE,B_02\nP1,113-ZEBRA.mp4,ZEBRA,A_01\n"
+    )
+    (tmp_path / "test.csv").write_text(HEADER + 'P3,"114-APPLE, 2.mp4",APPLE,B_02\n')
+    m = manifests.load_manifest("asl_citizen", [tmp_path / "test.csv", tmp_path / "train.csv"])
+    assert m.classes == ["APPLE", "ZEBRA"]
+    assert [(e.split, e.video_id, e.label, e.gloss) for e in m.entries] == [
+        ("test", "114-APPLE, 2.mp4", 0, "APPLE"),
+        ("train", "111-ZEBRA.mp4", 1, "ZEBRA"),
+        ("train", "112-APPLE.mp4", 0, "APPLE"),
+        ("train", "113-ZEBRA.mp4", 1, "ZEBRA"),
+    ]
+    assert collections.Counter(m.split_counts()) == {"train": 3, "test": 1}
+
+
+def test_asl_citizen_errors(tmp_path):
+    (tmp_path / "test.csv").write_text(HEADER + "P3,114-KIWI.mp4,KIWI,B_02\n")
+    with pytest.raises(ValueError, match="sorted glosses of train.csv"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "test.csv"])
+    (tmp_path / "train.csv").write_text(HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\n")
+    with pytest.raises(ValueError, match=r"test.csv: 1 gloss\(es\) not in the class list.*KIWI"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "test.csv"])
+    (tmp_path / "val.csv").write_text("id,file,label\n1,a.mp4,X\n")
+    with pytest.raises(
+        ValueError, match=r"val.csv: missing column\(s\).*Participant ID,Video file"
+    ):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
