@@ -1,0 +1,392 @@
+"""VideoMAEv2 fine-tuning video ViT in Flax NNX.
+
+Attribute names mirror the PyTorch VideoMAEv2 checkpoint (``patch_embed.proj``,
+``blocks[i].attn.qkv``, ``q_bias``, ``mlp.fc1``, ``fc_norm``, ``head`` ...) so the
+weight conversion in ``signnet_jax.convert`` reads as a table.
+
+Input clips are channels-last ``(batch, frames, height, width, 3)``, already
+normalised. Tokens are ordered (time, row, column), as the PyTorch Conv3d
+flatten orders them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# name: (embed_dim, depth, num_heads, mlp_dim)
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+}
+# The model names VideoMAEv2 users know, as aliases of the presets.
+PRESET_ALIASES = {
+    "vit_small_patch16_224": "S",
+    "vit_base_patch16_224": "B",
+    "vit_large_patch16_224": "L",
+    "vit_huge_patch16_224": "H",
+    "vit_giant_patch14_224": "g",
+}
+
+LN_EPS = 1e-6
+
+
+def resolve_preset(name: str) -> str:
+    """Canonical preset name (S, B, L, H, g) from a preset or VideoMAEv2 model name."""
+    if name in PRESETS:
+        return name
+    if name in PRESET_ALIASES:
+        return PRESET_ALIASES[name]
+    known = ", ".join(list(PRESETS) + list(PRESET_ALIASES))
+    raise ValueError(f"unknown model preset {name!r}; choose one of: {known}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture and numerics of the video ViT (saved with every checkpoint)."""
+
+    preset: str = "B"
+    num_classes: int = 2000
+    num_frames: int = 16
+    img_size: int = 224
+    patch_size: int = 16
+    tubelet_size: int = 2
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    init_values: float = 0.0  # layer scale; 0 disables it (VideoMAEv2 fine-tuning default)
+    cos_attn: bool = False
+    learned_pos_emb: bool = False
+    drop_path_rate: float = 0.0
+    head_drop_rate: float = 0.0
+    init_scale: float = 0.001  # head weights scaled at init, as the original fine-tuning does
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"num_frames={self.num_frames} is not divisible by tubelet_size={self.tubelet_size}"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} not divisible by heads={self.num_heads}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> ViTConfig:
+        """Config of a named preset (S, B, L, H, g or a VideoMAEv2 model name)."""
+        preset = resolve_preset(preset)
+        dim, depth, heads, mlp = PRESETS[preset]
+        kw = dict(preset=preset, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (time, rows, columns) for the configured clip size."""
+        p = self.img_size // self.patch_size
+        return self.num_frames // self.tubelet_size, p, p
+
+    @property
+    def num_patches(self) -> int:
+        return int(np.prod(self.grid))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+
+def sinusoid_table(n_position: int, dim: int) -> np.ndarray:
+    """The fixed 1-D sinusoid position table of VideoMAE over all tokens, (n, dim) float32.
+
+    Computed in float64 and cast, as the original does.
+    """
+    pos = np.arange(n_position, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angle = pos / np.power(10000.0, 2 * (j // 2) / dim)
+    table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+    return table.astype(np.float32)
+
+
+def timm_trunc_normal(std: float, scale: float = 1.0):
+    """timm's trunc_normal_(std) init: bounds at +-2 absolute (not +-2 std), times ``scale``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        x = jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
+        return (x * (std * scale)).astype(dtype)
+
+    return init
+
+
+def _torch_default_uniform(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _logical(init, names: tuple[str | None, ...]):
+    """Attach logical axis names; the mesh rules in the config map them to devices later."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _linear(din: int, dout: int, axes: tuple[str, str], *, rngs, dtype, use_bias=True, scale=1.0):
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_logical(timm_trunc_normal(0.02, scale), axes),
+        bias_init=_logical(nnx.initializers.zeros_init(), axes[1:]),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(dim: int, *, rngs, dtype) -> nnx.LayerNorm:
+    # Flax computes the statistics in float32 whatever the compute dtype.
+    return nnx.LayerNorm(
+        dim,
+        epsilon=LN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=_logical(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=_logical(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with kernel = stride = (tubelet, patch, patch), computed as patchify + matmul."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype):
+        t, p = cfg.tubelet_size, cfg.patch_size
+        fan_in = cfg.in_chans * t * p * p
+        # Kernel layout DHWIO, as flax's Conv stores it.
+        self.proj = nnx.Conv(
+            cfg.in_chans,
+            cfg.embed_dim,
+            kernel_size=(t, p, p),
+            strides=(t, p, p),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_logical(_torch_default_uniform(fan_in), (None, None, None, None, "embed")),
+            bias_init=_logical(_torch_default_uniform(fan_in), ("embed",)),
+            rngs=rngs,
+        )
+        self.tubelet, self.patch, self.dtype = t, p, dtype
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int, int]]:
+        b, f, h, w, c = x.shape
+        t, p = self.tubelet, self.patch
+        if f % t or h % p or w % p:
+            raise ValueError(
+                f"clip shape {x.shape[1:4]} (frames, height, width) must be divisible by "
+                f"({t}, {p}, {p})"
+            )
+        grid = (f // t, h // p, w // p)
+        # A strided, non-overlapping conv is a matmul over flattened patches; XLA's CPU
+        # backend runs that much faster than the conv.
+        x = x.reshape(b, grid[0], t, grid[1], p, grid[2], p, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, int(np.prod(grid)), t * p * p * c)
+        kernel = self.proj.kernel[...].reshape(t * p * p * c, -1)
+        x = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return x + self.proj.bias[...].astype(self.dtype), grid
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype):
+        d, self.num_heads = cfg.embed_dim, cfg.num_heads
+        self.head_dim = d // cfg.num_heads
+        self.qkv = _linear(d, 3 * d, ("embed", "qkv"), rngs=rngs, dtype=dtype, use_bias=False)
+        self.q_bias = _param(jnp.zeros((d,), jnp.float32), ("qkv",))
+        self.v_bias = _param(jnp.zeros((d,), jnp.float32), ("qkv",))
+        self.cos_attn = cfg.cos_attn
+        if cfg.cos_attn:
+            self.scale = _param(
+                jnp.full((cfg.num_heads, 1, 1), np.log(10.0), jnp.float32), ("heads", None, None)
+            )
+        self.proj = _linear(d, d, ("qkv", "embed"), rngs=rngs, dtype=dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        # The k bias is zero by construction (VideoMAEv2 has only q and v biases).
+        q_bias, v_bias = self.q_bias[...], self.v_bias[...]
+        bias = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
+        qkv = self.qkv(x) + bias.astype(self.dtype)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, self.head_dim), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, heads, head_dim)
+        if self.cos_attn:
+            q = _l2_normalize(q)
+            k = _l2_normalize(k)
+            logit_scale = jnp.exp(jnp.minimum(self.scale[...], np.log(100.0)))
+            q = q * logit_scale.reshape(1, 1, self.num_heads, 1).astype(q.dtype)
+            scale = 1.0
+        else:
+            scale = self.head_dim**-0.5
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        return self.proj(out.reshape(b, n, d))
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """torch.nn.functional.normalize over the last axis."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype):
+        self.fc1 = _linear(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(cfg.mlp_dim, cfg.embed_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs, dtype):
+        self.norm1 = _layer_norm(cfg.embed_dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+        self.norm2 = _layer_norm(cfg.embed_dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(cfg, rngs=rngs, dtype=dtype)
+        if cfg.init_values > 0:
+            init = jnp.full((cfg.embed_dim,), cfg.init_values, jnp.float32)
+            self.gamma_1 = _param(init, ("norm",))
+            self.gamma_2 = _param(init, ("norm",))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+        # Drop path = dropout of whole samples: broadcast over tokens and channels.
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2))
+
+    def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        y = self.attn(self.norm1(x))
+        if self.gamma_1 is not None:
+            y = y * self.gamma_1[...].astype(y.dtype)
+        x = x + self.drop_path(y, deterministic=not train, rngs=rngs)
+        y = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            y = y * self.gamma_2[...].astype(y.dtype)
+        return x + self.drop_path(y, deterministic=not train, rngs=rngs)
+
+
+class VisionTransformer(nnx.Module):
+    """VideoMAEv2 ViT for clip classification: mean-pooled tokens, fc_norm, linear head."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype)
+        if cfg.learned_pos_emb:
+            init = timm_trunc_normal(0.02)(rngs.params(), (1, cfg.num_patches, cfg.embed_dim))
+            self.pos_embed = _param(init, (None, None, "embed"))
+        else:
+            self.pos_embed = None
+        rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+        self.blocks = nnx.List([Block(cfg, float(r), rngs=rngs, dtype=dtype) for r in rates])
+        self.fc_norm = _layer_norm(cfg.embed_dim, rngs=rngs, dtype=jnp.float32)
+        self.head_dropout = nnx.Dropout(cfg.head_drop_rate)
+        self.head = _linear(
+            cfg.embed_dim,
+            cfg.num_classes,
+            ("embed", "classes"),
+            rngs=rngs,
+            dtype=jnp.float32,
+            scale=cfg.init_scale,
+        )
+
+    def forward_features(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Pooled clip features after fc_norm, (batch, embed_dim) float32.
+
+        Args:
+          x: normalised clips, (batch, frames, height, width, channels).
+          train: enables drop path (needs ``rngs`` with a ``dropout`` stream).
+          rngs: random streams for drop path.
+        """
+        x, grid = self.patch_embed(x)
+        if self.pos_embed is not None:
+            if x.shape[1] != self.pos_embed[...].shape[1]:
+                raise ValueError(
+                    f"clip gives {x.shape[1]} tokens but the learned position table has "
+                    f"{self.pos_embed[...].shape[1]}; convert the checkpoint for this clip size"
+                )
+            pos = self.pos_embed[...]
+        else:
+            # The sinusoid table is built for the actual token grid of this input.
+            pos = jnp.asarray(sinusoid_table(int(np.prod(grid)), x.shape[-1]))[None]
+        x = x + pos.astype(x.dtype)
+        block_fn = _apply_block
+        if self.cfg.remat:
+            block_fn = nnx.remat(_apply_block, static_argnums=(2,))
+        for blk in self.blocks:
+            x = block_fn(blk, x, train, rngs)
+        return self.fc_norm(x.astype(jnp.float32).mean(axis=1))
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Class logits, (batch, num_classes) float32. Arguments as in forward_features."""
+        x = self.forward_features(x, train=train, rngs=rngs)
+        x = self.head_dropout(x, deterministic=not train, rngs=rngs)
+        return self.head(x)
+
+
+def _apply_block(blk: Block, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    return blk(x, train, rngs)
+
+
+def create_model(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:
+    """A freshly initialised model (the original's initialisers, head scaled by init_scale)."""
+    return VisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_params(cfg: ViTConfig) -> dict:
+    """Parameter shapes of a model, as a nested dict of ShapeDtypeStruct (nothing allocated)."""
+    model = nnx.eval_shape(lambda: create_model(cfg))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def params_of(model: VisionTransformer) -> dict:
+    """The parameters of a model as a plain nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def model_from_params(cfg: ViTConfig, params: dict) -> VisionTransformer:
+    """A model holding ``params`` (nested dict, int or str keys), without a random init."""
+    model = nnx.eval_shape(lambda: create_model(cfg))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    return model

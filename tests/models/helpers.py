@@ -1,0 +1,40 @@
+"""Shared helpers for model tests: torch reference -> flax model with the same weights."""
+
+import numpy as np
+import torch
+
+from signnet_jax import convert
+from signnet_jax.models import vit
+
+
+def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def flax_twin(tmodel, preset, num_classes, num_frames, img_size, **cfg_overrides):
+    """The Flax model holding the weights of a torch reference model."""
+    src = convert.Source(torch_state(tmodel), "videomae_v2", pretrain=False, dropped=[])
+    cfg, params, report = convert.to_flax(src, preset, num_frames, num_classes, img_size)
+    assert not report.fresh and not report.warnings
+    if cfg_overrides:
+        cfg = vit.ViTConfig.from_dict({**cfg.to_dict(), **cfg_overrides})
+    return vit.model_from_params(cfg, params)
+
+
+def random_clip(batch, frames, size, seed=0) -> np.ndarray:
+    """A normalised-looking clip, channels-last (B, T, H, W, C)."""
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, frames, size, size, 3))
+        .astype(np.float32)
+    )
+
+
+def torch_logits(tmodel, clip: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return tmodel(torch.from_numpy(clip).permute(0, 4, 1, 2, 3)).numpy()
+
+
+def rel_err(a, ref) -> float:
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))

@@ -1,0 +1,154 @@
+"""VideoMAEv2 ViT in Flax against the independent PyTorch reference in torch_vit.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from signnet_jax.models import vit
+from tests.models import torch_vit
+from tests.models.helpers import flax_twin, random_clip, rel_err, torch_logits
+
+
+@pytest.mark.parametrize("preset", ["S", "B"])
+@pytest.mark.parametrize("frames", [16, 32])
+def test_float32_logits_match_pytorch(preset, frames):
+    tmodel = torch_vit.make(preset, num_classes=11, num_frames=frames, img_size=48, seed=1)
+    model = flax_twin(tmodel, preset, 11, frames, 48)
+    clip = random_clip(2, frames, 48)
+    ref = torch_logits(tmodel, clip)
+    out = np.asarray(model(jnp.asarray(clip)))
+    assert out.dtype == np.float32
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.heavy
+def test_float32_logits_match_pytorch_full_224():
+    tmodel = torch_vit.make("S", num_classes=7, num_frames=16, img_size=224, seed=2)
+    model = flax_twin(tmodel, "S", 7, 16, 224)
+    clip = random_clip(1, 16, 224, seed=3)
+    assert rel_err(model(jnp.asarray(clip)), torch_logits(tmodel, clip)) <= 1e-5
+
+
+def test_layer_scale_cosine_attention_and_learned_positions_match_pytorch():
+    tmodel = torch_vit.make(
+        "S", 5, num_frames=4, img_size=32, init_values=0.1, cos_attn=True, learned_pos_emb=True
+    )
+    with torch.no_grad():  # make the gammas and scales non-trivial
+        for name, p in tmodel.named_parameters():
+            if "gamma" in name or name.endswith("attn.scale"):
+                p.add_(torch.rand_like(p))
+    model = flax_twin(tmodel, "S", 5, 4, 32)
+    assert model.cfg.cos_attn and model.cfg.init_values > 0 and model.cfg.learned_pos_emb
+    clip = random_clip(3, 4, 32, seed=4)
+    assert rel_err(model(jnp.asarray(clip)), torch_logits(tmodel, clip)) <= 1e-5
+
+
+def test_bfloat16_compute_keeps_top1_and_float32_logits():
+    tmodel = torch_vit.make("S", num_classes=50, num_frames=16, img_size=32, seed=5)
+    model = flax_twin(tmodel, "S", 50, 16, 32, dtype="bfloat16")
+    clip = random_clip(8, 16, 32, seed=6)
+    ref = torch_logits(tmodel, clip)
+    out = np.asarray(model(jnp.asarray(clip)))
+    assert out.dtype == np.float32
+    assert rel_err(out, ref) <= 2e-2
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+    # parameters stay float32 whatever the compute dtype
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert {x.dtype for x in leaves} == {jnp.dtype("float32")}
+
+
+def test_features_are_the_pooled_fc_norm_output():
+    tmodel = torch_vit.make("S", num_classes=3, num_frames=4, img_size=32)
+    model = flax_twin(tmodel, "S", 3, 4, 32)
+    clip = random_clip(2, 4, 32)
+    feats = model.forward_features(jnp.asarray(clip))
+    assert feats.shape == (2, 384)
+    with torch.no_grad():
+        ref = tmodel.forward_features(torch.from_numpy(clip).permute(0, 4, 1, 2, 3)).numpy()
+    assert rel_err(feats, ref) <= 1e-5
+
+
+def test_sinusoid_table_matches_reference_and_follows_the_token_grid():
+    ref = torch_vit.sinusoid_table(3136, 768)[0].numpy()
+    np.testing.assert_allclose(vit.sinusoid_table(3136, 768), ref, rtol=0, atol=1e-6)
+    # one model serves other clip sizes: the table is built for the actual grid
+    cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=1)
+    model = vit.create_model(cfg)
+    assert model(jnp.zeros((1, 8, 48, 32, 3))).shape == (1, 4)
+
+
+def test_drop_path_rates_grow_linearly_and_act_only_in_training():
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, drop_path_rate=0.3, depth=4
+    )
+    model = vit.create_model(cfg)
+    np.testing.assert_allclose(
+        [b.drop_path.rate for b in model.blocks], [0, 0.1, 0.2, 0.3], atol=1e-7
+    )
+    x = jnp.asarray(random_clip(16, 4, 32))
+    eval_out = model(x)
+    np.testing.assert_array_equal(model(x), eval_out)
+    a = model(x, train=True, rngs=nnx.Rngs(dropout=0))
+    b = model(x, train=True, rngs=nnx.Rngs(dropout=0))
+    c = model(x, train=True, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, eval_out) and not np.allclose(a, c)
+
+
+def test_remat_gives_identical_outputs_and_gradients():
+    cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=2)
+    plain = vit.create_model(cfg)
+    remat = vit.model_from_params(
+        vit.ViTConfig.from_dict({**cfg.to_dict(), "remat": True}), vit.params_of(plain)
+    )
+    x = jnp.asarray(random_clip(2, 4, 32))
+
+    def grads(m):
+        return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)
+
+    np.testing.assert_allclose(plain(x), remat(x), rtol=1e-6)
+    for g1, g2 in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-9)
+
+
+def test_fresh_head_is_scaled_like_the_original():
+    cfg = vit.ViTConfig.from_preset("B", num_classes=2000, num_frames=4, img_size=32, depth=1)
+    head = np.asarray(vit.create_model(cfg).head.kernel[...])
+    assert head.shape == (768, 2000)
+    assert abs(head.std() - 0.02 * 0.001) < 0.02 * 0.001 * 0.02
+    assert np.abs(head).max() <= 2 * 0.001
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_frames=15), "num_frames=15 is not divisible by tubelet_size=2"),
+        (dict(img_size=100), "img_size=100 is not divisible by patch_size=16"),
+        (dict(dtype="float16"), "dtype must be 'float32' or 'bfloat16'"),
+    ],
+)
+def test_bad_config_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        vit.ViTConfig.from_preset("S", **kwargs)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown model preset 'XL'.*S, B, L, H, g"):
+        vit.ViTConfig.from_preset("XL")
+
+
+def test_presets_match_the_published_sizes():
+    for name, (dim, depth, heads, mlp) in {
+        "S": (384, 12, 6, 1536),
+        "B": (768, 12, 12, 3072),
+        "L": (1024, 24, 16, 4096),
+        "H": (1280, 32, 16, 5120),
+        "g": (1408, 40, 16, 6144),
+    }.items():
+        cfg = vit.ViTConfig.from_preset(name)
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (dim, depth, heads, mlp)
+    assert vit.ViTConfig.from_preset("vit_base_patch16_224").preset == "B"
+    assert vit.ViTConfig.from_preset("B", num_frames=32).num_patches == 3136
