@@ -1,0 +1,179 @@
+"""Head & Hands Tunnelling of one video.
+
+    python -m data_prep.hht --video IN.mp4 --output OUT.mp4 [--preview OUT.png]
+
+Writes the tunnelled video (H.264 MP4) and, on request, a contact sheet PNG; prints
+progress and, at the end, how many frames have a head / right hand / left hand box,
+by source. Exit status 1 on a bad input, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+import warnings
+
+import cv2
+import numpy as np
+
+from signnet_jax.hht import (
+    HHTSettings,
+    Tunneller,
+    VideoError,
+    coverage,
+    write_video,
+)
+from signnet_jax.hht.boxes import SOURCE_NAMES
+from signnet_jax.hht.preview import contact_sheet
+from signnet_jax.hht.video import decode_video, private_temp
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line."""
+    d = HHTSettings()
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.hht", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--video", required=True, help="input video file")
+    p.add_argument("--output", required=True, help="output .mp4 (parent folders are created)")
+    p.add_argument("--preview", help="also write a contact sheet PNG here")
+    p.add_argument("--models", help="folder with the MediaPipe model files")
+    p.add_argument("--layout", choices=("grid2x2", "strip"), default=d.layout)
+    p.add_argument("--size", type=int, default=d.size, help="output side in pixels (even)")
+    p.add_argument(
+        "--quadrants",
+        default="1111",
+        help="four 0/1 flags for frame, head, right hand, left hand (ablations); default 1111",
+    )
+    p.add_argument(
+        "--faithful",
+        action="store_true",
+        help="reproduce the original preprocessing (no fallbacks, black when missing, stretch)",
+    )
+    p.add_argument("--start-frame", type=int, default=0)
+    p.add_argument("--end-frame", type=int, default=None, help="exclusive; default: to the end")
+    p.add_argument(
+        "--detect-size",
+        type=int,
+        default=d.detect_size,
+        help="longest side of the copy the detectors see (0 = full resolution)",
+    )
+    p.add_argument("--min-confidence", type=float, default=d.min_confidence)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> HHTSettings:
+    q = args.quadrants
+    if len(q) != 4 or set(q) - {"0", "1"}:
+        raise ValueError(f"--quadrants takes four 0/1 flags like 1011, got {q!r}")
+    return HHTSettings(
+        layout=args.layout,
+        size=args.size,
+        quadrants=tuple(c == "1" for c in q),
+        faithful=args.faithful,
+        detect_size=args.detect_size,
+        min_confidence=args.min_confidence,
+    )
+
+
+def format_coverage(box_source: np.ndarray) -> str:
+    """The per-part coverage table printed at the end."""
+    n = len(box_source)
+    cov = coverage(box_source)
+    names = SOURCE_NAMES[1:] + SOURCE_NAMES[:1]
+    lines = [
+        f"coverage of {n} frames:",
+        f"  {'part':<11} {'located':>13}" + "".join(f" {name:>12}" for name in names),
+    ]
+    for part, counts in cov.items():
+        located = f"{counts['located']} ({100 * counts['located'] / n:.0f}%)"
+        lines.append(
+            f"  {part.replace('_', ' '):<11} {located:>13}"
+            + "".join(f" {counts[name]:>12}" for name in names)
+        )
+    return "\n".join(lines)
+
+
+def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
+    tmp = private_temp(path, ".png")
+    try:
+        if not cv2.imwrite(tmp, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"{path}: could not write PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = pathlib.Path(args.output)
+    if output.suffix.lower() != ".mp4":
+        print(f"error: --output {output} must end in .mp4", file=sys.stderr)
+        return 2
+    preview = pathlib.Path(args.preview) if args.preview else None
+    if preview is not None and preview.suffix.lower() != ".png":
+        print(f"error: --preview {preview} must end in .png", file=sys.stderr)
+        return 2
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="frame", desc="detecting", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Tunneller(settings, args.models) as tunneller:
+                result = tunneller.process_video(
+                    args.video, args.start_frame, args.end_frame, progress=progress
+                )
+    except (VideoError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_video(output, result.frames, result.fps)
+    encode = time.perf_counter() - t0
+    if preview is not None:
+        preview.parent.mkdir(parents=True, exist_ok=True)
+        source, _, _ = decode_video(args.video, args.start_frame, args.end_frame)
+        _write_png(preview, contact_sheet(source, result.frames, result.boxes, result.box_source))
+    elapsed = time.perf_counter() - start
+    n = len(result.frames)
+    print(format_coverage(result.box_source))
+    stages = dict(result.timings, encode=encode)
+    print("ms/frame: " + ", ".join(f"{k} {1000 * v / n:.1f}" for k, v in stages.items()))
+    print(
+        f"wrote {output} ({n} frames, {settings.size}x{settings.size}, {result.fps:g} fps)"
+        + (f" and {preview}" if preview else "")
+        + f" in {elapsed:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

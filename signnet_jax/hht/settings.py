@@ -1,0 +1,106 @@
+"""H&HT settings: one frozen dataclass that travels into dataset_info.json and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+LAYOUTS = ("grid2x2", "strip")
+# Cell order everywhere in this package: whole frame, head, right hand, left hand (body sides).
+PARTS = ("frame", "head", "right_hand", "left_hand")
+
+
+@dataclasses.dataclass(frozen=True)
+class HHTSettings:
+    """How H&HT locates the head and hands and composes the output frame.
+
+    Attributes:
+      layout: 'grid2x2' (published: whole frame top-left, right hand top-right, head
+        bottom-left, left hand bottom-right) or 'strip' (whole frame on top, head, right
+        hand and left hand in a row below).
+      size: output frame side in pixels (square output, even).
+      quadrants: which cells are drawn, in the order frame, head, right hand, left hand;
+        a switched-off cell stays black (the paper's ablations).
+      faithful: reproduce the original preprocessing: landmark boxes plus a fixed pixel
+        margin, no fallbacks, no interpolation or smoothing, black cell when a part is
+        missing, whole frame and crops stretched to their cells.
+      faithful_margin_px: the original's pixel margin around landmark boxes.
+      head_margin: fraction of the (square) head box side added on each side.
+      hand_margin: fraction of the (square) hand box side added on each side.
+      hand_scale: side of a pose-fallback hand box as a fraction of the shoulder width.
+      wrist_visibility: pose wrist visibility above which the pose fallback places a hand.
+      max_gap: longest run of missing frames filled by interpolation between detections.
+      max_hold: frames a box is held beyond the first/last detection of a run.
+      smoothing: sigma in frames of the Gaussian that smooths box centre and size
+        (0 = off).
+      detect_size: longest side of the copy the detectors see (0 = full resolution);
+        crops always come from the full-resolution frame.
+      min_confidence: detection / presence / tracking threshold of all MediaPipe tasks.
+      gate_hands: run the hand landmarker only in frames where the pose sees a wrist in
+        the frame, since elsewhere it cannot find a hand we would use.
+    """
+
+    layout: str = "grid2x2"
+    size: int = 256
+    quadrants: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    faithful: bool = False
+    faithful_margin_px: int = 10
+    head_margin: float = 0.15
+    hand_margin: float = 0.15
+    hand_scale: float = 0.6
+    wrist_visibility: float = 0.5
+    max_gap: int = 12
+    max_hold: int = 6
+    smoothing: float = 1.0
+    detect_size: int = 512
+    min_confidence: float = 0.3
+    gate_hands: bool = True
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: normalise JSON lists to tuples through object.__setattr__.
+        object.__setattr__(self, "quadrants", tuple(bool(q) for q in self.quadrants))
+        problems = []
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not isinstance(self.size, int) or self.size < 16 or self.size % 2:
+            problems.append(f"size must be an even integer >= 16, got {self.size!r}")
+        if len(self.quadrants) != 4:
+            problems.append(f"quadrants needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
+        for name in ("head_margin", "hand_margin", "smoothing", "min_confidence"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hand_scale <= 0:
+            problems.append(f"hand_scale must be > 0, got {self.hand_scale}")
+        for name in ("faithful_margin_px", "max_gap", "max_hold", "detect_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if not 0 <= self.wrist_visibility <= 1:
+            problems.append(f"wrist_visibility must be in [0, 1], got {self.wrist_visibility}")
+        if problems:
+            raise ValueError("invalid HHTSettings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the settings as a JSON-able dict (lists for tuples)."""
+        d = dataclasses.asdict(self)
+        d["quadrants"] = list(self.quadrants)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HHTSettings:
+        """Builds settings from `to_dict` output; unknown keys are an error.
+
+        Args:
+          d: mapping of field name to value; missing fields take their defaults.
+
+        Returns:
+          The settings.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown HHTSettings keys {unknown}; known keys are {sorted(known)} "
+                "(written by a newer signnet_jax?)"
+            )
+        return cls(**d)

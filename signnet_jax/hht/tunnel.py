@@ -1,0 +1,292 @@
+"""The Tunneller: MediaPipe Tasks landmarks -> boxes -> tunnelled frames for one video."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import cv2
+import mediapipe as mp
+import numpy as np
+from mediapipe.tasks.python import BaseOptions, vision
+
+from signnet_jax.hht.boxes import (
+    MAX_FACES,
+    PART_NAMES,
+    SOURCE_NAMES,
+    Landmarks,
+    compute_boxes,
+    wrist_in_view,
+)
+from signnet_jax.hht.compose import compose_frames
+from signnet_jax.hht.models import find_models
+from signnet_jax.hht.settings import HHTSettings
+from signnet_jax.hht.video import decode_video
+
+# The hand landmarker runs where a pose wrist is at least this visible and in the frame;
+# looser than the fallback's threshold so partly visible hands still get landmarks.
+GATE_VISIBILITY = 0.3
+# Frozen, so sharing one instance as a default argument is safe.
+DEFAULT_SETTINGS = HHTSettings()
+# Gap between the timestamps of consecutive videos fed to the same tasks.
+VIDEO_GAP_MS = 1000
+
+
+class NoPersonWarning(UserWarning):
+    """Neither a head nor a hand was found in any frame of a video."""
+
+
+@dataclasses.dataclass
+class HHTResult:
+    """The tunnelled video and the boxes behind it.
+
+    Attributes:
+      frames: (N, S, S, 3) uint8 RGB tunnelled frames.
+      boxes: (N, 3, 4) float32 head, right hand, left hand (the body's sides),
+        normalized xyxy in the source frame, -1 where none.
+      box_source: (N, 3) int8: 0 none, 1 landmark, 2 pose fallback, 3 interpolated.
+      fps: source frame rate.
+      source_size: (height, width) of the (upright) source frames.
+      landmarks: the raw detections the boxes came from.
+      timings: seconds spent per stage: decode, pose, hands, face, boxes, compose.
+    """
+
+    frames: np.ndarray
+    boxes: np.ndarray
+    box_source: np.ndarray
+    fps: float
+    source_size: tuple[int, int] = (0, 0)
+    landmarks: Landmarks | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def coverage(box_source: np.ndarray) -> dict[str, dict[str, int]]:
+    """Frames per part and source, e.g. {'head': {'landmark': 70, ..., 'located': 75}}.
+
+    Args:
+      box_source: (N, 3) source codes.
+
+    Returns:
+      For each part, the frame count per source name plus 'located' (any source but none).
+    """
+    out = {}
+    for p, part in enumerate(PART_NAMES):
+        counts = np.bincount(box_source[:, p], minlength=len(SOURCE_NAMES))
+        out[part] = {name: int(c) for name, c in zip(SOURCE_NAMES, counts, strict=True)}
+        out[part]["located"] = int(len(box_source) - counts[0])
+    return out
+
+
+class Tunneller:
+    """Runs H&HT on videos; owns three MediaPipe tasks (pose, hands, face detector).
+
+    Use as a context manager (or call close()): MediaPipe tasks left to the garbage
+    collector raise at interpreter exit. One instance serves many videos in sequence;
+    create one per process (creation takes a few hundred milliseconds, a video's
+    first-frame reset about one frame's detection time).
+    """
+
+    def __init__(self, settings: HHTSettings = DEFAULT_SETTINGS, models_dir: str | None = None):
+        """Loads the models.
+
+        Args:
+          settings: H&HT settings.
+          models_dir: folder with the model files (see `find_models`).
+        """
+        self.settings = settings
+        directory = find_models(models_dir)
+        conf = settings.min_confidence
+        video = vision.RunningMode.VIDEO
+
+        def base(name: str) -> BaseOptions:
+            return BaseOptions(model_asset_path=os.fspath(directory / name))
+
+        self._pose = vision.PoseLandmarker.create_from_options(
+            vision.PoseLandmarkerOptions(
+                base_options=base("pose_landmarker_full.task"),
+                running_mode=video,
+                min_pose_detection_confidence=conf,
+                min_pose_presence_confidence=conf,
+                min_tracking_confidence=conf,
+            )
+        )
+        self._hands = vision.HandLandmarker.create_from_options(
+            vision.HandLandmarkerOptions(
+                base_options=base("hand_landmarker.task"),
+                running_mode=video,
+                num_hands=2,
+                min_hand_detection_confidence=conf,
+                min_hand_presence_confidence=conf,
+                min_tracking_confidence=conf,
+            )
+        )
+        self._face = vision.FaceDetector.create_from_options(
+            vision.FaceDetectorOptions(
+                base_options=base("blaze_face_short_range.tflite"),
+                running_mode=video,
+                min_detection_confidence=conf,
+            )
+        )
+        self._next_ts = 0  # ms; MediaPipe VIDEO mode needs increasing timestamps forever
+        self._used = False
+
+    def close(self) -> None:
+        """Releases the MediaPipe tasks (idempotent)."""
+        for name in ("_pose", "_hands", "_face"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.close()
+                setattr(self, name, None)
+
+    def __enter__(self) -> Tunneller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def process_video(
+        self,
+        path: str | os.PathLike,
+        start_frame: int = 0,
+        end_frame: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> HHTResult:
+        """Tunnels source frames [start_frame, end_frame) of a video.
+
+        Args:
+          path: video file.
+          start_frame: first source frame.
+          end_frame: one past the last source frame (None = to the end).
+          progress: called as progress(done, total) after each frame's detection.
+
+        Returns:
+          The tunnelled frames, boxes and sources. Warns NoPersonWarning when nothing
+          was found (the output then holds only the whole-frame cell).
+
+        Raises:
+          VideoError: the file is not a usable video (message names the file).
+        """
+        t0 = time.perf_counter()
+        frames, fps, times = decode_video(path, start_frame, end_frame)
+        timings = {"decode": time.perf_counter() - t0}
+        landmarks = self.detect(frames, times, progress=progress, timings=timings)
+        height, width = frames.shape[1:3]
+        t0 = time.perf_counter()
+        boxes, source = compute_boxes(landmarks, width, height, self.settings)
+        t1 = time.perf_counter()
+        out = compose_frames(frames, boxes, source, self.settings)
+        timings["boxes"] = t1 - t0
+        timings["compose"] = time.perf_counter() - t1
+        if not source.any():
+            warnings.warn(
+                f"{path}: no head or hand found in any of {len(frames)} frames; the output "
+                "holds only the whole-frame cell",
+                NoPersonWarning,
+                stacklevel=2,
+            )
+        return HHTResult(out, boxes, source, fps, (height, width), landmarks, timings)
+
+    def detect(
+        self,
+        frames: np.ndarray,
+        times: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Landmarks:
+        """Runs the MediaPipe tasks on consecutive frames of one video.
+
+        Args:
+          frames: (N, H, W, 3) uint8 RGB frames.
+          times: (N,) frame times in seconds (non-decreasing).
+          progress: called as progress(done, total) after each frame.
+          timings: if given, seconds per model are added under 'pose', 'hands', 'face'.
+
+        Returns:
+          The raw detections, normalized to the frames.
+        """
+        if self._pose is None:
+            raise RuntimeError("Tunneller is closed")
+        timings = {} if timings is None else timings
+        for key in ("pose", "hands", "face"):
+            timings.setdefault(key, 0.0)
+        n, height, width = frames.shape[:3]
+        if self._used:
+            self._reset_trackers(frames[0].shape)
+        self._used = True
+        stamps = self._timestamps(times)
+        small = _detection_size(width, height, self.settings.detect_size)
+        lm = Landmarks.empty(n)
+        run_all_hands = self.settings.faithful or not self.settings.gate_hands
+        for t in range(n):
+            image = frames[t]
+            if small != (width, height):
+                image = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
+            image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
+            ts = int(stamps[t])
+            c0 = time.perf_counter()
+            pose = self._pose.detect_for_video(image, ts)
+            c1 = time.perf_counter()
+            faces = self._face.detect_for_video(image, ts)
+            c2 = time.perf_counter()
+            timings["pose"] += c1 - c0
+            timings["face"] += c2 - c1
+            if pose.pose_landmarks:
+                lm.pose[t] = [(p.x, p.y, p.visibility) for p in pose.pose_landmarks[0]]
+            for k, det in enumerate(faces.detections[:MAX_FACES]):
+                b = det.bounding_box
+                lm.faces[t, k] = (
+                    b.origin_x / small[0],
+                    b.origin_y / small[1],
+                    (b.origin_x + b.width) / small[0],
+                    (b.origin_y + b.height) / small[1],
+                    det.categories[0].score,
+                )
+            if run_all_hands or wrist_in_view(lm.pose[t : t + 1], GATE_VISIBILITY).any():
+                c0 = time.perf_counter()
+                hands = self._hands.detect_for_video(image, ts)
+                timings["hands"] += time.perf_counter() - c0
+                lm.hands_run[t] = True
+                for k, (points, handed) in enumerate(
+                    zip(hands.hand_landmarks[:2], hands.handedness[:2], strict=False)
+                ):
+                    lm.hands[t, k] = [(p.x, p.y) for p in points]
+                    lm.hand_label[t, k] = 1 if handed[0].category_name == "Right" else -1
+            if progress is not None:
+                progress(t + 1, n)
+        return lm
+
+    def _timestamps(self, times: np.ndarray) -> np.ndarray:
+        """Integer ms timestamps, strictly increasing and after every earlier video's."""
+        ms = np.rint((times - times[0]) * 1000).astype(np.int64)
+        index = np.arange(len(ms))
+        # Strictly increasing even where a variable-rate file repeats a time.
+        ms = np.maximum.accumulate(ms - index) + index + self._next_ts
+        self._next_ts = int(ms[-1]) + VIDEO_GAP_MS
+        return ms
+
+    def _reset_trackers(self, shape: tuple[int, ...]) -> None:
+        """Makes the tasks forget the previous video by showing them an empty frame.
+
+        In VIDEO mode pose and hands track from the previous frame; a black frame ends
+        the track, costing one frame's detection instead of recreating the tasks.
+        """
+        small = _detection_size(shape[1], shape[0], self.settings.detect_size)
+        blank = mp.Image(
+            image_format=mp.ImageFormat.SRGB, data=np.zeros((small[1], small[0], 3), np.uint8)
+        )
+        ts = self._next_ts - VIDEO_GAP_MS // 2
+        self._pose.detect_for_video(blank, ts)
+        self._hands.detect_for_video(blank, ts)
+        self._face.detect_for_video(blank, ts)
+
+
+def _detection_size(width: int, height: int, detect_size: int) -> tuple[int, int]:
+    """(w, h) of the copy the detectors see: longest side at most detect_size."""
+    longest = max(width, height)
+    if detect_size <= 0 or longest <= detect_size:
+        return width, height
+    scale = detect_size / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))

@@ -1,0 +1,141 @@
+"""Video decoding and encoding with PyAV (FFmpeg)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable
+from fractions import Fraction
+
+import av
+import numpy as np
+
+
+class VideoError(ValueError):
+    """A file that is not a usable video: unreadable, no video stream, zero frames."""
+
+
+def decode_video(
+    path: str | os.PathLike, start_frame: int = 0, end_frame: int | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Decodes frames [start_frame, end_frame) as RGB, upright, with their times.
+
+    Args:
+      path: video file.
+      start_frame: first frame index kept.
+      end_frame: one past the last frame index kept (None = to the end).
+
+    Returns:
+      frames (N, H, W, 3) uint8 RGB with rotation metadata applied, the average frame
+      rate, and each frame's presentation time in seconds (N,) (non-decreasing; for
+      variable frame rate videos these are the real times).
+
+    Raises:
+      VideoError: the file is missing, not a video, undecodable, or has no frames in
+        the requested span.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file")
+    if start_frame < 0 or (end_frame is not None and end_frame <= start_frame):
+        raise VideoError(f"{path}: empty frame span [{start_frame}, {end_frame})")
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream (is it a video file?)")
+            stream = container.streams.video[0]
+            # FFmpeg's own threading would compete with MediaPipe for the same cores.
+            stream.thread_type = "NONE"
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            for index, frame in enumerate(container.decode(stream)):
+                if end_frame is not None and index >= end_frame:
+                    break
+                if index < start_frame:
+                    continue
+                image = frame.to_ndarray(format="rgb24")
+                if frame.rotation:
+                    # rotation is the counterclockwise angle that makes the frame upright.
+                    image = np.ascontiguousarray(np.rot90(image, k=round(frame.rotation / 90)))
+                frames.append(image)
+                times.append(float(frame.time) if frame.time is not None else float("nan"))
+    except VideoError:
+        raise
+    except (av.FFmpegError, ValueError, IndexError) as e:
+        raise VideoError(f"{path}: cannot decode as video ({e})") from e
+    if not frames:
+        span = "" if (start_frame, end_frame) == (0, None) else f" in [{start_frame}, {end_frame})"
+        raise VideoError(f"{path}: zero decodable video frames{span}")
+    if rate <= 0:
+        rate = 25.0
+    return np.stack(frames), rate, _clean_times(np.asarray(times), rate)
+
+
+def _clean_times(times: np.ndarray, rate: float) -> np.ndarray:
+    """Fills missing times from the frame rate and makes them non-decreasing."""
+    times = np.where(np.isfinite(times), times, np.arange(len(times)) / rate)
+    return np.maximum.accumulate(times)
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Reads a whole video.
+
+    Args:
+      path: video file.
+
+    Returns:
+      frames (N, H, W, 3) uint8 RGB (rotation metadata applied) and the frame rate.
+
+    Raises:
+      VideoError: missing, not a video, undecodable or zero frames (message names the file).
+    """
+    frames, fps, _ = decode_video(path)
+    return frames, fps
+
+
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> None:
+    """Writes RGB frames as H.264 MP4, atomically (temp file, then rename).
+
+    Args:
+      path: output file; its parent directory must exist.
+      frames: (H, W, 3) uint8 RGB frames of one even size.
+      fps: frame rate.
+    """
+    path = pathlib.Path(path)
+    tmp = private_temp(path, ".part")
+    try:
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = None
+            for frame in frames:
+                if stream is None:
+                    stream = container.add_stream("libx264", rate=_rate(fps))
+                    stream.height, stream.width = frame.shape[:2]
+                    stream.pix_fmt = "yuv420p"
+                    # veryfast + one thread: encode must stay a small share of detection.
+                    stream.options = {"preset": "veryfast", "crf": "18", "threads": "1"}
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                container.mux(stream.encode(vf))
+            if stream is None:
+                raise ValueError(f"{path}: no frames to write")
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def private_temp(path: pathlib.Path, suffix: str) -> str:
+    """A fresh hidden temp file beside `path` with the permissions a new file would get."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def _rate(fps: float) -> Fraction:
+    return Fraction(fps).limit_denominator(1001)
