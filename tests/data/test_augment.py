@@ -1,0 +1,265 @@
+"""Augmentation: PIL-reference numerics, clip-wide parameters, H&HT flip, boxes."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+from signnet_jax.data import augment
+
+FILL = (128, 128, 128)
+
+
+def _image(h=64, w=80, seed=0):
+    """Smooth gradients and waves plus mild noise: every op changes it visibly."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 3, y * 4, (x + y) * 2], -1).astype(np.float64)
+    img += 40 * (np.sin(x / 5.0) * np.cos(y / 7.0))[..., None]
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def _pil_reference(name, arg, p):
+    """The reference's PIL implementation of each inc1 operation."""
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(p)
+    if name == "Equalize":
+        return ImageOps.equalize(p)
+    if name == "Invert":
+        return ImageOps.invert(p)
+    if name == "PosterizeIncreasing":
+        return ImageOps.posterize(p, arg)
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(p, arg)
+    if name == "SolarizeAdd":
+        return p.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
+    if name == "BrightnessIncreasing":
+        return ImageEnhance.Brightness(p).enhance(arg)
+    if name == "ContrastIncreasing":
+        return ImageEnhance.Contrast(p).enhance(arg)
+    if name == "ColorIncreasing":
+        return ImageEnhance.Color(p).enhance(arg)
+    if name == "SharpnessIncreasing":
+        return ImageEnhance.Sharpness(p).enhance(arg)
+    if name == "Rotate":
+        return p.rotate(arg, resample=Image.BICUBIC, fillcolor=FILL)
+    w, h = p.size
+    matrix = {
+        "ShearX": (1, arg, 0, 0, 1, 0),
+        "ShearY": (1, 0, 0, arg, 1, 0),
+        "TranslateXRel": (1, 0, arg * w, 0, 1, 0),
+        "TranslateYRel": (1, 0, 0, 0, 1, arg * h),
+    }[name]
+    return p.transform(p.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
+
+
+ARGS = {
+    "AutoContrast": None,
+    "Equalize": None,
+    "Invert": None,
+    "PosterizeIncreasing": 2,
+    "SolarizeIncreasing": 77,
+    "SolarizeAdd": 77,
+    "BrightnessIncreasing": 1.63,
+    "ContrastIncreasing": 0.37,
+    "ColorIncreasing": 1.63,
+    "SharpnessIncreasing": 0.37,
+    "Rotate": 21.0,
+    "ShearX": 0.21,
+    "ShearY": -0.21,
+    "TranslateXRel": 0.315,
+    "TranslateYRel": -0.315,
+}
+
+
+def test_every_inc1_operation_has_a_case():
+    assert set(ARGS) == set(augment.RAND_INCREASING_OPS)
+
+
+@pytest.mark.parametrize("name", augment.RAND_INCREASING_OPS)
+def test_operation_matches_pil(name):
+    img = _image()
+    out = augment.apply_rand_augment(img[None], [(name, ARGS[name])])[0].astype(int)
+    ref = np.asarray(_pil_reference(name, ARGS[name], Image.fromarray(img))).astype(int)
+    diff = np.abs(out - ref)
+    if name in ("ColorIncreasing", "SharpnessIncreasing"):
+        assert diff.max() <= 1  # OpenCV rounds where PIL truncates
+    elif name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+        # Bicubic a=-0.75 (OpenCV) vs -0.5 (PIL), and border samples differ.
+        assert diff.mean() < 1.5
+        assert (diff > 4).mean() < 0.05
+    else:
+        assert diff.max() == 0
+
+
+@pytest.mark.parametrize("name", augment.RAND_INCREASING_OPS)
+def test_operation_applies_the_same_parameters_to_every_frame(name):
+    clip = np.stack([_image(seed=s) for s in range(3)])
+    clip[1] = 255 - clip[1]  # frames with different statistics
+    out = augment.apply_rand_augment(clip, [(name, ARGS[name])])
+    for t in range(3):
+        single = augment.apply_rand_augment(clip[t : t + 1], [(name, ARGS[name])])[0]
+        np.testing.assert_array_equal(out[t], single)
+
+
+def test_rand_augment_program_semantics():
+    spec = augment.RandAugmentSpec.parse("rand-m7-n4-mstd0.5-inc1")
+    assert spec == augment.RandAugmentSpec(7.0, 4, 0.5, True, 0.5)
+    rng = np.random.default_rng(0)
+    programs = [augment.sample_rand_augment(rng, spec) for _ in range(4000)]
+    lengths = np.array([len(p) for p in programs])
+    assert lengths.max() <= 4
+    assert abs(lengths.mean() - 2.0) < 0.1  # 4 draws, each fires with p 0.5
+    names = [n for p in programs for n, _ in p]
+    assert set(names) == set(augment.RAND_INCREASING_OPS)
+    rot = np.array([a for p in programs for n, a in p if n == "Rotate"])
+    # magnitude ~ N(7, 0.5) -> |angle| ~ N(21, 1.5), both signs.
+    assert abs(np.abs(rot).mean() - 21.0) < 0.3
+    assert abs(np.abs(rot).std() - 1.5) < 0.3
+    assert 0.4 < (rot > 0).mean() < 0.6
+    post = {a for p in programs for n, a in p if n == "PosterizeIncreasing"}
+    assert post <= {1, 2, 3}  # 4 - int(m / 10 * 4) for m around 7
+    color = np.array([a for p in programs for n, a in p if n == "ColorIncreasing"])
+    # 1 +- m / 10 * 0.9 with m ~ N(7, 0.5): offsets around 0.63, both directions.
+    assert abs(np.abs(color - 1.0).mean() - 0.63) < 0.01
+    assert 0.4 < (color > 1).mean() < 0.6
+
+
+def test_rand_augment_spec_errors():
+    with pytest.raises(ValueError, match="must start with 'rand-'"):
+        augment.RandAugmentSpec.parse("auto-m7")
+    with pytest.raises(ValueError, match="unknown part 'x3'"):
+        augment.RandAugmentSpec.parse("rand-m7-x3-inc1")
+    with pytest.raises(ValueError, match="only the 'inc1' operation set"):
+        augment.RandAugmentSpec.parse("rand-m7-n4")
+
+
+def test_train_clip_shapes_ranges_and_clip_wide_parameters():
+    frame = _image(96, 128)
+    clip = np.repeat(frame[None], 6, axis=0)
+    options = augment.AugmentOptions(crop_size=56, erase_prob=1.0)
+    for seed in range(40):
+        out, box = augment.augment_train_clip(clip, np.random.default_rng(seed), options)
+        assert out.shape == (6, 56, 56, 3) and out.dtype == np.uint8
+        assert box.dtype == np.int32 and box.shape == (4,)
+        top, left, h, w = box.tolist()
+        assert 0 < h < 56 and 0 < w < 56 and top + h <= 56 and left + w <= 56
+        # Identical input frames stay identical: crop, flip and every RandAugment
+        # operation used the same parameters for all frames.
+        assert np.all(out == out[:1])
+
+
+def test_train_clip_is_reproducible_from_the_generator():
+    clip = np.stack([_image(seed=s) for s in range(4)])
+    options = augment.AugmentOptions(crop_size=48)
+    a = augment.augment_train_clip(clip, np.random.default_rng(3), options)
+    b = augment.augment_train_clip(clip, np.random.default_rng(3), options)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_crop_without_randaugment_samples_the_source_pixels():
+    # No RandAugment, no flip: the output is a bilinear resize of a crop of the input.
+    clip = _image(64, 64)[None]
+    options = augment.AugmentOptions(crop_size=32, flip="none", rand_augment=None)
+    out, _ = augment.augment_train_clip(clip, np.random.default_rng(0), options)
+    top, left, h, w = augment.sample_crop_box(
+        np.random.default_rng(0), 64, 64, options.scale, options.ratio
+    )
+    expected = cv2.resize(
+        clip[0, top : top + h, left : left + w], (32, 32), interpolation=cv2.INTER_LINEAR
+    )
+    np.testing.assert_array_equal(out[0], expected)
+
+
+def _quadrant_clip(h=8, w=12):
+    """Frames whose quadrants have distinct colours and a left-to-right ramp."""
+    clip = np.zeros((2, h, w, 3), np.uint8)
+    h2, w2 = h // 2, w // 2
+    ramp = np.arange(w2, dtype=np.uint8)
+    for q, (rows, cols) in enumerate(
+        [(slice(0, h2), slice(0, w2)), (slice(0, h2), slice(w2, w)),
+         (slice(h2, h), slice(0, w2)), (slice(h2, h), slice(w2, w))]
+    ):  # fmt: skip
+        clip[:, rows, cols, 0] = 50 * (q + 1)
+        clip[:, rows, cols, 1] = ramp
+    clip[1, ..., 2] = 7
+    return clip
+
+
+def test_hht_flip_moves_each_quadrant_where_it_belongs():
+    clip = _quadrant_clip()
+    out = augment.hht_flip(clip)
+    tl, tr, bl, br = (
+        (slice(0, 4), slice(0, 6)),
+        (slice(0, 4), slice(6, 12)),
+        (slice(4, 8), slice(0, 6)),
+        (slice(4, 8), slice(6, 12)),
+    )
+
+    def q(a, where):
+        return a[:, where[0], where[1]]
+
+    # Whole frame and head: mirrored in place.
+    np.testing.assert_array_equal(q(out, tl), q(clip, tl)[:, :, ::-1])
+    np.testing.assert_array_equal(q(out, bl), q(clip, bl)[:, :, ::-1])
+    # Right hand (top-right) and left hand (bottom-right): swapped and mirrored.
+    np.testing.assert_array_equal(q(out, tr), q(clip, br)[:, :, ::-1])
+    np.testing.assert_array_equal(q(out, br), q(clip, tr)[:, :, ::-1])
+    assert q(out, tr)[0, 0, 0, 0] == 200 and q(out, br)[0, 0, 0, 0] == 100
+    np.testing.assert_array_equal(augment.hht_flip(out), clip)  # an involution
+
+
+def test_hht_flip_rejects_odd_frames():
+    with pytest.raises(ValueError, match="even frame sizes.*flip='plain'"):
+        augment.hht_flip(np.zeros((1, 7, 8, 3), np.uint8))
+
+
+def test_plain_flip_mirrors_whole_frame():
+    clip = _quadrant_clip()
+    np.testing.assert_array_equal(augment.hflip(clip), clip[:, :, ::-1])
+
+
+def test_flip_mode_is_validated():
+    with pytest.raises(ValueError, match="flip mode 'mirror' is not one of"):
+        augment.AugmentOptions(flip="mirror")
+
+
+def test_crop_box_follows_inception_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        top, left, h, w = augment.sample_crop_box(rng, 100, 140, (0.08, 1.0), (0.75, 1.3333))
+        assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 140
+        assert 0.08 * 14000 * 0.9 <= h * w <= 14000
+    # Impossible scale -> the central fallback, ratio clamped to the range.
+    assert augment.sample_crop_box(rng, 100, 300, (2.0, 3.0), (0.75, 1.3333)) == (0, 83, 100, 133)
+    assert augment.sample_crop_box(rng, 100, 100, (2.0, 3.0), (0.75, 1.3333)) == (0, 0, 100, 100)
+
+
+def test_erase_box_probability_and_geometry():
+    rng = np.random.default_rng(0)
+    assert not augment.sample_erase_box(rng, 224, 224, 0.0).any()
+    boxes = np.array([augment.sample_erase_box(rng, 224, 224, 0.25) for _ in range(4000)])
+    erased = boxes[:, 2] > 0
+    assert abs(erased.mean() - 0.25) < 0.03
+    top, left, h, w = boxes[erased].T
+    area = h * w / 224**2
+    assert area.min() > 0.015 and area.max() < 0.35
+    assert np.all((h < 224) & (w < 224) & (top + h <= 224) & (left + w <= 224))
+    aspect = h / w
+    assert aspect.min() > 0.3 * 0.8 and aspect.max() < 1 / 0.3 * 1.25
+    assert math.isclose(np.median(np.log(aspect)), 0.0, abs_tol=0.1)
+
+
+def test_decode_frames_decodes_each_frame_once_and_names_bad_frames():
+    frames = [cv2.imencode(".png", np.full((4, 6, 3), v, np.uint8))[1].tobytes() for v in (10, 200)]
+    clip = augment.decode_frames(frames, np.array([0, 1, 1, 1]))
+    assert clip.shape == (4, 4, 6, 3) and clip.dtype == np.uint8
+    assert clip[:, 0, 0, 0].tolist() == [10, 200, 200, 200]
+    with pytest.raises(ValueError, match="rec.tfrecord: record 3: frame 1 is not a decodable"):
+        bad = [frames[0], b"garbage"]
+        augment.decode_frames(bad, np.array([0, 1]), where="rec.tfrecord: record 3")
+    with pytest.raises(ValueError, match="frame 5 requested but the record has 2"):
+        augment.decode_frames(frames, np.array([5]), where="x")
