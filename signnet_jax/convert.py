@@ -1,0 +1,621 @@
+"""Convert VideoMAEv2 / Hugging Face VideoMAE PyTorch weights to a signnet_jax checkpoint.
+
+    python -m signnet_jax.convert --input vit_b_k710_dl_from_giant.pth --output ckpt/vit_b \\
+        --model B --num-frames 32 --num-classes 2000
+    python -m signnet_jax.convert --to-pytorch --input ckpt/vit_b --output vit_b.pth
+
+The mapping is one declarative table ``{flax path: (torch key, transform)}``;
+every key is accounted for on both sides and problems are reported by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from signnet_jax import checkpointing
+from signnet_jax.models import vit
+
+TOOL_VERSION = "signnet_jax.convert 1"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the keys or file and the fix."""
+
+
+# --- per-key transforms -------------------------------------------------------------
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _linear(x: np.ndarray) -> np.ndarray:  # torch (out, in) <-> flax (in, out)
+    return x.T
+
+
+def _conv3d(x: np.ndarray) -> np.ndarray:  # torch OIDHW -> flax DHWIO
+    return x.transpose(2, 3, 4, 1, 0)
+
+
+def _conv3d_inv(x: np.ndarray) -> np.ndarray:  # flax DHWIO -> torch OIDHW
+    return x.transpose(4, 3, 0, 1, 2)
+
+
+_INVERSE = {_identity: _identity, _linear: _linear, _conv3d: _conv3d_inv}
+
+Path = tuple[Any, ...]
+Table = dict[Path, tuple[str, Callable[[np.ndarray], np.ndarray]]]
+
+
+def param_table(cfg: vit.ViTConfig) -> Table:
+    """The declarative map from Flax parameter path to VideoMAEv2 key and transform."""
+    t: Table = {
+        ("patch_embed", "proj", "kernel"): ("patch_embed.proj.weight", _conv3d),
+        ("patch_embed", "proj", "bias"): ("patch_embed.proj.bias", _identity),
+        ("fc_norm", "scale"): ("fc_norm.weight", _identity),
+        ("fc_norm", "bias"): ("fc_norm.bias", _identity),
+        ("head", "kernel"): ("head.weight", _linear),
+        ("head", "bias"): ("head.bias", _identity),
+    }
+    if cfg.learned_pos_emb:
+        t[("pos_embed",)] = ("pos_embed", _identity)
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        rows = {
+            ("norm1", "scale"): ("norm1.weight", _identity),
+            ("norm1", "bias"): ("norm1.bias", _identity),
+            ("attn", "qkv", "kernel"): ("attn.qkv.weight", _linear),
+            ("attn", "q_bias"): ("attn.q_bias", _identity),
+            ("attn", "v_bias"): ("attn.v_bias", _identity),
+            ("attn", "proj", "kernel"): ("attn.proj.weight", _linear),
+            ("attn", "proj", "bias"): ("attn.proj.bias", _identity),
+            ("norm2", "scale"): ("norm2.weight", _identity),
+            ("norm2", "bias"): ("norm2.bias", _identity),
+            ("mlp", "fc1", "kernel"): ("mlp.fc1.weight", _linear),
+            ("mlp", "fc1", "bias"): ("mlp.fc1.bias", _identity),
+            ("mlp", "fc2", "kernel"): ("mlp.fc2.weight", _linear),
+            ("mlp", "fc2", "bias"): ("mlp.fc2.bias", _identity),
+        }
+        if cfg.cos_attn:
+            rows[("attn", "scale")] = ("attn.scale", _identity)
+        if cfg.init_values > 0:
+            rows[("gamma_1",)] = ("gamma_1", _identity)
+            rows[("gamma_2",)] = ("gamma_2", _identity)
+        for path, (key, fn) in rows.items():
+            t[("blocks", i) + path] = (b + key, fn)
+    return t
+
+
+# Hugging Face VideoMAE names -> VideoMAEv2 names (per layer, after the `videomae.` prefix).
+_HF_LAYER = {
+    "attention.attention.q_bias": "attn.q_bias",
+    "attention.attention.v_bias": "attn.v_bias",
+    # transformers >= 5 names the same two vectors as biases in memory
+    "attention.attention.query.bias": "attn.q_bias",
+    "attention.attention.value.bias": "attn.v_bias",
+    "attention.output.dense.weight": "attn.proj.weight",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layernorm_before.weight": "norm1.weight",
+    "layernorm_before.bias": "norm1.bias",
+    "layernorm_after.weight": "norm2.weight",
+    "layernorm_after.bias": "norm2.bias",
+    "intermediate.dense.weight": "mlp.fc1.weight",
+    "intermediate.dense.bias": "mlp.fc1.bias",
+    "output.dense.weight": "mlp.fc2.weight",
+    "output.dense.bias": "mlp.fc2.bias",
+}
+_HF_TOP = {
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "fc_norm.weight": "fc_norm.weight",
+    "fc_norm.bias": "fc_norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+# Parts of pre-training checkpoints that the classifier does not use.
+_PRETRAIN_ONLY = ("decoder.", "encoder_to_decoder.", "mask_token", "norm.weight", "norm.bias")
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def _torch_safe_globals() -> list:
+    """Non-tensor objects real VideoMAEv2 / DeepSpeed files carry; all inert data."""
+    import argparse as _argparse
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtype_classes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType")]
+    return [
+        _argparse.Namespace,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtype_classes,
+    ]
+
+
+def _load_torch_file(path: pathlib.Path) -> Any:
+    try:
+        import torch
+    except ImportError as e:  # torch is optional for users who only run the model
+        raise ConversionError(
+            f"reading {path} needs PyTorch: pip install 'signnet_jax[convert]'"
+        ) from e
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_torch_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ConversionError(
+            f"{path} holds pickled objects outside the allow-list of plain checkpoint data "
+            f"({first}); refusing to run code from a downloaded file. Re-save just the state "
+            "dict (torch.save(model.state_dict(), ...)) from a trusted environment."
+        ) from e
+    except Exception as e:  # truncated zip, not a pickle at all, ...
+        raise ConversionError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+            "is the file complete (re-download it) and a .pth/.pt/.bin checkpoint?"
+        ) from e
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(
+            f"cannot read {path} as safetensors ({e}); is the file complete?"
+        ) from e
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _find_state_dict(obj: Any, path: pathlib.Path) -> dict[str, Any]:
+    """The tensor dict in a checkpoint: top level, or under `model`, `module` or `state_dict`."""
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+
+    def is_tensor_dict(d: Any) -> bool:
+        return isinstance(d, dict) and d and all(hasattr(v, "shape") for v in d.values())
+
+    if is_tensor_dict(obj):
+        return obj
+    for key in ("model", "module", "state_dict"):
+        if is_tensor_dict(obj.get(key)):
+            return obj[key]
+    raise ConversionError(
+        f"{path} holds no tensor state dict at the top level or under 'model', 'module' or "
+        f"'state_dict' (top-level keys: {sorted(map(str, obj))[:10]})"
+    )
+
+
+def _drop_prefix(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _strip_prefix(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint read into VideoMAEv2 names."""
+
+    state: dict[str, np.ndarray]
+    format: str  # 'videomae_v2' | 'huggingface'
+    pretrain: bool  # encoder-only pre-training checkpoint (decoder dropped)
+    dropped: list[str]
+
+
+def _from_huggingface(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sd = {(k[len("videomae.") :] if k.startswith("videomae.") else k): v for k, v in sd.items()}
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[int, dict[str, np.ndarray]] = {}
+    for k, v in sd.items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        if k.startswith("encoder.layer."):
+            i_str, rest = k[len("encoder.layer.") :].split(".", 1)
+            i = int(i_str)
+            if rest in _HF_LAYER:
+                out[f"blocks.{i}.{_HF_LAYER[rest]}"] = v
+                continue
+            for part in ("query", "key", "value"):
+                if rest == f"attention.attention.{part}.weight":
+                    qkv.setdefault(i, {})[part] = v
+                    break
+            else:
+                out[k] = v  # unknown: reported as unexpected
+            continue
+        out[k] = v
+    for i, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            missing = sorted({"query", "key", "value"} - set(parts))
+            raise ConversionError(f"layer {i} lacks attention weights {missing}")
+        out[f"blocks.{i}.attn.qkv.weight"] = np.concatenate(
+            [parts["query"], parts["key"], parts["value"]], axis=0
+        )
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> Source:
+    """Read a VideoMAEv2 `.pth`/DeepSpeed `.pt` or Hugging Face `.safetensors`/`.bin` file.
+
+    Args:
+      path: the checkpoint file.
+
+    Returns:
+      The weights under VideoMAEv2 names, as float32 numpy arrays.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"input checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        raw: dict[str, Any] = _load_safetensors(path)
+    else:
+        raw = _find_state_dict(_load_torch_file(path), path)
+    sd = {str(k): _to_numpy(v) for k, v in raw.items()}
+    sd = _strip_prefix(sd, "module.")
+    is_hf = any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd)
+    if is_hf:
+        sd = _from_huggingface(sd)
+        pretrain = any(k.startswith(_PRETRAIN_ONLY[:3]) for k in sd)
+    else:
+        pretrain = any(k.startswith(("encoder.", "backbone.")) for k in sd)
+        if pretrain:
+            sd = {_drop_prefix(k, ("encoder.", "backbone.")): v for k, v in sd.items()}
+    dropped = sorted(k for k in sd if pretrain and k.startswith(_PRETRAIN_ONLY))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    if "patch_embed.proj.weight" not in sd:
+        raise ConversionError(
+            f"{path} is not a VideoMAEv2 or Hugging Face VideoMAE checkpoint: no patch "
+            f"embedding found (first keys: {sorted(sd)[:5]})"
+        )
+    sd = {k: v.astype(np.float32) for k, v in sd.items()}
+    return Source(sd, "huggingface" if is_hf else "videomae_v2", pretrain, dropped)
+
+
+# --- mapping ------------------------------------------------------------------------
+
+
+def _guess_preset(sd: dict[str, np.ndarray]) -> str:
+    dim = sd["patch_embed.proj.weight"].shape[0]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for name, (d, n, _, _) in vit.PRESETS.items():
+        if d == dim and n == depth:
+            return f"preset {name}"
+    return f"no preset (embed dim {dim}, {depth} blocks)"
+
+
+def _resize_pos_embed(table: np.ndarray, src: tuple[int, int, int], dst: tuple[int, int, int]):
+    """Resize a learned (1, T*H*W, C) position table: linear in time, bicubic in space."""
+    c = table.shape[-1]
+    grid = jax.numpy.asarray(table.reshape(*src, c))
+    t = jax.image.resize(grid, (dst[0], *src[1:], c), "linear")
+    t = jax.image.resize(t, (*dst, c), "cubic")
+    return np.asarray(t).reshape(1, -1, c)
+
+
+@dataclasses.dataclass
+class Report:
+    fresh: list[str]
+    dropped: list[str]
+    warnings: list[str]
+
+
+def to_flax(
+    source: Source,
+    preset: str,
+    num_frames: int,
+    num_classes: int,
+    img_size: int = 224,
+    seed: int = 0,
+) -> tuple[vit.ViTConfig, dict, Report]:
+    """Map VideoMAEv2-named weights onto the Flax model.
+
+    Layer scale, cosine attention and a learned position table are taken from the
+    checkpoint's own keys; everything else must fit ``preset``.
+
+    Returns:
+      The model config, the nested parameter dict and a report of fresh, dropped and
+      adjusted weights.
+
+    Raises:
+      ConversionError: listing missing, unexpected and mis-shaped keys by name.
+    """
+    sd = source.state
+    cfg = vit.ViTConfig.from_preset(
+        preset,
+        num_classes=num_classes,
+        num_frames=num_frames,
+        img_size=img_size,
+        init_values=0.1 if "blocks.0.gamma_1" in sd else 0.0,
+        cos_attn="blocks.0.attn.scale" in sd,
+        learned_pos_emb="pos_embed" in sd,
+    )
+    table = param_table(cfg)
+    shapes = {
+        path: leaf.shape
+        for path, leaf in jax.tree_util.tree_flatten_with_path(vit.abstract_params(cfg))[0]
+        for path in [tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)]
+    }
+    assert set(shapes) == set(table), "conversion table out of step with the model"
+
+    report = Report(fresh=[], dropped=list(source.dropped), warnings=[])
+    params: dict[Path, np.ndarray] = {}
+    missing, misshaped = [], []
+    head_keys = {"head.weight", "head.bias"}
+    no_head = not (head_keys & set(sd))
+    for path, (key, fn) in table.items():
+        if key not in sd:
+            if key in head_keys and no_head:
+                continue  # backbone-only checkpoint: fresh head below
+            if key.startswith("fc_norm.") and source.pretrain:
+                continue  # pre-training has no fc_norm: fresh below
+            missing.append(key)
+            continue
+        value = fn(sd[key])
+        if value.shape != shapes[path]:
+            if key in head_keys and sd["head.weight"].shape[1] == cfg.embed_dim:
+                continue  # another class count: re-initialised below
+            if key == "pos_embed" and value.shape[-1] == cfg.embed_dim:
+                src = _pos_grid(value.shape[1], cfg)
+                value = _resize_pos_embed(value, src, cfg.grid)
+                report.warnings.append(
+                    f"learned position table resized from grid {src} to {cfg.grid}"
+                )
+            else:
+                misshaped.append(
+                    f"{key}: checkpoint {sd[key].shape}, model needs "
+                    f"{_torch_shape(fn, shapes[path])}"
+                )
+                continue
+        params[path] = value
+    unexpected = sorted(set(sd) - {key for key, _ in table.values()})
+    if missing or unexpected or misshaped:
+        lines = [
+            f"the checkpoint does not fit preset {cfg.preset} (it looks like {_guess_preset(sd)}):"
+        ]
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
+            if keys:
+                shown = ", ".join(keys[:12]) + (
+                    f", ... ({len(keys)} in all)" if len(keys) > 12 else ""
+                )
+                lines.append(f"  {title} keys: {shown}")
+        lines.append("choose the matching --model preset, or check the file")
+        raise ConversionError("\n".join(lines))
+
+    key = jax.random.key(seed)
+    fresh_head = ("head", "kernel") not in params
+    if fresh_head:
+        if not no_head:
+            report.warnings.append(
+                f"head re-initialised: checkpoint has {sd['head.weight'].shape[0]} classes, "
+                f"--num-classes is {num_classes}"
+            )
+        init = vit.timm_trunc_normal(0.02, cfg.init_scale)
+        params[("head", "kernel")] = np.asarray(init(key, (cfg.embed_dim, num_classes)))
+        params[("head", "bias")] = np.zeros((num_classes,), np.float32)
+        report.fresh += ["head.weight", "head.bias"]
+    if ("fc_norm", "scale") not in params:
+        params[("fc_norm", "scale")] = np.ones((cfg.embed_dim,), np.float32)
+        params[("fc_norm", "bias")] = np.zeros((cfg.embed_dim,), np.float32)
+        report.fresh += ["fc_norm.weight", "fc_norm.bias"]
+    return cfg, _nest(params), report
+
+
+def _pos_grid(n: int, cfg: vit.ViTConfig) -> tuple[int, int, int]:
+    """Token grid of a stored position table: same spatial grid as the model if it divides."""
+    _, h, w = cfg.grid
+    if n % (h * w) == 0:
+        return n // (h * w), h, w
+    t = cfg.grid[0]
+    side = int(round((n / t) ** 0.5))
+    if t * side * side == n:
+        return t, side, side
+    raise ConversionError(f"cannot infer the token grid of a {n}-token position table")
+
+
+def _torch_shape(fn: Callable, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _INVERSE[fn](np.empty(flax_shape, np.uint8)).shape
+
+
+def _nest(flat: dict[Path, np.ndarray]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
+
+
+def _get(tree: dict, path: Path) -> Any:
+    for p in path:
+        tree = tree[p] if p in tree else tree[str(p)]
+    return tree
+
+
+def to_torch(params: dict, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
+    """Flax parameters back to a VideoMAEv2-named state dict (numpy arrays)."""
+    return {
+        key: np.ascontiguousarray(_INVERSE[fn](np.asarray(_get(params, path))))
+        for path, (key, fn) in param_table(cfg).items()
+    }
+
+
+# --- whole jobs ---------------------------------------------------------------------
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line: `gloss` or `index<TAB or space>gloss` (wlasl_class_list.txt)."""
+    names = []
+    for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[0].isdigit():
+            if int(parts[0]) != len(names):
+                raise ConversionError(
+                    f"{path}:{n}: class index {parts[0]} out of order (expected {len(names)})"
+                )
+            names.append(parts[1].strip())
+        else:
+            names.append(line.strip())
+    return names
+
+
+def convert(
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    preset: str,
+    num_frames: int,
+    num_classes: int,
+    img_size: int = 224,
+    class_names: list[str] | None = None,
+    seed: int = 0,
+) -> Report:
+    """Convert a PyTorch checkpoint into an orbax model checkpoint at ``output``.
+
+    Nothing is written unless the whole conversion succeeds.
+    """
+    vit.resolve_preset(preset)  # unknown preset: fail before reading a large file
+    if class_names is not None and len(class_names) != num_classes:
+        raise ConversionError(
+            f"the class list has {len(class_names)} names but --num-classes is {num_classes}"
+        )
+    out = pathlib.Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"output {out} already exists; choose a new path or delete it")
+    source = read_checkpoint(input_path)
+    cfg, params, report = to_flax(source, preset, num_frames, num_classes, img_size, seed)
+    meta = {
+        "model": cfg.to_dict(),
+        "classes": class_names,
+        "source": {
+            "file": os.path.basename(str(input_path)),
+            "format": source.format,
+            "pretrain": source.pretrain,
+            "fresh": report.fresh,
+            "tool": TOOL_VERSION,
+        },
+    }
+    checkpointing.save_model(out, params, meta)
+    return report
+
+
+def export_pytorch(checkpoint: str | os.PathLike, output: str | os.PathLike) -> int:
+    """Write a signnet_jax checkpoint as a VideoMAEv2-named PyTorch state dict (.pth).
+
+    Returns:
+      The number of tensors written.
+    """
+    import torch
+
+    params, meta = checkpointing.load_model(checkpoint)
+    cfg = vit.ViTConfig.from_dict(meta["model"])
+    sd = {k: torch.from_numpy(v) for k, v in to_torch(params, cfg).items()}
+    output = pathlib.Path(output)
+    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(sd, tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(sd)
+
+
+def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m signnet_jax.convert",
+        description="Convert VideoMAEv2 (.pth, DeepSpeed .pt) or Hugging Face VideoMAE "
+        "(.safetensors, .bin) weights to a signnet_jax orbax checkpoint, or back with "
+        "--to-pytorch.",
+    )
+    p.add_argument("--input", required=True, help="checkpoint file (or, with --to-pytorch, dir)")
+    p.add_argument("--output", required=True, help="new checkpoint dir (or .pth file)")
+    p.add_argument("--model", help="preset: S, B, L, H, g (or a VideoMAEv2 model name)")
+    p.add_argument("--num-frames", type=int, help="clip length the model will see, e.g. 16 or 32")
+    p.add_argument("--num-classes", type=int, help="classes of the head (re-initialised if new)")
+    p.add_argument("--img-size", type=int, default=224, help="frame size (default 224)")
+    p.add_argument("--class-list", help="class names, one per line (wlasl_class_list.txt works)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
+    p.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
+    args = p.parse_args(None if argv is None else list(argv))
+    if not args.to_pytorch:
+        for name in ("model", "num_frames", "num_classes"):
+            if getattr(args, name) is None:
+                p.error(f"--{name.replace('_', '-')} is required (unless --to-pytorch)")
+    return args
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        if args.to_pytorch:
+            n = export_pytorch(args.input, args.output)
+            print(f"wrote {n} tensors to {args.output}")
+            return 0
+        names = read_class_list(args.class_list) if args.class_list else None
+        report = convert(
+            args.input,
+            args.output,
+            args.model,
+            args.num_frames,
+            args.num_classes,
+            args.img_size,
+            names,
+            args.seed,
+        )
+    except (ConversionError, checkpointing.CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if report.dropped:
+        print(
+            f"dropped {len(report.dropped)} pre-training keys (decoder, mask token, encoder norm)",
+            file=sys.stderr,
+        )
+    if report.fresh:
+        print(f"freshly initialised: {', '.join(report.fresh)}", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Weight conversion: VideoMAEv2 / DeepSpeed / pre-training / Hugging Face files -> orbax -> .pth."""
+
+import argparse
+import collections
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from signnet_jax import checkpointing, convert
+from signnet_jax.models import vit
+from tests.models import torch_vit
+from tests.models.helpers import random_clip, rel_err, torch_logits, torch_state
+
+FRAMES, SIZE, CLASSES = 4, 32, 5
+
+
+@pytest.fixture(scope="module")
+def tmodel():
+    return torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, seed=7)
+
+
+def _run(*args: str) -> int:
+    return convert.main([str(a) for a in args])
+
+
+def _convert(src, out, model="S", frames=FRAMES, classes=CLASSES, *extra) -> int:
+    return _run(
+        "--input",
+        src,
+        "--output",
+        out,
+        "--model",
+        model,
+        "--num-frames",
+        frames,
+        "--num-classes",
+        classes,
+        *extra,
+    )
+
+
+def _flax_logits(ckpt_dir, clip):
+    params, meta = checkpointing.load_model(ckpt_dir)
+    model = vit.model_from_params(vit.ViTConfig.from_dict(meta["model"]), params)
+    return np.asarray(model(jnp.asarray(clip))), meta
+
+
+def test_videomae_pth_round_trip_is_exact(tmodel, tmp_path):
+    sd = {k: torch.from_numpy(v) for k, v in torch_state(tmodel).items()}
+    # a real fine-tuning checkpoint: weights under 'model', plus args and a numpy scalar
+    torch.save(
+        {"model": sd, "args": argparse.Namespace(lr=1e-3), "epoch": np.float64(3)},
+        tmp_path / "ft.pth",
+    )
+    assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt") == 0
+    clip = random_clip(2, FRAMES, SIZE)
+    out, meta = _flax_logits(tmp_path / "ckpt", clip)
+    assert rel_err(out, torch_logits(tmodel, clip)) <= 1e-5
+    assert meta["source"]["format"] == "videomae_v2" and meta["model"]["preset"] == "S"
+
+    assert (
+        _run("--to-pytorch", "--input", tmp_path / "ckpt", "--output", tmp_path / "back.pth") == 0
+    )
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
+    fresh = torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, seed=99)
+    fresh.load_state_dict(back)  # strict: the export loads into the original architecture
+
+
+def test_deepspeed_model_states_and_ddp_prefix(tmodel, tmp_path):
+    sd = {f"module.{k}": torch.from_numpy(v) for k, v in torch_state(tmodel).items()}
+    shapes = collections.OrderedDict((k, v.shape) for k, v in sd.items())
+    ds = {
+        "module": sd,
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [shapes],
+        "ds_config": {"train_batch_size": 8},
+        "ds_version": "0.9.5",
+        "args": argparse.Namespace(model="vit_small_patch16_224"),
+        "global_steps": 10,
+    }
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save(ds, path)
+    assert _convert(path, tmp_path / "ckpt") == 0
+    clip = random_clip(1, FRAMES, SIZE, seed=1)
+    assert rel_err(_flax_logits(tmp_path / "ckpt", clip)[0], torch_logits(tmodel, clip)) <= 1e-5
+
+
+def test_pretraining_checkpoint_drops_decoder_and_initialises_head(tmodel, tmp_path, capsys):
+    sd = {
+        f"encoder.{k}": torch.from_numpy(v)
+        for k, v in torch_state(tmodel).items()
+        if not k.startswith(("head", "fc_norm"))
+    }
+    sd["encoder.norm.weight"] = torch.ones(384)
+    sd["encoder.norm.bias"] = torch.zeros(384)
+    sd["decoder.blocks.0.mlp.fc1.weight"] = torch.zeros(8, 4)
+    sd["encoder_to_decoder.weight"] = torch.zeros(4, 384)
+    sd["mask_token"] = torch.zeros(1, 1, 4)
+    torch.save({"model": sd}, tmp_path / "pretrain.pth")
+    assert _convert(tmp_path / "pretrain.pth", tmp_path / "ckpt", "S", 16, 300) == 0
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert set(meta["source"]["fresh"]) == {
+        "head.weight",
+        "head.bias",
+        "fc_norm.weight",
+        "fc_norm.bias",
+    }
+    assert meta["source"]["pretrain"] is True
+    head = params["head"]["kernel"]
+    assert head.shape == (384, 300) and 0 < head.std() < 0.02 * 0.001 * 1.1
+    np.testing.assert_array_equal(params["fc_norm"]["scale"], np.ones(384, np.float32))
+    ref = torch_state(tmodel)["blocks.3.mlp.fc1.weight"].T
+    np.testing.assert_array_equal(params["blocks"]["3"]["mlp"]["fc1"]["kernel"], ref)
+    assert "dropped 5 pre-training keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    hf_cfg = VideoMAEConfig(
+        image_size=SIZE,
+        num_frames=FRAMES,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        qkv_bias=True,
+        use_mean_pooling=True,
+        layer_norm_eps=1e-6,
+        num_labels=CLASSES,
+    )
+    hf = VideoMAEForVideoClassification(hf_cfg).eval()
+    with torch.no_grad():  # non-trivial biases, norms and head
+        for name, p in hf.named_parameters():
+            if p.ndim == 1 or name.startswith("classifier"):
+                p.add_(torch.randn_like(p) * 0.05)
+    if safe:
+        hf.save_pretrained(tmp_path / "hf")
+        src = tmp_path / "hf" / "model.safetensors"
+    else:  # the older .bin format: a pickled state dict (transformers 5 no longer writes it)
+        (tmp_path / "hf").mkdir()
+        src = tmp_path / "hf" / "pytorch_model.bin"
+        torch.save(hf.state_dict(), src)
+    assert src.is_file()
+    assert _convert(src, tmp_path / "ckpt") == 0
+    clip = random_clip(2, FRAMES, SIZE, seed=2)
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(clip).permute(0, 1, 4, 2, 3)).logits.numpy()
+    out, meta = _flax_logits(tmp_path / "ckpt", clip)
+    assert meta["source"]["format"] == "huggingface"
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_other_class_count_reinitialises_head_with_warning(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt", "S", FRAMES, 2000) == 0
+    assert (
+        "head re-initialised: checkpoint has 5 classes, --num-classes is 2000"
+        in capsys.readouterr().err
+    )
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert params["head"]["kernel"].shape == (384, 2000)
+    assert meta["source"]["fresh"] == ["head.weight", "head.bias"]
+    np.testing.assert_array_equal(params["fc_norm"]["scale"], torch_state(tmodel)["fc_norm.weight"])
+
+
+def test_other_frame_count_rebuilds_the_sinusoid_table(tmodel, tmp_path):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt", "S", 8) == 0
+    t8 = torch_vit.make("S", CLASSES, num_frames=8, img_size=SIZE, seed=123)
+    t8.load_state_dict(tmodel.state_dict())  # same weights, table for 4 x 2 x 2 tokens
+    clip = random_clip(1, 8, SIZE, seed=3)
+    out, meta = _flax_logits(tmp_path / "ckpt", clip)
+    assert meta["model"]["num_frames"] == 8
+    assert rel_err(out, torch_logits(t8, clip)) <= 1e-5
+
+
+def test_learned_position_table_is_interpolated_in_time():
+    # 2 x 1 x 1 grid -> 4 x 1 x 1: linear with half-pixel centres, edges held
+    table = np.array([[[0.0, 10.0], [4.0, 30.0]]], np.float32)  # (1, 2 tokens, 2 channels)
+    out = convert._resize_pos_embed(table, (2, 1, 1), (4, 1, 1))
+    np.testing.assert_allclose(out[0], [[0, 10], [1, 15], [3, 25], [4, 30]], atol=1e-5)
+
+
+def test_learned_position_table_checkpoint_converts_to_more_frames(tmp_path):
+    t = torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, learned_pos_emb=True)
+    torch.save(t.state_dict(), tmp_path / "lp.pth")
+    assert (
+        _convert(tmp_path / "lp.pth", tmp_path / "ckpt", "S", 8, CLASSES, "--img-size", SIZE) == 0
+    )
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert params["pos_embed"].shape == (1, 4 * 2 * 2, 384)
+    src = torch_state(t)["pos_embed"].reshape(2, 4, 384)
+    # the first and last frames of the new table equal the stored end frames
+    np.testing.assert_allclose(params["pos_embed"].reshape(4, 4, 384)[[0, 3]], src, atol=1e-5)
+
+
+# --- bad input: clear error, non-zero exit, nothing at --output -----------------------
+
+
+def _assert_fails(capsys, out: pathlib.Path, *args, match: str):
+    assert _run(*args) == 1
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_truncated_checkpoint(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    data = (tmp_path / "ft.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "ckpt"
+    _assert_fails(
+        capsys,
+        out,
+        "--input",
+        tmp_path / "cut.pth",
+        "--output",
+        out,
+        "--model",
+        "S",
+        "--num-frames",
+        4,
+        "--num-classes",
+        5,
+        match=f"cannot read {tmp_path / 'cut.pth'} as a PyTorch checkpoint",
+    )
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("hello")
+    out = tmp_path / "ckpt"
+    assert (
+        _run(
+            "--input",
+            tmp_path / "notes.pth",
+            "--output",
+            out,
+            "--model",
+            "S",
+            "--num-frames",
+            4,
+            "--num-classes",
+            5,
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'notes.pth'} as a PyTorch checkpoint" in err
+    assert not out.exists()
+
+
+def test_non_videomae_state_dict(tmp_path, capsys):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    out = tmp_path / "ckpt"
+    _assert_fails(
+        capsys,
+        out,
+        "--input",
+        tmp_path / "other.pth",
+        "--output",
+        out,
+        "--model",
+        "S",
+        "--num-frames",
+        4,
+        "--num-classes",
+        5,
+        match="not a VideoMAEv2 or Hugging Face VideoMAE checkpoint",
+    )
+
+
+def test_checkpoint_of_another_preset_lists_keys(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    out = tmp_path / "ckpt"
+    assert _convert(tmp_path / "s.pth", out, "B") == 1
+    err = capsys.readouterr().err
+    assert "does not fit preset B (it looks like preset S)" in err
+    assert (
+        "mis-shaped keys: patch_embed.proj.weight: checkpoint (384, 3, 2, 16, 16), "
+        "model needs (768, 3, 2, 16, 16)" in err
+    )
+    assert "choose the matching --model preset" in err
+    assert not out.exists()
+
+
+def test_missing_and_unexpected_keys_are_named(tmodel, tmp_path, capsys):
+    sd = tmodel.state_dict()
+    del sd["blocks.2.attn.q_bias"]
+    sd["blocks.2.attn.k_bias"] = torch.zeros(384)
+    torch.save(sd, tmp_path / "odd.pth")
+    assert _convert(tmp_path / "odd.pth", tmp_path / "ckpt") == 1
+    err = capsys.readouterr().err
+    assert "missing keys: blocks.2.attn.q_bias" in err
+    assert "unexpected keys: blocks.2.attn.k_bias" in err
+
+
+def test_unknown_preset(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    out = tmp_path / "ckpt"
+    _assert_fails(
+        capsys,
+        out,
+        "--input",
+        tmp_path / "s.pth",
+        "--output",
+        out,
+        "--model",
+        "XL",
+        "--num-frames",
+        4,
+        "--num-classes",
+        5,
+        match="unknown model preset 'XL'",
+    )
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.target),))
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys):
+    exploit = _Exploit()
+    exploit.target = str(tmp_path / "pwned")
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": exploit}, tmp_path / "evil.pth")
+    out = tmp_path / "ckpt"
+    _assert_fails(
+        capsys,
+        out,
+        "--input",
+        tmp_path / "evil.pth",
+        "--output",
+        out,
+        "--model",
+        "S",
+        "--num-frames",
+        4,
+        "--num-classes",
+        5,
+        match="outside the allow-list",
+    )
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_existing_output_is_not_overwritten(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "keep.txt").write_text("mine")
+    assert _convert(tmp_path / "s.pth", tmp_path / "ckpt") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "keep.txt").read_text() == "mine"
+
+
+def test_class_list_travels_with_the_checkpoint(tmodel, tmp_path, shared_dir):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    classes = shared_dir / "datasets" / "wlasl" / "wlasl_class_list.txt"
+    assert (
+        _convert(tmp_path / "s.pth", tmp_path / "ckpt", "S", 4, 2000, "--class-list", classes) == 0
+    )
+    _, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert len(meta["classes"]) == 2000 and meta["classes"][:3] == ["book", "drink", "computer"]
+
+
+def test_cli_exit_code_from_a_fresh_process(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "signnet_jax.convert",
+            "--input",
+            tmp_path / "no.pth",
+            "--output",
+            tmp_path / "ckpt",
+            "--model",
+            "B",
+            "--num-frames",
+            "16",
+            "--num-classes",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1
+    assert f"input checkpoint {tmp_path / 'no.pth'} does not exist" in r.stderr
