@@ -1,4 +1,4 @@
-"""Weight conversion: VideoMAEv2 / DeepSpeed / pre-training / Hugging Face files -> orbax -> .pth."""
+"""Weight conversion: VideoMAEv2, DeepSpeed, pre-training and HF files -> orbax -> .pth."""
 
 import argparse
 import collections
