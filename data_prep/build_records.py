@@ -1,0 +1,750 @@
+"""Builds H&HT TFRecord shards from raw videos and a split manifest.
+
+python -m data_prep.build_records --dataset wlasl --split-file nslt_2000.json \
+    --videos WLASL/videos --output records/wlasl2000
+
+Every manifest entry becomes one record (tf.train.Example, see signnet_jax.data.records and
+the record table in DESIGN.md) or one line of failures.jsonl. Finished videos are cached under
+OUTPUT/work (one file each, written atomically), so a re-run skips them; shards are then
+written from the cache in manifest order, which makes them byte-identical whatever the number
+of workers or interruptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import sys
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from data_prep import manifests
+from signnet_jax.data import records
+
+TOOL = "data_prep.build_records"
+# Bump when the bytes written for the same inputs change; it is part of every cache key.
+FORMAT_VERSION = 1
+FAILURES = "failures.jsonl"
+WORK = "work"
+
+# Failure reasons (the `reason` field of failures.jsonl).
+MISSING = "missing_file"
+UNDECODABLE = "undecodable"
+EMPTY_SPAN = "empty_span"
+ERROR = "error"  # unexpected exception: not cached, retried by the next run
+
+TunnellerFactory = Callable[[], Any]
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on (the message says why and what to do)."""
+
+
+class SetupError(BuildError):
+    """H&HT cannot start (e.g. model files missing): the build stops."""
+
+
+def tool_version() -> str:
+    """Version of signnet_jax (installed metadata, else pyproject.toml, else 'unknown')."""
+    try:
+        return importlib.metadata.version("signnet_jax")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        import tomllib
+
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# One video -> one record
+# --------------------------------------------------------------------------------------------
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """JPEG-encodes one RGB uint8 frame (libjpeg-turbo through OpenCV)."""
+    import cv2
+
+    ok, buf = cv2.imencode(
+        ".jpg", np.ascontiguousarray(frame[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed for a frame of shape {frame.shape}")
+    return buf.tobytes()
+
+
+def make_example(entry: manifests.Entry, result: Any, jpeg_quality: int) -> bytes:
+    """Serializes one H&HT result as the record of DESIGN.md's table.
+
+    Args:
+      entry: the manifest entry (id, label, gloss).
+      result: HHTResult-like: frames (N,H,W,3) uint8 RGB, boxes (N,3,4), box_source (N,3), fps.
+      jpeg_quality: 1-100.
+
+    Returns:
+      tf.train.Example bytes.
+    """
+    frames = np.asarray(result.frames)
+    n, h, w, _ = frames.shape
+    return records.encode_example(
+        {
+            "video_id": entry.video_id,
+            "label": entry.label,
+            "gloss": entry.gloss,
+            "frames": [encode_jpeg(f, jpeg_quality) for f in frames],
+            "height": h,
+            "width": w,
+            "num_frames": n,
+            "fps": float(result.fps),
+            "boxes": np.asarray(result.boxes, np.float32).reshape(n, 3, 4),
+            "box_source": np.asarray(result.box_source, np.int64).reshape(n, 3),
+        }
+    )
+
+
+def probe_fps(path: str) -> float:
+    """Average frame rate from the container header (no decoding); 0 when unknown."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        return float(stream.average_rate or stream.guessed_rate or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One manifest entry to process, with its cache key."""
+
+    index: int
+    entry: manifests.Entry
+    video_path: str
+    key: str
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What processing one entry gave (returned from the workers)."""
+
+    index: int
+    ok: bool
+    reason: str = ""
+    detail: str = ""
+    num_frames: int = 0
+    hht_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> Outcome:
+    """Runs H&HT on one entry and caches its record (or its failure) under work_dir.
+
+    Every video gets a fresh Tunneller: MediaPipe's VIDEO-mode trackers carry state from one
+    video to the next, so reusing one would make a record depend on which videos the same
+    worker saw before (and the shards on the worker count). A fresh one also gives exactly
+    what `predict` sees for the video alone.
+
+    Args:
+      task: the entry and its cache key.
+      factory: returns a Tunneller context manager (`process_video(path, start, end)`).
+      work_dir: cache folder.
+      jpeg_quality: JPEG quality of the frames.
+
+    Returns:
+      The outcome; deterministic failures are cached too, unexpected errors are not.
+    """
+    from signnet_jax.hht import VideoError
+
+    t0 = time.perf_counter()
+    out = Outcome(task.index, ok=False)
+    try:
+        if not os.path.isfile(task.video_path):
+            out.reason, out.detail = MISSING, f"{task.video_path}: no such file"
+        else:
+            start, end = 0, None
+            if task.entry.span_fps is not None:
+                try:
+                    start, end = task.entry.source_span(probe_fps(task.video_path))
+                except Exception as e:  # any container error means the file is unusable
+                    raise VideoError(f"{task.video_path}: cannot read as video ({e})") from e
+            if end is not None and end <= start:
+                out.reason = EMPTY_SPAN
+                out.detail = f"{task.video_path}: manifest span is empty: frames [{start}, {end})"
+            else:
+                t1 = time.perf_counter()
+                with warnings.catch_warnings():
+                    # "no person found" still gives a usable record; the summary is enough.
+                    warnings.simplefilter("ignore")
+                    try:
+                        context = factory()
+                    except Exception as e:
+                        raise SetupError(f"H&HT could not start: {type(e).__name__}: {e}") from e
+                    with context as tunneller:
+                        t2 = time.perf_counter()
+                        result = tunneller.process_video(task.video_path, start, end)
+                        t3 = time.perf_counter()
+                out.hht_seconds = t3 - t2
+                out.setup_seconds = (t2 - t1) + (time.perf_counter() - t3)
+                if len(result.frames) == 0:
+                    out.reason = EMPTY_SPAN
+                    out.detail = f"{task.video_path}: no frames in [{start}, {end})"
+                else:
+                    record = make_example(task.entry, result, jpeg_quality)
+                    _atomic_write(os.path.join(work_dir, task.key + ".rec"), record)
+                    out.ok, out.num_frames = True, len(result.frames)
+    except VideoError as e:
+        msg = str(e)
+        # A span past the end of the clip decodes fine but yields no frame.
+        empty = "zero decodable video frames in" in msg or "empty frame span" in msg
+        out.reason = EMPTY_SPAN if empty else UNDECODABLE
+        out.detail = msg
+    except SetupError:
+        raise  # nothing will work: stop the build instead of failing every video
+    except Exception as e:  # a bug or resource problem: report it, retry on the next run
+        out.reason = ERROR
+        out.detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+    if not out.ok and out.reason != ERROR:
+        info = {"reason": out.reason, "detail": out.detail}
+        _atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# Worker-process state, set once by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one video per core; OpenCV threads would only contend
+    _WORKER.update(factory=factory, work_dir=work_dir, jpeg_quality=jpeg_quality)
+
+
+def _work(task: Task) -> Outcome:
+    return process(task, _WORKER["factory"], _WORKER["work_dir"], _WORKER["jpeg_quality"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _HHTFactory:
+    """Picklable factory of real Tunnellers for the worker processes."""
+
+    settings: dict
+    models_dir: str | None
+
+    def __call__(self) -> Any:
+        from signnet_jax.hht import HHTSettings, Tunneller
+
+        return Tunneller(HHTSettings.from_dict(self.settings), models_dir=self.models_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """Summary of a build."""
+
+    num_entries: int
+    num_records: int
+    failures: list[dict]
+    per_split: dict[str, dict[str, int]]
+    cached: int
+    processed: int
+    seconds: float
+    hht_seconds: float
+    setup_seconds: float
+    video_seconds: float
+    shard_seconds: float
+    failure_fraction: float
+    exceeded: bool
+
+
+def cache_key(
+    entry: manifests.Entry, video_path: str, hht_settings: dict, jpeg_quality: int
+) -> str:
+    """Content key of one entry's result: changes whenever anything that shapes it changes."""
+    try:
+        st = os.stat(video_path)
+        video = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        video = None
+    blob = json.dumps(
+        {
+            "entry": dataclasses.asdict(entry),
+            "video": video,
+            "hht": hht_settings,
+            "jpeg_quality": jpeg_quality,
+            "format": FORMAT_VERSION,
+            "version": tool_version(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _assign_shards(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
+    """Splits record positions into consecutive shards of about shard_bytes each."""
+    shards: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if current and total + size > shard_bytes:
+            shards.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size + 16
+    if current:
+        shards.append(current)
+    return shards
+
+
+_SHARD_RE = r"-\d{5}-of-\d{5}\.tfrecord"
+
+
+def _clean_stale(output: str, work: str) -> None:
+    """Removes temporaries an interrupted run left (never files under final names)."""
+    ours = re.compile(
+        r"(.*"
+        + _SHARD_RE
+        + r"(\.index)?|"
+        + re.escape(FAILURES)
+        + "|"
+        + re.escape(records.DATASET_INFO)
+        + r")\.tmp-.*"
+    )
+    for name in os.listdir(output):
+        if ours.fullmatch(name):
+            os.remove(os.path.join(output, name))
+    for name in os.listdir(work):
+        if ".tmp-" in name:
+            os.remove(os.path.join(work, name))
+
+
+def _write_split(
+    output: str, split: str, rec_paths: list[str], shard_bytes: int
+) -> list[dict[str, Any]]:
+    sizes = [os.path.getsize(p) for p in rec_paths]
+    groups = _assign_shards(sizes, shard_bytes)
+    shards = []
+    for i, group in enumerate(groups):
+        name = records.shard_name(split, i, len(groups))
+        with records.TFRecordWriter(os.path.join(output, name)) as w:
+            for j in group:
+                with open(rec_paths[j], "rb") as f:
+                    w.write(f.read())
+        shards.append(
+            {
+                "file": name,
+                "num_records": len(group),
+                "num_bytes": os.path.getsize(os.path.join(output, name)),
+            }
+        )
+    keep = {s["file"] for s in shards}
+    keep |= {f + records.INDEX_SUFFIX for f in keep}
+    pattern = re.compile(re.escape(split) + _SHARD_RE + r"(\.index)?")
+    for name in os.listdir(output):
+        if pattern.fullmatch(name) and name not in keep:
+            os.remove(os.path.join(output, name))  # from an earlier build with other sizes
+    return shards
+
+
+def build(
+    manifest: manifests.Manifest,
+    videos_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    hht_settings: dict,
+    tunneller_factory: TunnellerFactory,
+    workers: int = 1,
+    jpeg_quality: int = 90,
+    shard_bytes: int = 256 * 2**20,
+    max_failure_fraction: float = 0.05,
+    info: dict | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Processes every entry (reusing cached results) and writes shards and metadata.
+
+    Args:
+      manifest: entries and class list.
+      videos_dir: folder the entry paths are relative to.
+      output_dir: records folder; created if needed; OUTPUT/work holds the cache.
+      hht_settings: HHTSettings.to_dict() of the tunneller (recorded and part of cache keys).
+      tunneller_factory: picklable callable returning a Tunneller context manager; called
+        once per video (see `process`).
+      workers: worker processes; 0 runs everything in this process.
+      jpeg_quality: JPEG quality of the stored frames.
+      shard_bytes: target shard size.
+      max_failure_fraction: the result's `exceeded` is set above this fraction.
+      info: extra fields for dataset_info.json (dataset name, split files).
+      progress: show a progress bar and the summary on stderr.
+
+    Returns:
+      Counts, failures and timings.
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    output = os.fspath(output_dir)
+    work = os.path.join(output, WORK)
+    os.makedirs(work, exist_ok=True)
+    lock = open(os.path.join(work, ".lock"), "w")  # noqa: SIM115 - held for the whole build
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        raise BuildError(f"{output}: another build_records is writing here") from e
+    try:
+        _clean_stale(output, work)
+        tasks = []
+        for i, entry in enumerate(manifest.entries):
+            path = os.path.join(os.fspath(videos_dir), entry.path)
+            tasks.append(Task(i, entry, path, cache_key(entry, path, hht_settings, jpeg_quality)))
+        todo = [
+            t
+            for t in tasks
+            if not os.path.exists(os.path.join(work, t.key + ".rec"))
+            and not os.path.exists(os.path.join(work, t.key + ".fail"))
+        ]
+        errors: dict[int, Outcome] = {}
+        hht_seconds = setup_seconds = video_seconds = 0.0
+        if progress and len(todo) < len(tasks):
+            print(
+                f"{len(tasks) - len(todo)} of {len(tasks)} videos already done (cached in {work})",
+                file=sys.stderr,
+            )
+        bar = tqdm(
+            total=len(todo), unit="video", desc="H&HT", disable=not progress, dynamic_ncols=True
+        )
+        with bar, _outcomes(todo, tunneller_factory, workers, work, jpeg_quality) as outcomes:
+            for out in outcomes:
+                hht_seconds += out.hht_seconds
+                setup_seconds += out.setup_seconds
+                video_seconds += out.seconds
+                if out.reason == ERROR:
+                    errors[out.index] = out
+                    first = out.detail.splitlines()[0]
+                    bar.write(f"error on {tasks[out.index].video_path}: {first}", file=sys.stderr)
+                bar.update(1)
+
+        t_shards = time.perf_counter()
+        per_split: dict[str, dict[str, int]] = {}
+        rec_paths: dict[str, list[str]] = {}
+        failures = []
+        for t in tasks:
+            split = t.entry.split
+            counts = per_split.setdefault(
+                split, {"num_entries": 0, "num_records": 0, "num_failures": 0}
+            )
+            counts["num_entries"] += 1
+            rec = os.path.join(work, t.key + ".rec")
+            if os.path.exists(rec):
+                counts["num_records"] += 1
+                rec_paths.setdefault(split, []).append(rec)
+                continue
+            counts["num_failures"] += 1
+            if t.index in errors:
+                reason = {"reason": ERROR, "detail": errors[t.index].detail}
+            else:
+                with open(os.path.join(work, t.key + ".fail")) as f:
+                    reason = json.load(f)
+            failures.append(
+                {
+                    "split": split,
+                    "video_id": t.entry.video_id,
+                    "path": t.entry.path,
+                    "label": t.entry.label,
+                    "gloss": t.entry.gloss,
+                    **reason,
+                }
+            )
+        splits_info = {}
+        for split, counts in per_split.items():
+            shards = _write_split(output, split, rec_paths.get(split, []), shard_bytes)
+            splits_info[split] = {**counts, "shards": shards}
+        _atomic_write(
+            os.path.join(output, FAILURES),
+            "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode(),
+        )
+        num_records = sum(c["num_records"] for c in per_split.values())
+        dataset_info = {
+            "tool": {"name": TOOL, "version": tool_version(), "format_version": FORMAT_VERSION},
+            **(info or {}),
+            "classes": list(manifest.classes),
+            "num_classes": len(manifest.classes),
+            "splits": splits_info,
+            "num_records": num_records,
+            "num_failures": len(failures),
+            "hht_settings": hht_settings,
+            "jpeg_quality": jpeg_quality,
+            "features": RECORD_FEATURES,
+            "index": "NAME.tfrecord.index beside each shard: one 'offset length' line per record",
+        }
+        _atomic_write(
+            os.path.join(output, records.DATASET_INFO),
+            (json.dumps(dataset_info, indent=1) + "\n").encode(),
+        )
+        shard_seconds = time.perf_counter() - t_shards
+    finally:
+        lock.close()
+    fraction = len(failures) / max(1, len(tasks))
+    return BuildResult(
+        num_entries=len(tasks),
+        num_records=num_records,
+        failures=failures,
+        per_split=per_split,
+        cached=len(tasks) - len(todo),
+        processed=len(todo),
+        seconds=time.perf_counter() - t_start,
+        hht_seconds=hht_seconds,
+        setup_seconds=setup_seconds,
+        video_seconds=video_seconds,
+        shard_seconds=shard_seconds,
+        failure_fraction=fraction,
+        exceeded=fraction > max_failure_fraction,
+    )
+
+
+RECORD_FEATURES = {
+    "video_id": "bytes: id from the manifest",
+    "label": "int64: class index into classes",
+    "gloss": "bytes: class name",
+    "frames": "bytes list: JPEG RGB H&HT frames in order, all height x width",
+    "height": "int64",
+    "width": "int64",
+    "num_frames": "int64",
+    "fps": "float: source frame rate",
+    "boxes": "float list: num_frames x 3 x 4, head / right hand / left hand, normalized xyxy "
+    "in the source frame, -1 where none",
+    "box_source": "int64 list: num_frames x 3, 0 none 1 landmark 2 pose fallback 3 interpolated",
+}
+
+
+@contextlib.contextmanager
+def _outcomes(
+    tasks: list[Task], factory: TunnellerFactory, workers: int, work: str, jpeg_quality: int
+) -> Iterable[Outcome]:
+    """Yields outcomes as videos finish, in this process or in a pool of workers."""
+    if not tasks:
+        yield iter(())
+        return
+    if workers <= 0:
+        yield (process(t, factory, work, jpeg_quality) for t in tasks)
+        return
+    # spawn: MediaPipe and OpenCV hold threads and GL/XNNPACK state that fork would corrupt.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(min(workers, len(tasks)), _init_worker, (factory, work, jpeg_quality))
+    try:
+        yield pool.imap_unordered(_work, tasks)
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'256MB', '1.5GB', '4096' (bytes) -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GB)")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    value = float(m.group(1)) * 1024 ** " KMGT".index(unit or " ")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"shard size must be positive, got {text!r}")
+    return int(value)
+
+
+def _hht_settings_fields() -> list[dataclasses.Field]:
+    from signnet_jax.hht import HHTSettings
+
+    return list(dataclasses.fields(HHTSettings))
+
+
+def _flag_type(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, tuple):
+
+        def parse_flags(text: str) -> tuple:
+            words = [w.strip().lower() for w in text.split(",")]
+            bad = [w for w in words if w not in ("1", "0", "true", "false")]
+            if bad:
+                raise argparse.ArgumentTypeError(f"expected comma-separated 1/0, got {text!r}")
+            return tuple(w in ("1", "true") for w in words)
+
+        return parse_flags
+    return type(default)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command-line interface (H&HT options come from HHTSettings' fields)."""
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.build_records",
+        description="Turn raw videos plus a split manifest into H&HT TFRecord shards.",
+    )
+    p.add_argument("--dataset", required=True, choices=manifests.DATASETS)
+    p.add_argument(
+        "--split-file",
+        required=True,
+        nargs="+",
+        help="wlasl: WLASL_v0.3.json or nslt_K.json; csv / asl_citizen: one or more CSVs, "
+        "the split named by the file stem (train.csv -> train)",
+    )
+    p.add_argument("--videos", required=True, help="folder the manifest's video paths are in")
+    p.add_argument("--output", required=True, help="records folder (created)")
+    p.add_argument(
+        "--class-list",
+        help="class names, line i = label i ('i gloss' lines as wlasl_class_list.txt, or one "
+        "gloss a line); required for csv, default for nslt: wlasl_class_list.txt beside it",
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="0 = in-process")
+    p.add_argument("--max-failure-fraction", type=float, default=0.05)
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size")
+    p.add_argument("--models", help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS)")
+    group = p.add_argument_group("H&HT settings (see signnet_jax.hht.HHTSettings)")
+    for field in _hht_settings_fields():
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, dest=field.name
+            )
+        else:
+            shown = (
+                ",".join(str(int(v)) for v in default) if isinstance(default, tuple) else default
+            )
+            group.add_argument(
+                flag,
+                type=_flag_type(default),
+                default=default,
+                dest=field.name,
+                help=f"default {shown}",
+            )
+    return p
+
+
+def _summary(result: BuildResult, output: str) -> str:
+    lines = [
+        f"{result.num_records} records, {len(result.failures)} failures "
+        f"({result.failure_fraction:.1%}) from {result.num_entries} entries in "
+        f"{result.seconds:.1f} s ({result.processed} processed, {result.cached} cached)",
+    ]
+    for split, c in result.per_split.items():
+        lines.append(
+            f"  {split}: {c['num_records']} records, {c['num_failures']} failures "
+            f"of {c['num_entries']}"
+        )
+    reasons: dict[str, int] = {}
+    for f in result.failures:
+        reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    if reasons:
+        lines.append(
+            "  failures by reason: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+            + f" (details in {os.path.join(output, FAILURES)})"
+        )
+    if result.processed:
+        lines.append(
+            f"  {result.processed / max(result.seconds, 1e-9):.2f} videos/s; "
+            f"worker time {result.video_seconds:.1f} s: H&HT {result.hht_seconds:.1f} s, "
+            f"its setup {result.setup_seconds:.1f} s"
+        )
+    lines.append(f"  cache: {os.path.join(output, WORK)} (delete it once the build is final)")
+    return "\n".join(lines)
+
+
+def main(
+    argv: Sequence[str] | None = None, tunneller_factory: TunnellerFactory | None = None
+) -> int:
+    """Runs the CLI.
+
+    Args:
+      argv: arguments (default sys.argv[1:]).
+      tunneller_factory: replaces the real Tunneller (tests); default builds one from the
+        H&HT options.
+
+    Returns:
+      Exit status: 0, 1 when failures pass --max-failure-fraction, 2 on bad input.
+    """
+    from signnet_jax.hht import HHTSettings
+
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.jpeg_quality <= 100:
+        parser.error(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    if not 0 <= args.max_failure_fraction <= 1:
+        parser.error("--max-failure-fraction must be in [0, 1]")
+    if not os.path.isdir(args.videos):
+        parser.error(f"--videos {args.videos}: not a folder")
+    try:
+        settings = HHTSettings(**{f.name: getattr(args, f.name) for f in _hht_settings_fields()})
+        manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    hht = settings.to_dict()
+    factory = tunneller_factory or _HHTFactory(hht, args.models)
+    try:
+        result = build(
+            manifest,
+            args.videos,
+            args.output,
+            hht_settings=hht,
+            tunneller_factory=factory,
+            workers=args.workers,
+            jpeg_quality=args.jpeg_quality,
+            shard_bytes=args.shard_size,
+            max_failure_fraction=args.max_failure_fraction,
+            info={
+                "dataset": args.dataset,
+                "split_files": [os.path.basename(p) for p in args.split_file],
+            },
+        )
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(result, args.output), file=sys.stderr)
+    if result.exceeded:
+        print(
+            f"error: {result.failure_fraction:.1%} of the videos failed, more than "
+            f"--max-failure-fraction {args.max_failure_fraction:.1%}; what succeeded is written "
+            f"to {args.output}, see {os.path.join(args.output, FAILURES)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Tests for data_prep.build_records: the real H&HT end to end, resume after kill -9,
+worker-count determinism, corruption detection; a small stand-in Tunneller for the rest."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from data_prep import build_records, manifests
+from signnet_jax.data import records
+from signnet_jax.hht import HHTSettings, Tunneller, VideoError
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# WLASL_v0.3-style manifest: spans at 25 fps, 1-indexed, inclusive; sign_sample has 76 frames.
+GOOD = {"00001": (1, -1), "00002": (11, 40), "00003": (41, 76)}
+BAD = {
+    "00004": "missing_file",
+    "00005": "undecodable",  # truncated mp4
+    "00006": "undecodable",  # text file named .mp4
+    "00007": "empty_span",  # span past the end of the clip
+}
+
+
+def _manifest_json():
+    inst = dict(fps=25)
+    return [
+        {
+            "gloss": "hello",
+            "instances": [
+                {**inst, "video_id": "00001", "split": "train", "frame_start": 1, "frame_end": -1},
+                {**inst, "video_id": "00004", "split": "train", "frame_start": 1, "frame_end": -1},
+                {**inst, "video_id": "00005", "split": "train", "frame_start": 1, "frame_end": -1},
+            ],
+        },
+        {
+            "gloss": "world",
+            "instances": [
+                {**inst, "video_id": "00002", "split": "train", "frame_start": 11, "frame_end": 40},
+                {**inst, "video_id": "00006", "split": "val", "frame_start": 1, "frame_end": -1},
+                {**inst, "video_id": "00003", "split": "test", "frame_start": 41, "frame_end": 76},
+                {
+                    **inst,
+                    "video_id": "00007",
+                    "split": "test",
+                    "frame_start": 200,
+                    "frame_end": 300,
+                },
+            ],
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, sign_sample):
+    """Videos folder + WLASL_v0.3-style manifest with three good and four bad entries."""
+    root = tmp_path_factory.mktemp("dataset")
+    videos = root / "videos"
+    videos.mkdir()
+    data = sign_sample.read_bytes()
+    for vid in ("00001", "00002", "00003", "00007"):
+        (videos / f"{vid}.mp4").write_bytes(data)
+    (videos / "00005.mp4").write_bytes(data[: len(data) // 2])  # the moov atom is at the end
+    (videos / "00006.mp4").write_text("this is not a video\n" * 20)
+    split_file = root / "WLASL_v0.3.json"
+    split_file.write_text(json.dumps(_manifest_json()))
+    return root
+
+
+def _cli(dataset_root, output, *extra):
+    return [
+        "--dataset",
+        "wlasl",
+        "--split-file",
+        str(dataset_root / "WLASL_v0.3.json"),
+        "--videos",
+        str(dataset_root / "videos"),
+        "--output",
+        str(output),
+        "--max-failure-fraction",
+        "0.6",
+        *extra,
+    ]
+
+
+def _tree_bytes(output):
+    """Every final file of a records folder (the work cache excluded), name -> bytes."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(pathlib.Path(output).iterdir())
+        if p.is_file() and p.name != build_records.WORK
+    }
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, dataset):
+    """The reference build: real H&HT, two worker processes."""
+    out = tmp_path_factory.mktemp("built") / "records"
+    assert build_records.main(_cli(dataset, out, "--workers", "2")) == 0
+    return out
+
+
+def test_end_to_end_real_hht(built, dataset, sign_sample):
+    info = records.load_dataset_info(built)
+    assert info["classes"] == ["hello", "world"] and info["num_classes"] == 2
+    assert info["hht_settings"] == HHTSettings().to_dict()
+    assert info["tool"]["name"] == "data_prep.build_records"
+    assert info["tool"]["version"] == build_records.tool_version() != "unknown"
+    assert info["dataset"] == "wlasl" and info["split_files"] == ["WLASL_v0.3.json"]
+    assert info["jpeg_quality"] == 90
+    splits = info["splits"]
+    assert {k: (v["num_records"], v["num_failures"]) for k, v in splits.items()} == {
+        "train": (2, 2),
+        "val": (0, 1),
+        "test": (1, 1),
+    }
+    assert splits["val"]["shards"] == []
+
+    failures = [json.loads(line) for line in (built / "failures.jsonl").read_text().splitlines()]
+    assert {f["video_id"]: f["reason"] for f in failures} == BAD
+    assert all(f["detail"] for f in failures)
+    assert next(f for f in failures if f["video_id"] == "00004")["detail"].endswith(
+        "00004.mp4: no such file"
+    )
+    # every manifest entry is exactly one record or one failure line
+    ids = []
+    for split in ("train", "test"):
+        src = records.RecordSource(built, split)
+        ids += [src[i]["video_id"][0].decode() for i in range(len(src))]
+    assert sorted(ids + [f["video_id"] for f in failures]) == sorted([*GOOD, *BAD])
+
+    # the records hold what a fresh Tunneller makes of the same spans (fps 25: same frames)
+    src = records.RecordSource(built, "train")
+    got = {src[i]["video_id"][0].decode(): src[i] for i in range(len(src))}
+    got["00003"] = records.RecordSource(built, "test")[0]
+    for vid, (start, end) in GOOD.items():
+        r = got[vid]
+        with Tunneller(HHTSettings()) as t:
+            ref = t.process_video(sign_sample, start - 1, None if end == -1 else end)
+        n, h, w, _ = ref.frames.shape
+        assert (r["num_frames"][0], r["height"][0], r["width"][0]) == (n, h, w)
+        assert n == (76 if end == -1 else end - start + 1)
+        assert r["label"][0] == (0 if vid == "00001" else 1)
+        assert r["gloss"] == [b"hello" if vid == "00001" else b"world"]
+        assert r["fps"][0] == pytest.approx(ref.fps)
+        np.testing.assert_array_equal(r["boxes"].reshape(n, 3, 4), ref.boxes)
+        np.testing.assert_array_equal(r["box_source"].reshape(n, 3), ref.box_source)
+        decoded = np.stack(
+            [
+                cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+                for b in r["frames"]
+            ]
+        )
+        err = np.abs(decoded.astype(np.int16) - ref.frames.astype(np.int16))
+        assert decoded.shape == ref.frames.shape
+        assert err.mean() < 3.0, f"{vid}: JPEG q90 error {err.mean():.2f} too large"
+
+
+def test_index_agrees_with_records(built):
+    info = records.load_dataset_info(built)
+    for split, s in info["splits"].items():
+        for shard in s["shards"]:
+            path = built / shard["file"]
+            reader = records.ShardReader(path)
+            index = reader.index
+            assert len(index) == shard["num_records"]
+            assert index[0, 0] == 0
+            np.testing.assert_array_equal(index[1:, 0], np.cumsum(index[:-1, 1]))
+            assert index[-1].sum() == path.stat().st_size == shard["num_bytes"]
+            assert [reader.read(i) for i in range(len(reader))] == list(
+                records.read_records(path)
+            ), split
+
+
+def test_rerun_is_cached_and_exit_code_follows_failure_fraction(built, dataset, tmp_path, capsys):
+    copy = tmp_path / "records"
+    shutil.copytree(built, copy)
+    before = _tree_bytes(copy)
+    # 4 of 7 failed: above the default 5% -> exit 1, but everything that succeeded is written
+    args = _cli(dataset, copy, "--workers", "0")
+    args.remove("--max-failure-fraction")
+    args.remove("0.6")
+    assert build_records.main(args) == 1
+    err = capsys.readouterr().err
+    assert "7 of 7 videos already done" in err
+    assert "57.1% of the videos failed, more than --max-failure-fraction 5.0%" in err
+    assert "failures by reason: empty_span 1, missing_file 1, undecodable 2" in err
+    assert _tree_bytes(copy) == before
+
+
+def test_two_worker_counts_same_bytes(built, dataset, tmp_path):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out, "--workers", "0")) == 0
+    assert _tree_bytes(out) == _tree_bytes(built)
+
+
+_DRIVER = """
+import os, signal, sys
+from data_prep import build_records
+from signnet_jax.data import records
+
+KILL_AT = os.environ["KILL_AT"]
+KILL_AFTER = int(os.environ["KILL_AFTER"])
+count = 0
+
+
+def _die():
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # this build's own process group only
+
+
+if KILL_AT == "video":
+    original = build_records.process
+
+    def process(*args, **kwargs):
+        global count
+        out = original(*args, **kwargs)
+        count += 1
+        if count == KILL_AFTER:
+            _die()
+        return out
+
+    # Module level on purpose: spawned workers re-run this file and get the patch too.
+    build_records.process = process
+else:
+    original_write = records.TFRecordWriter.write
+
+    def write(self, record):
+        global count
+        original_write(self, record)
+        count += 1
+        if count == KILL_AFTER:
+            _die()
+
+    records.TFRecordWriter.write = write
+
+if __name__ == "__main__":
+    sys.exit(build_records.main(sys.argv[1:]))
+"""
+
+
+def _run_killed(tmp_path, args, kill_at, kill_after):
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(_DRIVER))
+    env = dict(os.environ, KILL_AT=kill_at, KILL_AFTER=str(kill_after), PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(driver), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        start_new_session=True,  # own process group, so the kill reaches only this build
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+
+
+def _final_names(output):
+    return sorted(p.name for p in pathlib.Path(output).iterdir() if p.name != build_records.WORK)
+
+
+def test_kill_during_hht_then_rerun_gives_same_bytes(built, dataset, tmp_path):
+    out = tmp_path / "records"
+    _run_killed(tmp_path, _cli(dataset, out, "--workers", "2"), "video", 2)
+    # killed before any shard: nothing under a final name, some videos already cached
+    assert _final_names(out) == []
+    cached = [p for p in (out / "work").iterdir() if p.suffix in (".rec", ".fail")]
+    assert 2 <= len(cached) < 7
+    assert build_records.main(_cli(dataset, out, "--workers", "1")) == 0
+    assert _tree_bytes(out) == _tree_bytes(built)
+
+
+def test_kill_while_writing_shards_then_rerun_gives_same_bytes(built, dataset, tmp_path):
+    out = tmp_path / "records"
+    out.mkdir()
+    shutil.copytree(built / "work", out / "work")  # every video cached: straight to shards
+    _run_killed(tmp_path, _cli(dataset, out, "--workers", "0"), "shard", 1)
+    names = os.listdir(out)
+    assert any(".tmp-" in n for n in names), names  # the half-written shard ...
+    assert _final_names(out) == sorted(n for n in names if n != "work" and ".tmp-" in n)
+    assert build_records.main(_cli(dataset, out, "--workers", "0")) == 0
+    assert _tree_bytes(out) == _tree_bytes(built)  # ... is gone, the result is identical
+    assert not any(".tmp-" in n for n in os.listdir(out))
+
+
+def test_flipped_byte_names_the_record(built, tmp_path):
+    out = tmp_path / "records"
+    shutil.copytree(built, out)
+    info = records.load_dataset_info(out)
+    shard = out / info["splits"]["train"]["shards"][0]["file"]
+    index = records.read_index(shard)
+    raw = bytearray(shard.read_bytes())
+    raw[int(index[1, 0]) + 500] ^= 0xFF  # inside record 1's data
+    shard.write_bytes(bytes(raw))
+    src = records.RecordSource(out, "train")
+    assert src[0]["video_id"] == [b"00001"]
+    with pytest.raises(records.CorruptRecordError) as err:
+        src[1]
+    assert str(err.value).startswith(f"{shard}: record 1: data CRC mismatch")
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-in Tunneller: fast tests of sharding, caching, CLI and manifests of all datasets.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Result:
+    frames: np.ndarray
+    boxes: np.ndarray
+    box_source: np.ndarray
+    fps: float
+
+
+class FakeTunneller:
+    """Decodes the span with PyAV and 'tunnels' by shrinking to 32x32; VideoError like H&HT."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        try:
+            with av.open(str(path)) as c:
+                fps = float(c.streams.video[0].average_rate)
+                frames = [
+                    cv2.resize(f.to_ndarray(format="rgb24"), (32, 32))
+                    for i, f in enumerate(c.decode(video=0))
+                    if i >= start_frame and (end_frame is None or i < end_frame)
+                ]
+        except (av.FFmpegError, IndexError) as e:
+            raise VideoError(f"{path}: cannot decode as video ({e})") from e
+        if not frames:
+            raise VideoError(f"{path}: zero decodable video frames in [{start_frame}, {end_frame})")
+        n = len(frames)
+        boxes = np.tile(np.float32([0.1, 0.2, 0.5, 0.6]), (n, 3, 1))
+        source = np.ones((n, 3), np.int8)
+        return _Result(np.stack(frames), boxes, source, fps)
+
+
+class BrokenFactory:
+    def __call__(self):
+        raise FileNotFoundError("hand_landmarker.task not found in /nowhere")
+
+
+def test_setup_failure_stops_the_build(dataset, tmp_path, capsys):
+    for workers in ("0", "1"):
+        code = build_records.main(
+            _cli(dataset, tmp_path / workers, "--workers", workers),
+            tunneller_factory=BrokenFactory(),
+        )
+        assert code == 2
+        assert "H&HT could not start: FileNotFoundError: hand_landmarker.task" in (
+            capsys.readouterr().err
+        )
+        assert _final_names(tmp_path / workers) == []
+
+
+def test_small_shards_and_stale_shards_removed(dataset, tmp_path):
+    out = tmp_path / "records"
+    fake = FakeTunneller
+    assert build_records.main(_cli(dataset, out, "--shard-size", "1B"), tunneller_factory=fake) == 0
+    info = records.load_dataset_info(out)
+    assert [s["file"] for s in info["splits"]["train"]["shards"]] == [
+        "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord",
+    ]
+    src = records.RecordSource(out, "train")
+    assert [src[i]["video_id"][0] for i in range(len(src))] == [b"00001", b"00002"]
+    assert src[0]["frames"] and src[0]["height"][0] == 32
+    # rebuilding with big shards removes the old two-shard files of the split
+    assert build_records.main(_cli(dataset, out), tunneller_factory=fake) == 0
+    assert sorted(p.name for p in out.glob("train-*")) == [
+        "train-00000-of-00001.tfrecord",
+        "train-00000-of-00001.tfrecord.index",
+    ]
+
+
+def test_cache_keys_follow_settings_and_video(dataset, tmp_path):
+    entry = manifests.Entry("train", "00001", "00001.mp4", 0, "hello")
+    path = str(dataset / "videos" / "00001.mp4")
+    key = build_records.cache_key(entry, path, HHTSettings().to_dict(), 90)
+    assert key == build_records.cache_key(entry, path, HHTSettings().to_dict(), 90)
+    assert key != build_records.cache_key(entry, path, HHTSettings(size=224).to_dict(), 90)
+    assert key != build_records.cache_key(entry, path, HHTSettings().to_dict(), 80)
+    assert key != build_records.cache_key(
+        dataclasses.replace(entry, label=1), path, HHTSettings().to_dict(), 90
+    )
+    assert key != build_records.cache_key(entry, path + ".other", HHTSettings().to_dict(), 90)
+
+
+class FlakyTunneller(FakeTunneller):
+    """Raises an unexpected error for one video."""
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        if str(path).endswith("00002.mp4"):
+            raise MemoryError("out of memory")
+        return super().process_video(path, start_frame, end_frame)
+
+
+def test_unexpected_errors_are_reported_and_retried(dataset, tmp_path):
+    out = tmp_path / "records"
+    # 5 of 7 failed, more than the 60% allowed: exit 1, the rest is written
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FlakyTunneller) == 1
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    flaky = next(f for f in failures if f["video_id"] == "00002")
+    assert flaky["reason"] == "error" and flaky["detail"].startswith("MemoryError: out of memory")
+    # not cached: the next run processes it again and succeeds
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert "00002" not in {f["video_id"] for f in failures}
+    assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
+
+
+def test_csv_and_asl_citizen_datasets(dataset, tmp_path):
+    videos = dataset / "videos"
+    (tmp_path / "classes.txt").write_text("apple\nbook\n")
+    (tmp_path / "train.csv").write_text("00001.mp4 1\n00002.mp4 0\n")
+    (tmp_path / "test.csv").write_text("00004.mp4 0\n")
+    out = tmp_path / "csv"
+    args = ["--dataset", "csv", "--videos", str(videos), "--output", str(out)]
+    args += ["--split-file", str(tmp_path / "train.csv"), str(tmp_path / "test.csv")]
+    args += ["--class-list", str(tmp_path / "classes.txt"), "--max-failure-fraction", "0.5"]
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    info = records.load_dataset_info(out)
+    assert info["classes"] == ["apple", "book"]
+    assert {k: v["num_records"] for k, v in info["splits"].items()} == {"train": 2, "test": 0}
+    src = records.RecordSource(out, "train")
+    assert (src[0]["video_id"], src[0]["gloss"], src[0]["label"].tolist()) == (
+        [b"00001.mp4"],
+        [b"book"],
+        [1],
+    )
+    # whole clip: all 76 frames
+    assert src[0]["num_frames"][0] == 76
+
+    header = "Participant ID,Video file,Gloss,ASL-LEX Code\n"
+    (tmp_path / "asl" / "splits").mkdir(parents=True)
+    (tmp_path / "asl" / "splits" / "train.csv").write_text(
+        header + "P1,00001.mp4,ZEBRA,A\nP2,00002.mp4,APPLE,B\n"
+    )
+    (tmp_path / "asl" / "splits" / "val.csv").write_text(header + "P3,00003.mp4,ZEBRA,A\n")
+    out = tmp_path / "asl_records"
+    args = ["--dataset", "asl_citizen", "--videos", str(videos), "--output", str(out)]
+    args += [
+        "--split-file",
+        *(str(tmp_path / "asl" / "splits" / f) for f in ("train.csv", "val.csv")),
+    ]
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    info = records.load_dataset_info(out)
+    assert info["classes"] == ["APPLE", "ZEBRA"] and info["num_failures"] == 0
+    assert records.RecordSource(out, "val")[0]["label"].tolist() == [1]
+
+
+def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
+    missing = _cli(dataset, tmp_path / "o")
+    missing[missing.index("--split-file") + 1] = str(tmp_path / "nope.json")
+    assert build_records.main(missing, tunneller_factory=FakeTunneller) == 2
+    assert "split file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        build_records.main(_cli(dataset, tmp_path / "o", "--jpeg-quality", "0"))
+    assert e.value.code == 2
+    assert "--jpeg-quality must be in 1..100" in capsys.readouterr().err
+    bad_hht = _cli(dataset, tmp_path / "o", "--size", "15")
+    assert build_records.main(bad_hht, tunneller_factory=FakeTunneller) == 2
+    assert "invalid HHTSettings: size must be an even integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(tmp_path / "none")))
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_hht_options_reach_the_settings(dataset, tmp_path):
+    out = tmp_path / "records"
+    args = _cli(dataset, out, "--size", "128", "--quadrants", "1,1,0,0", "--no-gate-hands")
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    hht = records.load_dataset_info(out)["hht_settings"]
+    assert (
+        hht
+        == HHTSettings(size=128, quadrants=(True, True, False, False), gate_hands=False).to_dict()
+    )
+
+
+def test_parse_size():
+    assert build_records.parse_size("256MB") == 256 * 2**20
+    assert build_records.parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert build_records.parse_size("4096") == 4096
+    with pytest.raises(Exception, match="not a size"):
+        build_records.parse_size("lots")
+
+
+def test_shard_assignment():
+    assert build_records._assign_shards([10, 10, 10, 10], 30) == [[0], [1], [2], [3]]
+    assert build_records._assign_shards([10, 10, 10, 10], 60) == [[0, 1], [2, 3]]
+    assert build_records._assign_shards([100, 1], 10) == [[0], [1]]
+    assert build_records._assign_shards([], 10) == []
