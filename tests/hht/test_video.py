@@ -1,0 +1,143 @@
+"""Decoding (rotation, odd sizes, spans, bad files) and atomic encoding."""
+
+import os
+import re
+import struct
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from signnet_jax.hht import VideoError, read_video, write_video
+from signnet_jax.hht.video import decode_video
+
+
+def write_lossless(path, frames, rate=25):
+    """FFV1 in Matroska: lossless RGB and any frame size, odd ones included."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=rate)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "bgr0"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+def rotate_mp4(path, out):
+    """Copies an MP4 and sets its track matrix to 'display rotated 90 degrees clockwise'."""
+    data = bytearray(path.read_bytes())
+    i = data.find(b"tkhd")
+    offset = i + (56 if data[i + 4] == 1 else 44)  # the 3x3 matrix, after the v0/v1 header
+    data[offset : offset + 36] = struct.pack(
+        ">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000
+    )
+    out.write_bytes(bytes(data))
+
+
+def test_reads_the_sample(sign_sample):
+    frames, fps = read_video(sign_sample)
+    assert frames.shape == (76, 256, 256, 3) and frames.dtype == np.uint8
+    assert fps == 25.0
+    # the clip is letterboxed: black rows at the top, picture in the middle
+    assert frames[:, :30].max() < 10 and frames[:, 100:150].mean() > 50
+
+
+def test_span_decodes_only_the_requested_frames(sign_sample):
+    full, _, times = decode_video(sign_sample)
+    part, fps, part_times = decode_video(sign_sample, 10, 20)
+    np.testing.assert_array_equal(part, full[10:20])
+    np.testing.assert_allclose(part_times, times[10:20])
+    np.testing.assert_allclose(np.diff(times), 1 / fps, atol=1e-6)
+
+
+def test_odd_sizes_decode_exactly(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 33, 47, 3), dtype=np.uint8)
+    write_lossless(tmp_path / "odd.mkv", frames)
+    decoded, fps = read_video(tmp_path / "odd.mkv")
+    np.testing.assert_array_equal(decoded, frames)
+    assert fps == 25.0
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    frame = np.zeros((32, 64, 3), np.uint8)
+    frame[:, :16] = 255  # white strip on the left of the stored picture
+    write_video(tmp_path / "plain.mp4", [frame] * 3, 25)
+    rotate_mp4(tmp_path / "plain.mp4", tmp_path / "rotated.mp4")
+    with av.open(str(tmp_path / "rotated.mp4")) as c:
+        assert next(c.decode(video=0)).rotation == -90
+    decoded, _ = read_video(tmp_path / "rotated.mp4")
+    # turned clockwise for display: portrait, and the left strip is now at the top
+    assert decoded.shape == (3, 64, 32, 3)
+    assert decoded[:, :12].min() > 200 and decoded[:, 20:].max() < 50
+
+
+def test_write_video_round_trip_and_no_temp_left(tmp_path):
+    frames = np.zeros((5, 64, 64, 3), np.uint8)
+    frames[:, :, :32] = (200, 40, 40)
+    write_video(tmp_path / "out.mp4", frames, 30000 / 1001)
+    decoded, fps = read_video(tmp_path / "out.mp4")
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames).mean() < 3
+    assert fps == pytest.approx(29.97, abs=0.01)
+    assert os.listdir(tmp_path) == ["out.mp4"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out.mp4").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no frames to write"):
+        write_video(tmp_path / "out.mp4", [], 25)
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_a_video_names_the_file(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("these are not frames\n" * 20)
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: cannot decode as video"):
+        read_video(path)
+
+
+def test_zero_frames_names_the_file(tmp_path):
+    path = tmp_path / "empty.y4m"
+    path.write_bytes(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\n")  # header, no frames
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: zero decodable video frames"):
+        read_video(path)
+
+
+def test_span_past_the_end_has_zero_frames(sign_sample):
+    with pytest.raises(VideoError, match=r"zero decodable video frames in \[100, 120\)"):
+        decode_video(sign_sample, 100, 120)
+    with pytest.raises(VideoError, match=r"empty frame span \[5, 5\)"):
+        decode_video(sign_sample, 5, 5)
+
+
+def test_unreadable_codec_names_the_file(sign_sample, tmp_path):
+    data = bytearray(sign_sample.read_bytes())
+    # Make the stream claim an unknown codec: private MPEG-4 object type, unknown fourcc.
+    i = data.find(b"esds")
+    assert data[i + 21] == 0x20
+    data[i + 21] = 0xC0
+    path = tmp_path / "strange_codec.mp4"
+    path.write_bytes(bytes(data).replace(b"mp4v", b"zzzz"))
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: cannot decode as video \(.*Decoder not found"):
+        read_video(path)
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    path = tmp_path / "sound.wav"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        frame.time_base = Fraction(1, 8000)
+        c.mux(s.encode(frame))
+        c.mux(s.encode())
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: no video stream"):
+        read_video(path)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(VideoError, match=re.escape(f"{tmp_path / 'nope.mp4'}: no such file")):
+        read_video(tmp_path / "nope.mp4")
