@@ -29,9 +29,7 @@ def rotate_mp4(path, out):
     data = bytearray(path.read_bytes())
     i = data.find(b"tkhd")
     offset = i + (56 if data[i + 4] == 1 else 44)  # the 3x3 matrix, after the v0/v1 header
-    data[offset : offset + 36] = struct.pack(
-        ">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000
-    )
+    data[offset : offset + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
     out.write_bytes(bytes(data))
 
 
@@ -121,7 +119,8 @@ def test_unreadable_codec_names_the_file(sign_sample, tmp_path):
     data[i + 21] = 0xC0
     path = tmp_path / "strange_codec.mp4"
     path.write_bytes(bytes(data).replace(b"mp4v", b"zzzz"))
-    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: cannot decode as video \(.*Decoder not found"):
+    message = rf"{re.escape(str(path))}: cannot decode as video \(.*Decoder not found"
+    with pytest.raises(VideoError, match=message):
         read_video(path)
 
 
@@ -129,7 +128,8 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
     path = tmp_path / "sound.wav"
     with av.open(str(path), "w") as c:
         s = c.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        silence = np.zeros((1, 800), np.int16)
+        frame = av.AudioFrame.from_ndarray(silence, format="s16", layout="mono")
         frame.sample_rate = 8000
         frame.time_base = Fraction(1, 8000)
         c.mux(s.encode(frame))
