@@ -1,0 +1,150 @@
+"""Benchmark of the dataset builder and the record reader.
+
+python bench/records.py [--videos 8] [--workers 0] [--reads 2000]
+
+Builder: copies of shared/assets/sign_sample.mp4 (76 frames, 256x256) go through the real
+H&HT; reported is where the wall time went: H&HT itself (Tunneller.process_video), the
+Tunneller's creation per video, and the builder's own overhead (probing, JPEG encoding,
+caching, shard writing, bookkeeping) as a fraction of the total. With --workers 0 all of it
+runs in this process, so the fractions add up exactly.
+
+Reader: random-order reads through RecordSource (index lookup + pread + both CRCs) and the
+same plus tf.train.Example parsing, in one process, over shards of the built records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep import build_records, manifests  # noqa: E402
+from signnet_jax.data import records  # noqa: E402
+
+
+def bench_build(root: pathlib.Path, sample: pathlib.Path, n: int, workers: int) -> dict:
+    """Builds n copies of the sample and returns the time split."""
+    from signnet_jax.hht import HHTSettings
+
+    videos = root / "videos"
+    videos.mkdir()
+    for i in range(n):
+        shutil.copyfile(sample, videos / f"{i:05d}.mp4")
+    manifest = manifests.Manifest(
+        ["sign"],
+        [manifests.Entry("train", f"{i:05d}", f"{i:05d}.mp4", 0, "sign") for i in range(n)],
+    )
+    hht = HHTSettings().to_dict()
+    models = os.environ.get("SIGNNET_MEDIAPIPE_MODELS")
+    t0 = time.perf_counter()
+    result = build_records.build(
+        manifest,
+        videos,
+        root / "records",
+        hht_settings=hht,
+        tunneller_factory=build_records._HHTFactory(hht, models),
+        workers=workers,
+        progress=False,
+    )
+    wall = time.perf_counter() - t0
+    assert result.num_records == n, result.failures
+    # In-process, wall time is the total; with workers, add up worker time and the serial
+    # shard writing instead (the workers run on several cores at once).
+    total = wall if workers == 0 else result.video_seconds + result.shard_seconds
+    overhead = total - result.hht_seconds - result.setup_seconds
+    frames = n * 76
+    return {
+        "videos": n,
+        "workers": workers,
+        "wall_s": wall,
+        "videos_per_s": n / wall,
+        "frames_per_s": frames / wall,
+        "hht_s": result.hht_seconds,
+        "tunneller_setup_s": result.setup_seconds,
+        "builder_overhead_s": overhead,
+        "shard_write_s": result.shard_seconds,
+        "overhead_fraction": overhead / total,
+        "setup_fraction": result.setup_seconds / total,
+        "record_mb": sum(
+            s["num_bytes"]
+            for s in records.load_dataset_info(root / "records")["splits"]["train"]["shards"]
+        )
+        / n
+        / 1e6,
+    }
+
+
+def bench_read(records_dir: pathlib.Path, copies: int, reads: int) -> dict:
+    """Random reads over `copies` x the built records, rewritten as 4 shards."""
+    src = records.RecordSource(records_dir, "train")
+    datas = [src.read(i) for i in range(len(src))] * copies
+    root = records_dir.parent / "reader"
+    root.mkdir()
+    shards, per = [], -(-len(datas) // 4)
+    for s in range(4):
+        name = records.shard_name("train", s, 4)
+        chunk = datas[s * per : (s + 1) * per]
+        with records.TFRecordWriter(root / name) as w:
+            for d in chunk:
+                w.write(d)
+        shards.append({"file": name, "num_records": len(chunk)})
+    info = {"classes": ["sign"], "splits": {"train": {"num_records": len(datas), "shards": shards}}}
+    (root / records.DATASET_INFO).write_text(json.dumps(info))
+
+    source = records.RecordSource(root, "train")
+    rng = random.Random(0)
+    order = [rng.randrange(len(source)) for _ in range(reads)]
+    source.read(0)  # open files and read indexes outside the timing
+    out = {"records": len(source), "reads": reads}
+    for name, fn in [("read", source.read), ("read_decode", source.__getitem__)]:
+        nbytes = 0
+        t0 = time.perf_counter()
+        for i in order:
+            r = fn(i)
+            nbytes += len(r) if isinstance(r, bytes) else sum(map(len, r["frames"]))
+        dt = time.perf_counter() - t0
+        out[f"{name}_records_per_s"] = reads / dt
+        out[f"{name}_mb_per_s"] = nbytes / dt / 1e6
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--reads", type=int, default=2000)
+    p.add_argument(
+        "--shared", default=os.environ.get("SIGNNET_SHARED", str(REPO.parent / "shared"))
+    )
+    args = p.parse_args()
+    shared = pathlib.Path(args.shared)
+    os.environ.setdefault("SIGNNET_MEDIAPIPE_MODELS", str(shared / "mediapipe_models"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        build = bench_build(root, shared / "assets" / "sign_sample.mp4", args.videos, args.workers)
+        read = bench_read(root / "records", copies=max(1, 200 // args.videos), reads=args.reads)
+    print(json.dumps({"build": build, "read": read}, indent=1))
+    print(
+        f"| builder, {build['videos']} x sign_sample (76 frames), workers {build['workers']} "
+        f"| {build['videos_per_s']:.2f} videos/s, {build['frames_per_s']:.0f} frames/s "
+        f"| overhead beyond H&HT {build['overhead_fraction']:.1%} "
+        f"(Tunneller creation {build['setup_fraction']:.1%}) |"
+    )
+    print(
+        f"| reader, random order, one process | {read['read_records_per_s']:.0f} records/s, "
+        f"{read['read_mb_per_s']:.0f} MB/s raw; {read['read_decode_records_per_s']:.0f} "
+        f"records/s, {read['read_decode_mb_per_s']:.0f} MB/s with Example parsing |"
+    )
+
+
+if __name__ == "__main__":
+    main()
