@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -60,6 +61,7 @@ class SetupError(BuildError):
     """H&HT cannot start (e.g. model files missing): the build stops."""
 
 
+@functools.cache
 def tool_version() -> str:
     """Version of signnet_jax (installed metadata, else pyproject.toml, else 'unknown')."""
     try:

@@ -217,6 +217,21 @@ def frame_record(data: bytes) -> bytes:
     )
 
 
+def _check_header(header: bytes, where: str) -> int:
+    """Returns the data length of a 12-byte record header after checking its CRC."""
+    if masked_crc32c(header[:8]) != _CRC.unpack_from(header, 8)[0]:
+        raise CorruptRecordError(f"{where}: length CRC mismatch (corrupted header)")
+    return _LEN.unpack_from(header, 0)[0]
+
+
+def _check_data(body: bytes, length: int, where: str) -> bytes:
+    """Returns the data of `data + masked CRC` after checking the CRC."""
+    data = body[:length]
+    if masked_crc32c(data) != _CRC.unpack_from(body, length)[0]:
+        raise CorruptRecordError(f"{where}: data CRC mismatch (corrupted record)")
+    return data
+
+
 def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
@@ -373,19 +388,12 @@ class ShardReader:
         where = f"{self.path}: record {i}"
         if len(buf) != size or size < _HEADER + 4:
             raise CorruptRecordError(f"{where}: truncated (read {len(buf)} of {size} bytes)")
-        (length,) = _LEN.unpack_from(buf, 0)
-        (len_crc,) = _CRC.unpack_from(buf, 8)
-        if masked_crc32c(buf[:8]) != len_crc:
-            raise CorruptRecordError(f"{where}: length CRC mismatch (corrupted header)")
+        length = _check_header(buf[:_HEADER], where)
         if length != size - _HEADER - 4:
             raise CorruptRecordError(
                 f"{where}: length field {length} disagrees with the index ({size - _HEADER - 4})"
             )
-        data = buf[_HEADER : _HEADER + length]
-        (data_crc,) = _CRC.unpack_from(buf, _HEADER + length)
-        if masked_crc32c(data) != data_crc:
-            raise CorruptRecordError(f"{where}: data CRC mismatch (corrupted record)")
-        return data
+        return _check_data(buf[_HEADER:], length, where)
 
     def __iter__(self) -> Iterator[bytes]:
         for i in range(len(self)):
@@ -435,21 +443,15 @@ def read_records(path: str | os.PathLike) -> Iterator[bytes]:
     path = os.fspath(path) if not isinstance(path, str) else path
     with fsspec.open(path, "rb") as f:
         i = 0
-        while True:
-            header = f.read(_HEADER)
-            if not header:
-                return
+        while header := f.read(_HEADER):
+            where = f"{path}: record {i}"
             if len(header) < _HEADER:
-                raise CorruptRecordError(f"{path}: record {i}: truncated header")
-            (length,) = _LEN.unpack_from(header, 0)
-            if masked_crc32c(header[:8]) != _CRC.unpack_from(header, 8)[0]:
-                raise CorruptRecordError(f"{path}: record {i}: length CRC mismatch")
+                raise CorruptRecordError(f"{where}: truncated header")
+            length = _check_header(header, where)
             body = f.read(length + 4)
             if len(body) != length + 4:
-                raise CorruptRecordError(f"{path}: record {i}: truncated data")
-            if masked_crc32c(body[:length]) != _CRC.unpack_from(body, length)[0]:
-                raise CorruptRecordError(f"{path}: record {i}: data CRC mismatch")
-            yield body[:length]
+                raise CorruptRecordError(f"{where}: truncated data")
+            yield _check_data(body, length, where)
             i += 1
 
 
