@@ -53,7 +53,7 @@ class HHTSettings:
     max_hold: int = 6
     smoothing: float = 1.0
     detect_size: int = 512
-    min_confidence: float = 0.3
+    min_confidence: float = 0.5
     gate_hands: bool = True
 
     def __post_init__(self) -> None:

@@ -1,0 +1,174 @@
+"""The Tunneller end to end on the real sample clip (MediaPipe stand-in models)."""
+
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from signnet_jax.hht import (
+    HHTSettings,
+    NoPersonWarning,
+    Tunneller,
+    VideoError,
+    coverage,
+    layout_cells,
+    read_video,
+    write_video,
+)
+from signnet_jax.hht.boxes import POSE_HAND, wrist_in_view
+
+NONE = 0
+
+
+@pytest.fixture(scope="module")
+def tunneller():
+    with Tunneller() as t:
+        yield t
+
+
+@pytest.fixture(scope="module")
+def result(tunneller, sign_sample):
+    calls = []
+    r = tunneller.process_video(sign_sample, progress=lambda *args: calls.append(args))
+    assert calls == [(i, 76) for i in range(1, 77)]
+    return r
+
+
+@pytest.fixture(scope="module")
+def source(sign_sample):
+    return read_video(sign_sample)[0]
+
+
+def centres(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[..., :2] + boxes[..., 2:]) / 2
+
+
+def test_result_shapes_and_ranges(result):
+    n = 76
+    assert result.frames.shape == (n, 256, 256, 3) and result.frames.dtype == np.uint8
+    assert result.boxes.shape == (n, 3, 4) and result.boxes.dtype == np.float32
+    assert result.box_source.shape == (n, 3) and result.box_source.dtype == np.int8
+    assert result.fps == 25.0 and result.source_size == (256, 256)
+    located = result.box_source > 0
+    assert (result.boxes[~located] == -1).all()
+    b = result.boxes[located]
+    assert (b >= 0).all() and (b <= 1).all() and (b[:, 2:] > b[:, :2]).all()
+    # square crops: the source frame is square, so normalized sides are equal too
+    np.testing.assert_allclose(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], atol=1e-5)
+    assert set(np.unique(result.box_source)) <= {0, 1, 2, 3}
+
+
+def test_head_found_in_at_least_95_percent_of_frames(result):
+    assert coverage(result.box_source)["head"]["located"] >= 0.95 * 76
+    # and from the face detector itself in all but the last (black) frame
+    assert coverage(result.box_source)["head"]["landmark"] >= 75
+
+
+def test_both_hands_located_wherever_the_pose_wrist_is_visible_in_frame(result):
+    visible = wrist_in_view(result.landmarks.pose, 0.5)
+    # the reference finds pose wrists in about frames 23-57
+    assert 30 <= visible[:, 0].sum() <= 40 and 30 <= visible[:, 1].sum() <= 40
+    for side in range(2):
+        assert (result.box_source[visible[:, side], 1 + side] != NONE).all()
+    # hand landmarks fail on the painted hands, so this is the pose fallback's work
+    assert coverage(result.box_source)["right_hand"]["pose"] >= 30
+
+
+def test_no_right_left_swap(result):
+    both = (result.box_source[:, 1] > 0) & (result.box_source[:, 2] > 0)
+    c = centres(result.boxes)
+    for t in np.flatnonzero(both[1:] & both[:-1]) + 1:
+        keep = np.linalg.norm(c[t, 1] - c[t - 1, 1]) + np.linalg.norm(c[t, 2] - c[t - 1, 2])
+        swap = np.linalg.norm(c[t, 1] - c[t - 1, 2]) + np.linalg.norm(c[t, 2] - c[t - 1, 1])
+        assert keep < swap, t
+    # and each box sits on its own side's pose wrist
+    wrists = result.landmarks.pose[:, POSE_HAND[:, 0], :2]
+    for t in np.flatnonzero(both & np.isfinite(wrists[:, 0, 0])):
+        d = np.linalg.norm(c[t, 1:, None] - wrists[t, None], axis=-1)  # box x wrist
+        assert d[0, 0] < d[0, 1] and d[1, 1] < d[1, 0], t
+
+
+def test_hands_gated_to_frames_where_they_can_be_found(result):
+    run = result.landmarks.hands_run
+    assert 0 < run.sum() < 76
+    assert not run[:10].any()  # hands at rest below the frame
+
+
+def test_tunnelled_frame_holds_the_crops(result, source):
+    cells = layout_cells("grid2x2", 256)
+    t = 40
+    expected = cv2.resize(source[t], (128, 128), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(result.frames[t, :128, :128], expected)
+    for part in ("head", "right_hand", "left_hand"):
+        x0, y0, x1, y1 = cells[part]
+        assert result.frames[t, y0:y1, x0:x1].mean() > 20, part
+
+
+def test_reused_tunneller_gives_the_same_result(tunneller, result, sign_sample):
+    again = tunneller.process_video(sign_sample)
+    np.testing.assert_array_equal(again.box_source, result.box_source)
+    np.testing.assert_allclose(again.boxes, result.boxes, atol=1e-4)
+
+
+def test_span_detects_only_its_frames(tunneller, sign_sample, source):
+    part = tunneller.process_video(sign_sample, start_frame=30, end_frame=40)
+    assert part.frames.shape[0] == 10 and len(part.landmarks) == 10
+    np.testing.assert_array_equal(
+        part.frames[0, :128, :128],
+        cv2.resize(source[30], (128, 128), interpolation=cv2.INTER_AREA),
+    )
+    assert (part.box_source > 0).all()
+
+
+def test_timestamps_increase_across_videos_and_repeated_times(tunneller):
+    first = tunneller._timestamps(np.array([0.0, 0.04, 0.04, 0.08]))
+    second = tunneller._timestamps(np.array([5.0, 5.0, 5.04]))
+    stamps = np.concatenate([first, second])
+    assert (np.diff(stamps) > 0).all()
+    assert first[2] - first[0] == 41  # repeated time nudged by a millisecond
+
+
+def test_faithful_mode_keeps_the_originals_gaps(sign_sample, source):
+    with Tunneller(HHTSettings(faithful=True)) as t:
+        r = t.process_video(sign_sample, start_frame=30, end_frame=36)
+    assert r.landmarks.hands_run.all()  # no gating: the original runs hands everywhere
+    assert (r.box_source[:, 0] == 1).all()
+    # no hand landmarks on the painted hands -> black hand quadrants, no fallback
+    assert (r.box_source[:, 1:] == NONE).all()
+    assert (r.frames[:, :128, 128:] == 0).all() and (r.frames[:, 128:, 128:] == 0).all()
+    np.testing.assert_array_equal(r.frames[0, :128, :128], cv2.resize(source[30], (128, 128)))
+    # head box: face detector box plus 10 px, whole pixels
+    px = r.boxes[:, 0] * 256
+    np.testing.assert_allclose(px, np.round(px), atol=1e-3)
+
+
+def test_noise_video_warns_and_keeps_the_whole_frame(tunneller, tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (12, 96, 128, 3), dtype=np.uint8)
+    path = tmp_path / "noise.mp4"
+    write_video(path, noise, 25)
+    with pytest.warns(NoPersonWarning, match=re.escape(f"{path}: no head or hand found")):
+        r = tunneller.process_video(path)
+    assert (r.box_source == NONE).all() and (r.boxes == -1).all()
+    decoded, _ = read_video(path)
+    # 128x96 -> 128x96 in the 128x128 cell: 16 black rows above and below
+    np.testing.assert_array_equal(r.frames[:, 16:112, :128], decoded)
+    assert (r.frames[:, :16, :128] == 0).all()
+    assert (r.frames[:, 128:] == 0).all() and (r.frames[:, :, 128:] == 0).all()
+
+
+def test_bad_file_raises_video_error(tunneller, tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("not a video")
+    with pytest.raises(VideoError, match=re.escape(str(path))):
+        tunneller.process_video(path)
+
+
+def test_closed_tunneller_refuses_work(sign_sample):
+    t = Tunneller()
+    with t:
+        pass
+    t.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        t.process_video(sign_sample, end_frame=2)
