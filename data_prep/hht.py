@@ -139,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
+        # Decoded here rather than by process_video: the contact sheet needs the source.
+        source, fps, times = decode_video(args.video, args.start_frame, args.end_frame)
+        decode = time.perf_counter() - start
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with Tunneller(settings, args.models) as tunneller:
-                result = tunneller.process_video(
-                    args.video, args.start_frame, args.end_frame, progress=progress
+                result = tunneller.process_frames(
+                    source, fps, times, progress=progress, name=args.video
                 )
     except (VideoError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -160,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     encode = time.perf_counter() - t0
     if preview is not None:
         preview.parent.mkdir(parents=True, exist_ok=True)
-        source, _, _ = decode_video(args.video, args.start_frame, args.end_frame)
         _write_png(preview, contact_sheet(source, result.frames, result.boxes, result.box_source))
     elapsed = time.perf_counter() - start
     n = len(result.frames)
     print(format_coverage(result.box_source))
-    stages = dict(result.timings, encode=encode)
+    stages = {"decode": decode, **result.timings, "encode": encode}
     print("ms/frame: " + ", ".join(f"{k} {1000 * v / n:.1f}" for k, v in stages.items()))
     print(
         f"wrote {output} ({n} frames, {settings.size}x{settings.size}, {result.fps:g} fps)"

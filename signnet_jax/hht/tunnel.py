@@ -171,7 +171,34 @@ class Tunneller:
         """
         t0 = time.perf_counter()
         frames, fps, times = decode_video(path, start_frame, end_frame)
-        timings = {"decode": time.perf_counter() - t0}
+        decode = time.perf_counter() - t0
+        result = self.process_frames(frames, fps, times, progress=progress, name=str(path))
+        result.timings = {"decode": decode, **result.timings}
+        return result
+
+    def process_frames(
+        self,
+        frames: np.ndarray,
+        fps: float,
+        times: np.ndarray | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        name: str = "video",
+    ) -> HHTResult:
+        """Tunnels already decoded frames (consecutive frames of one video).
+
+        Args:
+          frames: (N, H, W, 3) uint8 RGB upright frames.
+          fps: frame rate.
+          times: (N,) frame times in seconds (default: i / fps).
+          progress: called as progress(done, total) after each frame's detection.
+          name: what the no-person warning calls the video.
+
+        Returns:
+          As `process_video`, without the 'decode' timing.
+        """
+        if times is None:
+            times = np.arange(len(frames)) / fps
+        timings: dict[str, float] = {}
         landmarks = self.detect(frames, times, progress=progress, timings=timings)
         height, width = frames.shape[1:3]
         t0 = time.perf_counter()
@@ -182,10 +209,10 @@ class Tunneller:
         timings["compose"] = time.perf_counter() - t1
         if not source.any():
             warnings.warn(
-                f"{path}: no head or hand found in any of {len(frames)} frames; the output "
+                f"{name}: no head or hand found in any of {len(frames)} frames; the output "
                 "holds only the whole-frame cell",
                 NoPersonWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return HHTResult(out, boxes, source, fps, (height, width), landmarks, timings)
 

@@ -1,0 +1,139 @@
+"""python -m data_prep.hht: outputs, summary, and every bad input of issue 3."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from data_prep import hht as cli
+from signnet_jax.hht import read_video, write_video
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run(capsys, *args):
+    code = cli.main([*map(str, args), "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def sample_run(sign_sample, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("cli")
+    out, preview = out_dir / "nested" / "out.mp4", out_dir / "sheet.png"
+    code = cli.main(
+        ["--video", str(sign_sample), "--output", str(out), "--preview", str(preview), "--quiet"]
+    )
+    return code, out, preview
+
+
+def test_writes_video_and_contact_sheet(sample_run):
+    code, out, preview = sample_run
+    assert code == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (76, 256, 256, 3) and fps == 25.0
+    sheet = cv2.imread(str(preview))
+    # 6 tiles, 2 per row; a tile is source (256) + gap (4) + tunnelled (256) + gap (4)
+    assert sheet.shape == (3 * 256, 2 * (256 + 4 + 256 + 4), 3)
+    assert sorted(os.listdir(out.parent)) == ["out.mp4"]
+
+
+def test_prints_a_coverage_summary(sign_sample, tmp_path, capsys):
+    code, out, _ = run(capsys, "--video", sign_sample, "--output", tmp_path / "o.mp4")
+    assert code == 0
+    assert "coverage of 76 frames:" in out
+    head = re.search(r"^\s+head\s+(\d+) \((\d+)%\)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)
+    assert head and int(head.group(1)) >= 73 and int(head.group(3)) >= 72
+    right = re.search(r"^\s+right hand\s+(\d+) \(\d+%\)\s+(\d+)\s+(\d+)", out, re.M)
+    assert right and int(right.group(1)) >= 34 and int(right.group(3)) >= 30  # pose fallback
+    assert re.search(r"ms/frame: decode [\d.]+, pose [\d.]+, hands [\d.]+, face", out)
+
+
+def test_layout_size_and_mask_options(sign_sample, tmp_path, capsys):
+    out = tmp_path / "strip.mp4"
+    code, _, _ = run(
+        capsys, "--video", sign_sample, "--output", out, "--layout", "strip", "--size", "128",
+        "--quadrants", "1011", "--end-frame", "10",
+    )  # fmt: skip
+    assert code == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (10, 128, 128, 3)
+    # strip at 128: frame on top (86 rows), then head | right | left cells of 42-43 px
+    assert frames[:, 90:, :40].max() < 20  # head switched off
+    assert frames[:, 20:60].mean() > 40  # whole frame present
+
+
+@pytest.mark.parametrize("kind", ["not_a_video", "zero_frames", "unreadable_codec"])
+def test_bad_inputs_fail_cleanly(kind, sign_sample, tmp_path, capsys):
+    if kind == "not_a_video":
+        video = tmp_path / "clip.mp4"
+        video.write_text("hello\n" * 50)
+    elif kind == "zero_frames":
+        video = tmp_path / "clip.y4m"
+        video.write_bytes(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\n")
+    else:
+        data = bytearray(sign_sample.read_bytes())
+        data[data.find(b"esds") + 21] = 0xC0  # private codec id
+        video = tmp_path / "clip.mp4"
+        video.write_bytes(bytes(data).replace(b"mp4v", b"zzzz"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run(
+        capsys, "--video", video, "--output", out_dir / "o.mp4", "--preview", out_dir / "o.png"
+    )
+    assert code == 1
+    assert err.startswith(f"error: {video}: ")
+    assert os.listdir(out_dir) == []
+
+
+def test_noise_video_is_written_with_a_warning(tmp_path, capsys):
+    video = tmp_path / "noise.mp4"
+    rng = np.random.default_rng(1)
+    write_video(video, rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8), 25)
+    code, out, err = run(capsys, "--video", video, "--output", tmp_path / "o.mp4")
+    assert code == 0
+    assert f"warning: {video}: no head or hand found in any of 10 frames" in err
+    assert re.search(r"^\s+head\s+0 \(0%\)", out, re.M)
+    frames, _ = read_video(tmp_path / "o.mp4")
+    assert frames.shape == (10, 256, 256, 3)
+    assert frames[:, :128, :128].mean() > 60 and frames[:, 128:].max() < 20
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quadrants", "11x1"], "--quadrants takes four 0/1 flags"),
+        (["--size", "255"], "size must be an even integer"),
+        (["--output", "o.avi"], "must end in .mp4"),
+    ],
+)
+def test_bad_options_exit_2(args, message, sign_sample, tmp_path, capsys):
+    argv = ["--video", sign_sample, "--output", tmp_path / "o.mp4", *args]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_incomplete_models_dir_is_named(sign_sample, tmp_path, capsys):
+    code, _, err = run(
+        capsys, "--video", sign_sample, "--output", tmp_path / "o.mp4", "--models", tmp_path
+    )
+    assert code == 1 and f"--models {tmp_path} lacks" in err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    video = tmp_path / "bad.mp4"
+    video.write_text("nope")
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.hht", "--video", str(video), "--output",
+         str(tmp_path / "o.mp4"), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"error: {video}: cannot decode as video" in proc.stderr
+    assert not (tmp_path / "o.mp4").exists()
