@@ -38,6 +38,8 @@ class HHTSettings:
       min_confidence: detection / presence / tracking threshold of all MediaPipe tasks.
       gate_hands: run the hand landmarker only in frames where the pose sees a wrist in
         the frame, since elsewhere it cannot find a hand we would use.
+      hand_retry: with gate_hands, after a hand-landmarker run that found no hand, the
+        next run comes this many frames later (1 = every frame).
     """
 
     layout: str = "grid2x2"
@@ -55,6 +57,7 @@ class HHTSettings:
     detect_size: int = 512
     min_confidence: float = 0.5
     gate_hands: bool = True
+    hand_retry: int = 3
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise JSON lists to tuples through object.__setattr__.
@@ -71,6 +74,8 @@ class HHTSettings:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.hand_scale <= 0:
             problems.append(f"hand_scale must be > 0, got {self.hand_scale}")
+        if not isinstance(self.hand_retry, int) or self.hand_retry < 1:
+            problems.append(f"hand_retry must be an integer >= 1, got {self.hand_retry!r}")
         for name in ("faithful_margin_px", "max_gap", "max_hold", "detect_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -247,6 +247,7 @@ class Tunneller:
         small = _detection_size(width, height, self.settings.detect_size)
         lm = Landmarks.empty(n)
         run_all_hands = self.settings.faithful or not self.settings.gate_hands
+        last_try, last_found = -n, True
         for t in range(n):
             image = frames[t]
             if small != (width, height):
@@ -271,11 +272,15 @@ class Tunneller:
                     (b.origin_y + b.height) / small[1],
                     det.categories[0].score,
                 )
-            if run_all_hands or wrist_in_view(lm.pose[t : t + 1], GATE_VISIBILITY).any():
+            # Where a try found nothing (painted or blurred hands), wait hand_retry frames
+            # before the next: the pose fallback covers the frames in between.
+            due = last_found or t - last_try >= self.settings.hand_retry
+            if run_all_hands or (due and wrist_in_view(lm.pose[t : t + 1], GATE_VISIBILITY).any()):
                 c0 = time.perf_counter()
                 hands = self._hands.detect_for_video(image, ts)
                 timings["hands"] += time.perf_counter() - c0
                 lm.hands_run[t] = True
+                last_try, last_found = t, bool(hands.hand_landmarks)
                 for k, (points, handed) in enumerate(
                     zip(hands.hand_landmarks[:2], hands.handedness[:2], strict=False)
                 ):

@@ -36,6 +36,7 @@ def test_unknown_key_is_named():
         ({"max_gap": -1}, "max_gap must be an integer >= 0"),
         ({"wrist_visibility": 1.5}, r"wrist_visibility must be in \[0, 1\]"),
         ({"hand_scale": 0}, "hand_scale must be > 0"),
+        ({"hand_retry": 0}, "hand_retry must be an integer >= 1"),
     ],
 )
 def test_invalid_values_are_named(kwargs, message):

@@ -93,6 +93,11 @@ def test_hands_gated_to_frames_where_they_can_be_found(result):
     run = result.landmarks.hands_run
     assert 0 < run.sum() < 76
     assert not run[:10].any()  # hands at rest below the frame
+    # after a run that found no hand, the next comes hand_retry (3) frames later
+    tries = np.flatnonzero(run)
+    found = np.isfinite(result.landmarks.hands[tries, :, 0, 0]).any(axis=1)
+    gaps = np.diff(tries)
+    assert (gaps[~found[:-1]] >= 3).all()
 
 
 def test_tunnelled_frame_holds_the_crops(result, source):
