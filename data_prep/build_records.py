@@ -725,14 +725,23 @@ def main(
         print(f"error: {e}", file=sys.stderr)
         return 2
     hht = settings.to_dict()
-    factory = tunneller_factory or _HHTFactory(hht, args.models)
+    if tunneller_factory is None:
+        from signnet_jax.hht import find_models
+
+        try:
+            # Resolved (and downloaded, verified) once here rather than per video in workers.
+            models = str(find_models(args.models))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        tunneller_factory = _HHTFactory(hht, models)
     try:
         result = build(
             manifest,
             args.videos,
             args.output,
             hht_settings=hht,
-            tunneller_factory=factory,
+            tunneller_factory=tunneller_factory,
             workers=args.workers,
             jpeg_quality=args.jpeg_quality,
             shard_bytes=args.shard_size,

@@ -477,6 +477,9 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(tmp_path / "none")))
     assert "not a folder" in capsys.readouterr().err
+    # the real Tunneller's model folder is checked once, before any video
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
+    assert f"--models {tmp_path} lacks" in capsys.readouterr().err
 
 
 def test_hht_options_reach_the_settings(dataset, tmp_path):
