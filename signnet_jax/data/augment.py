@@ -145,7 +145,11 @@ def decode_frames(jpegs: Sequence[bytes], indices: np.ndarray, *, where: str = "
     shapes = {d.shape for d in decoded}
     if len(shapes) != 1:
         raise ValueError(f"{where}: frames have different sizes {sorted(shapes)}")
-    return np.stack(decoded)[inverse.reshape(-1)]
+    # One copy into the clip (np.stack + fancy indexing would copy twice).
+    out = np.empty((len(indices),) + decoded[0].shape, np.uint8)
+    for j, u in enumerate(inverse.reshape(-1)):
+        out[j] = decoded[u]
+    return out
 
 
 # --------------------------------------------------------------------------- geometry

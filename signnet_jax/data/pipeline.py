@@ -28,6 +28,7 @@ import dataclasses
 import math
 from typing import Any
 
+import cv2
 import grain
 import jax
 import numpy as np
@@ -121,7 +122,8 @@ class TrainClip(grain.transforms.RandomMap):
             boxes.append(box)
         r = self.repeated_aug
         return {
-            "clip": np.stack(clips),
+            # A view when there is one repeat: batching copies the clip anyway.
+            "clip": clips[0][None] if r == 1 else np.stack(clips),
             "erase_box": np.stack(boxes),
             "label": np.full(r, _first(element, "label", where), np.int32),
             "video_index": np.full(r, element["index"], np.int32),
@@ -245,6 +247,12 @@ def _per_process(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    # Workers already use every core between them; OpenCV's own thread pool in each
+    # would oversubscribe the machine.
+    cv2.setNumThreads(1)
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int, prefetch: int):
     # Elements are whole batches, so workers and threads never change batch contents.
     it = ds.to_iter_dataset(
@@ -256,7 +264,8 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int, prefetch:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_init_worker,
         )
     return it
 
