@@ -328,11 +328,12 @@ def _assign_shards(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
     current: list[int] = []
     total = 0
     for i, size in enumerate(sizes):
-        if current and total + size > shard_bytes:
+        framed = size + 16  # TFRecord adds 16 bytes of length and CRCs per record
+        if current and total + framed > shard_bytes:
             shards.append(current)
             current, total = [], 0
         current.append(i)
-        total += size + 16
+        total += framed
     if current:
         shards.append(current)
     return shards
@@ -343,15 +344,8 @@ _SHARD_RE = r"-\d{5}-of-\d{5}\.tfrecord"
 
 def _clean_stale(output: str, work: str) -> None:
     """Removes temporaries an interrupted run left (never files under final names)."""
-    ours = re.compile(
-        r"(.*"
-        + _SHARD_RE
-        + r"(\.index)?|"
-        + re.escape(FAILURES)
-        + "|"
-        + re.escape(records.DATASET_INFO)
-        + r")\.tmp-.*"
-    )
+    finals = rf".*{_SHARD_RE}(\.index)?|{re.escape(FAILURES)}|{re.escape(records.DATASET_INFO)}"
+    ours = re.compile(rf"({finals})\.tmp-.*")
     for name in os.listdir(output):
         if ours.fullmatch(name):
             os.remove(os.path.join(output, name))
