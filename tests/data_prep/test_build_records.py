@@ -506,3 +506,35 @@ def test_shard_assignment():
     assert build_records._assign_shards([10, 10, 10, 10], 60) == [[0, 1], [2, 3]]
     assert build_records._assign_shards([100, 1], 10) == [[0], [1]]
     assert build_records._assign_shards([], 10) == []
+
+
+def test_real_nslt_100_through_the_cli(shared_dir, sign_sample, tmp_path, capsys):
+    """The real nslt_100.json with two of its 2,038 videos present: 2 records, 2,036 failures."""
+    wlasl = shared_dir / "datasets" / "wlasl"
+    split_dir = tmp_path / "splits"
+    split_dir.mkdir()
+    for name in ("nslt_100.json", "wlasl_class_list.txt"):
+        shutil.copyfile(wlasl / name, split_dir / name)  # the class list is found beside it
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for vid in ("05237", "69422"):  # train 'basketball' (77), val 'orange' (27)
+        shutil.copyfile(sign_sample, videos / f"{vid}.mp4")
+    out = tmp_path / "records"
+    args = ["--dataset", "wlasl", "--split-file", str(split_dir / "nslt_100.json")]
+    args += ["--videos", str(videos), "--output", str(out)]
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
+    assert "99.9% of the videos failed" in capsys.readouterr().err
+    info = records.load_dataset_info(out)
+    assert info["num_classes"] == 100 and info["classes"][:2] == ["book", "drink"]
+    assert {k: v["num_entries"] for k, v in info["splits"].items()} == {
+        "train": 1442,
+        "val": 338,
+        "test": 258,
+    }
+    assert info["num_records"] == 2 and info["num_failures"] == 2036
+    lines = (out / "failures.jsonl").read_text().splitlines()
+    assert len(lines) == 2036 and all('"reason": "missing_file"' in x for x in lines)
+    train = records.RecordSource(out, "train")[0]
+    assert (train["video_id"], train["label"].tolist()) == ([b"05237"], [77])
+    val = records.RecordSource(out, "val")[0]
+    assert (val["video_id"], val["label"].tolist()) == ([b"69422"], [27])
