@@ -22,6 +22,9 @@ L_SHOULDER, R_SHOULDER = 11, 12
 POSE_HAND = np.array([[16, 18, 20, 22], [15, 17, 19, 21]])
 POSE_NOSE = 0
 MAX_FACES = 4
+# A face detection without a pose nose inside it counts only above this score: the
+# short-range detector scores random noise up to about 0.6.
+FACE_ALONE = 0.75
 
 
 @dataclasses.dataclass
@@ -147,20 +150,22 @@ def _raw_boxes(
 
 
 def _pick_face(faces: np.ndarray, scores: np.ndarray, pose: np.ndarray | None) -> np.ndarray | None:
-    """The face detection that agrees with the pose head, else the most confident one."""
+    """The face detection that agrees with the pose head, else a confident one, else None."""
     valid = np.isfinite(scores)
     if not valid.any():
         return None
     faces, scores = faces[valid], scores[valid]
-    if pose is None:
-        return faces[np.argmax(scores)]
-    # A weak second detection (chin, hands) is common at low thresholds: prefer the box
-    # holding the pose nose, then the one nearest the pose face points.
-    nose = pose[POSE_NOSE]
-    holds = np.all((faces[:, :2] <= nose) & (nose <= faces[:, 2:]), axis=-1)
-    head = pose[POSE_FACE].mean(axis=0)
-    dist = np.linalg.norm((faces[:, :2] + faces[:, 2:]) / 2 - head, axis=-1)
-    return faces[np.lexsort((dist, ~holds))[0]]
+    if pose is not None:
+        # Weak detections (chin, hands, even noise) reach 0.5-0.6: prefer a box holding
+        # the pose nose, the nearest to the pose face points among several.
+        nose = pose[POSE_NOSE]
+        holds = np.all((faces[:, :2] <= nose) & (nose <= faces[:, 2:]), axis=-1)
+        if holds.any():
+            head = pose[POSE_FACE].mean(axis=0)
+            dist = np.linalg.norm((faces[:, :2] + faces[:, 2:]) / 2 - head, axis=-1)
+            return faces[np.flatnonzero(holds)[np.argmin(dist[holds])]]
+    best = np.argmax(scores)
+    return faces[best] if scores[best] >= FACE_ALONE else None
 
 
 def _pose_head(points: np.ndarray) -> np.ndarray:

@@ -112,6 +112,16 @@ def test_face_that_agrees_with_the_pose_beats_a_stronger_stray_one():
     np.testing.assert_allclose(px(boxes[1, 0])[[0, 2]], [125 - 32.5, 125 + 32.5], atol=1e-3)
 
 
+def test_weak_face_without_pose_agreement_is_ignored():
+    lm = landmarks(2)
+    weak = np.array([100, 70, 150, 120, 0.6]) / [W, H, W, H, 1]  # not around the nose
+    lm.faces[:, 0] = weak
+    lm.pose[0] = pose()
+    _, source = compute_boxes(lm, W, H, HHTSettings(smoothing=0.0, max_hold=0))
+    # frame 0: the pose head instead; frame 1 (no pose): nothing
+    assert source[:, 0].tolist() == [POSE, NONE]
+
+
 def test_head_falls_back_to_pose_face_points():
     lm = landmarks(1)
     lm.pose[0] = pose()

@@ -87,6 +87,8 @@ def test_write_video_round_trip_and_no_temp_left(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="no frames to write"):
         write_video(tmp_path / "out.mp4", [], 25)
+    with pytest.raises(ValueError, match=r"needs even sizes, got \(33, 64, 3\)"):
+        write_video(tmp_path / "out.mp4", np.zeros((2, 33, 64, 3), np.uint8), 25)
     assert os.listdir(tmp_path) == []
 
 
