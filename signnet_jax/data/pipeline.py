@@ -281,7 +281,7 @@ def train_dataset(
     *,
     global_batch_size: int,
     seed: int,
-    clip_len: int = 16,
+    clip_len: int = 32,
     sampling_rate: int = 2,
     augment_options: augment.AugmentOptions | None = None,
     repeated_aug: int = 1,
@@ -304,7 +304,7 @@ def train_dataset(
       repeated_aug: augmented clips per video per step (the recipe's 2).
       process_index, process_count: default ``jax.process_index()/process_count()``.
       num_workers: grain worker processes (0: in this process).
-      num_threads: threads per process building batches.
+      num_threads: threads per process building batches (0: built inside next()).
       prefetch: batches buffered per worker / thread pool.
 
     Returns:
@@ -338,7 +338,7 @@ def eval_dataset(
     *,
     mode: str = "test",
     global_batch_size: int,
-    clip_len: int = 16,
+    clip_len: int = 32,
     sampling_rate: int = 2,
     num_segment: int = 1,
     num_crop: int = 1,

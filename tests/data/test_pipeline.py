@@ -305,3 +305,14 @@ def test_undecodable_frame_is_reported_with_file_record_and_video(tmp_path):
     where = r"train-00000-of-00001.tfrecord: record 1 \(video broken\)"
     with pytest.raises(ValueError, match=where):
         list(ds)
+
+
+def test_steps_per_epoch_drops_the_partial_batch():
+    assert pipeline.steps_per_epoch(14289, 256) == 55
+    assert pipeline.steps_per_epoch(11, 4) == 2
+
+
+def test_hht_flip_mode_runs_through_the_pipeline(records_dir):
+    options = augment.AugmentOptions(crop_size=16, flip="hht")
+    batch = next(iter(_train(records_dir, augment_options=options)))
+    assert batch["clip"].shape == (4, 4, 16, 16, 3)
