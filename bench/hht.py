@@ -41,7 +41,7 @@ VARIANTS = [
     ("+ detect on a copy <= 256 px", dict(detect_size=256)),
     ("faithful (original boxes, hands every frame)", dict(faithful=True)),
 ]
-STAGES = ("decode", "pose", "hands", "face", "boxes", "compose", "encode")
+STAGES = ("decode", "prepare", "pose", "hands", "face", "boxes", "compose", "encode")
 
 
 def upscaled_copy(video: pathlib.Path, width: int, height: int, directory: str) -> pathlib.Path:
@@ -128,7 +128,7 @@ def main() -> None:
             name, overrides = VARIANTS[i]
             settings = dataclasses.replace(HHTSettings(), **overrides)
             best, total, result = run_variant(video, settings, args.repeats, args.models, tmp)
-            detect = best["pose"] + best["hands"] + best["face"]
+            detect = best["prepare"] + best["pose"] + best["hands"] + best["face"]
             rest = best["boxes"] + best["compose"] + best["encode"]
             cov = coverage(result.box_source)
             located = f"{cov['right_hand']['located']} / {cov['left_hand']['located']}"

@@ -51,7 +51,8 @@ class HHTResult:
       fps: source frame rate.
       source_size: (height, width) of the (upright) source frames.
       landmarks: the raw detections the boxes came from.
-      timings: seconds spent per stage: decode, pose, hands, face, boxes, compose.
+      timings: seconds spent per stage: decode, prepare (the detectors' copy), pose,
+        hands, face, boxes, compose.
     """
 
     frames: np.ndarray
@@ -229,7 +230,8 @@ class Tunneller:
           frames: (N, H, W, 3) uint8 RGB frames.
           times: (N,) frame times in seconds (non-decreasing).
           progress: called as progress(done, total) after each frame.
-          timings: if given, seconds per model are added under 'pose', 'hands', 'face'.
+          timings: if given, seconds are added under 'prepare' (detection copy), 'pose',
+            'hands' and 'face'.
 
         Returns:
           The raw detections, normalized to the frames.
@@ -237,7 +239,7 @@ class Tunneller:
         if self._pose is None:
             raise RuntimeError("Tunneller is closed")
         timings = {} if timings is None else timings
-        for key in ("pose", "hands", "face"):
+        for key in ("prepare", "pose", "hands", "face"):
             timings.setdefault(key, 0.0)
         n, height, width = frames.shape[:3]
         if self._used:
@@ -249,12 +251,15 @@ class Tunneller:
         run_all_hands = self.settings.faithful or not self.settings.gate_hands
         last_try, last_found = -n, True
         for t in range(n):
+            c0 = time.perf_counter()
             image = frames[t]
             if small != (width, height):
                 image = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
             image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
             ts = int(stamps[t])
-            c0 = time.perf_counter()
+            c1 = time.perf_counter()
+            timings["prepare"] += c1 - c0
+            c0 = c1
             pose = self._pose.detect_for_video(image, ts)
             c1 = time.perf_counter()
             faces = self._face.detect_for_video(image, ts)

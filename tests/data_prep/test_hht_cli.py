@@ -51,7 +51,8 @@ def test_prints_a_coverage_summary(sign_sample, tmp_path, capsys):
     assert head and int(head.group(1)) >= 73 and int(head.group(3)) >= 72
     right = re.search(r"^\s+right hand\s+(\d+) \(\d+%\)\s+(\d+)\s+(\d+)", out, re.M)
     assert right and int(right.group(1)) >= 34 and int(right.group(3)) >= 30  # pose fallback
-    assert re.search(r"ms/frame: decode [\d.]+, pose [\d.]+, hands [\d.]+, face", out)
+    stages = r"ms/frame: decode [\d.]+, prepare [\d.]+, pose [\d.]+, hands [\d.]+, face [\d.]+"
+    assert re.search(stages, out)
 
 
 def test_layout_size_and_mask_options(sign_sample, tmp_path, capsys):
