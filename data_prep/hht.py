@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quadrants",
         default="1111",
-        help="four 0/1 flags for frame, head, right hand, left hand (ablations); default 1111",
+        help="four 0/1 flags for frame, head, right hand, left hand, e.g. 1011 or 1,0,1,1 "
+        "(ablations); default 1111",
     )
     p.add_argument(
         "--faithful",
@@ -67,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace) -> HHTSettings:
-    q = args.quadrants
+    # "1011" or, as build_records writes it, "1,0,1,1"
+    q = args.quadrants.replace(",", "")
     if len(q) != 4 or set(q) - {"0", "1"}:
-        raise ValueError(f"--quadrants takes four 0/1 flags like 1011, got {q!r}")
+        raise ValueError(f"--quadrants takes four 0/1 flags like 1011, got {args.quadrants!r}")
     return HHTSettings(
         layout=args.layout,
         size=args.size,

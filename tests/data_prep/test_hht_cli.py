@@ -59,7 +59,7 @@ def test_layout_size_and_mask_options(sign_sample, tmp_path, capsys):
     out = tmp_path / "strip.mp4"
     code, _, _ = run(
         capsys, "--video", sign_sample, "--output", out, "--layout", "strip", "--size", "128",
-        "--quadrants", "1011", "--end-frame", "10",
+        "--quadrants", "1,0,1,1", "--end-frame", "10",
     )  # fmt: skip
     assert code == 0
     frames, _ = read_video(out)
