@@ -152,3 +152,15 @@ def test_presets_match_the_published_sizes():
         assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (dim, depth, heads, mlp)
     assert vit.ViTConfig.from_preset("vit_base_patch16_224").preset == "B"
     assert vit.ViTConfig.from_preset("B", num_frames=32).num_patches == 3136
+
+
+def test_analytic_flops_of_vit_b_32x224():
+    from signnet_jax.models.flops import forward_flops
+
+    cfg = vit.ViTConfig.from_preset("B", num_classes=2000, num_frames=32)
+    n, d = 3136, 768
+    per_block = 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * 3072
+    expected = 2 * n * 1536 * d + 12 * per_block + 2 * d * 2000
+    assert forward_flops(cfg) == expected
+    # the budget: about 2.7 TFLOP per training clip (3 x forward)
+    assert 2.6e12 < 3 * forward_flops(cfg) < 2.8e12

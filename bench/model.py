@@ -1,0 +1,183 @@
+"""Model speed: the Flax ViT against the PyTorch reference with the same weights, side by side.
+
+    python bench/model.py                       # ViT-S and ViT-B, 16x224, batch 1, CPU
+    python bench/model.py --presets B --frames 32 --repeats 5
+
+Prints, per preset, the best of ``--repeats`` timings of a forward pass and of a
+training step (forward, backward, AdamW) for PyTorch (the reference VideoMAEv2
+architecture in tests/models/torch_vit.py, and Hugging Face's VideoMAE with
+SDPA attention for the forward) and for JAX, and the ratio PyTorch time / JAX
+time (above 1 means JAX is faster). Also prints analytic FLOPs per clip and,
+on an accelerator, MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from signnet_jax.models import vit  # noqa: E402
+from signnet_jax.models.flops import forward_flops  # noqa: E402
+from tests.models import torch_vit  # noqa: E402
+from tests.models.helpers import flax_twin  # noqa: E402
+
+# Peak dense bf16 FLOP/s of common accelerators, for MFU.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "T4": 65e12,
+    "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,
+    "TPU v6 lite": 918e12,
+    "TPU v5": 459e12,
+}
+
+
+def best_of(fn, repeats: int) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def torch_train_step(model, clip, labels):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(clip), labels)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def jax_train_step(model, clip, labels):
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, y):
+        logits = nnx.merge(graphdef, p)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    state = {"p": params, "s": opt_state}
+
+    def run():
+        state["p"], state["s"], loss = step(state["p"], state["s"], clip, labels)
+        loss.block_until_ready()
+
+    return run
+
+
+def hf_model(preset: str, frames: int, size: int):
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    dim, depth, heads, mlp = torch_vit.PRESETS[preset]
+    cfg = VideoMAEConfig(
+        image_size=size,
+        num_frames=frames,
+        hidden_size=dim,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        use_mean_pooling=True,
+        num_labels=400,
+    )
+    return VideoMAEForVideoClassification(cfg).eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", default="S,B")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-train", action="store_true", help="forward passes only")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
+    args = p.parse_args()
+
+    device = jax.devices()[0]
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    print(
+        f"jax {jax.__version__} on {device.device_kind} ({jax.device_count()} devices), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+    rows = []
+    for preset in args.presets.split(","):
+        tmodel = torch_vit.make(preset, 400, num_frames=args.frames, img_size=args.size)
+        model = flax_twin(tmodel, preset, 400, args.frames, args.size)
+        cfg = model.cfg
+        flops = forward_flops(cfg, args.frames, args.size)
+        x = (
+            np.random.default_rng(0)
+            .standard_normal((args.batch, args.frames, args.size, args.size, 3))
+            .astype(np.float32)
+        )
+        xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
+        xj = jax.device_put(x)
+        name = f"ViT-{preset} {args.frames}x{args.size} b{args.batch}"
+
+        fwd = jax.jit(lambda m, x: m(x), static_argnums=())
+        graphdef, params = nnx.split(model)
+        fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+        t_jax = best_of(lambda: fwd(params, xj).block_until_ready(), args.repeats)
+        with torch.inference_mode():
+            t_torch = best_of(lambda: tmodel(xt), args.repeats)
+        rows.append((name, "forward", "reference", t_torch, t_jax, flops * args.batch))
+        if not args.no_hf:
+            hf = hf_model(preset, args.frames, args.size)
+            xh = xt.permute(0, 2, 1, 3, 4).contiguous()
+            with torch.inference_mode():
+                t_hf = best_of(lambda: hf(pixel_values=xh), args.repeats)
+            rows.append((name, "forward", "HF VideoMAE", t_hf, t_jax, flops * args.batch))
+            del hf
+        if not args.no_train:
+            labels = np.zeros((args.batch,), np.int32)
+            tmodel.train()
+            t_torch = best_of(
+                torch_train_step(tmodel, xt, torch.from_numpy(labels).long()), args.repeats
+            )
+            t_jax = best_of(jax_train_step(model, xj, jnp.asarray(labels)), args.repeats)
+            rows.append((name, "train step", "reference", t_torch, t_jax, 3 * flops * args.batch))
+        del tmodel, model
+
+    print(
+        f"\n{'model':<22} {'pass':<11} {'PyTorch':<12} {'torch s':>8} {'jax s':>8} "
+        f"{'ratio':>6} {'GFLOP':>8}" + ("  MFU" if peak else "")
+    )
+    for name, kind, ref, t_torch, t_jax, fl in rows:
+        line = (
+            f"{name:<22} {kind:<11} {ref:<12} {t_torch:8.3f} {t_jax:8.3f} "
+            f"{t_torch / t_jax:6.2f} {fl / 1e9:8.1f}"
+        )
+        if peak:
+            line += f"  {fl / t_jax / peak:5.1%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
