@@ -33,8 +33,10 @@ class HHTSettings:
       max_hold: frames a box is held beyond the first/last detection of a run.
       smoothing: sigma in frames of the Gaussian that smooths box centre and size
         (0 = off).
-      detect_size: longest side of the copy the detectors see (0 = full resolution);
-        crops always come from the full-resolution frame.
+      detect_size: longest side of a downscaled copy for the detectors (0 = the frame
+        itself); crops always come from the full-resolution frame. Off by default:
+        MediaPipe crops and resizes its regions itself, so on 1280x720 our resize only
+        added time (bench/hht.py).
       min_confidence: detection / presence / tracking threshold of all MediaPipe tasks.
       gate_hands: run the hand landmarker only in frames where the pose sees a wrist in
         the frame, since elsewhere it cannot find a hand we would use.
@@ -54,7 +56,7 @@ class HHTSettings:
     max_gap: int = 12
     max_hold: int = 6
     smoothing: float = 1.0
-    detect_size: int = 512
+    detect_size: int = 0
     min_confidence: float = 0.5
     gate_hands: bool = True
     hand_retry: int = 3
