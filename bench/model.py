@@ -27,7 +27,6 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import forward_flops  # noqa: E402
 from tests.models import torch_vit  # noqa: E402
 from tests.models.helpers import flax_twin  # noqa: E402
@@ -109,6 +108,44 @@ def hf_model(preset: str, frames: int, size: int):
     return VideoMAEForVideoClassification(cfg).eval()
 
 
+def bench_preset(preset: str, args: argparse.Namespace) -> list[tuple]:
+    """Timing rows (name, pass, reference, torch s, jax s, FLOPs) for one preset."""
+    tmodel = torch_vit.make(preset, 400, num_frames=args.frames, img_size=args.size)
+    model = flax_twin(tmodel, preset, 400, args.frames, args.size)
+    flops = forward_flops(model.cfg, args.frames, args.size) * args.batch
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((args.batch, args.frames, args.size, args.size, 3))
+        .astype(np.float32)
+    )
+    xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
+    xj = jax.device_put(x)
+    name = f"ViT-{preset} {args.frames}x{args.size} b{args.batch}"
+    rows = []
+
+    graphdef, params = nnx.split(model)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    t_jax = best_of(lambda: fwd(params, xj).block_until_ready(), args.repeats)
+    with torch.inference_mode():
+        t_torch = best_of(lambda: tmodel(xt), args.repeats)
+    rows.append((name, "forward", "reference", t_torch, t_jax, flops))
+    if not args.no_hf:
+        hf = hf_model(preset, args.frames, args.size)
+        xh = xt.permute(0, 2, 1, 3, 4).contiguous()
+        with torch.inference_mode():
+            t_hf = best_of(lambda: hf(pixel_values=xh), args.repeats)
+        rows.append((name, "forward", "HF VideoMAE", t_hf, t_jax, flops))
+    if not args.no_train:
+        labels = np.zeros((args.batch,), np.int32)
+        tmodel.train()
+        t_torch = best_of(
+            torch_train_step(tmodel, xt, torch.from_numpy(labels).long()), args.repeats
+        )
+        t_jax = best_of(jax_train_step(model, xj, jnp.asarray(labels)), args.repeats)
+        rows.append((name, "train step", "reference", t_torch, t_jax, 3 * flops))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", default="S,B")
@@ -128,42 +165,7 @@ def main() -> None:
     )
     rows = []
     for preset in args.presets.split(","):
-        tmodel = torch_vit.make(preset, 400, num_frames=args.frames, img_size=args.size)
-        model = flax_twin(tmodel, preset, 400, args.frames, args.size)
-        cfg = model.cfg
-        flops = forward_flops(cfg, args.frames, args.size)
-        x = (
-            np.random.default_rng(0)
-            .standard_normal((args.batch, args.frames, args.size, args.size, 3))
-            .astype(np.float32)
-        )
-        xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
-        xj = jax.device_put(x)
-        name = f"ViT-{preset} {args.frames}x{args.size} b{args.batch}"
-
-        fwd = jax.jit(lambda m, x: m(x), static_argnums=())
-        graphdef, params = nnx.split(model)
-        fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-        t_jax = best_of(lambda: fwd(params, xj).block_until_ready(), args.repeats)
-        with torch.inference_mode():
-            t_torch = best_of(lambda: tmodel(xt), args.repeats)
-        rows.append((name, "forward", "reference", t_torch, t_jax, flops * args.batch))
-        if not args.no_hf:
-            hf = hf_model(preset, args.frames, args.size)
-            xh = xt.permute(0, 2, 1, 3, 4).contiguous()
-            with torch.inference_mode():
-                t_hf = best_of(lambda: hf(pixel_values=xh), args.repeats)
-            rows.append((name, "forward", "HF VideoMAE", t_hf, t_jax, flops * args.batch))
-            del hf
-        if not args.no_train:
-            labels = np.zeros((args.batch,), np.int32)
-            tmodel.train()
-            t_torch = best_of(
-                torch_train_step(tmodel, xt, torch.from_numpy(labels).long()), args.repeats
-            )
-            t_jax = best_of(jax_train_step(model, xj, jnp.asarray(labels)), args.repeats)
-            rows.append((name, "train step", "reference", t_torch, t_jax, 3 * flops * args.batch))
-        del tmodel, model
+        rows += bench_preset(preset, args)
 
     print(
         f"\n{'model':<22} {'pass':<11} {'PyTorch':<12} {'torch s':>8} {'jax s':>8} "
