@@ -211,3 +211,14 @@ def test_shape_errors_are_explained():
             np.zeros((1, 3), np.int8),
             HHTSettings(size=16),
         )
+
+
+def test_large_downscale_matches_plain_area_resize():
+    rng = np.random.default_rng(3)
+    big = cv2.resize(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8), (1280, 640))
+    out = compose_frames(
+        big[None], -np.ones((1, 3, 4), np.float32), np.zeros((1, 3), np.int8), HHTSettings()
+    )[0]
+    direct = cv2.resize(big, (128, 64), interpolation=cv2.INTER_AREA)
+    diff = np.abs(out[32:96, :128].astype(int) - direct)
+    assert diff.mean() < 1 and diff.max() <= 16
