@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from signnet_jax.hht import HHTSettings, compose_frames, layout_cells
+from signnet_jax.hht import HHTSettings, compose_frames, layout_cells, read_video
 from signnet_jax.hht.compose import box_to_pixels
 from signnet_jax.hht.settings import PARTS
 
@@ -213,12 +213,13 @@ def test_shape_errors_are_explained():
         )
 
 
-def test_large_downscale_matches_plain_area_resize():
-    rng = np.random.default_rng(3)
-    big = cv2.resize(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8), (1280, 640))
+def test_large_downscale_matches_plain_area_resize(sign_sample):
+    # a real frame at HD size: the halving path must look like one area resize
+    frame = read_video(sign_sample)[0][40]
+    big = cv2.resize(frame, (1280, 640), interpolation=cv2.INTER_CUBIC)
     out = compose_frames(
         big[None], -np.ones((1, 3, 4), np.float32), np.zeros((1, 3), np.int8), HHTSettings()
     )[0]
     direct = cv2.resize(big, (128, 64), interpolation=cv2.INTER_AREA)
     diff = np.abs(out[32:96, :128].astype(int) - direct)
-    assert diff.mean() < 1 and diff.max() <= 16
+    assert diff.mean() < 1 and np.percentile(diff, 99) <= 6
