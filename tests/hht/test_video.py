@@ -143,3 +143,19 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(VideoError, match=re.escape(f"{tmp_path / 'nope.mp4'}: no such file")):
         read_video(tmp_path / "nope.mp4")
+
+
+def test_variable_frame_rate_keeps_real_times(tmp_path):
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "bgr0"
+        s.codec_context.time_base = s.time_base = Fraction(1, 1000)
+        for pts in (0, 40, 120, 200):  # a dropped frame, then a slower stretch
+            vf = av.VideoFrame.from_ndarray(np.zeros((32, 48, 3), np.uint8), format="rgb24")
+            vf.pts, vf.time_base = pts, Fraction(1, 1000)
+            c.mux(s.encode(vf))
+        c.mux(s.encode())
+    frames, _, times = decode_video(path)
+    assert len(frames) == 4
+    np.testing.assert_allclose(times, [0, 0.04, 0.12, 0.2])
