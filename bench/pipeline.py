@@ -1,6 +1,6 @@
 """Input pipeline throughput: training clips/s and eval views/s per CPU core.
 
-    python bench/pipeline.py [--videos 16] [--clips 24] [--repeats 5] [--workers 2]
+    python bench/pipeline.py [--videos 16] [--clips 48] [--repeats 5] [--workers 2]
 
 Builds a small records folder in a temporary directory from
 shared/assets/sign_sample.mp4 (256x256 frames, JPEG quality 90 as
@@ -160,7 +160,7 @@ def best_rates(jobs: dict, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=16)
-    parser.add_argument("--clips", type=int, default=24, help="clips per timed run")
+    parser.add_argument("--clips", type=int, default=48, help="clips per timed run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0, help="also time N grain workers")
     args = parser.parse_args()
