@@ -22,6 +22,7 @@ L_SHOULDER, R_SHOULDER = 11, 12
 POSE_HAND = np.array([[16, 18, 20, 22], [15, 17, 19, 21]])
 POSE_NOSE = 0
 MAX_FACES = 4
+MIN_SIDE_PX = 8.0
 # A face detection without a pose nose inside it counts only above this score: the
 # short-range detector scores random noise up to about 0.6.
 FACE_ALONE = 0.75
@@ -99,6 +100,8 @@ def compute_boxes(
         margins = np.array([settings.head_margin, settings.hand_margin, settings.hand_margin])
         centre = (raw[..., :2] + raw[..., 2:]) / 2
         side = np.max(raw[..., 2:] - raw[..., :2], axis=-1) * (1 + 2 * margins)
+        # A collapsed detection (all points on one pixel) still gets a visible crop.
+        side = np.maximum(side, MIN_SIDE_PX)
         params = np.concatenate([centre, side[..., None]], axis=-1)  # (N, 3, 3)
         params = _smooth(params, settings.smoothing)
         params, filled = _fill(params, settings.max_gap, settings.max_hold)

@@ -88,6 +88,15 @@ def test_no_fallback_for_a_wrist_out_of_frame_or_invisible(moves, visibility):
     assert source[0, 1] == NONE
 
 
+def test_collapsed_landmarks_still_give_a_small_square():
+    lm = landmarks(1)
+    lm.hands[0, 0] = np.full((21, 2), [100 / W, 50 / H], np.float32)
+    lm.hand_label[0, 0] = 1
+    boxes, source = compute_boxes(lm, W, H, EXACT)
+    assert source[0, 1] == LANDMARK
+    np.testing.assert_allclose(px(boxes[0, 1]), [96, 46, 104, 54], atol=1e-4)
+
+
 def test_box_near_the_edge_moves_inside_and_stays_square():
     lm = landmarks(1)
     lm.pose[0] = pose(moves={15: (254, 96), 17: (255, 88), 19: (250, 84), 21: (248, 92)})
