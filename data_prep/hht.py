@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--detect-size",
         type=int,
         default=d.detect_size,
-        help="longest side of the copy the detectors see (0 = full resolution)",
+        help="give the detectors a copy with this longest side (default 0: the frame itself)",
     )
     p.add_argument("--min-confidence", type=float, default=d.min_confidence)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
