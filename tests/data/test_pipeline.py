@@ -316,3 +316,13 @@ def test_hht_flip_mode_runs_through_the_pipeline(records_dir):
     options = augment.AugmentOptions(crop_size=16, flip="hht")
     batch = next(iter(_train(records_dir, augment_options=options)))
     assert batch["clip"].shape == (4, 4, 16, 16, 3)
+
+
+def test_eval_with_worker_processes_ends_and_matches(records_dir):
+    def views(**kw):
+        ds, info = _eval(records_dir, 1, 2, **kw)
+        batches = list(ds)
+        assert len(batches) == info.num_steps
+        return batches
+
+    _assert_same(views(num_workers=2), views())
