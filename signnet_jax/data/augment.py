@@ -4,9 +4,13 @@ Follows the VideoMAEv2 fine-tuning transform (``VideoClsDataset._aug_frame``):
 RandAugment on the full frames (one set of operations and magnitudes for the
 whole clip), then a random resized crop (bilinear, as the reference's
 ``torch.nn.functional.interpolate``), then a horizontal flip with probability
-0.5, then random erasing. Erasing is only *sampled* here: the reference erases
-after normalisation with N(0, 1) noise, and clips leave the host as uint8, so
-the box travels with the clip and ``device.normalize_and_erase`` fills it.
+0.5, then random erasing. (Bicubic is the reference's interpolation for
+RandAugment's geometric operations, ``--train_interpolation bicubic``; its crop
+resize is bilinear. The reference crops normalised floats; here the crop is
+resized in uint8, half a grey level of rounding.) Erasing is only *sampled*
+here: the reference erases after normalisation with N(0, 1) noise, and clips
+leave the host as uint8, so the box travels with the clip and
+``device.normalize_and_erase`` fills it.
 
 The PIL operations of the reference are re-expressed with OpenCV lookup tables,
 colour conversion, ``filter2D`` and ``warpAffine`` on whole clips; results
