@@ -519,6 +519,9 @@ _STALE = re.compile(
 )
 
 
+_OURS = re.compile(rf"{_STALE.pattern}|{re.escape(LOCK)}")
+
+
 def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) -> dict[str, Any]:
     """Writes the smoke dataset to `output_dir` (no reuse check; see `ensure_smoke_dataset`).
 
@@ -684,18 +687,21 @@ def ensure_smoke_dataset(
     if os.path.exists(info_path):  # fast path, no lock needed: the file is written last
         _check_existing(output, records.load_dataset_info(output), options)
         return output
+    # Only our own files may be replaced: never build over somebody's folder.
+    foreign = sorted(
+        n for n in (os.listdir(output) if os.path.isdir(output) else []) if not _OURS.fullmatch(n)
+    )
+    if foreign:
+        raise SmokeDatasetError(
+            f"{output} is not empty and holds no dataset ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder"
+        )
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, LOCK), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process builds
         if os.path.exists(info_path):
             _check_existing(output, records.load_dataset_info(output), options)
             return output
-        existing = [n for n in os.listdir(output) if n != LOCK and not _STALE.fullmatch(n)]
-        if existing:
-            raise SmokeDatasetError(
-                f"{output} is not empty and holds no dataset ({', '.join(sorted(existing)[:5])}"
-                f"{', ...' if len(existing) > 5 else ''}); choose an empty or new folder"
-            )
         build_smoke_dataset(output, options)
     return output
 
