@@ -593,7 +593,7 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
             "source_size": SOURCE_SIZE,
             "motions": {
                 name: {"right_hand": r, "left_hand": left}
-                for name, (r, left) in zip(classes, CLASS_TABLE, strict=False)
+                for name, (r, left) in zip(classes, CLASS_TABLE[: len(classes)], strict=True)
             },
         },
         "classes": classes,
@@ -628,6 +628,18 @@ def _check_existing(output: str, info: dict, options: SmokeOptions) -> None:
             f"{output} holds a smoke dataset of generator format "
             f"{tool.get('format_version')}, this code writes format {FORMAT_VERSION}; "
             f"delete {output} to regenerate it"
+        )
+    missing = [
+        name
+        for split in info.get("splits", {}).values()
+        for shard in split.get("shards", [])
+        for name in (shard["file"], shard["file"] + records.INDEX_SUFFIX)
+        if not os.path.exists(os.path.join(output, name))
+    ]
+    if missing:
+        raise SmokeDatasetError(
+            f"{output} is incomplete: {', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''} missing; delete {output} to regenerate it"
         )
     stored = synthetic.get("options", {})
     wanted = options.to_dict()
@@ -683,6 +695,11 @@ def ensure_smoke_dataset(
         seed=seed,
     )
     output = os.fspath(output_dir)
+    if "://" in output:
+        raise ValueError(
+            f"{output}: the smoke dataset is built in a local folder; give a local path "
+            "(copy it to remote storage afterwards if needed)"
+        )
     info_path = os.path.join(output, records.DATASET_INFO)
     if os.path.exists(info_path):  # fast path, no lock needed: the file is written last
         _check_existing(output, records.load_dataset_info(output), options)

@@ -3,6 +3,7 @@ reuse and what the H&HT frames show."""
 
 import json
 import os
+import shutil
 import threading
 
 import cv2
@@ -207,6 +208,19 @@ def test_older_generator_format_is_refused(tmp_path, small_dir):
     (folder / records.DATASET_INFO).write_text(json.dumps(info))
     with pytest.raises(synthetic.SmokeDatasetError, match=f"delete {folder}"):
         synthetic.ensure_smoke_dataset(folder, **SMALL)
+
+
+def test_missing_shard_is_reported(tmp_path, small_dir):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_dir, folder)
+    os.remove(folder / "val-00000-of-00001.tfrecord.index")
+    with pytest.raises(synthetic.SmokeDatasetError, match="incomplete: val-00000-of-00001"):
+        synthetic.ensure_smoke_dataset(folder, **SMALL)
+
+
+def test_remote_paths_are_refused():
+    with pytest.raises(ValueError, match="local folder"):
+        synthetic.ensure_smoke_dataset("gs://bucket/smoke", **SMALL)
 
 
 def test_unrelated_files_are_never_deleted(tmp_path):
