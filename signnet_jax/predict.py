@@ -1,0 +1,583 @@
+"""Predict the sign in a raw video: H&HT -> the multi-view test protocol -> top-k glosses.
+
+python -m signnet_jax.predict --checkpoint DIR --video IN [--top-k 5] [--json] \
+    [--save-hht OUT.mp4] [--models DIR] [--batch N]
+
+The video goes through exactly what an evaluation of the same video would see:
+H&HT with the checkpoint's settings, the tunnelled frames JPEG-encoded as the
+record builder stores them, then the input pipeline's own test views
+(``pipeline.EvalViews`` + ``pipeline.EvalClip``: every ``sampling_rate``-th
+frame, padded with the last, ``test_num_segment`` clips x ``test_num_crop``
+crops of the short-side-resized frames). Softmax probabilities are averaged over
+the views. ``DIR`` is a model checkpoint (``signnet_jax.convert`` or training)
+or a training workdir (its ``checkpoints`` folder is used, latest step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from signnet_jax import checkpointing
+from signnet_jax.data import device, pipeline
+from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
+from signnet_jax.hht.video import VideoError, decode_video, write_video
+from signnet_jax.models import vit
+
+# data_prep.build_records' default; used when the checkpoint does not record its records' quality.
+DEFAULT_JPEG_QUALITY = 90
+
+
+class PredictError(ValueError):
+    """Nothing can be predicted: a bad checkpoint, video or option (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSettings:
+    """The test-view rules a checkpoint was evaluated with (meta['input'])."""
+
+    num_frames: int
+    sampling_rate: int
+    img_size: int
+    short_side_size: int
+    test_num_segment: int
+    test_num_crop: int
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+
+    @property
+    def num_views(self) -> int:
+        return self.test_num_segment * self.test_num_crop
+
+    @classmethod
+    def from_meta(cls, meta_input: dict | None, cfg: vit.ViTConfig) -> InputSettings:
+        """Settings from a checkpoint's ``meta['input']``; None -> the published test defaults.
+
+        Args:
+          meta_input: the checkpoint's input dict, or None (converted checkpoints).
+          cfg: the model config (clip length and frame size when ``meta_input`` is None).
+
+        Returns:
+          The settings.
+        """
+        if meta_input is None:
+            return cls(cfg.num_frames, 2, cfg.img_size, cfg.img_size, 3, 1)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(meta_input) - known)
+        if unknown:
+            raise ValueError(f"unknown input settings {unknown}; known are {sorted(known)}")
+        settings = cls(**meta_input)
+        for name in known:
+            value = getattr(settings, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"input setting {name} must be a positive integer, got {value!r}")
+        if settings.num_frames != cfg.num_frames:
+            raise ValueError(
+                f"input num_frames {settings.num_frames} differs from the model's {cfg.num_frames}"
+            )
+        return settings
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Everything one prediction produced.
+
+    Attributes:
+      report: the JSON-able summary (what ``Predictor.predict`` returns).
+      probabilities: (num_classes,) float64 softmax averaged over the views.
+      hht: the H&HT result (tunnelled frames, boxes, box sources).
+      source_frames: (N, H, W, 3) uint8 RGB decoded frames (for a contact sheet).
+      views: (num_views, T, S, S, 3) uint8 clips the model saw.
+    """
+
+    report: dict[str, Any]
+    probabilities: np.ndarray
+    hht: HHTResult
+    source_frames: np.ndarray
+    views: np.ndarray
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoint folder behind ``path``: the folder itself or a workdir's ``checkpoints``.
+
+    Args:
+      path: a model checkpoint folder or a training workdir.
+
+    Returns:
+      Absolute path of a folder holding checkpoint steps.
+
+    Raises:
+      PredictError: nothing usable at ``path`` (the message says what was expected).
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    if not path.exists():
+        raise PredictError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise PredictError(
+            f"checkpoint {path} is a file; pass the folder written by signnet_jax.convert "
+            "or a training workdir"
+        )
+    if checkpointing.checkpoint_steps(path):
+        return path
+    nested = path / "checkpoints"
+    if nested.is_dir():
+        if checkpointing.checkpoint_steps(nested):
+            return nested
+        raise PredictError(
+            f"{nested} holds no checkpoint steps yet; has training saved one? "
+            "(or pass a folder written by signnet_jax.convert)"
+        )
+    raise PredictError(
+        f"{path} is not a checkpoint: it holds no checkpoint steps and no 'checkpoints' "
+        "folder; pass a folder written by signnet_jax.convert or a training workdir"
+    )
+
+
+def _read_checkpoint(directory: pathlib.Path) -> tuple[dict, dict, int]:
+    steps = checkpointing.checkpoint_steps(directory)
+    try:
+        params, meta = checkpointing.load_model(directory)
+    except checkpointing.CheckpointError as e:
+        raise PredictError(str(e)) from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise PredictError(
+            f"{directory}: the checkpoint metadata has no model config; it was not written "
+            "by signnet_jax.convert or training"
+        )
+    return params, meta, max(steps)
+
+
+def _class_names(meta: dict, num_classes: int, directory: pathlib.Path) -> tuple[list[str], bool]:
+    """(names, generated): the checkpoint's class names or class_0, class_1, ..."""
+    classes = meta.get("classes")
+    if classes is None:
+        return [f"class_{i}" for i in range(num_classes)], True
+    if len(classes) != num_classes:
+        raise PredictError(
+            f"{directory}: the checkpoint lists {len(classes)} class names but the model "
+            f"head has {num_classes} classes"
+        )
+    return [str(c) for c in classes], False
+
+
+def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    """{'blocks/0/attn/qkv/kernel': shape, ...}; keys as strings (orbax stores them so)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+        for path, leaf in flat
+    }
+
+
+def _check_params(params: dict, cfg: vit.ViTConfig, where: pathlib.Path) -> None:
+    """Raises PredictError naming the parameters that do not fit ``cfg``."""
+    have, want = _shapes(params), _shapes(vit.abstract_params(cfg))
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [
+        f"{k} has shape {have[k]}, the config needs {want[k]}"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise PredictError(
+            f"{where}: the parameters do not fit the model config in its metadata "
+            f"({len(problems)} problems: {shown})"
+        )
+
+
+def _jpeg_round_trip(frames: np.ndarray, quality: int) -> list[bytes]:
+    # The records hold frames exactly as data_prep.build_records.encode_jpeg writes them
+    # (OpenCV, BGR order, this quality); EvalClip decodes them again, so predict sees
+    # the same pixels an evaluation of this video does.
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    out = []
+    for frame in frames:
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(frame[..., ::-1]), params)
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for a frame of shape {frame.shape}")
+        out.append(buf.tobytes())
+    return out
+
+
+def make_views(frames: np.ndarray, settings: InputSettings, name: str = "video") -> np.ndarray:
+    """The test views of one tunnelled video, built by the input pipeline's own transforms.
+
+    Args:
+      frames: (N, H, W, 3) uint8 RGB H&HT frames.
+      settings: the checkpoint's test-view rules.
+      name: what error messages call the video.
+
+    Returns:
+      (num_views, num_frames, S, S, 3) uint8 clips, S = short_side_size, in the
+      pipeline's view order (segment-major, then crop).
+    """
+    jpegs = _jpeg_round_trip(frames, settings.jpeg_quality)
+    record = {"frames": jpegs, "num_frames": np.array([len(jpegs)]), "label": np.array([-1])}
+    views = pipeline.EvalViews(
+        [record], settings.test_num_segment, settings.test_num_crop, settings.num_views
+    )
+    clip_of = pipeline.EvalClip(
+        lambda index, element=None: name,
+        "test",
+        settings.num_frames,
+        settings.sampling_rate,
+        settings.test_num_segment,
+        settings.test_num_crop,
+        settings.short_side_size,
+        settings.img_size,
+    )
+    return np.stack([clip_of.map(views[g])["clip"] for g in range(settings.num_views)])
+
+
+def rank_classes(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """The k most probable classes, most probable first (ties: lower class index first).
+
+    Args:
+      probabilities: (num_classes,) probabilities.
+      classes: class names.
+      k: how many (capped at the number of classes).
+
+    Returns:
+      [{'rank': 1, 'label': index, 'gloss': name, 'probability': p}, ...].
+    """
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [
+        {
+            "rank": r + 1,
+            "label": int(i),
+            "gloss": classes[i],
+            "probability": float(probabilities[i]),
+        }
+        for r, i in enumerate(order)
+    ]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+class Predictor:
+    """A loaded, compiled model plus an H&HT tunneller, ready to predict many videos.
+
+    Use as a context manager (or call close()) so the MediaPipe tasks are released.
+
+    Attributes:
+      checkpoint: the resolved checkpoint folder.
+      step: the checkpoint step that was loaded.
+      classes: class names (``class_0``... when the checkpoint has none).
+      model_cfg, hht_settings, input_settings: what the checkpoint prescribes.
+      notes: remarks about defaults that were applied (no class names, no H&HT settings...).
+      startup_ms: time spent loading ('load') and compiling ('compile').
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        models_dir: str | os.PathLike | None = None,
+        batch_size: int | None = None,
+    ):
+        """Loads the checkpoint, compiles the model and starts the H&HT tunneller.
+
+        Args:
+          checkpoint_dir: a model checkpoint folder or a training workdir.
+          models_dir: MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else
+            the download cache).
+          batch_size: views per forward pass (default: all views of a video at once);
+            smaller batches need less memory.
+
+        Raises:
+          PredictError: the checkpoint cannot be used, or bad batch_size.
+          FileNotFoundError: MediaPipe model files missing.
+        """
+        t0 = time.perf_counter()
+        self.checkpoint = resolve_checkpoint(checkpoint_dir)
+        params, meta, self.step = _read_checkpoint(self.checkpoint)
+        where = self.checkpoint
+        self.notes: list[str] = []
+        try:
+            self.model_cfg = vit.ViTConfig.from_dict(meta["model"])
+            self.input_settings = InputSettings.from_meta(meta.get("input"), self.model_cfg)
+            hht = meta.get("hht")
+            self.hht_settings = HHTSettings() if hht is None else HHTSettings.from_dict(hht)
+        except (TypeError, ValueError) as e:
+            raise PredictError(f"{where}: unusable checkpoint metadata: {e}") from e
+        self.classes, generated = _class_names(meta, self.model_cfg.num_classes, where)
+        if generated:
+            self.notes.append(
+                f"the checkpoint has no class names; reporting class_0..class_"
+                f"{self.model_cfg.num_classes - 1} (convert with --class-list to name them)"
+            )
+        if hht is None:
+            self.notes.append("the checkpoint records no H&HT settings; using the defaults")
+        if meta.get("input") is None:
+            s = self.input_settings
+            self.notes.append(
+                f"the checkpoint records no test-view settings; using sampling rate "
+                f"{s.sampling_rate}, {s.test_num_segment} clips x {s.test_num_crop} crop of "
+                f"{s.short_side_size} px"
+            )
+        views = self.input_settings.num_views
+        self.batch_size = views if batch_size is None else batch_size
+        if self.batch_size < 1:
+            raise PredictError(f"batch size must be >= 1, got {self.batch_size}")
+        self.batch_size = min(self.batch_size, views)
+        _check_params(params, self.model_cfg, where)
+        model = vit.model_from_params(self.model_cfg, params)
+        self._graphdef, self._state = nnx.split(model)
+        t1 = time.perf_counter()
+        self._forward = self._compile()
+        t2 = time.perf_counter()
+        # Last, so a failure above leaves no MediaPipe tasks open.
+        self._tunneller = Tunneller(self.hht_settings, models_dir)
+        load = (t1 - t0) + (time.perf_counter() - t2)
+        self.startup_ms = {"load": _ms(load), "compile": _ms(t2 - t1)}
+
+    def _compile(self):
+        """Ahead-of-time compiled softmax of a (batch, T, S, S, 3) uint8 batch of views."""
+        graphdef, dtype = self._graphdef, jnp.dtype(self.model_cfg.dtype)
+
+        def probs(state, clip):
+            logits = nnx.merge(graphdef, state)(device.normalize(clip, dtype))
+            return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+        s = self.input_settings
+        shape = (self.batch_size, s.num_frames, s.short_side_size, s.short_side_size, 3)
+        try:
+            return (
+                jax.jit(probs).lower(self._state, jax.ShapeDtypeStruct(shape, jnp.uint8)).compile()
+            )
+        except ValueError as e:
+            raise PredictError(
+                f"{self.checkpoint}: the model cannot take {shape} clips: {e}"
+            ) from e
+
+    def close(self) -> None:
+        """Releases the MediaPipe tasks (idempotent)."""
+        self._tunneller.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(
+        self,
+        video_path: str | os.PathLike,
+        top_k: int = 5,
+        save_hht: str | os.PathLike | None = None,
+    ) -> Prediction:
+        """Predicts one video and keeps the intermediate arrays.
+
+        Args:
+          video_path: a raw video file (anything FFmpeg decodes).
+          top_k: how many classes to report (capped at the number of classes).
+          save_hht: if given, the tunnelled video is also written there (H.264 MP4).
+
+        Returns:
+          The prediction (``report`` as described in ``predict``).
+
+        Raises:
+          PredictError: bad top_k, unreadable video, or a video in which nothing can be
+            seen (no person and the H&HT layout draws no whole-frame cell).
+        """
+        if top_k < 1:
+            raise PredictError(f"top_k must be >= 1, got {top_k}")
+        if save_hht is not None:
+            parent = pathlib.Path(save_hht).absolute().parent
+            if not parent.is_dir():
+                raise PredictError(f"cannot write {save_hht}: folder {parent} does not exist")
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        try:
+            frames, fps, times = decode_video(video_path)
+        except VideoError as e:
+            raise PredictError(str(e)) from e
+        timings["decode"] = _ms(time.perf_counter() - t_start)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NoPersonWarning)
+            hht = self._tunneller.process_frames(frames, fps, times, name=str(video_path))
+        timings["hht"] = _ms(time.perf_counter() - t0)
+        notes = list(self.notes)
+        messages = [str(w.message) for w in caught if issubclass(w.category, NoPersonWarning)]
+        if messages and not self.hht_settings.quadrants[0]:
+            raise PredictError(
+                f"{video_path}: no head or hand found in any frame, and the checkpoint's H&HT "
+                "layout has no whole-frame cell, so every tunnelled frame is black; use a "
+                "video where the signer is visible"
+            )
+        t0 = time.perf_counter()
+        views = make_views(hht.frames, self.input_settings, str(video_path))
+        timings["views"] = _ms(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        probabilities = self._average_probabilities(views)
+        timings["inference"] = _ms(time.perf_counter() - t0)
+        if save_hht is not None:
+            t0 = time.perf_counter()
+            write_video(save_hht, hht.frames, hht.fps)
+            timings["save_hht"] = _ms(time.perf_counter() - t0)
+        timings["total"] = _ms(time.perf_counter() - t_start)
+        s = self.input_settings
+        report = {
+            "video": str(video_path),
+            "checkpoint": str(self.checkpoint),
+            "step": self.step,
+            "top_k": rank_classes(probabilities, self.classes, top_k),
+            "views": {
+                "count": s.num_views,
+                "clips": s.test_num_segment,
+                "crops": s.test_num_crop,
+                "frames_per_clip": s.num_frames,
+                "sampling_rate": s.sampling_rate,
+                "size": s.short_side_size,
+            },
+            "hht": {
+                "frames": int(len(hht.frames)),
+                "fps": float(hht.fps),
+                "source_size": [int(v) for v in hht.source_size],
+                "coverage": coverage(hht.box_source),
+            },
+            "timings_ms": timings,
+            "warnings": messages,
+            "notes": notes,
+        }
+        return Prediction(report, probabilities, hht, frames, views)
+
+    def predict(
+        self,
+        video_path: str | os.PathLike,
+        top_k: int = 5,
+        save_hht: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """Predicts the sign in one raw video.
+
+        Args:
+          video_path: a raw video file.
+          top_k: how many classes to report (capped at the number of classes).
+          save_hht: if given, the tunnelled video is also written there.
+
+        Returns:
+          JSON-able dict: ``video``, ``checkpoint``, ``step``, ``top_k`` (list of
+          ``{rank, label, gloss, probability}``, most probable first), ``views``
+          (count, clips, crops, frames_per_clip, sampling_rate, size), ``hht``
+          (frames, fps, source_size, coverage per part), ``timings_ms`` (decode, hht,
+          views, inference[, save_hht], total; start-up costs are in
+          ``Predictor.startup_ms``), ``warnings`` (e.g. no person found) and ``notes``
+          (defaults applied).
+        """
+        return self.run(video_path, top_k, save_hht).report
+
+    def _average_probabilities(self, views: np.ndarray) -> np.ndarray:
+        """Softmax of every view, averaged (float64) over the views."""
+        b = self.batch_size
+        out = []
+        for i in range(0, len(views), b):
+            chunk = views[i : i + b]
+            n = len(chunk)
+            if n < b:  # pad to the compiled batch; the padding's output is dropped
+                chunk = np.concatenate([chunk, np.zeros((b - n,) + chunk.shape[1:], np.uint8)])
+            out.append(np.asarray(self._forward(self._state, chunk))[:n])
+        return np.concatenate(out).astype(np.float64).mean(axis=0)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable summary of a prediction (what the CLI prints without --json)."""
+    h = report["hht"]
+    v = report["views"]
+    lines = [
+        f"{report['video']}: {h['frames']} frames, {h['fps']:g} fps, "
+        f"{h['source_size'][1]}x{h['source_size'][0]}",
+        f"checkpoint {report['checkpoint']} (step {report['step']})",
+        "H&HT: "
+        + ", ".join(
+            f"{part.replace('_', ' ')} {c['located']}/{h['frames']} frames"
+            for part, c in h["coverage"].items()
+        ),
+        f"views: {v['clips']} clips x {v['crops']} crops of {v['frames_per_clip']} frames "
+        f"(every {v['sampling_rate']}), {v['size']} px",
+    ]
+    width = max(len(t["gloss"]) for t in report["top_k"])
+    for t in report["top_k"]:
+        lines.append(f"{t['rank']:>3}. {t['gloss']:<{width}}  {t['probability']:.4f}")
+    return "\n".join(lines)
+
+
+def format_timings(timings_ms: dict[str, float]) -> str:
+    """One line: 'load 812 ms | compile 1503 ms | ...'."""
+    return " | ".join(f"{k} {v:.0f} ms" for k, v in timings_ms.items())
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m signnet_jax.predict",
+        description="Predict the sign in a raw video: H&HT with the checkpoint's settings, "
+        "the multi-view test protocol, top-k glosses with probabilities.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model checkpoint folder (signnet_jax.convert or training) or a training workdir",
+    )
+    p.add_argument("--video", required=True, help="raw video file")
+    p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
+    p.add_argument("--models", help="MediaPipe model folder (default $SIGNNET_MEDIAPIPE_MODELS)")
+    p.add_argument("--batch", type=int, help="views per forward pass (default: all at once)")
+    args = p.parse_args(None if argv is None else list(argv))
+    if args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options)."""
+    args = _parse(argv)
+    # Fail on a missing video before spending seconds on the checkpoint and compile.
+    if not pathlib.Path(args.video).is_file():
+        print(f"error: video {args.video} does not exist", file=sys.stderr)
+        return 1
+    try:
+        with Predictor(args.checkpoint, args.models, args.batch) as predictor:
+            report = predictor.predict(args.video, args.top_k, args.save_hht)
+            startup = predictor.startup_ms
+    except (PredictError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    video_ms = report["timings_ms"]
+    total = video_ms.pop("total") + sum(startup.values())
+    report["timings_ms"] = {**startup, **video_ms, "total": round(total, 1)}
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"timings: {format_timings(report['timings_ms'])}", file=sys.stderr)
+    if args.save_hht:
+        print(f"wrote {args.save_hht}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

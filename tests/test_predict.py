@@ -1,0 +1,396 @@
+"""predict: raw video -> H&HT -> multi-view test views -> averaged softmax -> top-k glosses."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from data_prep.build_records import encode_jpeg
+from signnet_jax import checkpointing, convert, predict
+from signnet_jax.data import device, pipeline, records
+from signnet_jax.hht import HHTSettings, read_video, write_video
+from signnet_jax.models import vit
+from tests.models import torch_vit
+from tests.models.helpers import torch_state
+
+CLASSES = ["hello", "book", "drink", "computer", "before"]
+TINY_CLASSES = [f"gloss{i}" for i in range(7)]
+# A training-style checkpoint with non-default test views: 2 clips x 2 crops, stride 3.
+TINY_INPUT = {
+    "num_frames": 4,
+    "sampling_rate": 3,
+    "img_size": 32,
+    "short_side_size": 48,
+    "test_num_segment": 2,
+    "test_num_crop": 2,
+}
+TINY_HHT = HHTSettings(size=64, layout="strip").to_dict()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A ViT-S converted from a PyTorch VideoMAEv2 state dict with a class list (4 x 32 px)."""
+    root = tmp_path_factory.mktemp("converted")
+    tmodel = torch_vit.make("S", len(CLASSES), num_frames=4, img_size=32, seed=3)
+    torch.save({k: torch.from_numpy(v) for k, v in torch_state(tmodel).items()}, root / "s.pth")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    args = ["--input", root / "s.pth", "--output", root / "ckpt", "--model", "S"]
+    args += ["--num-frames", "4", "--num-classes", len(CLASSES), "--img-size", "32"]
+    assert convert.main([str(a) for a in args + ["--class-list", root / "classes.txt"]]) == 0
+    return root / "ckpt"
+
+
+def _tiny_model():
+    cfg = vit.ViTConfig.from_preset(
+        "S", embed_dim=48, depth=1, num_heads=2, mlp_dim=96, num_frames=4, img_size=32,
+        num_classes=len(TINY_CLASSES), init_scale=1.0,
+    )  # fmt: skip
+    return cfg, vit.params_of(vit.create_model(cfg))
+
+
+def _save_tiny(directory, **meta_overrides):
+    cfg, params = _tiny_model()
+    meta = {
+        "model": cfg.to_dict(),
+        "classes": TINY_CLASSES,
+        "hht": TINY_HHT,
+        "input": TINY_INPUT,
+        "source": {"format": "test"},
+    }
+    meta.update(meta_overrides)
+    checkpointing.save_model(directory, params, meta)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training workdir: the model checkpoint lives in WORKDIR/checkpoints."""
+    root = tmp_path_factory.mktemp("workdir")
+    _save_tiny(root / "checkpoints")
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted_run(converted, sign_sample):
+    with predict.Predictor(converted) as p:
+        return p.run(sign_sample, top_k=3), p
+
+
+@pytest.fixture(scope="module")
+def tiny_run(workdir, sign_sample):
+    with predict.Predictor(workdir) as p:
+        return p.run(sign_sample, top_k=10)
+
+
+def _reference_probabilities(checkpoint, views):
+    """Per-view softmax of the model applied directly, averaged (no jit, no batching)."""
+    params, meta = checkpointing.load_model(checkpoint)
+    model = vit.model_from_params(vit.ViTConfig.from_dict(meta["model"]), params)
+    logits = np.asarray(model(device.normalize(jnp.asarray(views))), np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).mean(0)
+
+
+def _check_top_k(top, probabilities, classes, k):
+    assert [t["rank"] for t in top] == list(range(1, k + 1))
+    labels = [t["label"] for t in top]
+    assert len(set(labels)) == k
+    assert [t["gloss"] for t in top] == [classes[i] for i in labels]
+    probs = [t["probability"] for t in top]
+    assert probs == sorted(probs, reverse=True)
+    assert all(0.0 <= q <= 1.0 for q in probs) and sum(probs) <= 1.0 + 1e-9
+    assert probs == [float(probabilities[i]) for i in labels]
+    # The top k are the k largest.
+    assert min(probs) >= np.delete(probabilities, labels).max(initial=0.0)
+
+
+def test_converted_checkpoint_top_k(converted_run, converted):
+    run, predictor = converted_run
+    report = run.report
+    _check_top_k(report["top_k"], run.probabilities, CLASSES, 3)
+    assert run.probabilities.shape == (len(CLASSES),)
+    assert run.probabilities.sum() == pytest.approx(1.0, abs=1e-6)
+    # Converted checkpoints carry no input settings: the published defaults, 3 clips x 1 crop.
+    assert run.views.shape == (3, 4, 32, 32, 3) and run.views.dtype == np.uint8
+    assert report["views"] == {
+        "count": 3, "clips": 3, "crops": 1, "frames_per_clip": 4, "sampling_rate": 2, "size": 32,
+    }  # fmt: skip
+    np.testing.assert_allclose(
+        run.probabilities, _reference_probabilities(converted, run.views), rtol=1e-5, atol=1e-7
+    )
+    assert predictor.hht_settings == HHTSettings()
+    assert any("no H&HT settings" in n for n in report["notes"])
+    assert any("no test-view settings" in n for n in report["notes"])
+    assert report["hht"]["frames"] == 76 and report["hht"]["source_size"] == [256, 256]
+    assert report["hht"]["coverage"]["head"]["located"] >= 70
+    assert report["warnings"] == []
+
+
+def test_training_checkpoint_uses_its_hht_and_view_settings(tiny_run, workdir):
+    run = tiny_run
+    # top_k 10 is capped at the 7 classes, so the probabilities sum to 1.
+    _check_top_k(run.report["top_k"], run.probabilities, TINY_CLASSES, 7)
+    assert sum(t["probability"] for t in run.report["top_k"]) == pytest.approx(1.0, abs=1e-6)
+    assert run.report["checkpoint"] == str(workdir / "checkpoints")
+    assert run.hht.frames.shape == (76, 64, 64, 3)  # TINY_HHT size
+    assert run.views.shape == (4, 4, 48, 48, 3)  # 2 clips x 2 crops at short side 48
+    assert run.report["notes"] == []
+    np.testing.assert_allclose(
+        run.probabilities,
+        _reference_probabilities(workdir / "checkpoints", run.views),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_views_are_the_eval_pipelines_views(tiny_run, tmp_path):
+    # Store the same tunnelled video as data_prep would, evaluate it with the input
+    # pipeline: the clips must be identical, bit for bit.
+    frames = [encode_jpeg(f, 90) for f in tiny_run.hht.frames]
+    name = records.shard_name("test", 0, 1)
+    with records.TFRecordWriter(tmp_path / name) as w:
+        w.write(records.encode_example({"video_id": "v", "label": 0, "frames": frames}))
+    info = {
+        "classes": TINY_CLASSES,
+        "splits": {"test": {"shards": [{"file": name, "num_records": 1}]}},
+    }
+    (tmp_path / records.DATASET_INFO).write_text(json.dumps(info))
+    s = TINY_INPUT
+    ds, info = pipeline.eval_dataset(
+        str(tmp_path), "test", mode="test", global_batch_size=4, clip_len=s["num_frames"],
+        sampling_rate=s["sampling_rate"], num_segment=s["test_num_segment"],
+        num_crop=s["test_num_crop"], short_side_size=s["short_side_size"],
+        crop_size=s["img_size"], process_index=0, process_count=1,
+    )  # fmt: skip
+    batch = next(iter(ds))
+    assert info.num_views == 4 and batch["valid"].all()
+    np.testing.assert_array_equal(batch["clip"], tiny_run.views)
+
+
+def test_jpeg_round_trip_matches_the_record_builder(tiny_run):
+    frames = tiny_run.hht.frames[:3]
+    assert predict._jpeg_round_trip(frames, 90) == [encode_jpeg(f, 90) for f in frames]
+
+
+def test_smaller_batches_give_the_same_probabilities(workdir, tiny_run):
+    with predict.Predictor(workdir, batch_size=3) as p:
+        assert p.batch_size == 3
+        probs = p._average_probabilities(tiny_run.views)
+    np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
+
+
+def test_no_class_names_reports_class_indices(tmp_path, sign_sample):
+    ckpt = _save_tiny(tmp_path / "ckpt", classes=None, input=None, hht=None)
+    with predict.Predictor(ckpt) as p:
+        assert p.classes == [f"class_{i}" for i in range(7)]
+        assert any("no class names" in n for n in p.notes)
+
+
+def test_rank_classes_breaks_ties_by_index():
+    top = predict.rank_classes(np.array([0.2, 0.4, 0.2, 0.2]), list("abcd"), 3)
+    assert [(t["label"], t["gloss"]) for t in top] == [(1, "b"), (0, "a"), (2, "c")]
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def _cli(capsys, *args):
+    code = predict.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json_schema_and_saved_hht_video(converted, sign_sample, tmp_path, capsys):
+    out_mp4 = tmp_path / "hht.mp4"
+    code, out, err = _cli(
+        capsys, "--checkpoint", converted, "--video", sign_sample, "--json", "--top-k", "2",
+        "--save-hht", out_mp4, "--batch", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)  # stdout is exactly one JSON object
+    assert set(report) == {
+        "video", "checkpoint", "step", "top_k", "views", "hht", "timings_ms", "warnings", "notes",
+    }  # fmt: skip
+    assert report["video"] == str(sign_sample) and report["step"] == 0
+    assert report["checkpoint"] == str(converted)
+    assert len(report["top_k"]) == 2
+    for t in report["top_k"]:
+        assert set(t) == {"rank", "label", "gloss", "probability"}
+        assert t["gloss"] == CLASSES[t["label"]]
+    probs = [t["probability"] for t in report["top_k"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
+    stages = ["load", "compile", "decode", "hht", "views", "inference", "save_hht", "total"]
+    assert list(report["timings_ms"]) == stages
+    assert all(v >= 0 for v in report["timings_ms"].values())
+    assert report["timings_ms"]["total"] >= sum(report["timings_ms"][s] for s in stages[:-1]) - 1
+    assert set(report["hht"]["coverage"]) == {"head", "right_hand", "left_hand"}
+    assert "timings: load" in err and f"wrote {out_mp4}" in err
+    # The saved tunnelled video plays back: every frame, full size, the source rate.
+    frames, fps = read_video(out_mp4)
+    assert frames.shape == (76, 256, 256, 3) and fps == pytest.approx(25.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["hht.mp4"]  # no temp files left
+
+
+def test_cli_text_output(workdir, sign_sample, capsys):
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", sign_sample, "--top-k", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{sign_sample}: 76 frames, 25 fps, 256x256"
+    assert lines[3] == "views: 2 clips x 2 crops of 4 frames (every 3), 48 px"
+    ranked = lines[4:]
+    assert len(ranked) == 3 and ranked[0].lstrip().startswith("1. gloss")
+
+
+def _expect_error(capsys, message, *args):
+    code, out, err = _cli(capsys, *args)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and message in err, err
+    return err
+
+
+def test_cli_missing_checkpoint(tmp_path, sign_sample, capsys):
+    missing = tmp_path / "nope"
+    _expect_error(
+        capsys, f"checkpoint {missing} does not exist", "--checkpoint", missing, "--video",
+        sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_checkpoint_is_a_file(tmp_path, sign_sample, capsys):
+    (tmp_path / "model.pth").write_bytes(b"x")
+    _expect_error(
+        capsys, "is a file; pass the folder written by signnet_jax.convert",
+        "--checkpoint", tmp_path / "model.pth", "--video", sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_folder_that_is_not_a_checkpoint(tmp_path, sign_sample, capsys):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "dataset_info.json").write_text("{}")
+    _expect_error(
+        capsys, "is not a checkpoint", "--checkpoint", tmp_path / "records", "--video", sign_sample
+    )
+
+
+def test_cli_workdir_without_checkpoint_steps(tmp_path, sign_sample, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    _expect_error(
+        capsys, "holds no checkpoint steps yet", "--checkpoint", tmp_path / "run", "--video",
+        sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_checkpoint_without_model_config(tmp_path, sign_sample, capsys):
+    _, params = _tiny_model()
+    checkpointing.save_model(tmp_path / "ckpt", params, {"classes": TINY_CLASSES})
+    _expect_error(
+        capsys, "metadata has no model config", "--checkpoint", tmp_path / "ckpt", "--video",
+        sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_class_list_that_does_not_fit_the_head(tmp_path, sign_sample, capsys):
+    ckpt = _save_tiny(tmp_path / "ckpt", classes=["a", "b"])
+    _expect_error(
+        capsys, "lists 2 class names but the model head has 7 classes",
+        "--checkpoint", ckpt, "--video", sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_parameters_that_do_not_fit_the_config(tmp_path, sign_sample, capsys):
+    cfg, _ = _tiny_model()
+    ckpt = _save_tiny(tmp_path / "ckpt", model={**cfg.to_dict(), "embed_dim": 64})
+    _expect_error(
+        capsys, "parameters do not fit the model config", "--checkpoint", ckpt, "--video",
+        sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_bad_input_settings(tmp_path, sign_sample, capsys):
+    ckpt = _save_tiny(tmp_path / "ckpt", input={**TINY_INPUT, "test_num_crop": 0})
+    _expect_error(
+        capsys, "test_num_crop must be a positive integer", "--checkpoint", ckpt, "--video",
+        sign_sample,
+    )  # fmt: skip
+
+
+def test_cli_missing_video(workdir, tmp_path, capsys):
+    missing = tmp_path / "clip.mp4"
+    _expect_error(
+        capsys, f"video {missing} does not exist", "--checkpoint", workdir, "--video", missing
+    )
+
+
+def test_cli_unreadable_video(workdir, tmp_path, capsys):
+    bad = tmp_path / "clip.mp4"
+    bad.write_text("not a video\n")
+    _expect_error(capsys, f"{bad}: cannot decode as video", "--checkpoint", workdir, "--video", bad)
+
+
+def test_cli_save_hht_into_missing_folder(workdir, sign_sample, tmp_path, capsys):
+    target = tmp_path / "no" / "out.mp4"
+    _expect_error(
+        capsys, f"folder {target.parent} does not exist", "--checkpoint", workdir,
+        "--video", sign_sample, "--save-hht", target,
+    )  # fmt: skip
+    assert not (tmp_path / "no").exists()
+
+
+def test_cli_incomplete_models_folder(workdir, sign_sample, tmp_path, capsys):
+    _expect_error(
+        capsys, f"--models {tmp_path} lacks", "--checkpoint", workdir, "--video", sign_sample,
+        "--models", tmp_path,
+    )  # fmt: skip
+
+
+def test_cli_bad_options(workdir, sign_sample, capsys):
+    for option in (["--top-k", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            predict.main(["--checkpoint", str(workdir), "--video", str(sign_sample), *option])
+        assert e.value.code == 2
+        assert f"{option[0]} must be >= 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def empty_scene(tmp_path_factory):
+    """A short video of a smooth colour ramp: nobody in it."""
+    path = tmp_path_factory.mktemp("scene") / "empty.mp4"
+    ramp = np.linspace(40, 200, 96).astype(np.uint8)
+    frame = np.stack([np.tile(ramp, (64, 1))] * 3, axis=-1)
+    write_video(path, [frame] * 10, 25.0)
+    return path
+
+
+def test_cli_no_person_warns_and_still_predicts(workdir, empty_scene, capsys):
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", empty_scene, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["warnings"]) == 1 and "no head or hand found" in report["warnings"][0]
+    assert "warning: " in err and "no head or hand found" in err
+    assert all(c["located"] == 0 for c in report["hht"]["coverage"].values())
+    assert len(report["top_k"]) == 5
+
+
+def test_cli_no_person_and_no_whole_frame_cell_is_an_error(tmp_path, empty_scene, capsys):
+    hht = HHTSettings(size=64, quadrants=(False, True, True, True)).to_dict()
+    ckpt = _save_tiny(tmp_path / "ckpt", hht=hht)
+    _expect_error(
+        capsys, f"{empty_scene}: no head or hand found in any frame, and the checkpoint's H&HT "
+        "layout has no whole-frame cell", "--checkpoint", ckpt, "--video", empty_scene,
+    )  # fmt: skip
+
+
+def test_module_runs_as_a_script(converted, sign_sample):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "signnet_jax.predict", "--checkpoint", str(converted),
+         "--video", str(sign_sample), "--json", "--top-k", "1"],
+        capture_output=True, text=True, check=False, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["top_k"][0]["rank"] == 1
