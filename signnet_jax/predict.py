@@ -79,6 +79,9 @@ class InputSettings:
         unknown = sorted(set(meta_input) - known)
         if unknown:
             raise ValueError(f"unknown input settings {unknown}; known are {sorted(known)}")
+        meta_input = dict(meta_input)
+        if meta_input.get("jpeg_quality") is None:  # records built without recording it
+            meta_input["jpeg_quality"] = DEFAULT_JPEG_QUALITY
         settings = cls(**meta_input)
         for name in known:
             value = getattr(settings, name)

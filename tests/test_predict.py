@@ -182,6 +182,42 @@ def test_smaller_batches_give_the_same_probabilities(workdir, tiny_run):
     np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
 
 
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    """A real (tiny) training run: configs/smoke.py for a few steps."""
+    from configs import smoke
+    from signnet_jax import train
+
+    root = tmp_path_factory.mktemp("smoke")
+    config = smoke.get_config()
+    config.records_dir = str(root / "records")
+    config.optim.epochs = 2
+    config.train.max_steps = 3
+    train.train_and_evaluate(config, str(root / "workdir"))
+    return root
+
+
+@pytest.mark.heavy
+def test_smoke_trained_checkpoint(smoke_workdir, sign_sample):
+    info = records.load_dataset_info(smoke_workdir / "records")
+    with predict.Predictor(smoke_workdir / "workdir") as p:
+        run = p.run(sign_sample)
+        assert p.step == 3 and p.notes == []
+        # Class names and H&HT settings travel from the records through the checkpoint.
+        assert p.classes == info["classes"]
+        assert p.hht_settings == HHTSettings.from_dict(info["hht_settings"])
+        assert p.input_settings == predict.InputSettings(8, 2, 64, 64, 3, 1, 90)
+    _check_top_k(run.report["top_k"], run.probabilities, info["classes"], 5)
+    assert run.views.shape == (3, 8, 64, 64, 3)
+    assert run.report["checkpoint"] == str(smoke_workdir / "workdir" / "checkpoints")
+    np.testing.assert_allclose(
+        run.probabilities,
+        _reference_probabilities(smoke_workdir / "workdir" / "checkpoints", run.views),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
 def test_no_class_names_reports_class_indices(tmp_path, sign_sample):
     ckpt = _save_tiny(tmp_path / "ckpt", classes=None, input=None, hht=None)
     with predict.Predictor(ckpt) as p:
