@@ -113,3 +113,64 @@ def load_model(directory: str | os.PathLike, step: int | None = None) -> tuple[d
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
     params = jax.tree.map(np.asarray, params)
     return params, meta
+
+
+class TrainCheckpointer:
+    """Training checkpoints: params, optimizer state, data-iterator state and metadata.
+
+    Keeps the latest ``keep`` steps plus the best by validation top-1. Saves are
+    asynchronous; a half-written step (process killed mid-save) is never restored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int, primary: bool = True):
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+        self.directory = pathlib.Path(directory).absolute()
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(
+                    get_metric_fn=lambda m: m["val_top1"],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        data_state: dict,
+        meta: dict,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Start saving ``state`` (a dict of array trees: params, opt_state, ...) at ``step``."""
+        items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
+        items["data"] = ocp.args.JsonSave(data_state)
+        items[META] = ocp.args.JsonSave(json.loads(json.dumps(meta)))
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """Restore ``(state, data_state, meta)``; arrays land with the abstract tree's shardings."""
+        items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
+        items["data"] = ocp.args.JsonRestore()
+        items[META] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = {k: out[k] for k in abstract_state}
+        return state, out["data"], out[META]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

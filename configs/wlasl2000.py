@@ -1,0 +1,96 @@
+"""python -m signnet_jax.main --config configs/wlasl2000.py --workdir runs/wlasl2000 --config.records_dir=records/wlasl2000 --config.init_from=ckpt/asl_citizen
+
+SignNet on WLASL2000: the published recipe (VideoMAEv2 ViT-B, 32 frames, sampling
+rate 2, 224 px), warm-started from a model fine-tuned on ASL-Citizen. Every
+other config imports this one and overrides what differs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"  # train (train, periodic val, final multi-view test) | eval
+    c.seed = 0
+    c.records_dir = ""  # output of data_prep.build_records (local or gs://)
+    c.train_split = "train"
+    c.val_split = "val"
+    c.test_split = "test"
+    c.init_from = ""  # a converted or trained checkpoint dir (warm start)
+    # Start a new head when init_from has other classes (ASL-Citizen -> WLASL). With the
+    # same class names in another order the head rows are permuted instead.
+    c.init_reset_head = True
+    c.smoke_dataset = False  # generate the synthetic smoke dataset into records_dir
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "B"
+    c.model.num_frames = 32
+    c.model.img_size = 224
+    c.model.drop_path_rate = 0.3
+    c.model.head_drop_rate = 0.0
+    c.model.init_scale = 0.001
+    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    c.model.remat = False
+    # architecture overrides for non-preset sizes (0: the preset's)
+    c.model.embed_dim = 0
+    c.model.depth = 0
+    c.model.num_heads = 0
+    c.model.mlp_dim = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.batch_size = 64  # videos per optimizer update, over all devices and processes
+    c.data.sampling_rate = 2
+    c.data.repeated_aug = 2  # augmented clips per video per step
+    c.data.flip = "plain"  # plain (as published) | hht (mirror quadrants, swap hands)
+    c.data.rand_augment = "rand-m7-n4-mstd0.5-inc1"
+    c.data.reprob = 0.25
+    c.data.short_side_size = 224
+    c.data.test_num_segment = 3
+    c.data.test_num_crop = 1
+    c.data.eval_batch_size = 64  # views per eval step, over all devices
+    c.data.num_workers = 8  # grain worker processes per host
+    c.data.num_threads = 2
+    c.data.prefetch = 2
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 1e-3  # scaled by batch_size / 256, as are min_lr and warmup_lr
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_lr = 1e-8
+    c.optim.warmup_epochs = 5
+    c.optim.epochs = 50
+    c.optim.weight_decay = 0.1
+    c.optim.layer_decay = 0.9
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_grad = 0.0  # 0: no clipping
+    c.optim.grad_accum = 1  # micro-batches per update (batch_size must divide)
+    c.optim.ema_decay = 0.0  # 0: no EMA of the weights
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.1
+    c.loss.mixup = 0.8
+    c.loss.cutmix = 1.0
+    c.loss.mixup_prob = 1.0
+    c.loss.switch_prob = 0.5
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1  # >1: shard parameters and optimizer state over this many devices
+    # logical parameter axis -> mesh axis ('' keeps the axis replicated)
+    c.mesh.rules = ml_collections.ConfigDict(
+        dict(embed="fsdp", mlp="", qkv="", heads="", classes="", norm="")
+    )
+
+    c.train = ml_collections.ConfigDict()
+    c.train.max_steps = 0  # >0: stop after this many updates (the schedule still spans epochs)
+    c.train.log_every = 50
+    c.train.val_every_epochs = 1
+    c.train.checkpoint_every_steps = 0  # 0: once per epoch
+    c.train.keep_checkpoints = 2  # latest N are kept, plus the best by val top-1
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False  # jax.distributed.initialize() (TPU pods, multi-node GPU)
+    c.distributed.coordinator_address = ""  # empty: let JAX detect it (TPU, SLURM)
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

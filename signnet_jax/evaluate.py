@@ -1,0 +1,156 @@
+"""Evaluation: the published multi-view test protocol on the mesh.
+
+Softmax probabilities of every view (``test_num_segment`` clips x
+``test_num_crop`` crops) are averaged per video; per-instance and per-class
+top-1 / top-5 follow (both published per-class definitions, named). ``mode=eval``
+of main evaluates the checkpoint in the workdir, or ``config.init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from signnet_jax import checkpointing, metrics, sharding
+from signnet_jax.data import device, pipeline
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), on process 0 only."""
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+_EVAL_FNS: dict[int, Any] = {}
+
+
+def _eval_fn(setup):
+    """Jitted probabilities of a batch of uint8 views (cached per set-up)."""
+    key = id(setup)
+    if key not in _EVAL_FNS:
+        graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
+
+        def probs(params, clip):
+            logits = nnx.merge(graphdef, params)(device.normalize(clip, dtype))
+            return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+        clip_sh = sharding.batch_sharding(setup.mesh, 5)
+        _EVAL_FNS[key] = jax.jit(
+            probs,
+            in_shardings=(setup.param_sh, clip_sh),
+            out_shardings=sharding.batch_sharding(setup.mesh, 2),
+        )
+    return _EVAL_FNS[key]
+
+
+def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):
+    """Per-video probabilities of a split: (video_probs (N, K), labels (N,))."""
+    cfg = setup.model_cfg
+    it, info = pipeline.eval_dataset(
+        config.records_dir,
+        split,
+        mode=mode,
+        global_batch_size=config.data.eval_batch_size,
+        clip_len=cfg.num_frames,
+        sampling_rate=config.data.sampling_rate,
+        num_segment=config.data.test_num_segment,
+        num_crop=config.data.test_num_crop,
+        short_side_size=config.data.short_side_size,
+        crop_size=cfg.img_size,
+        num_workers=config.data.num_workers,
+        num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+    )
+    fn = _eval_fn(setup)
+    probs, index, valid, labels = [], [], [], []
+    for batch in it:
+        gb = sharding.global_batch(
+            {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
+        )
+        p = fn(params, gb["clip"])
+        p, vi, va, la = (
+            multihost_utils.process_allgather(x, tiled=True)
+            for x in (p, gb["video_index"], gb["valid"], gb["label"])
+        )
+        probs.append(np.asarray(p))
+        index.append(np.asarray(vi))
+        valid.append(np.asarray(va))
+        labels.append(np.asarray(la))
+    probs, index, valid, labels = (np.concatenate(x) for x in (probs, index, valid, labels))
+    video_probs = metrics.merge_views(probs, index, valid, info.num_videos)
+    video_labels = np.zeros(info.num_videos, np.int64)
+    video_labels[index[valid]] = labels[valid]
+    return video_probs, video_labels
+
+
+def evaluate_split(
+    setup,
+    config: ml_collections.ConfigDict,
+    params,
+    split: str,
+    mode: str,
+    workdir: pathlib.Path | None = None,
+) -> dict:
+    """Accuracy report of a split; with ``workdir`` also the per-class CSV and confusion PNG."""
+    video_probs, labels = predict_split(setup, config, params, split, mode)
+    report = metrics.accuracy_report(video_probs, labels, setup.classes)
+    report["split"], report["mode"] = split, mode
+    if mode == "test":
+        report["views_per_video"] = config.data.test_num_segment * config.data.test_num_crop
+    if workdir is not None and jax.process_index() == 0:
+        metrics.write_per_class_csv(
+            workdir / f"{split}_per_class.csv", video_probs, labels, setup.classes
+        )
+        metrics.plot_confused_pairs(
+            workdir / f"{split}_confused_pairs.png", video_probs, labels, setup.classes
+        )
+    return report
+
+
+def summary_line(report: dict) -> str:
+    pi = report["per_instance"]
+    return (
+        f"{report['split']} ({report['mode']}, {report['num_videos']} videos): "
+        f"P-I top-1 {pi['top1']:.2f} top-5 {pi['top5']:.2f} | "
+        f"P-C (SignNet) top-1 {report['per_class_signnet']['top1']:.2f} | "
+        f"P-C (NLA-SLR) top-1 {report['per_class_nla']['top1']:.2f}"
+    )
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Test the checkpoint in ``workdir`` (latest step), else ``config.init_from``."""
+    from signnet_jax import train
+
+    workdir_path = pathlib.Path(workdir)
+    ckpt_dir = workdir_path / "checkpoints"
+    source = ckpt_dir if checkpointing.checkpoint_steps(ckpt_dir) else config.init_from
+    if not source:
+        raise train.TrainingError(
+            f"nothing to evaluate: {ckpt_dir} holds no checkpoint and config.init_from is empty"
+        )
+    eval_config = ml_collections.ConfigDict(config.to_dict())
+    eval_config.init_from = str(source)
+    eval_config.init_reset_head = False
+    setup = train.prepare(eval_config)
+    with jax.set_mesh(setup.mesh):
+        params = train.place_params(setup, config.seed)
+        report = evaluate_split(setup, eval_config, params, config.test_split, "test", workdir_path)
+    print(summary_line(report), flush=True)
+    result = {"checkpoint": str(source), "test": report}
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    write_json(workdir_path / "metrics.json", result)
+    return result

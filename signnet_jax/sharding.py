@@ -1,0 +1,101 @@
+"""Meshes and shardings (the only module that touches meshes).
+
+One mesh over all devices with two axes: ``data`` (pure data parallelism) and
+``fsdp`` (parameters and optimizer state sharded, ZeRO-3 style; the batch is
+split over it too). Parameters carry logical axis names (``embed``, ``mlp``,
+``qkv``, ...); one rules table in the config maps them to mesh axes, so data
+parallel versus FSDP is a config change (``mesh.fsdp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over all devices.
+
+    Args:
+      fsdp: size of the parameter-sharding axis; must divide the device count.
+      devices: defaults to ``jax.devices()`` (every device of every process).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(
+            f"mesh.fsdp={fsdp} must divide the number of devices ({len(devices)}); "
+            "set --config.mesh.fsdp to a divisor"
+        )
+    shape = (len(devices) // fsdp, fsdp)
+    # Auto axes: XLA's sharding propagation inserts the FSDP all-gathers and
+    # reduce-scatters; parameter and batch shardings are pinned at the jit boundary.
+    return jax.make_mesh(
+        shape, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    )
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: dict[str, str | None]):
+    """PartitionSpec of a parameter from its logical axis names and the rules table."""
+    if not names:
+        return PartitionSpec()
+    axes, used = [], set()
+    for name in names:
+        axis = rules.get(name) if name is not None else None
+        # A mesh axis may shard at most one dimension of an array.
+        if axis is not None and axis in used:
+            axis = None
+        if axis is not None:
+            used.add(axis)
+        axes.append(axis)
+    return PartitionSpec(*axes)
+
+
+def param_shardings(abstract_state, mesh: jax.sharding.Mesh, rules: dict[str, str | None]):
+    """NamedShardings for an nnx.State of parameters (from each Variable's ``out_sharding``).
+
+    A dimension that the mesh axis does not divide is left replicated.
+    """
+
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding")
+        spec = logical_to_spec(names, rules)
+        shape = variable.get_value().shape
+        fixed = []
+        for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+            if axis is not None and dim % mesh.shape[axis]:
+                axis = None
+            fixed.append(axis)
+        return NamedSharding(mesh, PartitionSpec(*fixed))
+
+    from flax import nnx
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension split over every mesh axis, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's part of a batch into global arrays sharded over the mesh."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in local.items()
+    }
+
+
+def shard_leaf_count(tree) -> tuple[int, int]:
+    """(leaves sharded over more than one device, all leaves): to check FSDP really shards."""
+    leaves = jax.tree.leaves(tree)
+    sharded = sum(1 for x in leaves if not x.sharding.is_fully_replicated)
+    return sharded, len(leaves)

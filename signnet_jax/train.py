@@ -1,0 +1,554 @@
+"""Training on a device mesh: ``train_and_evaluate(config, workdir)``.
+
+The published VideoMAEv2 fine-tuning recipe: AdamW with layer decay and the
+per-step warmup + cosine schedule, mixup / cutmix and random erasing on the
+device, drop path, periodic single-view validation, orbax checkpoints that also
+hold the data-iterator position (exact resume), and the multi-view test at the
+end (``evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from signnet_jax import checkpointing, evaluate, optim, sharding
+from signnet_jax.data import augment, device, pipeline
+from signnet_jax.data.records import load_dataset_info
+from signnet_jax.models import vit
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+# --- set-up (everything is checked before anything is written) ---------------------
+
+
+def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]:
+    """Class names and dataset_info of ``config.records_dir``; clear errors when absent."""
+    if not config.records_dir:
+        raise TrainingError(
+            "config.records_dir is empty: set --config.records_dir to a folder written by "
+            "python -m data_prep.build_records"
+        )
+    try:
+        info = load_dataset_info(config.records_dir)
+    except FileNotFoundError as e:
+        raise TrainingError(
+            f"records folder {config.records_dir} has no dataset_info.json ({e}); build it with "
+            "python -m data_prep.build_records, or fix --config.records_dir"
+        ) from e
+    classes = list(info["classes"])
+    for split in (config.train_split, config.val_split, config.test_split):
+        if split and not info["splits"].get(split, {}).get("num_records"):
+            raise TrainingError(
+                f"records folder {config.records_dir} has no records in split {split!r} (it "
+                f"has {sorted(info['splits'])}); rebuild it or set --config.*_split"
+            )
+    return classes, info
+
+
+def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViTConfig:
+    m = config.model
+    overrides = {
+        k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads", "mlp_dim") if getattr(m, k)
+    }
+    return vit.ViTConfig.from_preset(
+        m.preset,
+        num_classes=num_classes,
+        num_frames=m.num_frames,
+        img_size=m.img_size,
+        drop_path_rate=m.drop_path_rate,
+        head_drop_rate=m.head_drop_rate,
+        init_scale=m.init_scale,
+        dtype=m.dtype,
+        remat=m.remat,
+        **overrides,
+    )
+
+
+_ARCH = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "tubelet_size", "in_chans")
+
+
+def load_init(
+    config: ml_collections.ConfigDict, cfg: vit.ViTConfig, classes: list[str]
+) -> tuple[vit.ViTConfig, dict, str]:
+    """Warm-start parameters from ``config.init_from`` fitted to this model and class list.
+
+    Returns:
+      (model config with the checkpoint's structural options, params, a note for the log).
+    """
+    try:
+        params, meta = checkpointing.load_model(config.init_from)
+    except checkpointing.CheckpointError as e:
+        raise TrainingError(f"config.init_from: {e}") from e
+    src = vit.ViTConfig.from_dict(meta["model"])
+    differ = [k for k in _ARCH if getattr(src, k) != getattr(cfg, k)]
+    if differ:
+        raise TrainingError(
+            f"init checkpoint {config.init_from} is a ViT-{src.preset} "
+            f"({', '.join(f'{k}={getattr(src, k)}' for k in differ)}) but the config asks for "
+            f"ViT-{cfg.preset} ({', '.join(f'{k}={getattr(cfg, k)}' for k in differ)}); "
+            "set --config.model.preset to match, or convert a checkpoint of this preset"
+        )
+    # Structural options (layer scale, cosine attention, learned positions) come with the weights.
+    cfg = dataclasses.replace(
+        cfg,
+        init_values=src.init_values,
+        cos_attn=src.cos_attn,
+        learned_pos_emb=src.learned_pos_emb,
+    )
+    if cfg.learned_pos_emb and cfg.num_patches != params["pos_embed"].shape[1]:
+        raise TrainingError(
+            f"init checkpoint {config.init_from} has a learned position table for "
+            f"{params['pos_embed'].shape[1]} tokens but the clips give {cfg.num_patches}; "
+            "re-convert it with --num-frames/--img-size of this config"
+        )
+    src_classes = meta.get("classes")
+    head_k = params["head"]["kernel"]
+    note = f"warm start from {config.init_from}"
+    if src_classes == classes or (src_classes is None and head_k.shape[1] == len(classes)):
+        return cfg, params, note
+    if src_classes is not None and sorted(src_classes) == sorted(classes):
+        order = [src_classes.index(c) for c in classes]
+        params["head"]["kernel"] = head_k[:, order]
+        params["head"]["bias"] = params["head"]["bias"][order]
+        return cfg, params, note + " (head rows reordered to the records' class order)"
+    if not config.init_reset_head:
+        raise TrainingError(
+            f"init checkpoint {config.init_from} has a {head_k.shape[1]}-class head "
+            f"but the records have {len(classes)} classes"
+            + (" with other names" if src_classes and len(src_classes) == len(classes) else "")
+            + "; set --config.init_reset_head=True to start a new head"
+        )
+    fresh = vit.timm_trunc_normal(0.02, cfg.init_scale)(
+        jax.random.key(config.seed), (cfg.embed_dim, len(classes))
+    )
+    params["head"] = {"kernel": np.asarray(fresh), "bias": np.zeros(len(classes), np.float32)}
+    return cfg, params, note + f" (new {len(classes)}-class head)"
+
+
+@dataclasses.dataclass
+class Setup:
+    model_cfg: vit.ViTConfig
+    classes: list[str]
+    info: dict
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    param_sh: Any
+    init_params: dict | None  # host arrays from init_from, else None (random init)
+    note: str
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
+    """Resolve data, model and mesh from the config; raises before anything is written."""
+    classes, info = dataset_classes(config)
+    cfg = model_config(config, len(classes))
+    init_params, note = None, f"random init (seed {config.seed})"
+    if config.init_from:
+        cfg, init_params, note = load_init(config, cfg, classes)
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
+    graphdef, abstract_state = nnx.split(abstract, nnx.Param)
+    rules = {k: (v or None) for k, v in config.mesh.rules.items()}
+    param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh, rules))
+    return Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
+
+
+def place_params(setup: Setup, seed: int) -> dict:
+    """Parameters on the mesh: the warm start, or a fresh init computed sharded."""
+    if setup.init_params is not None:
+        return jax.device_put(
+            jax.tree.map(lambda x: np.asarray(x, np.float32), setup.init_params), setup.param_sh
+        )
+    cfg = setup.model_cfg
+
+    def init():
+        return vit.params_of(vit.create_model(cfg, seed))
+
+    return jax.jit(init, out_shardings=setup.param_sh)()
+
+
+# --- the step -----------------------------------------------------------------------
+
+
+def make_train_step(setup: Setup, config, tx, num_classes: int):
+    mix = optim.MixupConfig(
+        mixup=config.loss.mixup,
+        cutmix=config.loss.cutmix,
+        prob=config.loss.mixup_prob,
+        switch_prob=config.loss.switch_prob,
+        label_smoothing=config.loss.label_smoothing,
+    )
+    base_key = jax.random.key(config.seed)
+    graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
+    ema_decay = config.optim.ema_decay
+
+    def train_step(state, batch, micro_step):
+        key = jax.random.fold_in(base_key, micro_step)
+        k_drop, k_mix, k_erase = jax.random.split(key, 3)
+        x = device.normalize_and_erase(batch["clip"], batch["erase_box"], k_erase)
+        x, targets = optim.mixup_cutmix(k_mix, x, batch["label"], num_classes, mix)
+        x = x.astype(dtype)
+
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params)(x, train=True, rngs=nnx.Rngs(dropout=k_drop))
+            return optim.soft_target_cross_entropy(logits, targets)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+        if "ema" in state:
+            new["ema"] = optim.ema_update(state["ema"], new["params"], ema_decay)
+        ok = optim.is_finite(loss, grads)
+        # A non-finite step changes nothing: the state stays the last good one.
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return new, {"loss": loss, "ok": ok, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+# --- the loop -----------------------------------------------------------------------
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading_main():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def checkpoint_meta(setup: Setup, config) -> dict:
+    """What predict and init_from need to use a training checkpoint on their own."""
+    return {
+        "model": setup.model_cfg.to_dict(),
+        "classes": setup.classes,
+        "hht": setup.info.get("hht_settings"),
+        "input": {
+            "num_frames": setup.model_cfg.num_frames,
+            "sampling_rate": config.data.sampling_rate,
+            "img_size": setup.model_cfg.img_size,
+            "short_side_size": config.data.short_side_size,
+            "test_num_segment": config.data.test_num_segment,
+            "test_num_crop": config.data.test_num_crop,
+        },
+        "source": {"format": "signnet_jax train", "records_dir": config.records_dir},
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train, validate periodically, test with the multi-view protocol; resume if possible.
+
+    Args:
+      config: a config from ``configs/`` (see configs/wlasl2000.py for every key).
+      workdir: checkpoints, TensorBoard events and metrics.json go here.
+
+    Returns:
+      The final metrics (also written to ``workdir/metrics.json``).
+    """
+    if config.smoke_dataset:
+        from data_prep.synthetic import ensure_smoke_dataset
+
+        ensure_smoke_dataset(config.records_dir)
+    setup = prepare(config)
+    cfg, mesh = setup.model_cfg, setup.mesh
+    pc = jax.process_count()
+    batch = config.data.batch_size
+    accum = config.optim.grad_accum
+    if batch % accum or (batch // accum) % pc:
+        raise TrainingError(
+            f"data.batch_size {batch} must split into optim.grad_accum={accum} micro-batches "
+            f"divisible by the {pc} processes"
+        )
+    micro = batch // accum
+    if (micro * config.data.repeated_aug) % mesh.size:
+        raise TrainingError(
+            f"a micro-batch of {micro * config.data.repeated_aug} clips does not split over "
+            f"{mesh.size} devices; change data.batch_size"
+        )
+    num_train = setup.info["splits"][config.train_split]["num_records"]
+    per_epoch, total, warmup = optim.steps_for(
+        num_train, batch, config.optim.epochs, config.optim.warmup_epochs
+    )
+    lr, min_lr, warmup_lr = optim.scaled_lrs(
+        config.optim.base_lr, config.optim.min_lr, config.optim.warmup_lr, batch
+    )
+    ocfg = optim.OptimConfig(
+        base_lr=lr,
+        min_lr=min_lr,
+        warmup_lr=warmup_lr,
+        total_steps=total,
+        warmup_steps=warmup,
+        weight_decay=config.optim.weight_decay,
+        layer_decay=config.optim.layer_decay,
+        b1=config.optim.b1,
+        b2=config.optim.b2,
+        eps=config.optim.eps,
+        clip_grad=config.optim.clip_grad,
+        grad_accum=accum,
+    )
+    schedule = optim.lr_schedule(lr, min_lr, total, warmup, warmup_lr)
+    last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
+
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpointing.TrainCheckpointer(
+        workdir_path / "checkpoints", config.train.keep_checkpoints
+    )
+    shapes = vit.abstract_params(cfg)  # outside the mesh: logical names are not mesh axes
+    with jax.set_mesh(mesh):
+        abstract_params = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            setup.param_sh,
+        )
+        tx = optim.make_optimizer(ocfg, abstract_params, cfg.depth)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_sh = optax.tree_map_params(
+            tx,
+            lambda _, sh: sh,
+            abstract_opt,
+            setup.param_sh,
+            transform_non_params=lambda _: sharding.replicated(mesh),
+        )
+        state_sh = {"params": setup.param_sh, "opt_state": opt_sh}
+        if config.optim.ema_decay > 0:
+            state_sh["ema"] = setup.param_sh
+        abstract_state = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            {"params": abstract_params, "opt_state": abstract_opt}
+            | ({"ema": abstract_params} if "ema" in state_sh else {}),
+            state_sh,
+        )
+
+        start = ckpt.latest_step()
+        data_state = None
+        if start is not None:
+            state, data_state, _ = ckpt.restore(start, abstract_state)
+            _log(f"resuming from step {start} in {ckpt.directory}")
+        else:
+            start = 0
+            params = place_params(setup, config.seed)
+            state = {
+                "params": params,
+                "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+            }
+            if "ema" in state_sh:
+                state["ema"] = jax.tree.map(jnp.copy, params)
+            _log(setup.note)
+
+        train_iter = pipeline.train_dataset(
+            config.records_dir,
+            config.train_split,
+            global_batch_size=micro,
+            seed=config.seed,
+            clip_len=cfg.num_frames,
+            sampling_rate=config.data.sampling_rate,
+            augment_options=augment.AugmentOptions(
+                crop_size=cfg.img_size,
+                flip=config.data.flip,
+                rand_augment=config.data.rand_augment or None,
+                erase_prob=config.data.reprob,
+            ),
+            repeated_aug=config.data.repeated_aug,
+            num_workers=config.data.num_workers,
+            num_threads=config.data.num_threads,
+            prefetch=config.data.prefetch,
+        )
+        train_iter = iter(train_iter)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+
+        clips = micro * config.data.repeated_aug
+        t, s = cfg.num_frames, cfg.img_size
+        batch_spec = {
+            "clip": ((clips, t, s, s, 3), jnp.uint8),
+            "erase_box": ((clips, 4), jnp.int32),
+            "label": ((clips,), jnp.int32),
+        }
+        batch_sh = {
+            k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in batch_spec.items()
+        }
+        step_fn = jax.jit(
+            make_train_step(setup, config, tx, len(setup.classes)),
+            in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+            out_shardings=(state_sh, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        compiled = step_fn.lower(
+            abstract_state,
+            {
+                k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
+                for k, (shape, dt) in batch_spec.items()
+            },
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            _log(
+                "train step compiled: "
+                f"arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+                f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
+            )
+
+        writer = _summary_writer(workdir_path)
+        meta = checkpoint_meta(setup, config)
+        every_ckpt = config.train.checkpoint_every_steps or per_epoch
+        val_every = max(1, config.train.val_every_epochs) * per_epoch
+        _log(
+            f"training {cfg.preset} ({cfg.embed_dim}d x {cfg.depth}) on {len(setup.classes)} "
+            f"classes: {num_train} videos, batch {batch}, {per_epoch} steps/epoch, "
+            f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
+        )
+        best_val = None
+        t_last, n_last = time.perf_counter(), start
+        step = start
+        loss_sum = jnp.zeros(())
+        with _Preemption() as preempt:
+            while step < last_step:
+                for a in range(accum):
+                    local = next(train_iter)
+                    gb = sharding.global_batch({k: local[k] for k in batch_spec}, mesh)
+                    state, metrics = compiled(state, gb, jnp.int32(step * accum + a))
+                    loss_sum = loss_sum + metrics["loss"]
+                step += 1
+                if step % config.train.log_every == 0 or step == last_step:
+                    if not bool(metrics["ok"]):
+                        raise TrainingError(
+                            f"non-finite loss or gradients at step {step}: the update was "
+                            f"skipped and the last good checkpoint in {ckpt.directory} is "
+                            "intact; lower optim.base_lr or enable optim.clip_grad"
+                        )
+                    n = step - n_last
+                    dt = time.perf_counter() - t_last
+                    loss = float(loss_sum) / (n * accum)
+                    clips_s = n * batch * config.data.repeated_aug / dt
+                    eta = (last_step - step) * dt / n
+                    lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
+                    _log(
+                        f"step {step}/{last_step} epoch {step / per_epoch:.2f} loss {loss:.4f} "
+                        f"lr {lr_now:.3g} {clips_s:.1f} clips/s {dt / n:.3f} s/step "
+                        f"ETA {_fmt_time(eta)}"
+                    )
+                    _scalars(
+                        writer,
+                        step,
+                        {
+                            "train/loss": loss,
+                            "train/lr": lr_now,
+                            "train/clips_per_s": clips_s,
+                            "train/step_time_s": dt / n,
+                            "train/grad_norm": float(metrics["grad_norm"]),
+                        },
+                    )
+                    t_last, n_last, loss_sum = time.perf_counter(), step, jnp.zeros(())
+                val_metrics = None
+                if config.val_split and (step % val_every == 0 or step == last_step):
+                    report = evaluate.evaluate_split(
+                        setup, config, _eval_params(state), config.val_split, "val"
+                    )
+                    val_metrics = {"val_top1": report["per_instance"]["top1"]}
+                    best_val = max(best_val or 0.0, val_metrics["val_top1"])
+                    _log(
+                        f"val step {step}: top-1 {report['per_instance']['top1']:.2f} "
+                        f"top-5 {report['per_instance']['top5']:.2f} (best {best_val:.2f})"
+                    )
+                    _scalars(
+                        writer,
+                        step,
+                        {
+                            "val/top1": report["per_instance"]["top1"],
+                            "val/top5": report["per_instance"]["top5"],
+                        },
+                    )
+                    t_last = time.perf_counter()
+                if step % every_ckpt == 0 or step == last_step or val_metrics:
+                    _save(ckpt, step, state, train_iter, meta, val_metrics)
+                if preempt.requested:
+                    _save(ckpt, step, state, train_iter, meta, val_metrics)
+                    ckpt.wait()
+                    _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
+                    return {"preempted_at": step}
+        ckpt.wait()
+
+        final = {"steps": step, "best_val_top1": best_val}
+        if config.test_split:
+            report = evaluate.evaluate_split(
+                setup, config, _eval_params(state), config.test_split, "test", workdir_path
+            )
+            final["test"] = report
+            _log(evaluate.summary_line(report))
+            _scalars(writer, step, {"test/top1": report["per_instance"]["top1"]})
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+        evaluate.write_json(workdir_path / "metrics.json", final)
+        return final
+
+
+def _eval_params(state: dict) -> dict:
+    return state.get("ema", state["params"])
+
+
+def _save(ckpt, step, state, train_iter, meta, metrics):
+    ckpt.save(step, state, train_iter.get_state(), meta, metrics)
+
+
+def _summary_writer(workdir: pathlib.Path):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _scalars(writer, step: int, values: dict[str, float]) -> None:
+    if writer is None:
+        return
+    for k, v in values.items():
+        writer.add_scalar(k, v, step)
+    writer.flush()
