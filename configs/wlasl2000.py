@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # >1: shard parameters and optimizer state over this many devices
+    c.mesh.num_devices = 0  # 0: every device of every process; N: the first N (debugging)
     # logical parameter axis -> mesh axis ('' keeps the axis replicated)
     c.mesh.rules = ml_collections.ConfigDict(
         dict(embed="fsdp", mlp="", qkv="", heads="", classes="", norm="")

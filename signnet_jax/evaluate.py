@@ -8,10 +8,8 @@ of main evaluates the checkpoint in the workdir, or ``config.init_from``.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import uuid
 from typing import Any
 
 import jax
@@ -26,13 +24,9 @@ from signnet_jax.data import device, pipeline
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), on process 0 only."""
-    if jax.process_index() != 0:
-        return
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, from process 0 only."""
+    if jax.process_index() == 0:
+        metrics.write_metrics_json(path, obj)
 
 
 _EVAL_FNS: dict[int, Any] = {}
@@ -125,9 +119,9 @@ def summary_line(report: dict) -> str:
     pi = report["per_instance"]
     return (
         f"{report['split']} ({report['mode']}, {report['num_videos']} videos): "
-        f"P-I top-1 {pi['top1']:.2f} top-5 {pi['top5']:.2f} | "
-        f"P-C (SignNet) top-1 {report['per_class_signnet']['top1']:.2f} | "
-        f"P-C (NLA-SLR) top-1 {report['per_class_nla']['top1']:.2f}"
+        f"P-I top-1 {pi['top1']:.2%} top-5 {pi['top5']:.2%} | "
+        f"P-C (SignNet) top-1 {report['per_class_signnet']['top1']:.2%} | "
+        f"P-C (NLA-SLR) top-1 {report['per_class_nla']['top1']:.2%}"
     )
 
 

@@ -159,7 +159,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     init_params, note = None, f"random init (seed {config.seed})"
     if config.init_from:
         cfg, init_params, note = load_init(config, cfg, classes)
-    mesh = sharding.make_mesh(config.mesh.fsdp)
+    devices = jax.devices()[: config.mesh.num_devices or None]
+    mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
     graphdef, abstract_state = nnx.split(abstract, nnx.Param)
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}
@@ -445,6 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
         )
         best_val = None
+        loss_log: list[tuple[int, float]] = []
         t_last, n_last = time.perf_counter(), start
         step = start
         loss_sum = jnp.zeros(())
@@ -466,6 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     n = step - n_last
                     dt = time.perf_counter() - t_last
                     loss = float(loss_sum) / (n * accum)
+                    loss_log.append((step, loss))
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
                     lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
@@ -494,8 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     val_metrics = {"val_top1": report["per_instance"]["top1"]}
                     best_val = max(best_val or 0.0, val_metrics["val_top1"])
                     _log(
-                        f"val step {step}: top-1 {report['per_instance']['top1']:.2f} "
-                        f"top-5 {report['per_instance']['top5']:.2f} (best {best_val:.2f})"
+                        f"val step {step}: top-1 {report['per_instance']['top1']:.2%} "
+                        f"top-5 {report['per_instance']['top5']:.2%} (best {best_val:.2%})"
                     )
                     _scalars(
                         writer,
@@ -515,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     return {"preempted_at": step}
         ckpt.wait()
 
-        final = {"steps": step, "best_val_top1": best_val}
+        final = {"steps": step, "best_val_top1": best_val, "train_loss": loss_log}
         if config.test_split:
             report = evaluate.evaluate_split(
                 setup, config, _eval_params(state), config.test_split, "test", workdir_path

@@ -1,0 +1,133 @@
+"""The recipe's optimiser pieces against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from signnet_jax import optim
+
+
+def test_schedule_is_linspace_warmup_then_cosine():
+    s = optim.lr_schedule(base_lr=1.0, min_lr=0.1, total_steps=7, warmup_steps=3, warmup_lr=0.0)
+    cos = [0.1 + 0.45 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    np.testing.assert_allclose(s, [0.0, 0.5, 1.0, *cos], rtol=1e-12)
+    assert s[3] == 1.0 and s[-1] > 0.1
+
+
+def test_schedule_without_enough_steps_is_an_error():
+    with pytest.raises(ValueError, match="lower optim.warmup_epochs"):
+        optim.lr_schedule(1.0, 0.0, total_steps=3, warmup_steps=3, warmup_lr=0.0)
+
+
+def test_learning_rates_scale_with_total_batch():
+    assert optim.scaled_lrs(1e-3, 1e-6, 1e-8, 512) == (2e-3, 2e-6, 2e-8)
+    assert optim.steps_for(14289, 64, 50, 5) == (223, 11150, 1115)
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        optim.steps_for(10, 64, 50, 5)
+
+
+PARAMS = {
+    "patch_embed": {"proj": {"kernel": np.zeros((2, 4, 4, 3, 8)), "bias": np.zeros(8)}},
+    "blocks": {
+        0: {"attn": {"qkv": {"kernel": np.zeros((8, 24))}, "q_bias": np.zeros(8)}},
+        1: {"norm1": {"scale": np.zeros(8), "bias": np.zeros(8)}},
+    },
+    "fc_norm": {"scale": np.zeros(8)},
+    "head": {"kernel": np.zeros((8, 5)), "bias": np.zeros(5)},
+    "pos_embed": np.zeros((1, 4, 8)),
+}
+
+
+def test_layer_decay_follows_videomae_layer_ids():
+    scales = optim.lr_scales(PARAMS, depth=2, layer_decay=0.5)
+    # num layers = depth + 2 = 4; scale = 0.5 ** (3 - layer id)
+    assert scales["patch_embed"]["proj"]["kernel"] == 0.125
+    assert scales["pos_embed"] == 0.125
+    assert scales["blocks"][0]["attn"]["qkv"]["kernel"] == 0.25
+    assert scales["blocks"][1]["norm1"]["bias"] == 0.5
+    assert scales["head"]["kernel"] == 1.0 and scales["fc_norm"]["scale"] == 1.0
+
+
+def test_no_weight_decay_on_vectors_and_positions():
+    mask = optim.decay_mask(PARAMS)
+    assert mask["patch_embed"]["proj"]["kernel"] and mask["head"]["kernel"]
+    assert mask["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert not mask["blocks"][0]["attn"]["q_bias"] and not mask["blocks"][1]["norm1"]["scale"]
+    assert not mask["head"]["bias"] and not mask["pos_embed"]
+
+
+def test_one_adamw_step_matches_the_closed_form():
+    # first Adam step: m_hat / (sqrt(v_hat) + eps) = sign(g) (up to eps)
+    cfg = optim.OptimConfig(
+        base_lr=0.1,
+        min_lr=0.0,
+        warmup_lr=0.1,
+        total_steps=10,
+        warmup_steps=1,
+        weight_decay=0.5,
+        layer_decay=0.5,
+    )
+    params = {
+        "head": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        "blocks": {0: {"w": jnp.ones((2, 2))}},
+    }
+    grads = jax.tree.map(lambda x: -2.0 * x, params)
+    tx = optim.make_optimizer(cfg, params, depth=1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # head: scale 1, decayed: -0.1 * (-1 + 0.5 * 1) = 0.05 ; bias not decayed: 0.1
+    # (float32 bias correction 1 - 0.999 costs about 1e-5 relative)
+    np.testing.assert_allclose(updates["head"]["kernel"], 0.05, rtol=1e-4)
+    np.testing.assert_allclose(updates["head"]["bias"], 0.1, rtol=1e-4)
+    # block 0 of depth 1: layer id 1, scale 0.5 ** (2 - 1)
+    np.testing.assert_allclose(updates["blocks"][0]["w"], 0.025, rtol=1e-4)
+
+
+def test_label_smoothing_targets():
+    t = optim.smooth_one_hot(jnp.array([2]), 4, 0.1)
+    np.testing.assert_allclose(t, [[0.025, 0.025, 0.925, 0.025]], rtol=1e-6)
+
+
+def _clips(n=4, t=2, h=8, w=8):
+    # every clip constant at its own index value: mixing is readable from the pixels
+    return jnp.broadcast_to(
+        jnp.arange(n, dtype=jnp.float32)[:, None, None, None, None], (n, t, h, w, 1)
+    )
+
+
+def test_cutmix_box_is_shared_by_all_frames_and_lambda_is_its_area():
+    cfg = optim.MixupConfig(mixup=0.0, cutmix=1.0, label_smoothing=0.0)
+    labels = jnp.arange(4)
+    for seed in range(5):
+        x, y = optim.mixup_cutmix(jax.random.key(seed), _clips(), labels, 4, cfg)
+        x = np.asarray(x)
+        pasted = x[0] == 3.0  # clip 0 receives clip 3 (the batch reversed)
+        assert (pasted == pasted[0]).all()  # same box in every frame
+        lam = 1.0 - pasted[0].mean()
+        np.testing.assert_allclose(y[0], [lam, 0, 0, 1 - lam], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y).sum(1), 1.0, rtol=1e-6)
+
+
+def test_mixup_blends_with_the_reversed_batch():
+    cfg = optim.MixupConfig(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
+    x, y = optim.mixup_cutmix(jax.random.key(3), _clips(), jnp.arange(4), 4, cfg)
+    lam = float(1.0 - x[0, 0, 0, 0, 0] / 3.0)
+    np.testing.assert_allclose(x[1], lam * 1 + (1 - lam) * 2, rtol=1e-5)
+    smooth = np.asarray(optim.smooth_one_hot(jnp.arange(4), 4, 0.1))
+    np.testing.assert_allclose(y, lam * smooth + (1 - lam) * smooth[::-1], rtol=1e-5)
+
+
+def test_mixing_off_gives_the_clips_and_smoothed_labels():
+    cfg = optim.MixupConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1)
+    x, y = optim.mixup_cutmix(jax.random.key(0), _clips(), jnp.arange(4), 4, cfg)
+    np.testing.assert_array_equal(x, _clips())
+    np.testing.assert_allclose(y, optim.smooth_one_hot(jnp.arange(4), 4, 0.1))
+
+
+def test_soft_target_cross_entropy():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+    assert float(
+        optim.soft_target_cross_entropy(logits, jnp.array([[1.0, 0, 0]]))
+    ) == pytest.approx(math.log(2))
