@@ -419,14 +419,19 @@ def test_cli_no_person_and_no_whole_frame_cell_is_an_error(tmp_path, empty_scene
     )  # fmt: skip
 
 
-def test_module_runs_as_a_script(converted, sign_sample):
+@pytest.mark.heavy
+def test_one_device_process_predicts_with_an_eight_device_run(smoke_workdir, sign_sample):
+    # The smoke run trained on this process's 8 simulated devices; a fresh process (one CPU
+    # device, like a laptop after training on a TPU's cores) must still predict with it.
     import subprocess
     import sys
 
+    run = smoke_workdir / "workdir"
     proc = subprocess.run(
-        [sys.executable, "-m", "signnet_jax.predict", "--checkpoint", str(converted),
+        [sys.executable, "-m", "signnet_jax.predict", "--checkpoint", str(run),
          "--video", str(sign_sample), "--json", "--top-k", "1"],
         capture_output=True, text=True, check=False, env={**os.environ},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["top_k"][0]["rank"] == 1
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["step"] == 3 and report["top_k"][0]["rank"] == 1

@@ -1,0 +1,123 @@
+"""The Colab notebooks run end to end on the CPU in their smoke setting (nbclient)."""
+
+import json
+import os
+import pathlib
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+from signnet_jax import checkpointing
+from signnet_jax.data import records
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("train_tpu.ipynb", "predict.ipynb")
+
+
+def _load(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(REPO / "colab" / name, as_version=4)
+
+
+def set_parameters(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:
+    """Rewrite ``NAME = ...`` lines of the first code cell (the parameter cell).
+
+    Args:
+      nb: the notebook (changed in place).
+      **values: parameter name -> new value (written with repr).
+
+    Returns:
+      nb.
+    """
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    for name, value in values.items():
+        pattern = re.compile(rf"^{name} = .*$", re.MULTILINE)
+        assert len(pattern.findall(cell.source)) == 1, f"parameter {name} not in the first cell"
+        cell.source = pattern.sub(lambda _, v=value, n=name: f"{n} = {v!r}", cell.source)
+    return nb
+
+
+def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> nbformat.NotebookNode:
+    """Run every cell in a fresh python3 kernel with the repository root as working directory."""
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
+    client.execute()
+    return nb
+
+
+def _text(nb: nbformat.NotebookNode) -> str:
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream":
+                out.append(o.text)
+            elif "data" in o and "text/plain" in o.data:
+                out.append(o.data["text/plain"])
+    return "".join(out)
+
+
+def _images(nb: nbformat.NotebookNode) -> int:
+    return sum(
+        "image/png" in o.get("data", {}) for cell in nb.cells for o in cell.get("outputs", [])
+    )
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_stored_without_outputs_and_parameters_first(name):
+    nb = _load(name)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, name
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert re.search(r"^SMOKE = False$", first.source, re.MULTILINE), name
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_nb")
+    nb = set_parameters(_load("train_tpu.ipynb"), SMOKE=True, SMOKE_WORKDIR=str(root))
+    return root, execute(nb)
+
+
+@pytest.mark.heavy
+def test_train_notebook_smoke(train_run):
+    root, nb = train_run
+    text = _text(nb)
+    assert "8 x" in text  # every (simulated) device of the runtime
+    # The run was mirrored to the stand-in bucket, with a model checkpoint and test metrics.
+    run = root / "bucket" / "runs" / "smoke"
+    steps = checkpointing.checkpoint_steps(run / "checkpoints")
+    assert steps and max(steps) == 4
+    _, meta = checkpointing.load_model(run / "checkpoints")
+    assert meta["classes"] == records.load_dataset_info(root / "records")["classes"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["test"]["views_per_video"] == 3
+    assert "per_instance" in text and "top-1" in text
+    assert _images(nb) == 1  # the confused-pairs figure
+    assert not list(root.glob("bucket/runs/*.copying")) and not list(root.glob("bucket/runs/*.old"))
+
+
+@pytest.mark.heavy
+def test_predict_notebook_smoke(train_run, tmp_path, shared_dir, monkeypatch):
+    root, _ = train_run
+    monkeypatch.setenv("SIGNNET_SHARED", str(shared_dir))
+    nb = set_parameters(
+        _load("predict.ipynb"),
+        SMOKE=True,
+        SMOKE_WORKDIR=str(tmp_path),
+        CHECKPOINT=str(root / "bucket" / "runs" / "smoke"),
+    )
+    nb = execute(nb)
+    text = _text(nb)
+    assert "sign_sample.mp4: 76 frames" in text
+    assert _images(nb) == 2  # the contact sheet and the top-5 bar chart
+    report = json.loads((tmp_path / "prediction.json").read_text())
+    assert len(report["top_k"]) == 5 and report["hht"]["frames"] == 76
+    probs = [t["probability"] for t in report["top_k"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
+    assert np.isclose(report["views"]["count"], 3)
+    assert os.path.getsize(tmp_path / "sign_sample_hht.mp4") > 0
