@@ -331,8 +331,8 @@ class Predictor:
             s = self.input_settings
             self.notes.append(
                 f"the checkpoint records no test-view settings; using sampling rate "
-                f"{s.sampling_rate}, {s.test_num_segment} clips x {s.test_num_crop} crop of "
-                f"{s.short_side_size} px"
+                f"{s.sampling_rate}, {_count(s.test_num_segment, 'clip')} x "
+                f"{_count(s.test_num_crop, 'crop')} of {s.short_side_size} px"
             )
         views = self.input_settings.num_views
         self.batch_size = views if batch_size is None else batch_size
@@ -499,6 +499,10 @@ class Predictor:
         return np.concatenate(out).astype(np.float64).mean(axis=0)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable summary of a prediction (what the CLI prints without --json)."""
     h = report["hht"]
@@ -512,8 +516,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{part.replace('_', ' ')} {c['located']}/{h['frames']} frames"
             for part, c in h["coverage"].items()
         ),
-        f"views: {v['clips']} clips x {v['crops']} crops of {v['frames_per_clip']} frames "
-        f"(every {v['sampling_rate']}), {v['size']} px",
+        f"views: {_count(v['clips'], 'clip')} x {_count(v['crops'], 'crop')} of "
+        f"{v['frames_per_clip']} frames (every {v['sampling_rate']}), {v['size']} px",
     ]
     width = max(len(t["gloss"]) for t in report["top_k"])
     for t in report["top_k"]:
