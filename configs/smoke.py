@@ -16,7 +16,7 @@ from configs import wlasl2000  # noqa: E402
 def get_config():
     c = wlasl2000.get_config()
     c.records_dir = "runs/smoke_records"
-    c.smoke_dataset = True
+    c.smoke.enabled = True
     c.init_reset_head = False
     c.model.preset = "S"
     c.model.embed_dim = 96

@@ -20,7 +20,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Start a new head when init_from has other classes (ASL-Citizen -> WLASL). With the
     # same class names in another order the head rows are permuted instead.
     c.init_reset_head = True
-    c.smoke_dataset = False  # generate the synthetic smoke dataset into records_dir
+    # The synthetic smoke dataset (data_prep/synthetic.py), generated into records_dir
+    # on first use when enabled.
+    c.smoke = ml_collections.ConfigDict()
+    c.smoke.enabled = False
+    c.smoke.classes = 10
+    c.smoke.train_per_class = 24
+    c.smoke.val_per_class = 6
+    c.smoke.test_per_class = 6
+    c.smoke.frames = 24
+    c.smoke.size = 64
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "B"

@@ -129,6 +129,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test the checkpoint in ``workdir`` (latest step), else ``config.init_from``."""
     from signnet_jax import train
 
+    if config.smoke.enabled:
+        train.ensure_smoke(config)
     workdir_path = pathlib.Path(workdir)
     ckpt_dir = workdir_path / "checkpoints"
     source = ckpt_dir if checkpointing.checkpoint_steps(ckpt_dir) else config.init_from

@@ -60,6 +60,16 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
     return classes, info
 
 
+def ensure_smoke(config: ml_collections.ConfigDict) -> None:
+    """Generate the synthetic smoke dataset into records_dir unless it is there."""
+    from data_prep.synthetic import ensure_smoke_dataset
+
+    opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
+    if jax.process_index() == 0:
+        print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)
+    ensure_smoke_dataset(config.records_dir, **opts)
+
+
 def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViTConfig:
     m = config.model
     overrides = {
@@ -116,6 +126,7 @@ def load_init(
             f"{params['pos_embed'].shape[1]} tokens but the clips give {cfg.num_patches}; "
             "re-convert it with --num-frames/--img-size of this config"
         )
+    params = vit.match_structure(vit.abstract_params(cfg), params)
     src_classes = meta.get("classes")
     head_k = params["head"]["kernel"]
     note = f"warm start from {config.init_from}"
@@ -216,7 +227,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         ok = optim.is_finite(loss, grads)
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        return new, {"loss": loss, "ok": ok, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "ok": ok, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -291,10 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns:
       The final metrics (also written to ``workdir/metrics.json``).
     """
-    if config.smoke_dataset:
-        from data_prep.synthetic import ensure_smoke_dataset
-
-        ensure_smoke_dataset(config.records_dir)
+    if config.smoke.enabled:
+        ensure_smoke(config)
     setup = prepare(config)
     cfg, mesh = setup.model_cfg, setup.mesh
     pc = jax.process_count()

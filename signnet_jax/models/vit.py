@@ -390,3 +390,13 @@ def model_from_params(cfg: ViTConfig, params: dict) -> VisionTransformer:
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     nnx.update(model, state)
     return model
+
+
+def match_structure(template: dict, params: dict) -> dict:
+    """``params`` re-keyed like ``template`` (checkpoints store block indices as strings)."""
+    if not isinstance(template, dict):
+        return params
+    return {
+        k: match_structure(v, params[k] if k in params else params[str(k)])
+        for k, v in template.items()
+    }

@@ -1,0 +1,312 @@
+"""Training on 8 simulated CPU devices: parallelism parity, resume, preemption, guards."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from signnet_jax import checkpointing, optim, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(classes=4, train_per_class=8, val_per_class=2, test_per_class=2, frames=8, size=32)
+
+
+def tiny_config(records_dir, **over):
+    c = smoke.get_config()
+    c.records_dir = str(records_dir)
+    for k, v in TINY.items():
+        c.smoke[k] = v
+    c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
+    c.model.num_frames, c.model.img_size = 4, 32
+    c.model.drop_path_rate = 0.1
+    c.data.batch_size, c.data.eval_batch_size, c.data.short_side_size = 8, 8, 32
+    c.data.reprob = 0.25
+    c.loss.mixup, c.loss.cutmix = 0.8, 1.0  # the device-side random parts on
+    c.optim.epochs, c.optim.warmup_epochs = 3, 1
+    c.train.log_every = 1
+    for key, value in over.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("records") / "smoke"
+    train.ensure_smoke(tiny_config(path))
+    return path
+
+
+def _losses(result):
+    return np.array([loss for _, loss in result["train_loss"]])
+
+
+def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(records, tmp_path):
+    kw = {"train.max_steps": 5, "val_split": "", "test_split": ""}
+    single = train.train_and_evaluate(
+        tiny_config(records, **{"mesh.num_devices": 1}, **kw), tmp_path / "one"
+    )
+    dp = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "dp")
+    fsdp = train.train_and_evaluate(
+        tiny_config(records, **{"mesh.fsdp": 4}, **kw), tmp_path / "fsdp"
+    )
+    assert len(_losses(single)) == 5
+    np.testing.assert_allclose(_losses(dp), _losses(single), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_losses(fsdp), _losses(single), atol=1e-5, rtol=0)
+    assert not np.allclose(_losses(single)[0], _losses(single)[-1])
+
+
+def test_fsdp_really_shards_parameters(records):
+    from signnet_jax import sharding
+
+    setup = train.prepare(tiny_config(records, **{"mesh.fsdp": 4}))
+    assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4}
+    with jax.set_mesh(setup.mesh):
+        params = train.place_params(setup, 0)
+    kernel = params["blocks"][0]["mlp"]["fc1"]["kernel"]  # (embed 32, mlp 64)
+    assert kernel.sharding.spec[0] == "fsdp"
+    assert {s.data.shape for s in kernel.addressable_shards} == {(8, 64)}
+    sharded, total = sharding.shard_leaf_count(params)
+    assert sharded >= 2 * 5  # every block's kernels, patch embedding and head
+    dp = train.prepare(tiny_config(records))
+    with jax.set_mesh(dp.mesh):
+        assert sharding.shard_leaf_count(train.place_params(dp, 0))[0] == 0
+
+
+def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
+    result = train.train_and_evaluate(tiny_config(records), tmp_path)
+    assert result["steps"] == 12  # 32 videos / 8 per step x 3 epochs
+    test = result["test"]
+    assert test["num_videos"] == 8 and test["views_per_video"] == 3
+    assert set(test["per_class_signnet"]) == {"top1", "top5"}
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["test"]["per_instance"] == test["per_instance"]
+    assert (tmp_path / "test_per_class.csv").read_text().count("\n") == 5
+    assert (tmp_path / "test_confused_pairs.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    steps = checkpointing.checkpoint_steps(tmp_path / "checkpoints")
+    assert 12 in steps and len(steps) <= 3  # latest 2 + best by val top-1
+    params, meta = checkpointing.load_model(tmp_path / "checkpoints")
+    assert meta["classes"] == json.loads((records / "dataset_info.json").read_text())["classes"]
+    assert meta["input"]["test_num_segment"] == 3 and meta["hht"]["size"] == 32
+
+    # eval mode reproduces the test numbers from the checkpoint
+    c = tiny_config(records, mode="eval")
+    again = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(c, str(tmp_path))
+    assert again["test"]["per_instance"] == test["per_instance"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(records, tmp_path, monkeypatch):
+    c = tiny_config(records, **{"train.max_steps": 4, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path)
+    good, _ = checkpointing.load_model(tmp_path / "checkpoints")
+    original = optim.soft_target_cross_entropy
+    monkeypatch.setattr(
+        optim, "soft_target_cross_entropy", lambda logits, t: original(logits, t) * np.inf
+    )
+    c = tiny_config(records, **{"train.max_steps": 8, "val_split": "", "test_split": ""})
+    with pytest.raises(train.TrainingError, match="non-finite loss or gradients at step 5"):
+        train.train_and_evaluate(c, tmp_path)
+    assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [4]
+    after, _ = checkpointing.load_model(tmp_path / "checkpoints")
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- the command line: resume after kill -9, SIGTERM, bad input ---------------------
+
+
+def _main_args(records, workdir, *extra):
+    over = {
+        "records_dir": records,
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "model.mlp_dim": 64,
+        "model.num_frames": 4,
+        "model.img_size": 32,
+        "data.batch_size": 8,
+        "data.eval_batch_size": 8,
+        "data.short_side_size": 32,
+        "optim.epochs": 6,
+        "optim.warmup_epochs": 1,
+        "train.log_every": 1,
+        "train.checkpoint_every_steps": 2,
+        "loss.mixup": 0.8,
+        "loss.cutmix": 1.0,
+        "val_split": "",
+        "test_split": "",
+        **{f"smoke.{k}": v for k, v in TINY.items()},
+    }
+    return [
+        sys.executable,
+        "-m",
+        "signnet_jax.main",
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        *[f"--config.{k}={v}" for k, v in over.items()],
+        *extra,
+    ]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _run(args):
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def _final_params(workdir):
+    params, _ = checkpointing.load_model(pathlib.Path(workdir) / "checkpoints")
+    return params
+
+
+def _wait_for(proc, pattern, timeout=300):
+    """Read the child's stdout until a line contains ``pattern``."""
+    deadline = time.time() + timeout
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if pattern in line:
+            return lines
+    raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(lines)}")
+
+
+@pytest.mark.heavy
+def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
+    ref = _run(_main_args(records, tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    expected = _final_params(tmp_path / "ref")
+
+    # kill -9 in the middle of step 9 (a checkpoint was started at step 8)
+    proc = subprocess.Popen(
+        _main_args(records, tmp_path / "run"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    _wait_for(proc, "step 9/24")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 24 not in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
+
+    # SIGTERM: save where it stands and exit cleanly
+    proc = subprocess.Popen(
+        _main_args(records, tmp_path / "run"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines = _wait_for(proc, "step 15/24")
+    assert any("resuming from step" in line for line in lines)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    stop = int(out.split("preempted (SIGTERM) at step ")[1].split(":")[0])
+    assert stop >= 15 and stop in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
+
+    done = _run(_main_args(records, tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from step {stop}" in done.stdout
+    for a, b in zip(
+        jax.tree.leaves(expected), jax.tree.leaves(_final_params(tmp_path / "run")), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_config_key_is_named(records, tmp_path):
+    r = _run(_main_args(records, tmp_path / "w", "--config.optim.learning_rate=1"))
+    assert r.returncode != 0
+    assert "learning_rate" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_records_folder(tmp_path):
+    c = tiny_config(tmp_path / "nowhere", **{"smoke.enabled": False})
+    with pytest.raises(train.TrainingError, match="has no dataset_info.json.*build_records"):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def _converted(tmp_path, preset_dims, classes):
+    from signnet_jax.models import vit
+
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=len(classes), num_frames=4, img_size=32, **preset_dims
+    )
+    checkpointing.save_model(
+        tmp_path / "init",
+        vit.params_of(vit.create_model(cfg)),
+        {"model": cfg.to_dict(), "classes": classes},
+    )
+    return tmp_path / "init"
+
+
+DIMS = dict(embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def test_init_checkpoint_of_another_preset(records, tmp_path):
+    init = _converted(tmp_path, dict(DIMS, embed_dim=64), ["a", "b", "c", "d"])
+    c = tiny_config(records, init_from=str(init))
+    with pytest.raises(train.TrainingError, match="embed_dim=64.*embed_dim=32.*model.preset"):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_classes_not_matching_the_head(records, tmp_path):
+    init = _converted(tmp_path, DIMS, ["x", "y", "z"])
+    c = tiny_config(records, init_from=str(init), init_reset_head=False)
+    with pytest.raises(
+        train.TrainingError,
+        match="3-class head but the records have 4 classes.*init_reset_head=True",
+    ):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    # the fix works, and the same classes in another order are permuted, not reset
+    setup = train.prepare(tiny_config(records, init_from=str(init), init_reset_head=True))
+    assert "new 4-class head" in setup.note
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init2 = _converted(tmp_path / "two", DIMS, names[::-1])
+    setup = train.prepare(tiny_config(records, init_from=str(init2), init_reset_head=False))
+    assert "reordered" in setup.note
+    src, _ = checkpointing.load_model(init2)
+    np.testing.assert_array_equal(
+        setup.init_params["head"]["kernel"], src["head"]["kernel"][:, ::-1]
+    )
+
+
+def test_step_compiles_once(records, tmp_path, monkeypatch):
+    compiles = []
+    real = jax.stages.Lowered.compile
+
+    def counting(self, *a, **k):
+        compiles.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", counting)
+    c = tiny_config(records, **{"train.max_steps": 6, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path)
+    assert len(compiles) == 1
