@@ -101,13 +101,21 @@ def load_model(directory: str | os.PathLike, step: int | None = None) -> tuple[d
             "signnet_jax.convert or by training"
         )
     step = max(steps) if step is None else step
-    with ocp.CheckpointManager(directory) as mngr:
+    handlers = {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
                 META
             ]
+            # Restore as host numpy arrays whatever mesh wrote them: a checkpoint from
+            # an 8-device run must load in a 1-device process (predict on a laptop).
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                mngr.item_metadata(step)[PARAMS],
+            )
             params = mngr.restore(
-                step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore()})
+                step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
             )[PARAMS]
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
