@@ -300,8 +300,8 @@ class Predictor:
           checkpoint_dir: a model checkpoint folder or a training workdir.
           models_dir: MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else
             the download cache).
-          batch_size: views per forward pass (default: all views of a video at once);
-            smaller batches need less memory.
+          batch_size: views per forward pass (default: 1 on a CPU, else all views of a
+            video at once); smaller batches need less memory.
 
         Raises:
           PredictError: the checkpoint cannot be used, or bad batch_size.
@@ -335,7 +335,11 @@ class Predictor:
                 f"{_count(s.test_num_crop, 'crop')} of {s.short_side_size} px"
             )
         views = self.input_settings.num_views
-        self.batch_size = views if batch_size is None else batch_size
+        if batch_size is None:
+            # On a CPU one view at a time is faster and needs less than half the memory of
+            # all views at once (ViT-B 32x224, 3 views: 54 s / 3.4 GB vs 64 s / 7.2 GB).
+            batch_size = 1 if jax.default_backend() == "cpu" else views
+        self.batch_size = batch_size
         if self.batch_size < 1:
             raise PredictError(f"batch size must be >= 1, got {self.batch_size}")
         self.batch_size = min(self.batch_size, views)
@@ -546,7 +550,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
     p.add_argument("--models", help="MediaPipe model folder (default $SIGNNET_MEDIAPIPE_MODELS)")
-    p.add_argument("--batch", type=int, help="views per forward pass (default: all at once)")
+    p.add_argument(
+        "--batch", type=int, help="views per forward pass (default: 1 on a CPU, else all views)"
+    )
     args = p.parse_args(None if argv is None else list(argv))
     if args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")

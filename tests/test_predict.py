@@ -175,11 +175,15 @@ def test_jpeg_round_trip_matches_the_record_builder(tiny_run):
     assert predict._jpeg_round_trip(frames, 90) == [encode_jpeg(f, 90) for f in frames]
 
 
-def test_smaller_batches_give_the_same_probabilities(workdir, tiny_run):
-    with predict.Predictor(workdir, batch_size=3) as p:
-        assert p.batch_size == 3
-        probs = p._average_probabilities(tiny_run.views)
-    np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
+def test_batch_size_does_not_change_the_probabilities(workdir, tiny_run):
+    # Default on a CPU: one view per call; 3 leaves a padded last batch; 9 is capped at 4.
+    with predict.Predictor(workdir) as p:
+        assert p.batch_size == 1
+    for batch, compiled in ((3, 3), (9, 4)):
+        with predict.Predictor(workdir, batch_size=batch) as p:
+            assert p.batch_size == compiled
+            probs = p._average_probabilities(tiny_run.views)
+        np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
 
 
 @pytest.fixture(scope="module")
