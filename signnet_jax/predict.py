@@ -422,7 +422,12 @@ class Predictor:
             hht = self._tunneller.process_frames(frames, fps, times, name=str(video_path))
         timings["hht"] = _ms(time.perf_counter() - t0)
         notes = list(self.notes)
-        messages = [str(w.message) for w in caught if issubclass(w.category, NoPersonWarning)]
+        messages = []
+        for w in caught:
+            if issubclass(w.category, NoPersonWarning):
+                messages.append(str(w.message))
+            else:  # not ours to handle: pass it on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if messages and not self.hht_settings.quadrants[0]:
             raise PredictError(
                 f"{video_path}: no head or hand found in any frame, and the checkpoint's H&HT "
