@@ -31,6 +31,9 @@ def main(argv):
                 num_processes=config.distributed.num_processes,
                 process_id=config.distributed.process_id,
             )
+        # CPU processes need a collectives backend (multi-process tests on one machine);
+        # TPU and GPU clients ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kwargs)
     try:
         if config.mode == "train":

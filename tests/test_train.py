@@ -310,3 +310,59 @@ def test_step_compiles_once(records, tmp_path, monkeypatch):
     c = tiny_config(records, **{"train.max_steps": 6, "val_split": "", "test_split": ""})
     train.train_and_evaluate(c, tmp_path)
     assert len(compiles) == 1
+
+
+@pytest.mark.heavy
+def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
+    import portpicker
+
+    common = ["--config.train.max_steps=5", "--config.optim.epochs=3"]
+
+    def env(devices):
+        e = _env()
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        return e
+
+    one = subprocess.run(
+        _main_args(records, tmp_path / "one", *common),
+        cwd=REPO,
+        env=env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = portpicker.pick_unused_port()
+    procs = [
+        subprocess.Popen(
+            _main_args(
+                records,
+                tmp_path / "two",
+                *common,
+                "--config.distributed.initialize=True",
+                f"--config.distributed.coordinator_address=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            cwd=REPO,
+            env=env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "mesh {'data': 8, 'fsdp': 1}" in outs[0][0]
+
+    def losses(workdir):
+        return np.array(
+            [x for _, x in json.loads((workdir / "metrics.json").read_text())["train_loss"]]
+        )
+
+    assert len(losses(tmp_path / "one")) == 5
+    np.testing.assert_allclose(
+        losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=0
+    )
