@@ -72,6 +72,31 @@ MOTIONS = (
     "tap",
 )
 
+# Handshape of a hand performing each motion: finger directions in degrees (0 = the hand's
+# thumb side, -90 = up; the left hand mirrors them). Shapes are shared by related motions, so a
+# single frame narrows a sign down to a family and the movement decides within it.
+HANDSHAPES = {
+    "fist": (),
+    "index": (-90,),
+    "v": (-105, -75),
+    "flat": (-112, -98, -84, -70),
+    "open": (-10, -55, -80, -105, -130),
+    "thumb": (-20,),
+}
+MOTION_HANDSHAPE = {
+    "still": "fist",
+    "circle_cw": "index",
+    "circle_ccw": "index",
+    "line_h": "flat",
+    "line_v": "flat",
+    "diag_up": "v",
+    "diag_down": "v",
+    "zigzag_down": "v",
+    "zigzag_up": "v",
+    "to_head": "open",
+    "tap": "thumb",
+}
+
 # The first classes: a mix of one-handed, two-handed and left-handed signs, including a pair
 # that differs only in direction (circle_cw / circle_ccw). Further classes are the remaining
 # (right, left) motion pairs in MOTIONS order.
@@ -276,10 +301,39 @@ def _muted_colour(rng: np.random.Generator, lo: int, hi: int, grey: float) -> np
 
 
 def _hand_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated bright colour (gloves), far from the muted background and skin tones."""
-    hue = rng.uniform(0, 180)
+    """Bright yellow-green gloves: far from the muted background and skin tones.
+
+    The hue varies little on purpose: like skin in real videos, the hands' colour is a stable
+    cue, and a small training set cannot teach a model colour invariance on top of the task.
+    """
+    hue = rng.uniform(28, 42)  # OpenCV hue units (0..180): yellow to yellow-green
     hsv = np.array([[[hue, rng.uniform(200, 255), rng.uniform(215, 255)]]], np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+
+
+def _draw_hand(
+    img: np.ndarray,
+    centre: np.ndarray,
+    extent: float,
+    shape: str,
+    turn: float,
+    finger_len: float,
+    *,
+    mirror: bool,
+    colour: tuple[float, ...],
+) -> None:
+    """Draws a palm and the fingers of `shape`, all within `extent` of `centre`."""
+    fingers = HANDSHAPES[shape]
+    palm = (0.62 if not fingers else 0.45) * extent
+    width = 0.22 * extent
+    for angle in fingers:
+        a = np.deg2rad(angle + turn)
+        direction = np.array([-np.cos(a) if mirror else np.cos(a), np.sin(a)])
+        # Round caps add width / 2 beyond the end point: stay inside the extent.
+        tip = centre + direction * (extent * finger_len - width / 2)
+        thickness = max(1, int(round(width)))
+        cv2.line(img, _pt(centre), _pt(tip), colour, thickness, cv2.LINE_AA, 4)
+    cv2.circle(img, _pt(centre), int(palm * _SUB), colour, -1, cv2.LINE_AA, 4)
 
 
 def landmark_boxes(
@@ -335,16 +389,18 @@ def render_video(
     head_ax = np.array([0.085, 0.11]) * s_px * scale * rng.uniform(0.92, 1.08, 2)
     shoulder_y = head_c[1] + head_ax[1] + 0.06 * s_px * scale
     shoulder_dx = 0.19 * s_px * scale
-    hand_r = 0.05 * s_px * scale * rng.uniform(0.9, 1.1)
+    # Hand extent (palm plus fingers) from the centre.
+    hand_r = 0.075 * s_px * scale * rng.uniform(0.9, 1.1)
+    # Hands rest at the waist; the body's right hand is on the image's left.
     homes = np.array(
         [
-            [
-                cx - 0.12 * s_px * scale,
-                shoulder_y + 0.24 * s_px * scale,
-            ],  # body's right: image left
+            [cx - 0.12 * s_px * scale, shoulder_y + 0.24 * s_px * scale],
             [cx + 0.12 * s_px * scale, shoulder_y + 0.24 * s_px * scale],
         ]
     )
+    # Per-video hand rotation and finger length, a slight per-frame wobble.
+    hand_turn = rng.uniform(-18, 18, 2)[None, :] + rng.normal(0, 4, (num_frames, 2))
+    finger_len = rng.uniform(0.9, 1.0)
 
     # The motion: speed, start phase and amplitude jitter, per hand.
     centres = np.zeros((num_frames, 3, 2))
@@ -428,9 +484,16 @@ def render_video(
             elbow = (shoulder + hand) / 2 + np.array([-mirror * 0.06 * s_px, 0.05 * s_px]) * scale
             for a, b in ((shoulder, elbow), (elbow, hand)):
                 cv2.line(img, _pt(a), _pt(b), sleeve_c, arm_w, cv2.LINE_AA, 4)
-        for side in range(2):
-            cv2.circle(
-                img, _pt(centres[i, 1 + side]), int(hand_r * _SUB), hand_c, -1, cv2.LINE_AA, 4
+        for side, motion in enumerate((right_motion, left_motion)):
+            _draw_hand(
+                img,
+                centres[i, 1 + side],
+                hand_r,
+                MOTION_HANDSHAPE[motion],
+                hand_turn[i, side],
+                finger_len,
+                mirror=bool(side),
+                colour=hand_c,
             )
         frames[i] = np.clip(img + noise[i], 0, 255).astype(np.uint8)
 
@@ -592,7 +655,11 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
             "options": options.to_dict(),
             "source_size": SOURCE_SIZE,
             "motions": {
-                name: {"right_hand": r, "left_hand": left}
+                name: {
+                    "right_hand": r,
+                    "left_hand": left,
+                    "handshapes": [MOTION_HANDSHAPE[r], MOTION_HANDSHAPE[left]],
+                }
                 for name, (r, left) in zip(classes, CLASS_TABLE[: len(classes)], strict=True)
             },
         },

@@ -34,6 +34,20 @@ def _decode(jpeg: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR_RGB)
 
 
+# The published grid2x2 layout, (row, column) of each cell in the 2x2 grid.
+GRID = {"frame": (0, 0), "right_hand": (0, 1), "head": (1, 0), "left_hand": (1, 1)}
+
+
+def share(mask, cell, rows=(0, 1), cols=(0, 1)):
+    """Share of True in a window (fractions of the cell) of one grid cell over all frames."""
+    h = mask.shape[1] // 2
+    r, c = GRID[cell]
+    window = mask[:, r * h : (r + 1) * h, c * h : (c + 1) * h]
+    r0, r1 = (int(v * h) for v in rows)
+    c0, c1 = (int(v * h) for v in cols)
+    return window[:, r0:r1, c0:c1].mean()
+
+
 def _files(folder) -> dict[str, bytes]:
     out = {}
     for name in sorted(os.listdir(folder)):
@@ -120,7 +134,7 @@ def test_record_boxes_are_the_rendered_landmarks_boxes(small_dir):
             for part in (1, 2):
                 cx, cy = rendered.centres[t, part]
                 ys, xs = np.nonzero(is_hand & ((xx - cx) ** 2 + (yy - cy) ** 2 < (1.5 * r) ** 2))
-                assert len(xs) > 0.7 * np.pi * r * r
+                assert len(xs) > 0.8 * np.pi * (0.45 * r) ** 2  # at least the palm
                 x0, y0, x1, y1 = px[t, part]
                 assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
 
@@ -140,22 +154,27 @@ def test_hand_quadrants_show_the_hands(default_dir):
         assert e["frames"] == [
             build_records.encode_jpeg(f, synthetic.JPEG_QUALITY) for f in tunnelled
         ]
-        h = options.size // 2
-
-        def share(cell, colour):
-            return (np.linalg.norm(cell - colour, axis=-1) < 50).mean()
-
-        top_right = frames[:, :h, h:]
-        bottom_right = frames[:, h:, h:]
-        bottom_left = frames[:, h:, :h]
-        top_left = frames[:, :h, :h]
-        assert share(top_right, hand) > 0.35, (label, share(top_right, hand))
-        assert share(bottom_right, hand) > 0.35
-        assert share(top_right, hand) > 4 * share(top_left, hand)
+        is_hand = np.linalg.norm(frames - hand, axis=-1) < 50
+        is_skin = np.linalg.norm(frames - skin, axis=-1) < 50
+        centre = dict(rows=(3 / 8, 5 / 8), cols=(3 / 8, 5 / 8))
+        # The palm fills the middle of both hand cells in every video...
+        assert share(is_hand, "right_hand", **centre) > 0.85
+        assert share(is_hand, "left_hand", **centre) > 0.85
+        assert share(is_hand, "frame", **centre) < 0.05
+        # ...and raised fingers show above it exactly for handshapes that have them.
+        above = dict(rows=(4 / 32, 8 / 32), cols=(10 / 32, 22 / 32))
+        for cell, motion in zip(
+            ("right_hand", "left_hand"), synthetic.CLASS_TABLE[label], strict=True
+        ):
+            shape = synthetic.MOTION_HANDSHAPE[motion]
+            if shape in ("fist", "thumb"):
+                assert share(is_hand, cell, **above) < 0.01, (label, cell, shape)
+            else:
+                assert share(is_hand, cell, **above) > 0.04, (label, cell, shape)
         # The head cell is mostly skin and, apart from the hand-to-head class, no hand.
-        assert share(bottom_left, skin) > 0.25
+        assert share(is_skin, "head") > 0.25
         if source.classes[label] != "smoke_to_head":
-            assert share(bottom_left, hand) < 0.02
+            assert share(is_hand, "head") < 0.05
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small_dir):
