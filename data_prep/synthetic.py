@@ -98,8 +98,8 @@ MOTION_HANDSHAPE = {
 }
 
 # The first classes: a mix of one-handed, two-handed and left-handed signs, including a pair
-# that differs only in direction (circle_cw / circle_ccw). Further classes are the remaining
-# (right, left) motion pairs in MOTIONS order.
+# that differs only in direction (circle_cw / circle_ccw). Further classes are the other
+# (right, left) motion pairs in MOTIONS order, leaving out mirror images (see _class_table).
 _FIRST = (
     ("circle_cw", "still"),
     ("circle_ccw", "still"),
@@ -115,13 +115,19 @@ _FIRST = (
 
 
 def _class_table() -> list[tuple[str, str]]:
-    rest = [
-        (r, left)
-        for r in MOTIONS
-        for left in MOTIONS
-        if (r, left) != ("still", "still") and (r, left) not in _FIRST
-    ]
-    return list(_FIRST) + rest
+    """_FIRST, then the other (right, left) pairs whose mirror image is not a class yet.
+
+    The mirror image of (right, left), which H&HT-aware flipping (`flip='hht'`) makes, is the
+    sign (left, right) done by a left-handed signer: it must not be another class, or flipped
+    training clips would carry the wrong label.
+    """
+    table = list(_FIRST)
+    for r in MOTIONS:
+        for left in MOTIONS:
+            if (r, left) != ("still", "still") and (r, left) not in table:
+                if (left, r) not in table:
+                    table.append((r, left))
+    return table
 
 
 CLASS_TABLE = _class_table()
