@@ -4,11 +4,12 @@ python -m data_prep.synthetic --output records/smoke [--classes 10 --train-per-c
     --val-per-class 6 --test-per-class 6 --frames 24 --size 64 --seed 0]
 
 Every video is a cartoon signer on a textured, noisy background: a head (ellipse with eyes
-and mouth), a torso with arms, and two hands (bright blobs of a colour unlike the head) that
-move along class-specific paths (circles, lines, diagonals, zig-zags, taps, a move to the
-head; one hand or both). Position, size, speed, start phase, colours and background vary per
-video, the hands jitter slightly per frame and every frame gets pixel noise, so the task is
-learnable but not trivial (two classes differ only in the direction of a circle).
+and mouth), a torso with arms, and two gloved hands (a palm and raised fingers, a colour unlike
+the head) that move along class-specific paths (circles, lines, diagonals, zig-zags, taps, a
+move to the head; one hand or both) with a handshape shared by related motions. Position,
+size, speed, start phase, colours, hand rotation and background vary per video, the hands
+jitter slightly per frame and every frame gets pixel noise, so the task is learnable but not
+trivial (two classes differ only in the direction of a circle).
 
 The landmarks are known exactly, so the head / hand boxes are made from them (box_source 1,
 the square-plus-margin rule of `signnet_jax.hht.compute_boxes`), the real composer
@@ -230,7 +231,8 @@ class RenderedVideo:
       frames: (T, SOURCE_SIZE, SOURCE_SIZE, 3) uint8 RGB source frames.
       centres: (T, 3, 2) float pixel centres of head, right hand, left hand.
       half_sizes: (T, 3, 2) float pixel half width / half height of each part (head ellipse
-        axes, hand radius); a part covers centre +- half_size.
+        axes, hand extent from palm centre to fingertips); a part lies within centre +-
+        half_size.
       boxes: (T, 3, 4) float32 normalized xyxy boxes made from the landmarks.
       box_source: (T, 3) int8, all 1 (landmark).
       colours: RGB colours of 'skin', 'hands', 'shirt' and the background 'base'.
