@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 64  # videos per optimizer update, over all devices and processes
     c.data.sampling_rate = 2
     c.data.repeated_aug = 2  # augmented clips per video per step
+    c.data.crop_scale = (0.08, 1.0)  # random resized crop area range
     c.data.flip = "plain"  # plain (as published) | hht (mirror quadrants, swap hands)
     c.data.rand_augment = "rand-m7-n4-mstd0.5-inc1"
     c.data.reprob = 0.25

@@ -286,6 +286,7 @@ def checkpoint_meta(setup: Setup, config) -> dict:
             "short_side_size": config.data.short_side_size,
             "test_num_segment": config.data.test_num_segment,
             "test_num_crop": config.data.test_num_crop,
+            "jpeg_quality": setup.info.get("jpeg_quality"),
         },
         "source": {"format": "signnet_jax train", "records_dir": config.records_dir},
         "config": json.loads(config.to_json_best_effort()),
@@ -400,6 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             sampling_rate=config.data.sampling_rate,
             augment_options=augment.AugmentOptions(
                 crop_size=cfg.img_size,
+                scale=tuple(config.data.crop_scale),
                 flip=config.data.flip,
                 rand_augment=config.data.rand_augment or None,
                 erase_prob=config.data.reprob,
