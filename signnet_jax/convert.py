@@ -548,7 +548,7 @@ def export_pytorch(checkpoint: str | os.PathLike, output: str | os.PathLike) -> 
 
     params, meta = checkpointing.load_model(checkpoint)
     cfg = vit.ViTConfig.from_dict(meta["model"])
-    sd = {k: torch.from_numpy(v) for k, v in to_torch(params, cfg).items()}
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output = pathlib.Path(output)
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
