@@ -1,0 +1,105 @@
+"""Training-step speed of the published model (ViT-B, 32x224) with the trainer's own step.
+
+    python bench/train.py                         # CPU: batch 1, float32, vs PyTorch
+    python bench/train.py --batch 32 --dtype bfloat16 --no-torch   # on a GPU / TPU
+
+Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
+forward, backward, AdamW with layer decay) on all local devices, batch split over a
+data-parallel mesh; prints step time, clips/s, analytic FLOPs and, on an accelerator,
+MFU. On the CPU it also times the PyTorch reference training step on the same weights
+(tests/models/torch_vit.py) and prints PyTorch time / JAX time (min of repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.model import PEAK_FLOPS, best_of, torch_train_step  # noqa: E402
+from configs import wlasl2000  # noqa: E402
+from signnet_jax import optim, sharding, train  # noqa: E402
+from signnet_jax.models import vit  # noqa: E402
+from signnet_jax.models.flops import forward_flops  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="B")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1, help="global batch (clips per step)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args()
+
+    config = wlasl2000.get_config()
+    classes = 2000
+    cfg = vit.ViTConfig.from_preset(
+        args.preset, num_classes=classes, num_frames=args.frames, img_size=args.size,
+        drop_path_rate=config.model.drop_path_rate, dtype=args.dtype, remat=args.remat,
+    )  # fmt: skip
+    mesh = sharding.make_mesh(1)
+    model = vit.create_model(cfg)
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    setup = train.Setup(cfg, [str(i) for i in range(classes)], {}, mesh, graphdef, None, None, "")
+    ocfg = optim.OptimConfig(
+        base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-8, total_steps=1000, warmup_steps=100,
+        weight_decay=0.1, layer_decay=0.75,
+    )  # fmt: skip
+    tx = optim.make_optimizer(ocfg, params, cfg.depth)
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 256, (args.batch, args.frames, args.size, args.size, 3), np.uint8)
+    labels = rng.integers(0, classes, args.batch).astype(np.int32)
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch(
+            {"clip": clip, "erase_box": np.zeros((args.batch, 4), np.int32), "label": labels},
+            mesh,
+        )
+        state = {"params": params, "opt_state": tx.init(params)}
+        step_fn = jax.jit(train.make_train_step(setup, config, tx, classes), donate_argnums=(0,))
+        box = {"state": state, "i": 0}
+
+        def run():
+            box["state"], m = step_fn(box["state"], batch, jnp.int32(box["i"]))
+            box["i"] += 1
+            m["loss"].block_until_ready()
+
+        t_jax = best_of(run, args.repeats)
+
+    flops = 3 * forward_flops(cfg) * args.batch
+    device = jax.devices()[0]
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
+    print(
+        f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}: "
+        f"step {t_jax:.3f} s, {args.batch / t_jax:.2f} clips/s, "
+        f"{flops / 1e12:.2f} TFLOP/step ({flops / args.batch / 1e12:.2f} per clip)"
+        + (f", MFU {flops / t_jax / (peak * jax.device_count()):.1%}" if peak else "")
+    )
+    if not args.no_torch and device.platform == "cpu":
+        import torch
+
+        from tests.models import torch_vit
+
+        del box, state  # free the JAX step's memory before PyTorch allocates its own
+        tmodel = torch_vit.make(args.preset, classes, num_frames=args.frames, img_size=args.size)
+        xt = torch.from_numpy(clip).permute(0, 4, 1, 2, 3).float().contiguous()
+        t_torch = best_of(
+            torch_train_step(tmodel.train(), xt, torch.from_numpy(labels).long()), args.repeats
+        )
+        print(f"PyTorch reference step {t_torch:.3f} s; ratio PyTorch / JAX {t_torch / t_jax:.2f}")
+
+
+if __name__ == "__main__":
+    main()
