@@ -13,7 +13,7 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _shared_dir() -> pathlib.Path:
-    path = pathlib.Path(os.environ.get("SIGNNET_SHARED", _REPO.parent / "shared"))
+    path = pathlib.Path(os.environ.get("SIGNNET_SHARED", _REPO.parent / "shared")).resolve()
     if not (path / "assets" / "sign_sample.mp4").is_file():
         raise RuntimeError(
             f"shared assets not found at {path}: put the shared folder beside the checkout "
@@ -23,6 +23,7 @@ def _shared_dir() -> pathlib.Path:
 
 
 SHARED = _shared_dir()
+os.environ["SIGNNET_SHARED"] = str(SHARED)  # absolute, for subprocesses with another cwd
 # MediaPipe bundles come from the offline stand-ins; tests never download.
 os.environ["SIGNNET_MEDIAPIPE_MODELS"] = str(SHARED / "mediapipe_models")
 
