@@ -32,16 +32,16 @@ import time
 
 import cv2
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from signnet_jax.data import augment, pipeline, records, sampling  # noqa: E402
+from tests.data.pil_reference import pil_op  # noqa: E402
 
 CLIP_LEN = 32
 SAMPLING_RATE = 2
 CROP = 224
-FILL = (128, 128, 128)
 
 
 def _shared_dir() -> pathlib.Path:
@@ -91,39 +91,6 @@ def build_records(root: str, num_videos: int, seed: int = 0) -> None:
 # ------------------------------------------------------------------ per-frame PIL baseline
 
 
-def _pil_op(name: str, arg, img: Image.Image) -> Image.Image:
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(img)
-    if name == "Equalize":
-        return ImageOps.equalize(img)
-    if name == "Invert":
-        return ImageOps.invert(img)
-    if name == "PosterizeIncreasing":
-        return ImageOps.posterize(img, arg)
-    if name == "SolarizeIncreasing":
-        return ImageOps.solarize(img, arg)
-    if name == "SolarizeAdd":
-        return img.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
-    if name == "BrightnessIncreasing":
-        return ImageEnhance.Brightness(img).enhance(arg)
-    if name == "ContrastIncreasing":
-        return ImageEnhance.Contrast(img).enhance(arg)
-    if name == "ColorIncreasing":
-        return ImageEnhance.Color(img).enhance(arg)
-    if name == "SharpnessIncreasing":
-        return ImageEnhance.Sharpness(img).enhance(arg)
-    if name == "Rotate":
-        return img.rotate(arg, resample=Image.BICUBIC, fillcolor=FILL)
-    w, h = img.size
-    matrix = {
-        "ShearX": (1, arg, 0, 0, 1, 0),
-        "ShearY": (1, 0, 0, arg, 1, 0),
-        "TranslateXRel": (1, 0, arg * w, 0, 1, 0),
-        "TranslateYRel": (1, 0, 0, 0, 1, arg * h),
-    }[name]
-    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
-
-
 def pil_train_clip(element: dict, rng: np.random.Generator, options: augment.AugmentOptions):
     """Same sampling and random parameters as pipeline.TrainClip, one PIL frame at a time."""
     frames = element["frames"]
@@ -131,7 +98,7 @@ def pil_train_clip(element: dict, rng: np.random.Generator, options: augment.Aug
     imgs = [Image.open(io.BytesIO(frames[i])).convert("RGB") for i in idx]
     program = augment.sample_rand_augment(rng, augment.RandAugmentSpec.parse(options.rand_augment))
     for name, arg in program:
-        imgs = [_pil_op(name, arg, img) for img in imgs]
+        imgs = [pil_op(name, arg, img) for img in imgs]
     top, left, h, w = augment.sample_crop_box(rng, 256, 256, options.scale, options.ratio)
     imgs = [
         img.resize((CROP, CROP), Image.BILINEAR, box=(left, top, left + w, top + h)) for img in imgs

@@ -5,11 +5,10 @@ import math
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 from signnet_jax.data import augment
-
-FILL = (128, 128, 128)
+from tests.data.pil_reference import pil_op
 
 
 def _image(h=64, w=80, seed=0):
@@ -19,40 +18,6 @@ def _image(h=64, w=80, seed=0):
     img = np.stack([x * 3, y * 4, (x + y) * 2], -1).astype(np.float64)
     img += 40 * (np.sin(x / 5.0) * np.cos(y / 7.0))[..., None]
     return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
-
-
-def _pil_reference(name, arg, p):
-    """The reference's PIL implementation of each inc1 operation."""
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(p)
-    if name == "Equalize":
-        return ImageOps.equalize(p)
-    if name == "Invert":
-        return ImageOps.invert(p)
-    if name == "PosterizeIncreasing":
-        return ImageOps.posterize(p, arg)
-    if name == "SolarizeIncreasing":
-        return ImageOps.solarize(p, arg)
-    if name == "SolarizeAdd":
-        return p.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
-    if name == "BrightnessIncreasing":
-        return ImageEnhance.Brightness(p).enhance(arg)
-    if name == "ContrastIncreasing":
-        return ImageEnhance.Contrast(p).enhance(arg)
-    if name == "ColorIncreasing":
-        return ImageEnhance.Color(p).enhance(arg)
-    if name == "SharpnessIncreasing":
-        return ImageEnhance.Sharpness(p).enhance(arg)
-    if name == "Rotate":
-        return p.rotate(arg, resample=Image.BICUBIC, fillcolor=FILL)
-    w, h = p.size
-    matrix = {
-        "ShearX": (1, arg, 0, 0, 1, 0),
-        "ShearY": (1, 0, 0, arg, 1, 0),
-        "TranslateXRel": (1, 0, arg * w, 0, 1, 0),
-        "TranslateYRel": (1, 0, 0, 0, 1, arg * h),
-    }[name]
-    return p.transform(p.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
 
 
 ARGS = {
@@ -82,7 +47,7 @@ def test_every_inc1_operation_has_a_case():
 def test_operation_matches_pil(name):
     img = _image()
     out = augment.apply_rand_augment(img[None], [(name, ARGS[name])])[0].astype(int)
-    ref = np.asarray(_pil_reference(name, ARGS[name], Image.fromarray(img))).astype(int)
+    ref = np.asarray(pil_op(name, ARGS[name], Image.fromarray(img))).astype(int)
     diff = np.abs(out - ref)
     if name in ("ColorIncreasing", "SharpnessIncreasing"):
         assert diff.max() <= 1  # OpenCV rounds where PIL truncates
