@@ -520,10 +520,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         },
                     )
                     t_last = time.perf_counter()
-                if step % every_ckpt == 0 or step == last_step or val_metrics:
+                saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
+                if saved:
                     _save(ckpt, step, state, train_iter, meta, val_metrics)
                 if preempt.requested:
-                    _save(ckpt, step, state, train_iter, meta, val_metrics)
+                    if not saved:  # a step is saved once; orbax refuses a second save
+                        _save(ckpt, step, state, train_iter, meta, val_metrics)
                     ckpt.wait()
                     _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
                     return {"preempted_at": step}

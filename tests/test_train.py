@@ -212,19 +212,20 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     assert 24 not in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
 
     # SIGTERM: save where it stands and exit cleanly
-    proc = subprocess.Popen(
-        _main_args(records, tmp_path / "run"),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines = _wait_for(proc, "step 15/24")
-    assert any("resuming from step" in line for line in lines)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            _main_args(records, tmp_path / "run"),
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        lines = _wait_for(proc, "step 15/24")
+        assert any("resuming from step" in line for line in lines)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     stop = int(out.split("preempted (SIGTERM) at step ")[1].split(":")[0])
     assert stop >= 15 and stop in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
 
@@ -366,3 +367,23 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     np.testing.assert_allclose(
         losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=0
     )
+
+
+def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
+    from signnet_jax import sharding
+
+    calls = []
+    real = sharding.global_batch
+
+    def batch_then_signal(local, mesh):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4, itself a checkpoint step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", batch_then_signal)
+    c = tiny_config(
+        records, **{"train.checkpoint_every_steps": 2, "val_split": "", "test_split": ""}
+    )
+    assert train.train_and_evaluate(c, tmp_path) == {"preempted_at": 4}
+    assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [2, 4]
