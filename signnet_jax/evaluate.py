@@ -29,26 +29,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         metrics.write_metrics_json(path, obj)
 
 
-_EVAL_FNS: dict[int, Any] = {}
-
-
 def _eval_fn(setup):
-    """Jitted probabilities of a batch of uint8 views (cached per set-up)."""
-    key = id(setup)
-    if key not in _EVAL_FNS:
+    """Jitted probabilities of a batch of uint8 views, built once per set-up."""
+    if setup.eval_fn is None:
         graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
 
         def probs(params, clip):
             logits = nnx.merge(graphdef, params)(device.normalize(clip, dtype))
             return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-        clip_sh = sharding.batch_sharding(setup.mesh, 5)
-        _EVAL_FNS[key] = jax.jit(
+        setup.eval_fn = jax.jit(
             probs,
-            in_shardings=(setup.param_sh, clip_sh),
+            in_shardings=(setup.param_sh, sharding.batch_sharding(setup.mesh, 5)),
             out_shardings=sharding.batch_sharding(setup.mesh, 2),
         )
-    return _EVAL_FNS[key]
+    return setup.eval_fn
 
 
 def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import threading
 import time
 from typing import Any
 
@@ -161,6 +162,7 @@ class Setup:
     param_sh: Any
     init_params: dict | None  # host arrays from init_from, else None (random init)
     note: str
+    eval_fn: Any = None  # the jitted eval forward, built on first use (evaluate.py)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
@@ -243,7 +245,8 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
-        if threading_main():
+        # signal handlers can only be installed from the main thread (not in notebooks' threads)
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -253,12 +256,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _log(msg: str) -> None:
