@@ -209,8 +209,9 @@ def test_learned_position_table_checkpoint_converts_to_more_frames(tmp_path):
 # --- bad input: clear error, non-zero exit, nothing at --output -----------------------
 
 
-def _assert_fails(capsys, out: pathlib.Path, *args, match: str):
-    assert _run(*args) == 1
+def _assert_fails(capsys, src, out: pathlib.Path, match: str, model: str = "S"):
+    """The conversion of src fails, names the problem and leaves nothing at out."""
+    assert _convert(src, out, model) == 1
     err = capsys.readouterr().err
     assert match in err, err
     assert not out.exists()
@@ -224,61 +225,28 @@ def test_truncated_checkpoint(tmodel, tmp_path, capsys):
     out = tmp_path / "ckpt"
     _assert_fails(
         capsys,
-        out,
-        "--input",
         tmp_path / "cut.pth",
-        "--output",
         out,
-        "--model",
-        "S",
-        "--num-frames",
-        4,
-        "--num-classes",
-        5,
-        match=f"cannot read {tmp_path / 'cut.pth'} as a PyTorch checkpoint",
+        f"cannot read {tmp_path / 'cut.pth'} as a PyTorch checkpoint",
     )
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("hello")
     out = tmp_path / "ckpt"
-    assert (
-        _run(
-            "--input",
-            tmp_path / "notes.pth",
-            "--output",
-            out,
-            "--model",
-            "S",
-            "--num-frames",
-            4,
-            "--num-classes",
-            5,
-        )
-        == 1
+    _assert_fails(
+        capsys,
+        tmp_path / "notes.pth",
+        out,
+        f"cannot read {tmp_path / 'notes.pth'} as a PyTorch checkpoint",
     )
-    err = capsys.readouterr().err
-    assert f"cannot read {tmp_path / 'notes.pth'} as a PyTorch checkpoint" in err
-    assert not out.exists()
 
 
 def test_non_videomae_state_dict(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     out = tmp_path / "ckpt"
     _assert_fails(
-        capsys,
-        out,
-        "--input",
-        tmp_path / "other.pth",
-        "--output",
-        out,
-        "--model",
-        "S",
-        "--num-frames",
-        4,
-        "--num-classes",
-        5,
-        match="not a VideoMAEv2 or Hugging Face VideoMAE checkpoint",
+        capsys, tmp_path / "other.pth", out, "not a VideoMAEv2 or Hugging Face VideoMAE checkpoint"
     )
 
 
@@ -310,21 +278,7 @@ def test_missing_and_unexpected_keys_are_named(tmodel, tmp_path, capsys):
 def test_unknown_preset(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     out = tmp_path / "ckpt"
-    _assert_fails(
-        capsys,
-        out,
-        "--input",
-        tmp_path / "s.pth",
-        "--output",
-        out,
-        "--model",
-        "XL",
-        "--num-frames",
-        4,
-        "--num-classes",
-        5,
-        match="unknown model preset 'XL'",
-    )
+    _assert_fails(capsys, tmp_path / "s.pth", out, "unknown model preset 'XL'", model="XL")
 
 
 class _Exploit:
@@ -337,21 +291,7 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
     exploit.target = str(tmp_path / "pwned")
     torch.save({"model": {"x": torch.zeros(1)}, "payload": exploit}, tmp_path / "evil.pth")
     out = tmp_path / "ckpt"
-    _assert_fails(
-        capsys,
-        out,
-        "--input",
-        tmp_path / "evil.pth",
-        "--output",
-        out,
-        "--model",
-        "S",
-        "--num-frames",
-        4,
-        "--num-classes",
-        5,
-        match="outside the allow-list",
-    )
+    _assert_fails(capsys, tmp_path / "evil.pth", out, "outside the allow-list")
     assert not (tmp_path / "pwned").exists()
 
 
