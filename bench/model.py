@@ -27,21 +27,9 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from signnet_jax.models.flops import forward_flops  # noqa: E402
+from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
 from tests.models import torch_vit  # noqa: E402
 from tests.models.helpers import flax_twin  # noqa: E402
-
-# Peak dense bf16 FLOP/s of common accelerators, for MFU.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "T4": 65e12,
-    "TPU v5 lite": 197e12,
-    "TPU v4": 275e12,
-    "TPU v6 lite": 918e12,
-    "TPU v5": 459e12,
-}
 
 
 def best_of(fn, repeats: int) -> float:
@@ -158,7 +146,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = jax.devices()[0]
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    peak = peak_flops(device.device_kind)
     print(
         f"jax {jax.__version__} on {device.device_kind} ({jax.device_count()} devices), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads"

@@ -23,11 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.model import PEAK_FLOPS, best_of, torch_train_step  # noqa: E402
+from bench.model import best_of, torch_train_step  # noqa: E402
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
 from signnet_jax.models import vit  # noqa: E402
-from signnet_jax.models.flops import forward_flops  # noqa: E402
+from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
 
     flops = 3 * forward_flops(cfg) * args.batch
     device = jax.devices()[0]
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    peak = peak_flops(device.device_kind)
     print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
     print(
         f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}: "

@@ -28,6 +28,7 @@ from signnet_jax import checkpointing, evaluate, optim, sharding
 from signnet_jax.data import augment, device, pipeline
 from signnet_jax.data.records import load_dataset_info
 from signnet_jax.models import vit
+from signnet_jax.models.flops import forward_flops, peak_flops
 
 
 class TrainingError(RuntimeError):
@@ -453,6 +454,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"classes: {num_train} videos, batch {batch}, {per_epoch} steps/epoch, "
             f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
         )
+        # model FLOPs utilisation against the devices' bfloat16 peak, where it is known
+        step_flops = 3 * forward_flops(cfg) * batch * config.data.repeated_aug
+        peak = peak_flops(mesh.devices.flat[0].device_kind)
+        peak = peak * mesh.size if peak else None
         best_val = None
         loss_log: list[tuple[int, float]] = []
         t_last, n_last = time.perf_counter(), start
@@ -480,10 +485,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
                     lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
+                    flops_s = n * step_flops / dt
                     _log(
                         f"step {step}/{last_step} epoch {step / per_epoch:.2f} loss {loss:.4f} "
                         f"lr {lr_now:.3g} {clips_s:.1f} clips/s {dt / n:.3f} s/step "
-                        f"ETA {_fmt_time(eta)}"
+                        + (f"MFU {flops_s / peak:.1%} " if peak else "")
+                        + f"ETA {_fmt_time(eta)}"
                     )
                     _scalars(
                         writer,
@@ -493,8 +500,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "train/lr": lr_now,
                             "train/clips_per_s": clips_s,
                             "train/step_time_s": dt / n,
+                            "train/tflops_per_s": flops_s / 1e12,
                             "train/grad_norm": float(metrics["grad_norm"]),
-                        },
+                        }
+                        | ({"train/mfu": flops_s / peak} if peak else {}),
                     )
                     t_last, n_last, loss_sum = time.perf_counter(), step, jnp.zeros(())
                 val_metrics = None

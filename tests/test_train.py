@@ -107,6 +107,51 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert again["test"]["per_instance"] == test["per_instance"]
 
 
+def _tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
+    from tensorboardX.proto import event_pb2
+
+    from signnet_jax.data.records import read_records
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in (workdir / "tensorboard").glob("events.out.tfevents.*"):
+        for data in read_records(path):
+            event = event_pb2.Event.FromString(data)
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    return scalars
+
+
+def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
+    records, tmp_path, monkeypatch, capsys
+):
+    from signnet_jax.models.flops import forward_flops
+
+    peak_per_device = 1e9
+    monkeypatch.setattr(train, "peak_flops", lambda kind: peak_per_device)
+    c = tiny_config(records, **{"train.max_steps": 3, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path)
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(logged) == 3 and all(" MFU " in line for line in logged)
+    tb = _tensorboard_scalars(tmp_path)
+    cfg = train.model_config(c, 4)
+    flops_per_clip = 3 * forward_flops(cfg)
+    for step in (1, 2, 3):
+        clips_s = tb["train/clips_per_s"][step]
+        tflops = tb["train/tflops_per_s"][step]
+        np.testing.assert_allclose(tflops, clips_s * flops_per_clip / 1e12, rtol=1e-5)
+        mfu = tb["train/mfu"][step]
+        np.testing.assert_allclose(mfu, tflops * 1e12 / (peak_per_device * 8), rtol=1e-5)
+        assert f"MFU {mfu:.1%}" in logged[step - 1]
+
+
+def test_no_mfu_where_the_device_peak_is_unknown(records, tmp_path, capsys):
+    c = tiny_config(records, **{"train.max_steps": 1, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path)  # CPU devices: no known peak
+    assert "MFU" not in capsys.readouterr().out
+    tb = _tensorboard_scalars(tmp_path)
+    assert "train/mfu" not in tb and tb["train/tflops_per_s"][1] > 0
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(records, tmp_path, monkeypatch):
     c = tiny_config(records, **{"train.max_steps": 4, "val_split": "", "test_split": ""})
     train.train_and_evaluate(c, tmp_path)

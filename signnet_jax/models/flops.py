@@ -17,3 +17,29 @@ def forward_flops(
     patch = 2 * n * (cfg.in_chans * cfg.tubelet_size * cfg.patch_size**2) * d
     block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * m
     return patch + cfg.depth * block + 2 * d * cfg.num_classes
+
+
+# Dense bfloat16 peak FLOP/s of one JAX device, by device_kind. TPU v2 and v3 expose each
+# TensorCore as a device (two per chip); later TPUs one device per chip.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "T4": 65e12,
+    "TPU v2": 22.5e12,
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak bfloat16 FLOP/s of one device of this kind, or None where it is not known.
+
+    The longest name contained in ``device_kind`` wins ("TPU v5 lite" before "TPU v5").
+    """
+    names = [k for k in PEAK_FLOPS if k in device_kind]
+    return PEAK_FLOPS[max(names, key=len)] if names else None

@@ -1,5 +1,7 @@
 """VideoMAEv2 ViT in Flax against the independent PyTorch reference in torch_vit.py."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +194,72 @@ def test_explicit_attention_matches_dot_product_attention(dtype):
         assert rel_err(a, b) <= (1e-4 if dtype == "float32" else 5e-2)
     with pytest.raises(ValueError, match="attention must be one of"):
         vit.ViTConfig.from_preset("S", attention="flash")
+
+
+def test_analytic_flops_agree_with_the_compiler():
+    """MFU's numerator: XLA's own count of the compiled forward and gradient."""
+    from signnet_jax.models.flops import forward_flops
+
+    cfg = vit.ViTConfig.from_preset("S", num_classes=10, num_frames=8, img_size=64, depth=2)
+    graphdef, params = nnx.split(vit.create_model(cfg), nnx.Param)
+    x = jnp.zeros((2, 8, 64, 64, 3))
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p)(x))
+
+    def xla_flops(fn):
+        return jax.jit(fn).lower(params, x).compile().cost_analysis()["flops"]
+
+    analytic = 2 * forward_flops(cfg)
+    # XLA also counts norms, GELU and softmax (a few percent); the analytic count omits them
+    assert 1.0 <= xla_flops(loss) / analytic <= 1.05
+    # the gradient costs about twice the forward again (no input gradient for the pixels)
+    assert 2.8 <= xla_flops(jax.grad(loss)) / analytic <= 3.05
+
+
+@pytest.mark.parametrize(
+    ("choice", "backend", "dtype", "expected"),
+    [
+        ("auto", "cpu", "float32", "explicit"),
+        ("auto", "cpu", "bfloat16", "explicit"),
+        ("auto", "gpu", "bfloat16", "cudnn"),
+        ("auto", "cuda", "bfloat16", "cudnn"),
+        ("auto", "gpu", "float32", "dot_product_attention"),
+        ("auto", "rocm", "bfloat16", "dot_product_attention"),
+        ("auto", "tpu", "bfloat16", "dot_product_attention"),
+        ("explicit", "tpu", "bfloat16", "explicit"),
+        ("cudnn", "cpu", "float32", "cudnn"),
+    ],
+)
+def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, expected):
+    assert vit.attention_implementation(choice, backend, dtype) == expected
+
+
+def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=5, num_frames=4, img_size=32, depth=2, dtype="bfloat16"
+    )
+    x = jnp.asarray(random_clip(2, 4, 32, seed=3))
+    ref = vit.create_model(dataclasses.replace(cfg, attention="dot_product_attention"))
+    params = vit.params_of(ref)
+    monkeypatch.setattr(vit, "attention_implementation", lambda *a: "cudnn")
+    monkeypatch.setattr(vit, "_CUDNN_WARNED", [])
+    auto = vit.model_from_params(cfg, params)
+    with pytest.warns(UserWarning, match="cuDNN flash attention is not available") as caught:
+        out = auto(x)
+    assert len(caught) == 1  # once, though every block asked for it
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref(x)))
+    # asked for by name, cuDNN is not replaced behind the user's back
+    named = vit.model_from_params(dataclasses.replace(cfg, attention="cudnn"), params)
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        named(x)
+
+
+def test_device_peaks_for_mfu():
+    from signnet_jax.models.flops import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("TPU v5 lite") == 197e12  # v5e, not v5p
+    assert peak_flops("TPU v5") == 459e12
+    assert peak_flops("TPU v2") == 22.5e12  # one TensorCore, as JAX counts devices
+    assert peak_flops("cpu") is None
