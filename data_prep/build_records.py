@@ -247,15 +247,14 @@ def _init_worker(factory: TunnellerFactory, work_dir: str, jpeg_quality: int) ->
     import cv2
 
     cv2.setNumThreads(1)  # one video per core; OpenCV threads would only contend
-    # MediaPipe's native code logs dozens of lines per Tunneller to fd 2, which would bury
-    # the progress bar; send fd 2 to /dev/null and keep Python's stderr on the terminal.
-    python_stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = os.fdopen(python_stderr, "w", buffering=1)
-    faulthandler.enable(sys.stderr)
-    _WORKER.update(factory=factory, work_dir=work_dir, jpeg_quality=jpeg_quality)
+    # The Tunneller keeps MediaPipe's native logs off fd 2 (signnet_jax.hht.quiet) by
+    # pointing fd 2 at a temporary file around its MediaPipe calls; a crash report written
+    # to fd 2 then would be lost, so faulthandler gets its own copy of the real stderr.
+    crash_stream = os.fdopen(os.dup(2), "w", buffering=1)
+    faulthandler.enable(crash_stream)
+    _WORKER.update(
+        factory=factory, work_dir=work_dir, jpeg_quality=jpeg_quality, crash_stream=crash_stream
+    )
 
 
 def _work(task: Task) -> Outcome:

@@ -23,6 +23,7 @@ from signnet_jax.hht.boxes import (
 )
 from signnet_jax.hht.compose import compose_frames
 from signnet_jax.hht.models import find_models
+from signnet_jax.hht.quiet import quiet_native_logs
 from signnet_jax.hht.settings import HHTSettings
 from signnet_jax.hht.video import decode_video
 
@@ -88,6 +89,9 @@ class Tunneller:
     collector raise at interpreter exit. One instance serves many videos in sequence;
     create one per process (creation takes a few hundred milliseconds, a video's
     first-frame reset about one frame's detection time).
+
+    MediaPipe's native log lines (fd 2) are dropped unless a MediaPipe call raises;
+    SIGNNET_MEDIAPIPE_LOGS=1 lets them through (see `signnet_jax.hht.quiet`).
     """
 
     def __init__(self, settings: HHTSettings = DEFAULT_SETTINGS, models_dir: str | None = None):
@@ -105,42 +109,45 @@ class Tunneller:
         def base(name: str) -> BaseOptions:
             return BaseOptions(model_asset_path=os.fspath(directory / name))
 
-        self._pose = vision.PoseLandmarker.create_from_options(
-            vision.PoseLandmarkerOptions(
-                base_options=base("pose_landmarker_full.task"),
-                running_mode=video,
-                min_pose_detection_confidence=conf,
-                min_pose_presence_confidence=conf,
-                min_tracking_confidence=conf,
+        # Creation logs ~50 native lines (LiteRT, XNNPACK, sparsity warnings).
+        with quiet_native_logs():
+            self._pose = vision.PoseLandmarker.create_from_options(
+                vision.PoseLandmarkerOptions(
+                    base_options=base("pose_landmarker_full.task"),
+                    running_mode=video,
+                    min_pose_detection_confidence=conf,
+                    min_pose_presence_confidence=conf,
+                    min_tracking_confidence=conf,
+                )
             )
-        )
-        self._hands = vision.HandLandmarker.create_from_options(
-            vision.HandLandmarkerOptions(
-                base_options=base("hand_landmarker.task"),
-                running_mode=video,
-                num_hands=2,
-                min_hand_detection_confidence=conf,
-                min_hand_presence_confidence=conf,
-                min_tracking_confidence=conf,
+            self._hands = vision.HandLandmarker.create_from_options(
+                vision.HandLandmarkerOptions(
+                    base_options=base("hand_landmarker.task"),
+                    running_mode=video,
+                    num_hands=2,
+                    min_hand_detection_confidence=conf,
+                    min_hand_presence_confidence=conf,
+                    min_tracking_confidence=conf,
+                )
             )
-        )
-        self._face = vision.FaceDetector.create_from_options(
-            vision.FaceDetectorOptions(
-                base_options=base("blaze_face_short_range.tflite"),
-                running_mode=video,
-                min_detection_confidence=conf,
+            self._face = vision.FaceDetector.create_from_options(
+                vision.FaceDetectorOptions(
+                    base_options=base("blaze_face_short_range.tflite"),
+                    running_mode=video,
+                    min_detection_confidence=conf,
+                )
             )
-        )
         self._next_ts = 0  # ms; MediaPipe VIDEO mode needs increasing timestamps forever
         self._used = False
 
     def close(self) -> None:
         """Releases the MediaPipe tasks (idempotent)."""
-        for name in ("_pose", "_hands", "_face"):
-            task = getattr(self, name, None)
-            if task is not None:
-                task.close()
-                setattr(self, name, None)
+        with quiet_native_logs():  # each task logs a DestroyAccelerator line
+            for name in ("_pose", "_hands", "_face"):
+                task = getattr(self, name, None)
+                if task is not None:
+                    task.close()
+                    setattr(self, name, None)
 
     def __enter__(self) -> Tunneller:
         return self
@@ -260,10 +267,14 @@ class Tunneller:
             c1 = time.perf_counter()
             timings["prepare"] += c1 - c0
             c0 = c1
-            pose = self._pose.detect_for_video(image, ts)
-            c1 = time.perf_counter()
-            faces = self._face.detect_for_video(image, ts)
-            c2 = time.perf_counter()
+            # The first detection logs a few native warnings; every call is wrapped in case
+            # a later frame logs too, but only the calls: Python's own stderr output (a
+            # warning, the caller's progress bar) written inside the block would be lost.
+            with quiet_native_logs():
+                pose = self._pose.detect_for_video(image, ts)
+                c1 = time.perf_counter()
+                faces = self._face.detect_for_video(image, ts)
+                c2 = time.perf_counter()
             timings["pose"] += c1 - c0
             timings["face"] += c2 - c1
             if pose.pose_landmarks:
@@ -282,7 +293,8 @@ class Tunneller:
             due = last_found or t - last_try >= self.settings.hand_retry
             if run_all_hands or (due and wrist_in_view(lm.pose[t : t + 1], GATE_VISIBILITY).any()):
                 c0 = time.perf_counter()
-                hands = self._hands.detect_for_video(image, ts)
+                with quiet_native_logs():
+                    hands = self._hands.detect_for_video(image, ts)
                 timings["hands"] += time.perf_counter() - c0
                 lm.hands_run[t] = True
                 last_try, last_found = t, bool(hands.hand_landmarks)
@@ -315,9 +327,10 @@ class Tunneller:
             image_format=mp.ImageFormat.SRGB, data=np.zeros((small[1], small[0], 3), np.uint8)
         )
         ts = self._next_ts - VIDEO_GAP_MS // 2
-        self._pose.detect_for_video(blank, ts)
-        self._hands.detect_for_video(blank, ts)
-        self._face.detect_for_video(blank, ts)
+        with quiet_native_logs():
+            self._pose.detect_for_video(blank, ts)
+            self._hands.detect_for_video(blank, ts)
+            self._face.detect_for_video(blank, ts)
 
 
 def _detection_size(width: int, height: int, detect_size: int) -> tuple[int, int]:

@@ -138,3 +138,33 @@ def test_module_entry_point_exit_status(tmp_path):
     assert proc.returncode == 1
     assert f"error: {video}: cannot decode as video" in proc.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+# MediaPipe's native log lines as mediapipe 1.2.3 writes them to fd 2: glog/absl
+# ("W0000 00:00:1795616517.983914   14299 file.cc:1433] ..."), LiteRT / TensorFlow Lite
+# ("INFO: [environment.cc:36] ...", "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+# "WARNING: [model_load.cc:402] Sparsity tensors ...").
+NATIVE_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ |(INFO|WARNING|ERROR): )", re.M)
+
+
+@pytest.mark.parametrize("logs", ["quiet", "SIGNNET_MEDIAPIPE_LOGS=1"])
+def test_native_mediapipe_logs_are_off_stderr_unless_asked_for(logs, sign_sample, tmp_path):
+    out = tmp_path / "o.mp4"
+    env = {**os.environ, "SIGNNET_MEDIAPIPE_LOGS": "1" if logs != "quiet" else ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.hht", "--video", str(sign_sample), "--output",
+         str(out), "--end-frame", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert read_video(out)[0].shape == (5, 256, 256, 3)
+    assert "wrote " in proc.stdout
+    assert "detecting" in proc.stderr  # Python's own stderr (the progress bar) still shows
+    native = NATIVE_LOG.findall(proc.stderr)
+    if logs == "quiet":
+        assert native == [], proc.stderr
+    else:  # creation, first detection and closing all log
+        assert len(native) >= 20
+        for line in ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", "W0000 "):
+            assert line in proc.stderr
+        assert "DestroyAccelerator" in proc.stderr
