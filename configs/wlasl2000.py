@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.val_split = "val"
     c.test_split = "test"
     c.init_from = ""  # a converted or trained checkpoint dir (warm start)
+    # Which step to read from a checkpoint folder: init_from's in train mode, the workdir's
+    # (else init_from's) in eval mode. 'latest', 'best' (highest val top-1) or a number.
+    c.load_step = "latest"
     # Start a new head when init_from has other classes (ASL-Citizen -> WLASL). With the
     # same class names in another order the head rows are permuted instead.
     c.init_reset_head = True

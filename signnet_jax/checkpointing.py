@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-PARAMS, META = "params", "meta"
+PARAMS, EMA, META = "params", "ema", "meta"
 
 
 class CheckpointError(ValueError):
@@ -80,28 +80,68 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
         return list(mngr.all_steps())
 
 
-def load_model(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
-    """Read the parameters and metadata of a model checkpoint.
+def select_step(directory: str | os.PathLike, which: int | str | None = "latest") -> int:
+    """The step of a checkpoint directory that ``which`` names.
 
     Args:
       directory: a checkpoint directory written by ``save_model`` or by training.
-      step: which step; default the latest.
+      which: 'latest' (or None), 'best' (the highest validation top-1 that training
+        recorded with its steps), or a step number (an int or its digits).
+
+    Raises:
+      CheckpointError: no steps, no such step, or no step with a validation top-1.
+    """
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    with ocp.CheckpointManager(directory) as mngr:
+        steps = list(mngr.all_steps())
+        if not steps:
+            raise CheckpointError(
+                f"{directory} holds no checkpoint steps; point at a folder written by "
+                "signnet_jax.convert or by training"
+            )
+        if which is None or which == "latest":
+            return max(steps)
+        if which == "best":
+            scored = {s: (mngr.metrics(s) or {}).get("val_top1") for s in steps}
+            scored = {s: v for s, v in scored.items() if v is not None}
+            if not scored:
+                raise CheckpointError(
+                    f"{directory}: no step records a validation top-1 (a converted checkpoint, "
+                    "or training without val_split); ask for 'latest' or a step number"
+                )
+            return max(scored, key=lambda s: (scored[s], s))
+    if isinstance(which, str) and not which.isdigit():
+        raise CheckpointError(f"step {which!r}: use 'latest', 'best' or a step number")
+    if int(which) not in steps:
+        raise CheckpointError(f"{directory} has no step {which}; it holds steps {sorted(steps)}")
+    return int(which)
+
+
+def load_model(
+    directory: str | os.PathLike, step: int | str | None = "latest"
+) -> tuple[dict, dict]:
+    """Read the parameters and metadata of a model checkpoint.
+
+    A training step saved with an EMA of the weights gives the EMA weights: they are
+    what training validated and tested.
+
+    Args:
+      directory: a checkpoint directory written by ``save_model`` or by training.
+      step: 'latest' (default), 'best' or a step number (see ``select_step``).
 
     Returns:
       ``(params, meta)``: params as a nested dict of numpy arrays (string keys),
       meta as saved.
     """
     directory = pathlib.Path(directory).absolute()
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint {directory} does not exist")
-    steps = checkpoint_steps(directory)
-    if not steps:
-        raise CheckpointError(
-            f"{directory} holds no checkpoint steps; point at a folder written by "
-            "signnet_jax.convert or by training"
-        )
-    step = max(steps) if step is None else step
-    handlers = {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+    step = select_step(directory, step)
+    handlers = {
+        PARAMS: ocp.StandardCheckpointHandler(),
+        EMA: ocp.StandardCheckpointHandler(),
+        META: ocp.JsonCheckpointHandler(),
+    }
     with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
@@ -110,17 +150,22 @@ def load_model(directory: str | os.PathLike, step: int | None = None) -> tuple[d
             # Restore as host numpy arrays whatever mesh wrote them: a checkpoint from
             # an 8-device run must load in a 1-device process (predict on a laptop).
             here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            stored = mngr.item_metadata(step)
+            item = EMA if stored.get(EMA) is not None else PARAMS
             target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                mngr.item_metadata(step)[PARAMS],
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), stored[item]
             )
             params = mngr.restore(
-                step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
-            )[PARAMS]
+                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+            )[item]
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
     params = jax.tree.map(np.asarray, params)
     return params, meta
+
+
+def _val_top1(metrics: dict[str, float]) -> float:
+    return metrics["val_top1"]
 
 
 class TrainCheckpointer:
@@ -138,7 +183,7 @@ class TrainCheckpointer:
             [
                 pp.LatestN(n=keep),
                 pp.BestN(
-                    get_metric_fn=lambda m: m["val_top1"],
+                    get_metric_fn=_val_top1,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -146,6 +191,10 @@ class TrainCheckpointer:
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
+            # best_fn makes orbax write each step's metrics beside it: the best step
+            # survives a restart, and select_step(..., 'best') can read it.
+            best_fn=_val_top1,
+            best_mode="max",
             cleanup_tmp_directories=True,
             enable_async_checkpointing=True,
         )

@@ -121,7 +121,7 @@ def summary_line(report: dict) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Test the checkpoint in ``workdir`` (latest step), else ``config.init_from``."""
+    """Test the checkpoint in ``workdir``, else ``config.init_from`` (step: config.load_step)."""
     from signnet_jax import train
 
     if config.smoke.enabled:
@@ -133,15 +133,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise train.TrainingError(
             f"nothing to evaluate: {ckpt_dir} holds no checkpoint and config.init_from is empty"
         )
+    try:
+        step = checkpointing.select_step(source, config.load_step)
+    except checkpointing.CheckpointError as e:
+        raise train.TrainingError(f"{e} (config.load_step={config.load_step!r})") from e
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.init_from = str(source)
+    eval_config.load_step = str(step)
     eval_config.init_reset_head = False
     setup = train.prepare(eval_config)
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", workdir_path)
     print(summary_line(report), flush=True)
-    result = {"checkpoint": str(source), "test": report}
+    result = {"checkpoint": str(source), "step": step, "test": report}
     workdir_path.mkdir(parents=True, exist_ok=True)
     write_json(workdir_path / "metrics.json", result)
     return result

@@ -1,7 +1,7 @@
 """Predict the sign in a raw video: H&HT -> the multi-view test protocol -> top-k glosses.
 
 python -m signnet_jax.predict --checkpoint DIR --video IN [--top-k 5] [--json] \
-    [--save-hht OUT.mp4] [--models DIR] [--batch N]
+    [--save-hht OUT.mp4] [--models DIR] [--batch N] [--step latest|best|N]
 
 The video goes through exactly what an evaluation of the same video would see:
 H&HT with the checkpoint's settings, the tunnelled frames JPEG-encoded as the
@@ -10,7 +10,8 @@ record builder stores them, then the input pipeline's own test views
 frame, padded with the last, ``test_num_segment`` clips x ``test_num_crop``
 crops of the short-side-resized frames). Softmax probabilities are averaged over
 the views. ``DIR`` is a model checkpoint (``signnet_jax.convert`` or training)
-or a training workdir (its ``checkpoints`` folder is used, latest step).
+or a training workdir (its ``checkpoints`` folder); ``--step`` picks the step
+(latest by default, or best by validation top-1, or a number).
 """
 
 from __future__ import annotations
@@ -149,10 +150,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     )
 
 
-def _read_checkpoint(directory: pathlib.Path) -> tuple[dict, dict, int]:
-    steps = checkpointing.checkpoint_steps(directory)
+def _read_checkpoint(directory: pathlib.Path, which: int | str) -> tuple[dict, dict, int]:
     try:
-        params, meta = checkpointing.load_model(directory)
+        step = checkpointing.select_step(directory, which)
+        params, meta = checkpointing.load_model(directory, step)
     except checkpointing.CheckpointError as e:
         raise PredictError(str(e)) from e
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -160,7 +161,7 @@ def _read_checkpoint(directory: pathlib.Path) -> tuple[dict, dict, int]:
             f"{directory}: the checkpoint metadata has no model config; it was not written "
             "by signnet_jax.convert or training"
         )
-    return params, meta, max(steps)
+    return params, meta, step
 
 
 def _class_names(meta: dict, num_classes: int, directory: pathlib.Path) -> tuple[list[str], bool]:
@@ -293,6 +294,7 @@ class Predictor:
         checkpoint_dir: str | os.PathLike,
         models_dir: str | os.PathLike | None = None,
         batch_size: int | None = None,
+        step: int | str = "latest",
     ):
         """Loads the checkpoint, compiles the model and starts the H&HT tunneller.
 
@@ -302,6 +304,8 @@ class Predictor:
             the download cache).
           batch_size: views per forward pass (default: 1 on a CPU, else all views of a
             video at once); smaller batches need less memory.
+          step: 'latest', 'best' (highest validation top-1 of a training run) or a step
+            number.
 
         Raises:
           PredictError: the checkpoint cannot be used, or bad batch_size.
@@ -309,7 +313,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         self.checkpoint = resolve_checkpoint(checkpoint_dir)
-        params, meta, self.step = _read_checkpoint(self.checkpoint)
+        params, meta, self.step = _read_checkpoint(self.checkpoint, step)
         where = self.checkpoint
         self.notes: list[str] = []
         try:
@@ -558,6 +562,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch", type=int, help="views per forward pass (default: 1 on a CPU, else all views)"
     )
+    p.add_argument(
+        "--step",
+        default="latest",
+        help="checkpoint step: latest (default), best (highest validation top-1 of a "
+        "training run) or a step number",
+    )
     args = p.parse_args(None if argv is None else list(argv))
     if args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
@@ -574,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: video {args.video} does not exist", file=sys.stderr)
         return 1
     try:
-        with Predictor(args.checkpoint, args.models, args.batch) as predictor:
+        with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
             report = predictor.predict(args.video, args.top_k, args.save_hht)
             startup = predictor.startup_ms
     except (PredictError, FileNotFoundError) as e:

@@ -103,7 +103,7 @@ def load_init(
       (model config with the checkpoint's structural options, params, a note for the log).
     """
     try:
-        params, meta = checkpointing.load_model(config.init_from)
+        params, meta = checkpointing.load_model(config.init_from, config.load_step)
     except checkpointing.CheckpointError as e:
         raise TrainingError(f"config.init_from: {e}") from e
     src = vit.ViTConfig.from_dict(meta["model"])

@@ -204,7 +204,8 @@ def smoke_workdir(tmp_path_factory):
 @pytest.mark.heavy
 def test_smoke_trained_checkpoint(smoke_workdir, sign_sample):
     info = records.load_dataset_info(smoke_workdir / "records")
-    with predict.Predictor(smoke_workdir / "workdir") as p:
+    # the run validated at its last step, 3: that is also the best step by val top-1
+    with predict.Predictor(smoke_workdir / "workdir", step="best") as p:
         run = p.run(sign_sample)
         assert p.step == 3 and p.notes == []
         # Class names and H&HT settings travel from the records through the checkpoint.
@@ -321,6 +322,18 @@ def test_cli_workdir_without_checkpoint_steps(tmp_path, sign_sample, capsys):
         capsys, "holds no checkpoint steps yet", "--checkpoint", tmp_path / "run", "--video",
         sign_sample,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("7", "has no step 7; it holds steps [0]"),
+        ("best", "no step records a validation top-1"),
+        ("last", "step 'last': use 'latest', 'best' or a step number"),
+    ],
+)
+def test_cli_step_that_the_checkpoint_does_not_have(workdir, sign_sample, capsys, step, message):
+    _expect_error(capsys, message, "--checkpoint", workdir, "--video", sign_sample, "--step", step)
 
 
 def test_cli_checkpoint_without_model_config(tmp_path, sign_sample, capsys):

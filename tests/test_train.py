@@ -107,6 +107,39 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert again["test"]["per_instance"] == test["per_instance"]
 
 
+def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from signnet_jax import evaluate
+
+    c = tiny_config(records, **{"optim.ema_decay": 0.9, "train.keep_checkpoints": 1})
+    result = train.train_and_evaluate(c, tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    handlers = {k: ocp.StandardCheckpointHandler() for k in ("params", "ema")}
+    with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as mngr:
+        saved = mngr.restore(
+            12, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in handlers})
+        )
+    loaded, _ = checkpointing.load_model(ckpt_dir)
+    kernel = ("blocks", "0", "mlp", "fc1", "kernel")
+
+    def leaf(tree):
+        for k in kernel:
+            tree = tree[k if k in tree else int(k)]
+        return np.asarray(tree)
+
+    np.testing.assert_array_equal(leaf(loaded), leaf(saved["ema"]))
+    assert not np.allclose(leaf(loaded), leaf(saved["params"]))
+    # eval mode tests what training tested (the EMA weights of the last step)
+    latest = evaluate.evaluate(tiny_config(records, mode="eval"), str(tmp_path))
+    assert latest["step"] == 12
+    assert latest["test"]["per_instance"] == result["test"]["per_instance"]
+    best = evaluate.evaluate(tiny_config(records, mode="eval", load_step="best"), str(tmp_path))
+    assert best["step"] == checkpointing.select_step(ckpt_dir, "best")
+    with pytest.raises(train.TrainingError, match=r"has no step 5; it holds steps \["):
+        evaluate.evaluate(tiny_config(records, mode="eval", load_step="5"), str(tmp_path))
+
+
 def _tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
     from tensorboardX.proto import event_pb2
 

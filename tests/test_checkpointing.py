@@ -1,0 +1,93 @@
+"""Which step a checkpoint folder gives: latest, best by validation top-1, a number; EMA."""
+
+import numpy as np
+import pytest
+
+from signnet_jax import checkpointing
+
+
+def _state(value: float) -> dict:
+    params = {"w": np.full((2, 3), value, np.float32), "b": np.zeros(3, np.float32)}
+    return {"params": params, "ema": {k: v + 100.0 for k, v in params.items()}}
+
+
+def _train_run(directory, val_top1: dict[int, float | None], ema: bool = True) -> None:
+    ckpt = checkpointing.TrainCheckpointer(directory, keep=len(val_top1))
+    for step, top1 in val_top1.items():
+        state = _state(float(step))
+        if not ema:
+            del state["ema"]
+        metrics = None if top1 is None else {"val_top1": top1}
+        ckpt.save(step, state, {"position": step}, {"model": {}}, metrics)
+    ckpt.wait()
+    ckpt.close()
+
+
+def test_latest_best_and_numbered_steps(tmp_path):
+    _train_run(tmp_path, {2: 0.50, 4: 0.90, 6: None, 8: 0.70})
+    assert checkpointing.select_step(tmp_path) == 8
+    assert checkpointing.select_step(tmp_path, "latest") == 8
+    assert checkpointing.select_step(tmp_path, "best") == 4
+    assert checkpointing.select_step(tmp_path, 6) == 6
+    assert checkpointing.select_step(tmp_path, "2") == 2  # as a config string
+
+
+def test_best_prefers_the_later_step_on_a_tie(tmp_path):
+    _train_run(tmp_path, {1: 0.75, 2: 0.75, 3: 0.25})
+    assert checkpointing.select_step(tmp_path, "best") == 2
+
+
+def test_training_steps_load_their_ema_weights(tmp_path):
+    _train_run(tmp_path / "ema", {1: 0.5, 2: 0.25})
+    params, meta = checkpointing.load_model(tmp_path / "ema", "best")
+    np.testing.assert_array_equal(params["w"], np.full((2, 3), 101.0, np.float32))
+    assert meta == {"model": {}}
+    _train_run(tmp_path / "plain", {1: 0.5, 2: 0.25}, ema=False)
+    params, _ = checkpointing.load_model(tmp_path / "plain")
+    np.testing.assert_array_equal(params["w"], np.full((2, 3), 2.0, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        (5, r"has no step 5; it holds steps \[2, 4\]"),
+        ("first", r"step 'first': use 'latest', 'best' or a step number"),
+    ],
+)
+def test_bad_step_names_the_choices(tmp_path, which, message):
+    _train_run(tmp_path, {2: 0.5, 4: 0.5})
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        checkpointing.select_step(tmp_path, which)
+    with pytest.raises(checkpointing.CheckpointError, match=message):
+        checkpointing.load_model(tmp_path, which)
+
+
+def test_best_without_validation_metrics_says_what_to_ask_for(tmp_path):
+    checkpointing.save_model(tmp_path / "converted", _state(1.0)["params"], {"model": {}})
+    _train_run(tmp_path / "no_val", {3: None})
+    for folder in ("converted", "no_val"):
+        with pytest.raises(
+            checkpointing.CheckpointError,
+            match="no step records a validation top-1 .*; ask for 'latest' or a step number",
+        ):
+            checkpointing.select_step(tmp_path / folder, "best")
+    assert checkpointing.select_step(tmp_path / "converted", "latest") == 0
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+        checkpointing.select_step(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpointing.CheckpointError, match="holds no checkpoint steps"):
+        checkpointing.select_step(tmp_path / "empty")
+
+
+def test_the_best_step_survives_a_restart(tmp_path):
+    _train_run(tmp_path, {1: 0.9, 2: 0.1})  # keep the latest 1 + the best
+    assert checkpointing.checkpoint_steps(tmp_path) == [1, 2]
+    resumed = checkpointing.TrainCheckpointer(tmp_path, keep=1)  # a new process resuming
+    resumed.save(3, _state(3.0), {"position": 3}, {"model": {}}, {"val_top1": 0.2})
+    resumed.wait()
+    resumed.close()
+    assert checkpointing.checkpoint_steps(tmp_path) == [1, 3]
+    assert checkpointing.select_step(tmp_path, "best") == 1
