@@ -10,6 +10,7 @@ items to its steps. ``load_model`` reads either.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -21,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PARAMS, EMA, META = "params", "ema", "meta"
+OPT_STATE, DATA = "opt_state", "data"  # training steps only
 
 
 class CheckpointError(ValueError):
@@ -137,9 +139,13 @@ def load_model(
     """
     directory = pathlib.Path(directory).absolute()
     step = select_step(directory, step)
+    # Every item a step may hold has a handler (only metadata is read for the others),
+    # else orbax warns about each item it could not restore.
     handlers = {
         PARAMS: ocp.StandardCheckpointHandler(),
         EMA: ocp.StandardCheckpointHandler(),
+        OPT_STATE: ocp.StandardCheckpointHandler(),
+        DATA: ocp.JsonCheckpointHandler(),
         META: ocp.JsonCheckpointHandler(),
     }
     with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
@@ -166,6 +172,16 @@ def load_model(
 
 def _val_top1(metrics: dict[str, float]) -> float:
     return metrics["val_top1"]
+
+
+class _NoMissingMetricWarning(logging.Filter):
+    """Steps saved between validations carry no metrics by design; orbax warns at each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+_MISSING_METRIC_FILTER = _NoMissingMetricWarning()
 
 
 class TrainCheckpointer:
@@ -199,6 +215,7 @@ class TrainCheckpointer:
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        logging.getLogger("absl").addFilter(_MISSING_METRIC_FILTER)  # once: a set of filters
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -213,18 +230,18 @@ class TrainCheckpointer:
     ) -> None:
         """Start saving ``state`` (a dict of array trees: params, opt_state, ...) at ``step``."""
         items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
-        items["data"] = ocp.args.JsonSave(data_state)
+        items[DATA] = ocp.args.JsonSave(data_state)
         items[META] = ocp.args.JsonSave(json.loads(json.dumps(meta)))
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict, dict]:
         """Restore ``(state, data_state, meta)``; arrays land with the abstract tree's shardings."""
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
-        items["data"] = ocp.args.JsonRestore()
+        items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = {k: out[k] for k in abstract_state}
-        return state, out["data"], out[META]
+        return state, out[DATA], out[META]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

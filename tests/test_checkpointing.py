@@ -1,5 +1,7 @@
 """Which step a checkpoint folder gives: latest, best by validation top-1, a number; EMA."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -37,9 +39,11 @@ def test_best_prefers_the_later_step_on_a_tie(tmp_path):
     assert checkpointing.select_step(tmp_path, "best") == 2
 
 
-def test_training_steps_load_their_ema_weights(tmp_path):
+def test_training_steps_load_their_ema_weights(tmp_path, caplog):
     _train_run(tmp_path / "ema", {1: 0.5, 2: 0.25})
-    params, meta = checkpointing.load_model(tmp_path / "ema", "best")
+    with caplog.at_level(logging.WARNING):
+        params, meta = checkpointing.load_model(tmp_path / "ema", "best")
+    assert "could not be restored" not in caplog.text  # optimizer and data items left alone
     np.testing.assert_array_equal(params["w"], np.full((2, 3), 101.0, np.float32))
     assert meta == {"model": {}}
     _train_run(tmp_path / "plain", {1: 0.5, 2: 0.25}, ema=False)
@@ -91,3 +95,20 @@ def test_the_best_step_survives_a_restart(tmp_path):
     resumed.close()
     assert checkpointing.checkpoint_steps(tmp_path) == [1, 3]
     assert checkpointing.select_step(tmp_path, "best") == 1
+
+
+def test_steps_without_validation_do_not_warn(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _train_run(tmp_path / "quiet", {1: None, 2: 0.5, 3: None})
+    assert "tracked_metric" not in caplog.text
+    # orbax itself does warn at each such step: the filter is what keeps the log clean
+    ckpt = checkpointing.TrainCheckpointer(tmp_path / "loud", keep=1)
+    logging.getLogger("absl").removeFilter(checkpointing._MISSING_METRIC_FILTER)
+    try:
+        with caplog.at_level(logging.WARNING):
+            ckpt.save(1, _state(1.0), {}, {"model": {}}, None)
+            ckpt.wait()
+            ckpt.close()
+        assert "Requested `tracked_metric`; did not provide metrics" in caplog.text
+    finally:
+        logging.getLogger("absl").addFilter(checkpointing._MISSING_METRIC_FILTER)
