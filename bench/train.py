@@ -27,7 +27,7 @@ from bench.model import best_of, torch_train_step  # noqa: E402
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
 from signnet_jax.models import vit  # noqa: E402
-from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
+from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
 
         t_jax = best_of(run, args.repeats)
 
-    flops = 3 * forward_flops(cfg) * args.batch
+    flops = train_flops(cfg) * args.batch
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind)
     print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")

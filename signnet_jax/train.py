@@ -28,7 +28,7 @@ from signnet_jax import checkpointing, evaluate, optim, sharding
 from signnet_jax.data import augment, device, pipeline
 from signnet_jax.data.records import load_dataset_info
 from signnet_jax.models import vit
-from signnet_jax.models.flops import forward_flops, peak_flops
+from signnet_jax.models.flops import peak_flops, train_flops
 
 
 class TrainingError(RuntimeError):
@@ -455,9 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
         )
         # model FLOPs utilisation against the devices' bfloat16 peak, where it is known
-        step_flops = 3 * forward_flops(cfg) * batch * config.data.repeated_aug
-        peak = peak_flops(mesh.devices.flat[0].device_kind)
-        peak = peak * mesh.size if peak else None
+        clip_flops = train_flops(cfg)
+        device_peak = peak_flops(mesh.devices.flat[0].device_kind)
+        peak = device_peak * mesh.size if device_peak else None
         best_val = None
         loss_log: list[tuple[int, float]] = []
         t_last, n_last = time.perf_counter(), start
@@ -485,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
                     lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
-                    flops_s = n * step_flops / dt
+                    flops_s = clips_s * clip_flops
                     _log(
                         f"step {step}/{last_step} epoch {step / per_epoch:.2f} loss {loss:.4f} "
                         f"lr {lr_now:.3g} {clips_s:.1f} clips/s {dt / n:.3f} s/step "

@@ -157,7 +157,7 @@ def _tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
 def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
     records, tmp_path, monkeypatch, capsys
 ):
-    from signnet_jax.models.flops import forward_flops
+    from signnet_jax.models.flops import train_flops
 
     peak_per_device = 1e9
     monkeypatch.setattr(train, "peak_flops", lambda kind: peak_per_device)
@@ -167,7 +167,7 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
     assert len(logged) == 3 and all(" MFU " in line for line in logged)
     tb = _tensorboard_scalars(tmp_path)
     cfg = train.model_config(c, 4)
-    flops_per_clip = 3 * forward_flops(cfg)
+    flops_per_clip = train_flops(cfg)
     for step in (1, 2, 3):
         clips_s = tb["train/clips_per_s"][step]
         tflops = tb["train/tflops_per_s"][step]

@@ -6,10 +6,7 @@ from signnet_jax.models.vit import ViTConfig
 def forward_flops(
     cfg: ViTConfig, num_frames: int | None = None, img_size: int | None = None
 ) -> int:
-    """FLOPs of one forward pass over one clip (matmuls and attention; norms ignored).
-
-    A training step costs about three times this (forward + backward).
-    """
+    """FLOPs of one forward pass over one clip (matmuls and attention; norms ignored)."""
     frames = cfg.num_frames if num_frames is None else num_frames
     size = cfg.img_size if img_size is None else img_size
     n = (frames // cfg.tubelet_size) * (size // cfg.patch_size) ** 2
@@ -17,6 +14,12 @@ def forward_flops(
     patch = 2 * n * (cfg.in_chans * cfg.tubelet_size * cfg.patch_size**2) * d
     block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * m
     return patch + cfg.depth * block + 2 * d * cfg.num_classes
+
+
+def train_flops(cfg: ViTConfig) -> int:
+    """FLOPs of training on one clip: forward + backward, counted as 3x the forward (MFU's
+    convention)."""
+    return 3 * forward_flops(cfg)
 
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by device_kind. TPU v2 and v3 expose each
