@@ -66,7 +66,9 @@ def main() -> None:
             {"clip": clip, "erase_box": np.zeros((args.batch, 4), np.int32), "label": labels},
             mesh,
         )
-        state = {"params": params, "opt_state": tx.init(params)}
+        # built by jit, so the state has the types and placement the step returns (a host
+        # state would make the second call compile again)
+        state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p)})(params)
         step_fn = jax.jit(train.make_train_step(setup, config, tx, classes), donate_argnums=(0,))
         box = {"state": state, "i": 0}
 
