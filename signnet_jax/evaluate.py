@@ -137,6 +137,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = checkpointing.select_step(source, config.load_step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(f"{e} (config.load_step={config.load_step!r})") from e
+    if jax.process_index() == 0:
+        print(f"evaluating {source} step {step} (load_step {config.load_step})", flush=True)
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.init_from = str(source)
     eval_config.load_step = str(step)

@@ -107,7 +107,7 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert again["test"]["per_instance"] == test["per_instance"]
 
 
-def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path):
+def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
     from signnet_jax import evaluate
@@ -134,8 +134,10 @@ def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_p
     latest = evaluate.evaluate(tiny_config(records, mode="eval"), str(tmp_path))
     assert latest["step"] == 12
     assert latest["test"]["per_instance"] == result["test"]["per_instance"]
+    capsys.readouterr()
     best = evaluate.evaluate(tiny_config(records, mode="eval", load_step="best"), str(tmp_path))
     assert best["step"] == checkpointing.select_step(ckpt_dir, "best")
+    assert f"evaluating {ckpt_dir} step {best['step']} (load_step best)" in capsys.readouterr().out
     with pytest.raises(train.TrainingError, match=r"has no step 5; it holds steps \["):
         evaluate.evaluate(tiny_config(records, mode="eval", load_step="5"), str(tmp_path))
 
