@@ -2,17 +2,21 @@
 
     python bench/train.py                         # CPU: batch 1, float32, vs PyTorch
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch   # on a GPU / TPU
+    python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
 data-parallel mesh; prints step time, clips/s, analytic FLOPs and, on an accelerator,
-MFU. On the CPU it also times the PyTorch reference training step on the same weights
-(tests/models/torch_vit.py) and prints PyTorch time / JAX time (min of repeats).
+MFU. ``--attention`` with several kernels (comma-separated) times each on the same
+weights and batch and prints their speeds relative to the first. On the CPU it also
+times the PyTorch reference training step on the same weights (tests/models/torch_vit.py)
+and prints PyTorch time / JAX time (min of repeats), JAX's time being the first kernel's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -30,6 +34,30 @@ from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
 
+def time_step(setup, config, tx, params, clip, labels, mesh, repeats) -> float:
+    """Best-of-``repeats`` seconds of one training step (compiled before timing)."""
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch(
+            {"clip": clip, "erase_box": np.zeros((len(clip), 4), np.int32), "label": labels},
+            mesh,
+        )
+        # built by jit, so the state has the types and placement the step returns (a host
+        # state would make the second call compile again)
+        state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p)})(params)
+        step_fn = jax.jit(
+            train.make_train_step(setup, config, tx, setup.model_cfg.num_classes),
+            donate_argnums=(0,),
+        )
+        box = {"state": state, "i": 0}
+
+        def run():
+            box["state"], m = step_fn(box["state"], batch, jnp.int32(box["i"]))
+            box["i"] += 1
+            m["loss"].block_until_ready()
+
+        return best_of(run, repeats)  # the state is freed on return
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="B")
@@ -40,7 +68,15 @@ def main() -> None:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument(
+        "--attention", default="auto",
+        help=f"model.attention, or several comma-separated to compare ({', '.join(vit.ATTENTION)})",
+    )  # fmt: skip
     args = p.parse_args()
+    kernels = args.attention.split(",")
+    for name in kernels:
+        if name not in vit.ATTENTION:
+            p.error(f"--attention {name!r}: choose from {', '.join(vit.ATTENTION)}")
 
     config = wlasl2000.get_config()
     classes = 2000
@@ -49,10 +85,7 @@ def main() -> None:
         drop_path_rate=config.model.drop_path_rate, dtype=args.dtype, remat=args.remat,
     )  # fmt: skip
     mesh = sharding.make_mesh(1)
-    model = vit.create_model(cfg)
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    setup = train.Setup(cfg, [str(i) for i in range(classes)], {}, mesh, graphdef, None, None, "")
+    params = vit.params_of(vit.create_model(cfg))
     ocfg = optim.OptimConfig(
         base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-8, total_steps=1000, warmup_steps=100,
         weight_decay=0.1, layer_decay=0.75,
@@ -61,40 +94,36 @@ def main() -> None:
     rng = np.random.default_rng(0)
     clip = rng.integers(0, 256, (args.batch, args.frames, args.size, args.size, 3), np.uint8)
     labels = rng.integers(0, classes, args.batch).astype(np.int32)
-    with jax.set_mesh(mesh):
-        batch = sharding.global_batch(
-            {"clip": clip, "erase_box": np.zeros((args.batch, 4), np.int32), "label": labels},
-            mesh,
-        )
-        # built by jit, so the state has the types and placement the step returns (a host
-        # state would make the second call compile again)
-        state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p)})(params)
-        step_fn = jax.jit(train.make_train_step(setup, config, tx, classes), donate_argnums=(0,))
-        box = {"state": state, "i": 0}
-
-        def run():
-            box["state"], m = step_fn(box["state"], batch, jnp.int32(box["i"]))
-            box["i"] += 1
-            m["loss"].block_until_ready()
-
-        t_jax = best_of(run, args.repeats)
-
     flops = train_flops(cfg) * args.batch
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind)
     print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
-    print(
-        f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}: "
-        f"step {t_jax:.3f} s, {args.batch / t_jax:.2f} clips/s, "
-        f"{flops / 1e12:.2f} TFLOP/step ({flops / args.batch / 1e12:.2f} per clip)"
-        + (f", MFU {flops / t_jax / (peak * jax.device_count()):.1%}" if peak else "")
-    )
+    times = {}
+    for kernel in kernels:
+        kcfg = dataclasses.replace(cfg, attention=kernel)
+        graphdef = nnx.graphdef(vit.model_from_params(kcfg, params))
+        setup = train.Setup(
+            kcfg, [str(i) for i in range(classes)], {}, mesh, graphdef, None, None, ""
+        )
+        times[kernel] = t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats)
+        ran = vit.attention_implementation(kernel, device.platform, args.dtype)
+        print(
+            f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
+            f"attention {kernel} ({ran}): step {t:.3f} s, {args.batch / t:.2f} clips/s, "
+            f"{flops / 1e12:.2f} TFLOP/step ({flops / args.batch / 1e12:.2f} per clip)"
+            + (f", MFU {flops / t / (peak * jax.device_count()):.1%}" if peak else "")
+            + (
+                f"; {times[kernels[0]] / t:.2f}x the speed of {kernels[0]}"
+                if times[kernels[0]] != t
+                else ""
+            )
+        )
+    t_jax = times[kernels[0]]
     if not args.no_torch and device.platform == "cpu":
         import torch
 
         from tests.models import torch_vit
 
-        del box, state  # free the JAX step's memory before PyTorch allocates its own
         tmodel = torch_vit.make(args.preset, classes, num_frames=args.frames, img_size=args.size)
         xt = torch.from_numpy(clip).permute(0, 4, 1, 2, 3).float().contiguous()
         t_torch = best_of(

@@ -99,3 +99,24 @@ def shard_leaf_count(tree) -> tuple[int, int]:
     leaves = jax.tree.leaves(tree)
     sharded = sum(1 for x in leaves if not x.sharding.is_fully_replicated)
     return sharded, len(leaves)
+
+
+def per_device_batch(fn, *arrays: jax.Array) -> jax.Array:
+    """``fn`` on each device's slice of the batch (leading axis) of ``arrays``.
+
+    Under a mesh (``jax.set_mesh``) with more than one device, ``fn`` runs through
+    ``jax.shard_map`` over the batch axes, so a kernel XLA cannot partition (a Pallas
+    call) sees only the local examples instead of the whole gathered batch. Without a
+    mesh, or when the batch does not split evenly over it, ``fn`` sees the whole batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*arrays)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    ways = int(np.prod([mesh.shape[a] for a in axes]))
+    if not axes or arrays[0].shape[0] % ways:
+        return fn(*arrays)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(
+        *arrays
+    )

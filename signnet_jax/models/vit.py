@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from signnet_jax.models import splash
+
 # name: (embed_dim, depth, num_heads, mlp_dim)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
     "S": (384, 12, 6, 1536),
@@ -38,7 +40,7 @@ PRESET_ALIASES = {
 }
 
 LN_EPS = 1e-6
-ATTENTION = ("auto", "dot_product_attention", "cudnn", "explicit")
+ATTENTION = ("auto", "dot_product_attention", "cudnn", "splash", "explicit")
 
 
 def resolve_preset(name: str) -> str:
@@ -274,6 +276,8 @@ class Attention(nnx.Module):
                 impl = "dot_product_attention"
         if impl == "dot_product_attention":
             out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        elif impl == "splash":
+            out = splash.splash_attention(q * jnp.asarray(scale, q.dtype), k, v)
         elif impl == "explicit":
             q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (b, heads, n, head_dim)
             out = explicit_attention(q * jnp.asarray(scale, q.dtype), k, v).transpose(0, 2, 1, 3)
