@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init_scale = 0.001
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.model.remat = False
+    # attention kernel: auto (per backend) | dot_product_attention | cudnn | splash | explicit
+    c.model.attention = "auto"
     # architecture overrides for non-preset sizes (0: the preset's)
     c.model.embed_dim = 0
     c.model.depth = 0

@@ -317,7 +317,8 @@ class Predictor:
         where = self.checkpoint
         self.notes: list[str] = []
         try:
-            self.model_cfg = vit.ViTConfig.from_dict(meta["model"])
+            # the attention kernel is this machine's choice, not the training machine's
+            self.model_cfg = vit.ViTConfig.from_dict({**meta["model"], "attention": "auto"})
             self.input_settings = InputSettings.from_meta(meta.get("input"), self.model_cfg)
             hht = meta.get("hht")
             self.hht_settings = HHTSettings() if hht is None else HHTSettings.from_dict(hht)

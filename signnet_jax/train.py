@@ -87,6 +87,7 @@ def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT
         init_scale=m.init_scale,
         dtype=m.dtype,
         remat=m.remat,
+        attention=m.attention,
         **overrides,
     )
 
@@ -169,12 +170,18 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict) -> Setup:
     """Resolve data, model and mesh from the config; raises before anything is written."""
     classes, info = dataset_classes(config)
-    cfg = model_config(config, len(classes))
+    try:
+        cfg = model_config(config, len(classes))
+    except ValueError as e:  # a bad preset, dtype, attention or clip size
+        raise TrainingError(f"config.model: {e}") from e
     init_params, note = None, f"random init (seed {config.seed})"
     if config.init_from:
         cfg, init_params, note = load_init(config, cfg, classes)
     devices = jax.devices()[: config.mesh.num_devices or None]
-    mesh = sharding.make_mesh(config.mesh.fsdp, devices)
+    try:
+        mesh = sharding.make_mesh(config.mesh.fsdp, devices)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
     graphdef, abstract_state = nnx.split(abstract, nnx.Param)
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}

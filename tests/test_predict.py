@@ -186,6 +186,16 @@ def test_batch_size_does_not_change_the_probabilities(workdir, tiny_run):
         np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
 
 
+def test_the_training_machines_attention_kernel_is_not_reused(tmp_path, tiny_run):
+    # a run trained on a GPU with cuDNN attention, predicted on this CPU
+    cfg, _ = _tiny_model()
+    ckpt = _save_tiny(tmp_path / "gpu_run", model={**cfg.to_dict(), "attention": "cudnn"})
+    with predict.Predictor(ckpt) as p:
+        assert p.model_cfg.attention == "auto"
+        probs = p._average_probabilities(tiny_run.views)
+    np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
+
+
 @pytest.fixture(scope="module")
 def smoke_workdir(tmp_path_factory):
     """A real (tiny) training run: configs/smoke.py for a few steps."""

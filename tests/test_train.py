@@ -325,6 +325,33 @@ def test_unknown_config_key_is_named(records, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_bad_model_and_mesh_values_are_named(records, tmp_path):
+    r = _run(_main_args(records, tmp_path / "w", "--config.model.attention=flash"))
+    assert r.returncode == 1
+    assert "error: config.model: attention must be one of" in r.stderr
+    assert "splash" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "w").exists()
+    for key, value, message in [
+        ("model.dtype", "float16", "config.model: dtype must be 'float32' or 'bfloat16'"),
+        ("mesh.fsdp", 3, "mesh.fsdp=3 must divide the number of devices .8.; set --config"),
+    ]:
+        with pytest.raises(train.TrainingError, match=message):
+            train.train_and_evaluate(tiny_config(records, **{key: value}), tmp_path / "w")
+        assert not (tmp_path / "w").exists()
+
+
+def test_splash_attention_trains_like_the_default(records, tmp_path):
+    kw = {"train.max_steps": 3, "val_split": "", "test_split": ""}
+    default = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "auto")
+    with pytest.warns(UserWarning, match="Pallas' interpreter"):
+        splash = train.train_and_evaluate(
+            tiny_config(records, **{"model.attention": "splash"}, **kw), tmp_path / "splash"
+        )
+    np.testing.assert_allclose(_losses(splash), _losses(default), atol=1e-5, rtol=0)
+    _, meta = checkpointing.load_model(tmp_path / "splash" / "checkpoints")
+    assert meta["model"]["attention"] == "splash"
+
+
 def test_missing_records_folder(tmp_path):
     c = tiny_config(tmp_path / "nowhere", **{"smoke.enabled": False})
     with pytest.raises(train.TrainingError, match="has no dataset_info.json.*build_records"):
