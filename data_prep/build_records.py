@@ -13,6 +13,7 @@ of workers or interruptions.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -22,9 +23,11 @@ import hashlib
 import importlib.metadata
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
 import re
+import signal
 import sys
 import time
 import traceback
@@ -49,6 +52,8 @@ MISSING = "missing_file"
 UNDECODABLE = "undecodable"
 EMPTY_SPAN = "empty_span"
 ERROR = "error"  # unexpected exception: not cached, retried by the next run
+CRASHED = "crashed"  # the worker process died on the video (native crash, killed): retried too
+RETRIED = (ERROR, CRASHED)
 
 TunnellerFactory = Callable[[], Any]
 
@@ -232,7 +237,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     except Exception as e:  # a bug or resource problem: report it, retry on the next run
         out.reason = ERROR
         out.detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
-    if not out.ok and out.reason != ERROR:
+    if not out.ok and out.reason not in RETRIED:
         info = {"reason": out.reason, "detail": out.detail}
         _atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
     out.seconds = time.perf_counter() - t0
@@ -259,6 +264,99 @@ def _init_worker(factory: TunnellerFactory, work_dir: str, jpeg_quality: int) ->
 
 def _work(task: Task) -> Outcome:
     return process(task, _WORKER["factory"], _WORKER["work_dir"], _WORKER["jpeg_quality"])
+
+
+def _worker_main(conn, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> None:
+    """A worker process: takes one task at a time from ``conn`` and sends its outcome back."""
+    _init_worker(factory, work_dir, jpeg_quality)
+    while (task := conn.recv()) is not None:
+        try:
+            conn.send(_work(task))
+        except SetupError as e:  # H&HT cannot start anywhere: the parent stops the build
+            conn.send(e)
+
+
+def _death(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _pool_outcomes(
+    tasks: list[Task], factory: TunnellerFactory, workers: int, work: str, jpeg_quality: int
+) -> Iterable[Outcome]:
+    """Outcomes from worker processes, one task each at a time, as videos finish.
+
+    The parent hands out the tasks itself, so it always knows which video a worker is on:
+    a worker that dies (a native crash in the decoder or MediaPipe, the OOM killer) costs
+    only that video, which becomes a ``crashed`` failure, and a new worker takes its place.
+    """
+    # spawn: MediaPipe and OpenCV hold threads and GL/XNNPACK state that fork would corrupt.
+    ctx = multiprocessing.get_context("spawn")
+    pending = collections.deque(tasks)
+    live: dict[Any, list] = {}  # parent end of the pipe -> [process, task or None]
+
+    def hand_out(conn) -> None:
+        task = pending.popleft() if pending else None
+        live[conn][1] = task
+        conn.send(task)  # None: no more work, the worker exits
+
+    def start() -> None:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_worker_main, args=(child, factory, work, jpeg_quality), daemon=True
+        )
+        proc.start()
+        child.close()
+        live[conn] = [proc, None]
+        hand_out(conn)
+
+    try:
+        for _ in range(min(workers, len(tasks))):
+            start()
+        left = len(tasks)
+        while left:
+            busy = [c for c, (_, task) in live.items() if task is not None]
+            ready = multiprocessing.connection.wait(busy + [live[c][0].sentinel for c in busy])
+            for conn in busy:
+                proc, task = live[conn]
+                if conn in ready:
+                    try:
+                        out = conn.recv()
+                    except (EOFError, OSError):
+                        out = None  # died while answering: the sentinel case below
+                    if isinstance(out, SetupError):
+                        raise out
+                    if out is not None:
+                        left -= 1
+                        hand_out(conn)
+                        yield out
+                        continue
+                if proc.sentinel in ready or (conn in ready and not proc.is_alive()):
+                    proc.join()
+                    del live[conn]
+                    conn.close()
+                    left -= 1
+                    yield Outcome(
+                        task.index,
+                        ok=False,
+                        reason=CRASHED,
+                        detail=f"{task.video_path}: the worker process {_death(proc)} while "
+                        "processing this video (retried by the next run)",
+                    )
+                    if pending:
+                        start()
+        for proc, _ in live.values():
+            proc.join(timeout=10)
+    finally:
+        for conn, (proc, _) in live.items():
+            if proc.is_alive():
+                proc.terminate()
+            conn.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,7 +550,7 @@ def build(
                 hht_seconds += out.hht_seconds
                 setup_seconds += out.setup_seconds
                 video_seconds += out.seconds
-                if out.reason == ERROR:
+                if out.reason in RETRIED:
                     errors[out.index] = out
                     first = out.detail.splitlines()[0]
                     bar.write(f"error on {tasks[out.index].video_path}: {first}", file=sys.stderr)
@@ -475,7 +573,7 @@ def build(
                 continue
             counts["num_failures"] += 1
             if t.index in errors:
-                reason = {"reason": ERROR, "detail": errors[t.index].detail}
+                reason = {"reason": errors[t.index].reason, "detail": errors[t.index].detail}
             else:
                 with open(os.path.join(work, t.key + ".fail")) as f:
                     reason = json.load(f)
@@ -562,15 +660,11 @@ def _outcomes(
     if workers <= 0:
         yield (process(t, factory, work, jpeg_quality) for t in tasks)
         return
-    # spawn: MediaPipe and OpenCV hold threads and GL/XNNPACK state that fork would corrupt.
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(min(workers, len(tasks)), _init_worker, (factory, work, jpeg_quality))
+    outcomes = _pool_outcomes(tasks, factory, workers, work, jpeg_quality)
     try:
-        yield pool.imap_unordered(_work, tasks)
-        pool.close()
-        pool.join()
+        yield outcomes
     finally:
-        pool.terminate()
+        outcomes.close()  # stops the workers if the build ends early
 
 
 # --------------------------------------------------------------------------------------------

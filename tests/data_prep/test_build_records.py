@@ -422,6 +422,46 @@ def test_unexpected_errors_are_reported_and_retried(dataset, tmp_path):
     assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
 
 
+class CrashingTunneller(FakeTunneller):
+    """Dies in 'native code' (SIGSEGV) on one video, as a decoder or MediaPipe crash would."""
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        if str(path).endswith("00002.mp4"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().process_video(path, start_frame, end_frame)
+
+
+def _within(seconds, fn, *args, **kwargs):
+    """fn's result, or a test failure if it has not returned after ``seconds`` (a hang)."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"no result after {seconds} s"
+    return box["result"]
+
+
+def test_a_worker_crash_costs_only_its_video(dataset, tmp_path):
+    out = tmp_path / "records"
+    args = _cli(dataset, out, "--workers", "2")
+    # 5 of 7 failed (4 bad videos + the crash), more than the 60% allowed: exit 1, rest written
+    assert _within(300, build_records.main, args, tunneller_factory=CrashingTunneller) == 1
+    failures = {f["video_id"]: f for f in map(json.loads, open(out / "failures.jsonl"))}
+    assert failures["00002"]["reason"] == "crashed"
+    assert "the worker process killed by SIGSEGV while processing this video" in (
+        failures["00002"]["detail"]
+    )
+    assert {k: f["reason"] for k, f in failures.items() if k != "00002"} == BAD
+    info = records.load_dataset_info(out)
+    assert info["splits"]["train"]["num_records"] == 1
+    assert info["splits"]["test"]["num_records"] == 1  # the other videos went on
+    # not cached: the next run processes it again
+    assert _within(300, build_records.main, args, tunneller_factory=FakeTunneller) == 0
+    assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
+
+
 def test_csv_and_asl_citizen_datasets(dataset, tmp_path):
     videos = dataset / "videos"
     (tmp_path / "classes.txt").write_text("apple\nbook\n")
