@@ -51,6 +51,7 @@ WORK = "work"
 MISSING = "missing_file"
 UNDECODABLE = "undecodable"
 EMPTY_SPAN = "empty_span"
+TRUNCATED = "truncated"
 ERROR = "error"  # unexpected exception: not cached, retried by the next run
 CRASHED = "crashed"  # the worker process died on the video (native crash, killed): retried too
 RETRIED = (ERROR, CRASHED)
@@ -187,7 +188,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     Returns:
       The outcome; deterministic failures are cached too, unexpected errors are not.
     """
-    from signnet_jax.hht import VideoError
+    from signnet_jax.hht.video import TruncatedVideoError, VideoError
 
     t0 = time.perf_counter()
     out = Outcome(task.index, ok=False)
@@ -226,6 +227,8 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
                     record = make_example(task.entry, result, jpeg_quality)
                     _atomic_write(os.path.join(work_dir, task.key + ".rec"), record)
                     out.ok, out.num_frames = True, len(result.frames)
+    except TruncatedVideoError as e:
+        out.reason, out.detail = TRUNCATED, str(e)
     except VideoError as e:
         msg = str(e)
         # A span past the end of the clip decodes fine but yields no frame.

@@ -18,6 +18,15 @@ class VideoError(ValueError):
     """A file that is not a usable video: unreadable, no video stream, zero frames."""
 
 
+class TruncatedVideoError(VideoError):
+    """A video that ends before the frames its header lists (an incomplete download or copy)."""
+
+
+def _truncated(listed: int, decoded: int) -> bool:
+    """Whether fewer frames decoded than the header lists, beyond the usual small mismatch."""
+    return listed > 0 and listed - decoded > max(2, listed // 50)
+
+
 def decode_video(
     path: str | os.PathLike, start_frame: int = 0, end_frame: int | None = None
 ) -> tuple[np.ndarray, float, np.ndarray]:
@@ -52,9 +61,12 @@ def decode_video(
             # FFmpeg's own threading would compete with MediaPipe for the same cores.
             stream.thread_type = "NONE"
             rate = float(stream.average_rate or stream.guessed_rate or 0)
+            listed, decoded, reached_end = stream.frames, 0, True
             for index, frame in enumerate(container.decode(stream)):
                 if end_frame is not None and index >= end_frame:
+                    reached_end = False
                     break
+                decoded = index + 1
                 if index < start_frame:
                     continue
                 image = frame.to_ndarray(format="rgb24")
@@ -67,6 +79,13 @@ def decode_video(
         raise
     except (av.FFmpegError, ValueError, IndexError) as e:
         raise VideoError(f"{path}: cannot decode as video ({e})") from e
+    # A file cut short with its index up front (as web downloads are) decodes without an
+    # error up to the cut; only the header's frame count tells.
+    if reached_end and _truncated(listed, decoded):
+        raise TruncatedVideoError(
+            f"{path}: truncated: only {decoded} of the {listed} frames its header lists can be "
+            "decoded (an incomplete download or copy?); download or copy it again"
+        )
     if not frames:
         span = "" if (start_frame, end_frame) == (0, None) else f" in [{start_frame}, {end_frame})"
         raise VideoError(f"{path}: zero decodable video frames{span}")

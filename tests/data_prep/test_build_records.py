@@ -450,8 +450,9 @@ def test_a_worker_crash_costs_only_its_video(dataset, tmp_path):
     assert _within(300, build_records.main, args, tunneller_factory=CrashingTunneller) == 1
     failures = {f["video_id"]: f for f in map(json.loads, open(out / "failures.jsonl"))}
     assert failures["00002"]["reason"] == "crashed"
-    assert "the worker process killed by SIGSEGV while processing this video" in (
-        failures["00002"]["detail"]
+    assert (
+        "the worker process killed by SIGSEGV while processing this video"
+        in (failures["00002"]["detail"])
     )
     assert {k: f["reason"] for k, f in failures.items() if k != "00002"} == BAD
     info = records.load_dataset_info(out)
@@ -460,6 +461,36 @@ def test_a_worker_crash_costs_only_its_video(dataset, tmp_path):
     # not cached: the next run processes it again
     assert _within(300, build_records.main, args, tunneller_factory=FakeTunneller) == 0
     assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
+
+
+class DecodingTunneller(FakeTunneller):
+    """Decodes with the real decoder (signnet_jax.hht.video) before its stand-in tunnelling."""
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        from signnet_jax.hht.video import decode_video
+
+        frames, fps, _ = decode_video(path, start_frame, end_frame)
+        n = len(frames)
+        small = np.stack([cv2.resize(f, (32, 32)) for f in frames])
+        return _Result(small, np.zeros((n, 3, 4), np.float32), np.zeros((n, 3), np.int8), fps)
+
+
+def test_a_truncated_download_is_a_failure_not_a_short_record(sign_sample, tmp_path):
+    from tests.hht.test_video import faststart_copy
+
+    whole = faststart_copy(sign_sample, tmp_path / "whole.mp4")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    work = tmp_path / "work"
+    work.mkdir()
+    entry = manifests.Entry("train", "cut", "cut.mp4", 0, "hello")
+    task = build_records.Task(0, entry, str(cut), "k")
+    out = build_records.process(task, DecodingTunneller, str(work), 90)
+    assert not out.ok and out.reason == "truncated"
+    assert "only" in out.detail and "of the 76 frames its header lists" in out.detail
+    assert json.loads((work / "k.fail").read_text())["reason"] == "truncated"  # cached
+    task = build_records.Task(1, entry, str(whole), "w")
+    assert build_records.process(task, DecodingTunneller, str(work), 90).num_frames == 76
 
 
 def test_csv_and_asl_citizen_datasets(dataset, tmp_path):

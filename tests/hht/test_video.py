@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from signnet_jax.hht import VideoError, read_video, write_video
-from signnet_jax.hht.video import decode_video
+from signnet_jax.hht.video import TruncatedVideoError, decode_video
 
 
 def write_lossless(path, frames, rate=25):
@@ -159,3 +159,30 @@ def test_variable_frame_rate_keeps_real_times(tmp_path):
     frames, _, times = decode_video(path)
     assert len(frames) == 4
     np.testing.assert_allclose(times, [0, 0.04, 0.12, 0.2])
+
+
+def faststart_copy(src, out):
+    """The same stream remuxed with its index (moov) before the data, as web downloads are."""
+    with av.open(str(src)) as i, av.open(str(out), "w", options={"movflags": "faststart"}) as o:
+        s = o.add_stream_from_template(i.streams.video[0])
+        for packet in i.demux(i.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = s
+                o.mux(packet)
+    data = out.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    return out
+
+
+def test_a_download_cut_short_is_not_silently_shorter(sign_sample, tmp_path):
+    whole = faststart_copy(sign_sample, tmp_path / "fast.mp4")
+    assert len(read_video(whole)[0]) == 76  # intact: no false alarm
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    message = rf"{re.escape(str(cut))}: truncated: only \d+ of the 76 frames its header lists"
+    with pytest.raises(TruncatedVideoError, match=message):
+        read_video(cut)
+    with pytest.raises(TruncatedVideoError, match=message):
+        decode_video(cut, 10, 70)  # the span runs into the missing part
+    # a span that ends before the cut is all there
+    np.testing.assert_array_equal(decode_video(cut, 0, 20)[0], decode_video(whole, 0, 20)[0])
