@@ -53,6 +53,10 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
             "python -m data_prep.build_records, or fix --config.records_dir"
         ) from e
     classes = list(info["classes"])
+    try:
+        augment.check_flip_layout(config.data.flip, info.get("hht_settings"), config.records_dir)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     for split in (config.train_split, config.val_split, config.test_split):
         if split and not info["splits"].get(split, {}).get("num_records"):
             raise TrainingError(

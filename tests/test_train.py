@@ -352,6 +352,20 @@ def test_splash_attention_trains_like_the_default(records, tmp_path):
     assert meta["model"]["attention"] == "splash"
 
 
+def test_hht_flip_on_strip_records(records, tmp_path):
+    import shutil
+
+    strip = tmp_path / "strip"
+    shutil.copytree(records, strip)
+    info = json.loads((strip / "dataset_info.json").read_text())
+    info["hht_settings"]["layout"] = "strip"
+    (strip / "dataset_info.json").write_text(json.dumps(info))
+    c = tiny_config(strip, **{"data.flip": "hht"})
+    with pytest.raises(train.TrainingError, match="holds layout 'strip'.*--config.data.flip=plain"):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_records_folder(tmp_path):
     c = tiny_config(tmp_path / "nowhere", **{"smoke.enabled": False})
     with pytest.raises(train.TrainingError, match="has no dataset_info.json.*build_records"):

@@ -121,6 +121,21 @@ class AugmentOptions:
             RandAugmentSpec.parse(self.rand_augment)
 
 
+def check_flip_layout(flip: str, hht_settings: dict | None, records_dir: str) -> None:
+    """Raises ValueError when ``flip='hht'`` meets records of another layout than grid2x2.
+
+    The hht flip moves the quadrants of the published 2x2 grid; on a strip layout it would
+    scramble the cells instead of mirroring them.
+    """
+    layout = (hht_settings or {}).get("layout", "grid2x2")
+    if flip == "hht" and layout != "grid2x2":
+        raise ValueError(
+            f"flip='hht' mirrors the cells of the 'grid2x2' layout, but {records_dir} holds "
+            f"layout {layout!r}; use flip='plain' (--config.data.flip=plain) or rebuild the "
+            "records with --layout grid2x2"
+        )
+
+
 # --------------------------------------------------------------------------- decoding
 
 

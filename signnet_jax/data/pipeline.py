@@ -321,6 +321,7 @@ def train_dataset(
     source = RecordSource(records_dir, split)
     if len(source) == 0:
         raise ValueError(f"split {split!r} of {records_dir} has no records")
+    augment.check_flip_layout(options.flip, source.info.get("hht_settings"), records_dir)
     located = _Located(source)
     ds = (
         grain.MapDataset.source(IndexedSource(source))

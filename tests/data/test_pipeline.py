@@ -312,10 +312,21 @@ def test_steps_per_epoch_drops_the_partial_batch():
     assert pipeline.steps_per_epoch(11, 4) == 2
 
 
-def test_hht_flip_mode_runs_through_the_pipeline(records_dir):
+def test_hht_flip_mode_runs_through_the_pipeline(records_dir, tmp_path):
     options = augment.AugmentOptions(crop_size=16, flip="hht")
     batch = next(iter(_train(records_dir, augment_options=options)))
     assert batch["clip"].shape == (4, 4, 16, 16, 3)
+    # records of the strip layout have no 2x2 grid for it to mirror
+    strip = _make_records(tmp_path)
+    info_path = os.path.join(strip, records.DATASET_INFO)
+    with open(info_path) as f:
+        info = json.load(f)
+    info["hht_settings"] = {"layout": "strip"}
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(ValueError, match="holds layout 'strip'; use flip='plain'"):
+        _train(strip, augment_options=options)
+    _train(strip)  # the plain flip is fine
 
 
 def test_eval_with_worker_processes_ends_and_matches(records_dir):
