@@ -4,7 +4,10 @@ Supported files:
 
 * WLASL `WLASL_v0.3.json`: a list of glosses, each with `instances` (video_id, split,
   frame_start indexed from 1, frame_end inclusive or -1 for the last frame, counted at the
-  instance's `fps`, 25). Class ids are the glosses in file order.
+  instance's `fps`, 25). Class ids are the glosses in file order. The spans are cut from
+  start_kit's uncut downloads (`raw_videos_mp4/`): `{video_id}.mp4`, except YouTube instances,
+  whose download is named by the YouTube id (the url's last 11 characters) and is shared by
+  every instance cut from the same YouTube video.
 * WLASL `nslt_{100,300,1000,2000}.json`: `{video_id: {"subset": split, "action": [label,
   frame_start, frame_end]}}` with `wlasl_class_list.txt` (`index<TAB>gloss` lines). These
   split files index start_kit's per-instance clips (`videos/{video_id}.mp4`, already cut to
@@ -162,7 +165,7 @@ def _load_wlasl_v03(path: str, data: list) -> Manifest:
                     Entry(
                         split=inst["split"],
                         video_id=video_id,
-                        path=f"{video_id}.mp4",
+                        path=f"{_download_name(video_id, inst.get('url'))}.mp4",
                         label=label,
                         gloss=gloss,
                         frame_start=start,
@@ -176,6 +179,13 @@ def _load_wlasl_v03(path: str, data: list) -> Manifest:
                     f"frame_start / frame_end ({e})"
                 ) from e
     return Manifest(classes, entries)
+
+
+def _download_name(video_id: str, url: str | None) -> str:
+    """File stem of an instance's uncut download, as start_kit names it."""
+    if url and ("youtube" in url or "youtu.be" in url):
+        return url[-11:]
+    return video_id
 
 
 def _load_nslt(path: str, data: dict, class_list: str | os.PathLike | None) -> Manifest:

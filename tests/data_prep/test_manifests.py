@@ -63,6 +63,7 @@ def test_nslt_label_out_of_range(tmp_path):
 
 
 def _v03():
+    yt = {"frame_start": 7685, "frame_end": 7832, "fps": 25}
     return [
         {
             "gloss": "book",
@@ -89,6 +90,17 @@ def _v03():
                 {"video_id": "69302", "split": "val", "frame_start": 11, "frame_end": 60, "fps": 25}
             ],
         },
+        {
+            "gloss": "all",
+            "instances": [  # two glosses cut from one YouTube video, and a site's own file
+                {**yt, "video_id": vid, "url": url, "split": "train"}
+                for vid, url in [
+                    ("01610", "https://www.youtube.com/watch?v=F5J1dMXxMGY"),
+                    ("01611", "https://youtu.be/F5J1dMXxMGY"),
+                    ("01612", "https://www.signingsavvy.com/signs/mp4/5/5228.mp4"),
+                ]
+            ],
+        },
     ]
 
 
@@ -96,13 +108,17 @@ def test_wlasl_v03_spans_and_classes(tmp_path):
     path = tmp_path / "WLASL_v0.3.json"
     path.write_text(json.dumps(_v03()))
     m = manifests.load_manifest("wlasl", [path])
-    assert m.classes == ["book", "drink"]
-    assert [(e.split, e.video_id, e.label, e.gloss) for e in m.entries] == [
-        ("train", "69241", 0, "book"),
-        ("test", "65225", 0, "book"),
-        ("val", "69302", 1, "drink"),
+    assert m.classes == ["book", "drink", "all"]
+    assert [(e.split, e.video_id, e.label, e.gloss, e.path) for e in m.entries] == [
+        ("train", "69241", 0, "book", "69241.mp4"),
+        ("test", "65225", 0, "book", "65225.mp4"),
+        ("val", "69302", 1, "drink", "69302.mp4"),
+        # YouTube instances: the uncut download is named by the YouTube id
+        ("train", "01610", 2, "all", "F5J1dMXxMGY.mp4"),
+        ("train", "01611", 2, "all", "F5J1dMXxMGY.mp4"),
+        ("train", "01612", 2, "all", "01612.mp4"),
     ]
-    whole, span, other = m.entries
+    whole, span, other = m.entries[:3]
     assert whole.source_span(25.0) == (0, None)
     # frames 26..75 (1-indexed, inclusive) at 25 fps are source frames [25, 75) at 25 fps ...
     assert span.source_span(25.0) == (25, 75)
