@@ -27,6 +27,7 @@ from signnet_jax.hht import (
     write_video,
 )
 from signnet_jax.hht.boxes import SOURCE_NAMES
+from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
 from signnet_jax.hht.video import decode_video, private_temp
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = tunneller.process_frames(
                     source, fps, times, progress=progress, name=args.video
                 )
-    except (VideoError, FileNotFoundError) as e:
+    except (VideoError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

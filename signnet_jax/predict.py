@@ -36,6 +36,7 @@ from flax import nnx
 from signnet_jax import checkpointing
 from signnet_jax.data import device, pipeline
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
+from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.video import VideoError, decode_video, write_video
 from signnet_jax.models import vit
 
@@ -588,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
             report = predictor.predict(args.video, args.top_k, args.save_hht)
             startup = predictor.startup_ms
-    except (PredictError, FileNotFoundError) as e:
+    except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     video_ms = report["timings_ms"]

@@ -402,10 +402,19 @@ def test_cli_save_hht_into_missing_folder(workdir, sign_sample, tmp_path, capsys
     assert not (tmp_path / "no").exists()
 
 
-def test_cli_incomplete_models_folder(workdir, sign_sample, tmp_path, capsys):
+def test_cli_incomplete_models_folder(workdir, sign_sample, shared_dir, tmp_path, capsys):
     _expect_error(
         capsys, f"--models {tmp_path} lacks", "--checkpoint", workdir, "--video", sign_sample,
         "--models", tmp_path,
+    )  # fmt: skip
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(shared_dir / "mediapipe_models", models)
+    (models / "pose_landmarker_full.task").write_text("<html>quota exceeded</html>")
+    _expect_error(
+        capsys, f"{models / 'pose_landmarker_full.task'}: not a MediaPipe .task bundle",
+        "--checkpoint", workdir, "--video", sign_sample, "--models", models,
     )  # fmt: skip
 
 

@@ -28,13 +28,17 @@ _BUNDLE_MEMBERS = {
 _MANIFEST = "signnet_models.json"
 
 
+class ModelFileError(ValueError):
+    """A MediaPipe model file that exists but cannot be used (corrupt, wrong file)."""
+
+
 def _cache_dir() -> pathlib.Path:
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(base) / "signnet_jax" / "mediapipe"
 
 
 def check_model_file(path: pathlib.Path, name: str | None = None) -> None:
-    """Raises ValueError if `path` is not a plausible MediaPipe model file.
+    """Raises ModelFileError if `path` is not a plausible MediaPipe model file.
 
     A .task must be a zip holding the bundle's two .tflite members; a .tflite must
     carry the TFLite flatbuffer identifier 'TFL3'.
@@ -49,15 +53,22 @@ def check_model_file(path: pathlib.Path, name: str | None = None) -> None:
             with zipfile.ZipFile(path) as zf:
                 members = set(zf.namelist())
         except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: not a MediaPipe .task bundle (not a zip: {e})") from e
+            raise ModelFileError(
+                f"{path}: not a MediaPipe .task bundle (not a zip: {e}){_fix(name)}"
+            ) from e
         missing = _BUNDLE_MEMBERS.get(name, set()) - members
         if missing:
-            raise ValueError(f"{path}: bundle lacks {sorted(missing)}")
+            raise ModelFileError(f"{path}: bundle lacks {sorted(missing)}{_fix(name)}")
     else:
         with open(path, "rb") as f:
             head = f.read(8)
         if head[4:8] != b"TFL3":
-            raise ValueError(f"{path}: not a TFLite model (no TFL3 identifier)")
+            raise ModelFileError(f"{path}: not a TFLite model (no TFL3 identifier){_fix(name)}")
+
+
+def _fix(name: str) -> str:
+    url = MODEL_URLS.get(name)
+    return f"; replace it with the official file ({url})" if url else ""
 
 
 def _missing(directory: pathlib.Path) -> list[str]:
@@ -83,6 +94,7 @@ def find_models(models_dir: str | os.PathLike | None = None, download: bool = Tr
     Raises:
       FileNotFoundError: a named folder lacks files, or the cache is empty and
         downloading is off or failed.
+      ModelFileError: a model file is there but unusable (see `check_model_file`).
     """
     for label, candidate in (("--models", models_dir), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
         if candidate:
@@ -93,6 +105,8 @@ def find_models(models_dir: str | os.PathLike | None = None, download: bool = Tr
                     f"{label} {directory} lacks {missing}; put the MediaPipe Tasks files "
                     f"{sorted(MODEL_URLS)} there, or unset it to use the download cache"
                 )
+            for name in MODEL_URLS:
+                check_model_file(directory / name)
             return directory
     cache = _cache_dir()
     if _missing(cache):
@@ -137,7 +151,7 @@ def _verify_cache(cache: pathlib.Path) -> None:
     for name in MODEL_URLS:
         path = cache / name
         if name in recorded and _sha256(path) != recorded[name]:
-            raise ValueError(
+            raise ModelFileError(
                 f"{path} changed since it was downloaded (sha256 mismatch); delete it to "
                 "download it again"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -22,7 +23,7 @@ from signnet_jax.hht.boxes import (
     wrist_in_view,
 )
 from signnet_jax.hht.compose import compose_frames
-from signnet_jax.hht.models import find_models
+from signnet_jax.hht.models import MODEL_URLS, ModelFileError, find_models
 from signnet_jax.hht.quiet import quiet_native_logs
 from signnet_jax.hht.settings import HHTSettings
 from signnet_jax.hht.video import decode_video
@@ -109,36 +110,58 @@ class Tunneller:
         def base(name: str) -> BaseOptions:
             return BaseOptions(model_asset_path=os.fspath(directory / name))
 
+        def create(task, options_type, name: str, **options):
+            try:
+                return task.create_from_options(
+                    options_type(base_options=base(name), running_mode=video, **options)
+                )
+            except (RuntimeError, ValueError) as e:  # e.g. "not a valid Flatbuffer buffer"
+                raise ModelFileError(
+                    f"{directory / name}: MediaPipe cannot load this model ({e}); replace it "
+                    f"with the official file ({MODEL_URLS[name]})"
+                ) from e
+
+        self._pose = self._hands = self._face = None
         # Creation logs ~50 native lines (LiteRT, XNNPACK, sparsity warnings).
-        with quiet_native_logs():
-            self._pose = vision.PoseLandmarker.create_from_options(
-                vision.PoseLandmarkerOptions(
-                    base_options=base("pose_landmarker_full.task"),
-                    running_mode=video,
-                    min_pose_detection_confidence=conf,
-                    min_pose_presence_confidence=conf,
-                    min_tracking_confidence=conf,
-                )
+        with quiet_native_logs(), self._closed_on_error():
+            self._pose = create(
+                vision.PoseLandmarker,
+                vision.PoseLandmarkerOptions,
+                "pose_landmarker_full.task",
+                min_pose_detection_confidence=conf,
+                min_pose_presence_confidence=conf,
+                min_tracking_confidence=conf,
             )
-            self._hands = vision.HandLandmarker.create_from_options(
-                vision.HandLandmarkerOptions(
-                    base_options=base("hand_landmarker.task"),
-                    running_mode=video,
-                    num_hands=2,
-                    min_hand_detection_confidence=conf,
-                    min_hand_presence_confidence=conf,
-                    min_tracking_confidence=conf,
-                )
+            self._hands = create(
+                vision.HandLandmarker,
+                vision.HandLandmarkerOptions,
+                "hand_landmarker.task",
+                num_hands=2,
+                min_hand_detection_confidence=conf,
+                min_hand_presence_confidence=conf,
+                min_tracking_confidence=conf,
             )
-            self._face = vision.FaceDetector.create_from_options(
-                vision.FaceDetectorOptions(
-                    base_options=base("blaze_face_short_range.tflite"),
-                    running_mode=video,
-                    min_detection_confidence=conf,
-                )
+            self._face = create(
+                vision.FaceDetector,
+                vision.FaceDetectorOptions,
+                "blaze_face_short_range.tflite",
+                min_detection_confidence=conf,
             )
         self._next_ts = 0  # ms; MediaPipe VIDEO mode needs increasing timestamps forever
         self._used = False
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        """Closes the tasks already created when a later one fails to load.
+
+        Left to the garbage collector, a task's close() can block forever (MediaPipe's
+        ``__del__`` waits on its dispatcher), hanging whatever runs when it is collected.
+        """
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Releases the MediaPipe tasks (idempotent)."""

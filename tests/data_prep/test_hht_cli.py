@@ -127,6 +127,29 @@ def test_incomplete_models_dir_is_named(sign_sample, tmp_path, capsys):
     assert code == 1 and f"--models {tmp_path} lacks" in err
 
 
+def test_unusable_model_files_are_named(shared_dir, sign_sample, tmp_path, capsys):
+    import shutil
+    import zipfile
+
+    models = tmp_path / "models"
+    shutil.copytree(shared_dir / "mediapipe_models", models)
+    out = tmp_path / "o.mp4"
+    # not a zip at all: caught by the structure check before MediaPipe sees it
+    (models / "hand_landmarker.task").write_text("<html>quota exceeded</html>")
+    code, _, err = run(capsys, "--video", sign_sample, "--output", out, "--models", models)
+    assert code == 1 and "Traceback" not in err
+    assert f"{models / 'hand_landmarker.task'}: not a MediaPipe .task bundle" in err
+    assert "replace it with the official file (https://" in err
+    # the right members with broken contents: MediaPipe's own error, with the file named
+    with zipfile.ZipFile(models / "hand_landmarker.task", "w") as z:
+        z.writestr("hand_detector.tflite", b"broken")
+        z.writestr("hand_landmarks_detector.tflite", b"broken")
+    code, _, err = run(capsys, "--video", sign_sample, "--output", out, "--models", models)
+    assert code == 1 and "Traceback" not in err
+    assert f"{models / 'hand_landmarker.task'}: MediaPipe cannot load this model (" in err
+    assert not out.exists()
+
+
 def test_module_entry_point_exit_status(tmp_path):
     video = tmp_path / "bad.mp4"
     video.write_text("nope")

@@ -177,3 +177,30 @@ def test_closed_tunneller_refuses_work(sign_sample):
     t.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         t.process_video(sign_sample, end_frame=2)
+
+
+def test_a_model_that_fails_to_load_closes_the_tasks_already_made(
+    shared_dir, tmp_path, monkeypatch
+):
+    import shutil
+    import zipfile
+
+    from mediapipe.tasks.python import vision
+
+    from signnet_jax.hht.models import ModelFileError
+
+    models = tmp_path / "models"
+    shutil.copytree(shared_dir / "mediapipe_models", models)
+    with zipfile.ZipFile(models / "hand_landmarker.task", "w") as z:  # right names, bad bytes
+        z.writestr("hand_detector.tflite", b"broken")
+        z.writestr("hand_landmarks_detector.tflite", b"broken")
+    closed = []
+    close = vision.PoseLandmarker.close
+    monkeypatch.setattr(
+        vision.PoseLandmarker, "close", lambda task: (closed.append(1), close(task))
+    )
+    with pytest.raises(ModelFileError, match=r"hand_landmarker.task: MediaPipe cannot load"):
+        Tunneller(models_dir=str(models))
+    # the pose task made before the hand model failed is closed now: left to the garbage
+    # collector, MediaPipe's close could block whatever code happened to trigger it
+    assert closed  # (its own __del__ then calls close() again, a no-op)
