@@ -329,7 +329,12 @@ def train_dataset(
         .repeat()
         .random_map(TrainClip(located, clip_len, sampling_rate, options, repeated_aug), seed=seed)
     )
-    ds = ds[pi::pc].batch(per_process, drop_remainder=True).map(_flatten_repeats)
+    # Process p takes every pc-th batch of per_process consecutive videos: its part of each
+    # global batch is the p-th contiguous block, so the processes' parts concatenated in
+    # process order (the order of the mesh's devices here) are the one-process batch, and the
+    # device-side randomness indexed by batch row (erasing noise, drop path) meets the same
+    # videos whatever the process count.
+    ds = ds.batch(per_process, drop_remainder=True)[pi::pc].map(_flatten_repeats)
     return _to_iter(ds, num_workers, num_threads, prefetch)
 
 

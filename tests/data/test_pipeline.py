@@ -150,19 +150,25 @@ def test_worker_processes_give_the_same_batches_and_restore(records_dir):
     _assert_same(_take(restored, 3), reference[3:])
 
 
-def test_processes_split_the_global_batch(records_dir):
-    single = _take(iter(_train(records_dir, global_batch_size=4)), 3)
+@pytest.mark.parametrize("repeated_aug", [1, 2])
+def test_processes_split_the_global_batch(records_dir, repeated_aug):
+    kw = dict(global_batch_size=4, repeated_aug=repeated_aug)
+    single = _take(iter(_train(records_dir, **kw)), 3)
     shards = [
-        _take(iter(_train(records_dir, global_batch_size=4, process_index=p, process_count=2)), 3)
+        _take(iter(_train(records_dir, **kw, process_index=p, process_count=2)), 3)
         for p in range(2)
     ]
+    rows = 2 * repeated_aug
     for step in range(3):
         for p in range(2):
             part = shards[p][step]
-            assert part["clip"].shape[0] == 2
-            # Process p holds global positions p, p + 2 of the step's global batch.
+            assert part["clip"].shape[0] == rows
+            # Process p holds the p-th contiguous block of the step's global batch, so the
+            # parts in process order are the one-process batch, row for row.
             for key in part:
-                np.testing.assert_array_equal(part[key], single[step][key][p::2])
+                np.testing.assert_array_equal(
+                    part[key], single[step][key][p * rows : (p + 1) * rows]
+                )
 
 
 def test_train_argument_errors(records_dir):
