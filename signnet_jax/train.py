@@ -221,6 +221,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
     base_key = jax.random.key(config.seed)
     graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
     ema_decay = config.optim.ema_decay
+    accum = config.optim.grad_accum
 
     def train_step(state, batch, micro_step):
         key = jax.random.fold_in(base_key, micro_step)
@@ -237,7 +238,11 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
         if "ema" in state:
-            new["ema"] = optim.ema_update(state["ema"], new["params"], ema_decay)
+            ema = optim.ema_update(state["ema"], new["params"], ema_decay)
+            if accum > 1:  # the parameters move on the last micro-step only: so does the EMA
+                applied = opt_state.mini_step == 0
+                ema = jax.tree.map(lambda e, o: jnp.where(applied, e, o), ema, state["ema"])
+            new["ema"] = ema
         ok = optim.is_finite(loss, grads)
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
