@@ -20,7 +20,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        config.mode  # noqa: B018 - a file that failed to load raises on first use
+    except OSError as e:
+        _config_file_error(e)
     # Library INFO logs (orbax, grain) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)
     if config.distributed.initialize:
@@ -47,5 +51,52 @@ def main(argv):
         sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config mistakes reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # absl's own errors (bad values, unknown flags)
+        _exit_usage(str(e))
+    except (AttributeError, KeyError) as e:  # --config.KEY=... naming a key the config lacks
+        inner = e.args[0] if isinstance(e, AttributeError) and e.args else e
+        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+        key = text.strip().splitlines()[0].strip("'\"") if text.strip() else ""
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [g for g in given if key in g.split(".")[1:]] or given
+        _exit_usage(
+            f"unknown config key {'; '.join(text.strip().splitlines())} (in "
+            f"{', '.join(named)}); the keys are listed in configs/wlasl2000.py"
+        )
+    except (OSError, SyntaxError) as e:  # --config not a loadable config file
+        _config_file_error(e)
+
+
+def _config_file_error(error: Exception) -> None:
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = str(cause).strip().splitlines()
+    _exit_usage(
+        f"--config {_config_arg()}: cannot load it as a config file ({type(cause).__name__}: "
+        f"{lines[-1].strip() if lines else ''}); give a file from configs/, e.g. "
+        "--config configs/smoke.py"
+    )
+
+
+def _config_arg() -> str:
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+def _exit_usage(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -246,7 +246,10 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         ok = optim.is_finite(loss, grads)
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        return new, {"loss": loss, "ok": ok, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "ok": ok, "grad_norm": optax.tree.norm(grads)}
+        if "stop" in batch:  # each host's SIGTERM flag in its rows: any host asks, all stop
+            metrics["stop"] = jnp.any(batch["stop"])
+        return new, metrics
 
     return train_step
 
@@ -393,10 +396,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start = ckpt.latest_step()
         data_state = None
         if start is not None:
-            state, data_state, _ = ckpt.restore(start, abstract_state)
+            state, data_state, saved_meta = ckpt.restore(start, abstract_state)
+            run = saved_meta.get("run", {})
             _log(f"resuming from step {start} in {ckpt.directory}")
         else:
-            start = 0
+            start, run = 0, {}
             params = place_params(setup, config.seed)
             state = {
                 "params": params,
@@ -436,6 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "erase_box": ((clips, 4), jnp.int32),
             "label": ((clips,), jnp.int32),
         }
+        # Several hosts must agree on stopping at SIGTERM (saving is collective): each host
+        # writes its flag into its rows of the batch and the step reduces them.
+        multi_host = jax.process_count() > 1
+        if multi_host:
+            batch_spec["stop"] = ((clips,), jnp.bool_)
         batch_sh = {
             k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in batch_spec.items()
         }
@@ -474,26 +483,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clip_flops = train_flops(cfg)
         device_peak = peak_flops(mesh.devices.flat[0].device_kind)
         peak = device_peak * mesh.size if device_peak else None
-        best_val = None
-        loss_log: list[tuple[int, float]] = []
+        # the best validation top-1 and the loss curve survive restarts (saved with each step)
+        best_val = run.get("best_val_top1")
+        loss_log: list[tuple[int, float]] = [tuple(x) for x in run.get("train_loss", [])]
         t_last, n_last = time.perf_counter(), start
         step = start
         loss_sum = jnp.zeros(())
+        # First step whose update was non-finite (-1: none), kept on the device so no step
+        # waits for it; read wherever the loop syncs anyway, and always before a save.
+        first_bad = jnp.int32(-1)
+
+        def check_finite():
+            bad = int(first_bad)
+            if bad >= 0:
+                raise TrainingError(
+                    f"non-finite loss or gradients at step {bad}: the update was skipped "
+                    f"and training stopped at step {step}; the last good checkpoint in "
+                    f"{ckpt.directory} is intact; lower optim.base_lr or enable "
+                    "optim.clip_grad"
+                )
+
+        stop_pending = None
         with _Preemption() as preempt:
             while step < last_step:
                 for a in range(accum):
                     local = next(train_iter)
-                    gb = sharding.global_batch({k: local[k] for k in batch_spec}, mesh)
+                    local = {k: local[k] for k in batch_spec if k != "stop"}
+                    if multi_host:
+                        local["stop"] = np.full(len(local["label"]), preempt.requested)
+                    gb = sharding.global_batch(local, mesh)
                     state, metrics = compiled(state, gb, jnp.int32(step * accum + a))
                     loss_sum = loss_sum + metrics["loss"]
+                    first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
+                if multi_host:  # the previous step's agreed flag: every host reads the same
+                    stop = stop_pending is not None and bool(stop_pending)
+                    stop_pending = metrics["stop"]
+                else:
+                    stop = preempt.requested
                 if step % config.train.log_every == 0 or step == last_step:
-                    if not bool(metrics["ok"]):
-                        raise TrainingError(
-                            f"non-finite loss or gradients at step {step}: the update was "
-                            f"skipped and the last good checkpoint in {ckpt.directory} is "
-                            "intact; lower optim.base_lr or enable optim.clip_grad"
-                        )
+                    check_finite()
                     n = step - n_last
                     dt = time.perf_counter() - t_last
                     loss = float(loss_sum) / (n * accum)
@@ -524,6 +553,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t_last, n_last, loss_sum = time.perf_counter(), step, jnp.zeros(())
                 val_metrics = None
                 if config.val_split and (step % val_every == 0 or step == last_step):
+                    check_finite()
+                    t_val = time.perf_counter()
                     report = evaluate.evaluate_split(
                         setup, config, _eval_params(state), config.val_split, "val"
                     )
@@ -541,17 +572,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "val/top5": report["per_instance"]["top5"],
                         },
                     )
-                    t_last = time.perf_counter()
+                    t_last += time.perf_counter() - t_val  # throughput counts steps only
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
+                run = {"best_val_top1": best_val, "train_loss": loss_log}
                 if saved:
-                    _save(ckpt, step, state, train_iter, meta, val_metrics)
-                if preempt.requested:
+                    check_finite()
+                    _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
+                if stop:
                     if not saved:  # a step is saved once; orbax refuses a second save
-                        _save(ckpt, step, state, train_iter, meta, val_metrics)
+                        check_finite()
+                        _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
                     ckpt.wait()
                     _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
                     return {"preempted_at": step}
         ckpt.wait()
+        check_finite()
 
         final = {"steps": step, "best_val_top1": best_val, "train_loss": loss_log}
         if config.test_split:
@@ -566,6 +601,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         evaluate.write_json(workdir_path / "metrics.json", final)
         return final
+
+
+@jax.jit
+def _note_bad(first_bad: jax.Array, ok: jax.Array, step: jax.Array) -> jax.Array:
+    return jnp.where((first_bad < 0) & ~ok, step, first_bad)
 
 
 def _eval_params(state: dict) -> dict:

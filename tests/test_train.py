@@ -204,6 +204,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(records, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_non_finite_step_between_logs_is_caught_before_the_next_save(
+    records, tmp_path, monkeypatch
+):
+    import jax.numpy as jnp
+
+    real = train.make_train_step
+
+    def with_bad_step_2(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(state, batch, micro_step):  # step 2 (micro-step 1) comes out non-finite
+            new, metrics = step_fn(state, batch, micro_step)
+            bad = micro_step == 1
+            metrics["ok"] = metrics["ok"] & ~bad
+            return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, state), metrics
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", with_bad_step_2)
+    c = tiny_config(
+        records,
+        **{"train.max_steps": 6, "train.log_every": 100, "train.checkpoint_every_steps": 3},
+        **{"val_split": "", "test_split": ""},
+    )
+    with pytest.raises(
+        train.TrainingError, match="non-finite loss or gradients at step 2: .* stopped at step 3"
+    ):
+        train.train_and_evaluate(c, tmp_path)
+    assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == []  # step 3 not saved
+
+
 # --- the command line: resume after kill -9, SIGTERM, bad input ---------------------
 
 
@@ -271,15 +302,18 @@ def _wait_for(proc, pattern, timeout=300):
     raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(lines)}")
 
 
+VAL = "--config.val_split=val"  # validation every epoch (4 steps)
+
+
 @pytest.mark.heavy
 def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
-    ref = _run(_main_args(records, tmp_path / "ref"))
+    ref = _run(_main_args(records, tmp_path / "ref", VAL))
     assert ref.returncode == 0, ref.stderr[-2000:]
     expected = _final_params(tmp_path / "ref")
 
     # kill -9 in the middle of step 9 (a checkpoint was started at step 8)
     proc = subprocess.Popen(
-        _main_args(records, tmp_path / "run"),
+        _main_args(records, tmp_path / "run", VAL),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -294,7 +328,7 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     # SIGTERM: save where it stands and exit cleanly
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
-            _main_args(records, tmp_path / "run"),
+            _main_args(records, tmp_path / "run", VAL),
             cwd=REPO,
             env=_env(),
             stdout=subprocess.PIPE,
@@ -309,20 +343,39 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     stop = int(out.split("preempted (SIGTERM) at step ")[1].split(":")[0])
     assert stop >= 15 and stop in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
 
-    done = _run(_main_args(records, tmp_path / "run"))
+    done = _run(_main_args(records, tmp_path / "run", VAL))
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming from step {stop}" in done.stdout
     for a, b in zip(
         jax.tree.leaves(expected), jax.tree.leaves(_final_params(tmp_path / "run")), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+    # the run's record survives the restarts: the whole loss curve and the best val top-1
+    ref_metrics, run_metrics = (
+        json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ref", "run")
+    )
+    assert [s for s, _ in run_metrics["train_loss"]] == list(range(1, 25))
+    assert run_metrics["train_loss"] == ref_metrics["train_loss"]
+    assert run_metrics["best_val_top1"] == ref_metrics["best_val_top1"] is not None
 
 
 def test_unknown_config_key_is_named(records, tmp_path):
-    r = _run(_main_args(records, tmp_path / "w", "--config.optim.learning_rate=1"))
-    assert r.returncode != 0
-    assert "learning_rate" in r.stderr
+    r = _run(_main_args(records, tmp_path / "w", "--config.optim.epoch=1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: unknown config key 'epoch'; Did you mean \"epochs\"")
+    assert "(in --config.optim.epoch)" in r.stderr
     assert not (tmp_path / "w").exists()
+    for config, message in [
+        ("configs/nosuch.py", "No such file or directory"),
+        ("README.md", "SyntaxError"),
+    ]:
+        argv = _main_args(records, tmp_path / "w")
+        argv[argv.index("--config") + 1] = config
+        r = _run(argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.startswith(f"error: --config {config}: cannot load it as a config file")
+        assert message in r.stderr
+        assert not (tmp_path / "w").exists()
 
 
 def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
@@ -537,6 +590,60 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     np.testing.assert_allclose(
         losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.heavy
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tmp_path):
+    import portpicker
+
+    def start(port, *extra):
+        env = _env()
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        return [
+            subprocess.Popen(
+                _main_args(
+                    records,
+                    tmp_path / "run",
+                    "--config.optim.epochs=100",
+                    "--config.train.checkpoint_every_steps=1000",
+                    "--config.distributed.initialize=True",
+                    f"--config.distributed.coordinator_address=localhost:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}",
+                    *extra,
+                ),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+
+    procs = start(portpicker.pick_unused_port())
+    try:
+        _wait_for(procs[0], "step 3/")
+        # only the second host is told, as hosts of a slice see the notice at different
+        # moments; saving is collective, so stopping alone would leave both waiting
+        procs[1].send_signal(signal.SIGTERM)
+        out = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hung pair must not outlive the test
+    assert [p.returncode for p in procs] == [0, 0]
+    stop = int(out[0].split("preempted (SIGTERM) at step ")[1].split(":")[0])
+    assert checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints") == [stop]
+    # and the run goes on from there, both hosts together
+    procs = start(portpicker.pick_unused_port(), "--config.train.max_steps=" + str(stop + 2))
+    try:
+        out = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert f"resuming from step {stop}" in out[0]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == stop + 2
 
 
 def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
