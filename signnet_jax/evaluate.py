@@ -144,11 +144,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_config.load_step = str(step)
     eval_config.init_reset_head = False
     setup = train.prepare(eval_config)
+    train.check_eval_batch(eval_config, setup.mesh)
+    # A folder of its own per step, so a training run's metrics.json, CSV and PNG (and the
+    # results of other steps) are never overwritten.
+    out = workdir_path / "eval" / f"step_{step}"
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
-        report = evaluate_split(setup, eval_config, params, config.test_split, "test", workdir_path)
+        out.mkdir(parents=True, exist_ok=True)
+        report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)
     print(summary_line(report), flush=True)
     result = {"checkpoint": str(source), "step": step, "test": report}
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    write_json(workdir_path / "metrics.json", result)
+    write_json(out / "metrics.json", result)
+    if jax.process_index() == 0:
+        print(f"wrote {out}/metrics.json, {config.test_split}_per_class.csv and "
+              f"{config.test_split}_confused_pairs.png", flush=True)  # fmt: skip
     return result

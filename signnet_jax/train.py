@@ -193,6 +193,17 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     return Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
 
 
+def check_eval_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """data.eval_batch_size must split over the devices and processes (checked up front:
+    the first validation comes only after an epoch of training)."""
+    size, pc = config.data.eval_batch_size, jax.process_count()
+    if size < 1 or size % mesh.size or size % pc:
+        raise TrainingError(
+            f"data.eval_batch_size {size} does not split over the {mesh.size} devices "
+            f"({pc} processes); set --config.data.eval_batch_size to a multiple of {mesh.size}"
+        )
+
+
 def place_params(setup: Setup, seed: int) -> dict:
     """Parameters on the mesh: the warm start, or a fresh init computed sharded."""
     if setup.init_params is not None:
@@ -338,10 +349,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"a micro-batch of {micro * config.data.repeated_aug} clips does not split over "
             f"{mesh.size} devices; change data.batch_size"
         )
+    if config.val_split or config.test_split:
+        check_eval_batch(config, mesh)
     num_train = setup.info["splits"][config.train_split]["num_records"]
-    per_epoch, total, warmup = optim.steps_for(
-        num_train, batch, config.optim.epochs, config.optim.warmup_epochs
-    )
+    try:
+        per_epoch, total, warmup = optim.steps_for(
+            num_train, batch, config.optim.epochs, config.optim.warmup_epochs
+        )
+    except ValueError as e:  # a batch larger than the training set, no epochs, ...
+        raise TrainingError(str(e)) from e
     lr, min_lr, warmup_lr = optim.scaled_lrs(
         config.optim.base_lr, config.optim.min_lr, config.optim.warmup_lr, batch
     )
@@ -359,7 +375,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clip_grad=config.optim.clip_grad,
         grad_accum=accum,
     )
-    schedule = optim.lr_schedule(lr, min_lr, total, warmup, warmup_lr)
+    try:
+        schedule = optim.lr_schedule(lr, min_lr, total, warmup, warmup_lr)
+    except ValueError as e:  # warmup as long as the run
+        raise TrainingError(str(e)) from e
     last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
 
     workdir_path = pathlib.Path(workdir)

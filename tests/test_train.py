@@ -101,10 +101,16 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert meta["classes"] == json.loads((records / "dataset_info.json").read_text())["classes"]
     assert meta["input"]["test_num_segment"] == 3 and meta["hht"]["size"] == 32
 
-    # eval mode reproduces the test numbers from the checkpoint
+    # eval mode reproduces the test numbers from the checkpoint, in a folder of its own
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     c = tiny_config(records, mode="eval")
     again = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(c, str(tmp_path))
     assert again["test"]["per_instance"] == test["per_instance"]
+    out = tmp_path / "eval" / "step_12"
+    assert json.loads((out / "metrics.json").read_text())["step"] == 12
+    assert (out / "test_per_class.csv").is_file() and (out / "test_confused_pairs.png").is_file()
+    # the training run's own metrics.json, CSV and PNG are untouched
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
@@ -463,6 +469,24 @@ def test_hht_flip_on_strip_records(records, tmp_path):
     c = tiny_config(strip, **{"data.flip": "hht"})
     with pytest.raises(train.TrainingError, match="holds layout 'strip'.*--config.data.flip=plain"):
         train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_batch_and_schedule_mistakes_stop_before_training(records, tmp_path):
+    for over, message in [
+        ({"data.eval_batch_size": 12}, "data.eval_batch_size 12 does not split over the 8"),
+        ({"data.batch_size": 64}, "batch_size 64 exceeds the 32 training videos"),
+        ({"optim.warmup_epochs": 3}, "the schedule has 12 steps but 12 warmup steps"),
+    ]:
+        with pytest.raises(train.TrainingError, match=message):
+            train.train_and_evaluate(tiny_config(records, **over), tmp_path / "w")
+        assert not (tmp_path / "w").exists()
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    c = tiny_config(records, mode="eval", init_from=str(init), **{"data.eval_batch_size": 12})
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    with pytest.raises(train.TrainingError, match="data.eval_batch_size 12 does not split"):
+        evaluate_mode(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
