@@ -61,20 +61,36 @@ def param_shardings(abstract_state, mesh: jax.sharding.Mesh, rules: dict[str, st
     A dimension that the mesh axis does not divide is left replicated.
     """
 
-    def one(variable):
+    return _param_shardings(abstract_state, mesh, rules)[0]
+
+
+def replicated_by_size(abstract_state, mesh: jax.sharding.Mesh, rules: dict[str, str | None]):
+    """Parameter dimensions the rules map to a mesh axis that does not divide them:
+    ``[(path, dimension size, mesh axis), ...]`` (those stay replicated)."""
+    return _param_shardings(abstract_state, mesh, rules)[1]
+
+
+def _param_shardings(abstract_state, mesh, rules):
+    from flax import nnx
+
+    dropped = []
+
+    def one(path, variable):
         names = variable.get_metadata().get("out_sharding")
         spec = logical_to_spec(names, rules)
         shape = variable.get_value().shape
         fixed = []
         for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
             if axis is not None and dim % mesh.shape[axis]:
+                dropped.append(("/".join(str(getattr(k, "key", k)) for k in path), dim, axis))
                 axis = None
             fixed.append(axis)
         return NamedSharding(mesh, PartitionSpec(*fixed))
 
-    from flax import nnx
-
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    tree = jax.tree_util.tree_map_with_path(
+        one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return tree, dropped
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:

@@ -169,6 +169,7 @@ class Setup:
     init_params: dict | None  # host arrays from init_from, else None (random init)
     note: str
     eval_fn: Any = None  # the jitted eval forward, built on first use (evaluate.py)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # logged at the start
 
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
@@ -190,7 +191,16 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     graphdef, abstract_state = nnx.split(abstract, nnx.Param)
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}
     param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh, rules))
-    return Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
+    setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
+    dropped = sharding.replicated_by_size(abstract_state, mesh, rules)
+    if dropped:
+        sizes = sorted({dim for _, dim, _ in dropped})
+        setup.warnings.append(
+            f"{len(dropped)} parameters stay replicated because mesh.fsdp={config.mesh.fsdp} "
+            f"does not divide their size ({', '.join(map(str, sizes))}; e.g. {dropped[0][0]}); "
+            f"pick a mesh.fsdp that divides {sizes[0]}"
+        )
+    return setup
 
 
 def check_eval_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -334,6 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.smoke.enabled:
         ensure_smoke(config)
     setup = prepare(config)
+    for warning in setup.warnings:
+        _log(f"warning: {warning}")
     cfg, mesh = setup.model_cfg, setup.mesh
     pc = jax.process_count()
     batch = config.data.batch_size

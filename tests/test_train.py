@@ -82,6 +82,15 @@ def test_fsdp_really_shards_parameters(records):
     dp = train.prepare(tiny_config(records))
     with jax.set_mesh(dp.mesh):
         assert sharding.shard_leaf_count(train.place_params(dp, 0))[0] == 0
+    assert setup.warnings == [] and dp.warnings == []
+    # a width the fsdp axis does not divide stays replicated: said, not silent
+    odd = train.prepare(tiny_config(records, **{"mesh.fsdp": 8, "model.embed_dim": 36}))
+    assert len(odd.warnings) == 1
+    assert (
+        "parameters stay replicated because mesh.fsdp=8 does not divide their size (36"
+        in (odd.warnings[0])
+    )
+    assert "pick a mesh.fsdp that divides 36" in odd.warnings[0]
 
 
 def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
