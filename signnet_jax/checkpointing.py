@@ -82,6 +82,48 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
         return list(mngr.all_steps())
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """The checkpoint folder behind ``path``: the folder itself or a workdir's ``checkpoints``.
+
+    Args:
+      path: a model checkpoint folder or a training workdir.
+
+    Returns:
+      Absolute path of a folder holding checkpoint steps.
+
+    Raises:
+      CheckpointError: nothing usable at ``path`` (the message says what was expected).
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a file; pass the folder written by signnet_jax.convert "
+            "or a training workdir"
+        )
+    if checkpoint_steps(path):
+        return path
+    nested = path / "checkpoints"
+    if nested.is_dir():
+        if checkpoint_steps(nested):
+            return nested
+        raise CheckpointError(
+            f"{nested} holds no checkpoint steps yet; has training saved one? "
+            "(or pass a folder written by signnet_jax.convert)"
+        )
+    if path.name.isdigit() and int(path.name) in checkpoint_steps(path.parent):
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        raise CheckpointError(
+            f"{path} is one step of the checkpoint {path.parent}; pass {run} and choose the "
+            f"step with --step {path.name} (config.load_step for training and eval mode)"
+        )
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it holds no checkpoint steps and no 'checkpoints' "
+        "folder; pass a folder written by signnet_jax.convert or a training workdir"
+    )
+
+
 def select_step(directory: str | os.PathLike, which: int | str | None = "latest") -> int:
     """The step of a checkpoint directory that ``which`` names.
 

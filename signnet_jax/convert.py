@@ -156,6 +156,15 @@ def _load_torch_file(path: pathlib.Path) -> Any:
         ) from e
     import pickle
 
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip (PK..); older checkpoints are bare pickles (protocol >= 2: 0x80)
+    if head and not head.startswith(b"PK") and head[:1] != b"\x80":
+        raise ConversionError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle; "
+            f"it starts with {head!r}); give the .pth/.pt/.bin weights file, or a .safetensors "
+            "file"
+        )
     try:
         with torch.serialization.safe_globals(_torch_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -484,6 +493,8 @@ def to_torch(params: dict, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class names, one per line: `gloss` or `index<TAB or space>gloss` (wlasl_class_list.txt)."""
     names = []
+    if not pathlib.Path(path).is_file():
+        raise ConversionError(f"--class-list {path}: no such file")
     for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -546,10 +557,16 @@ def export_pytorch(checkpoint: str | os.PathLike, output: str | os.PathLike) -> 
     """
     import torch
 
-    params, meta = checkpointing.load_model(checkpoint)
+    output = pathlib.Path(output)
+    if output.suffix not in (".pth", ".pt"):
+        raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
+    if output.exists():
+        raise ConversionError(f"output {output} already exists; choose a new path or delete it")
+    # a training workdir works as well as its checkpoints folder (as for predict)
+    params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint))
     cfg = vit.ViTConfig.from_dict(meta["model"])
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
-    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         torch.save(sd, tmp)

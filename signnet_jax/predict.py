@@ -116,39 +116,15 @@ class Prediction:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
-    """The checkpoint folder behind ``path``: the folder itself or a workdir's ``checkpoints``.
-
-    Args:
-      path: a model checkpoint folder or a training workdir.
-
-    Returns:
-      Absolute path of a folder holding checkpoint steps.
+    """The checkpoint folder behind ``path`` (see ``checkpointing.resolve_checkpoint``).
 
     Raises:
       PredictError: nothing usable at ``path`` (the message says what was expected).
     """
-    path = pathlib.Path(path).expanduser().absolute()
-    if not path.exists():
-        raise PredictError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise PredictError(
-            f"checkpoint {path} is a file; pass the folder written by signnet_jax.convert "
-            "or a training workdir"
-        )
-    if checkpointing.checkpoint_steps(path):
-        return path
-    nested = path / "checkpoints"
-    if nested.is_dir():
-        if checkpointing.checkpoint_steps(nested):
-            return nested
-        raise PredictError(
-            f"{nested} holds no checkpoint steps yet; has training saved one? "
-            "(or pass a folder written by signnet_jax.convert)"
-        )
-    raise PredictError(
-        f"{path} is not a checkpoint: it holds no checkpoint steps and no 'checkpoints' "
-        "folder; pass a folder written by signnet_jax.convert or a training workdir"
-    )
+    try:
+        return checkpointing.resolve_checkpoint(path)
+    except checkpointing.CheckpointError as e:
+        raise PredictError(str(e)) from e
 
 
 def _read_checkpoint(directory: pathlib.Path, which: int | str) -> tuple[dict, dict, int]:

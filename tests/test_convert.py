@@ -238,8 +238,38 @@ def test_not_a_checkpoint(tmp_path, capsys):
         capsys,
         tmp_path / "notes.pth",
         out,
-        f"cannot read {tmp_path / 'notes.pth'} as a PyTorch checkpoint",
+        f"{tmp_path / 'notes.pth'} is not a PyTorch checkpoint (neither a torch.save archive "
+        "nor a pickle; it starts with b'hell')",
     )
+    # a pickle that is no torch checkpoint gets the reading error
+    (tmp_path / "none.pth").write_bytes(b"\x80\x04N.")
+    _assert_fails(capsys, tmp_path / "none.pth", out, "as a PyTorch checkpoint (RuntimeError")
+
+
+def test_missing_class_list(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    assert _convert(tmp_path / "s.pth", tmp_path / "ckpt", "S", 4, 5, "--class-list", "no.txt") == 1
+    assert "error: --class-list no.txt: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    assert _convert(tmp_path / "s.pth", tmp_path / "run" / "checkpoints") == 0
+    out = tmp_path / "new" / "folder" / "s.pth"  # folders are made, as for the orbax side
+    assert _run("--to-pytorch", "--input", tmp_path / "run", "--output", out) == 0
+    assert set(torch.load(out, weights_only=True)) == set(tmodel.state_dict())
+    capsys.readouterr()
+    before = out.read_bytes()
+    assert _run("--to-pytorch", "--input", tmp_path / "run", "--output", out) == 1
+    assert f"output {out} already exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert _run("--to-pytorch", "--input", tmp_path / "run", "--output", tmp_path / "c7") == 1
+    assert "--output " + str(tmp_path / "c7") + ": give a .pth" in capsys.readouterr().err
+    step = tmp_path / "run" / "checkpoints" / "0"
+    assert _run("--to-pytorch", "--input", step, "--output", tmp_path / "x.pth") == 1
+    err = capsys.readouterr().err
+    assert f"{step} is one step of the checkpoint" in err and "--step 0" in err
 
 
 def test_non_videomae_state_dict(tmp_path, capsys):
