@@ -808,6 +808,16 @@ def main(
         parser.error("--max-failure-fraction must be in [0, 1]")
     if not os.path.isdir(args.videos):
         parser.error(f"--videos {args.videos}: not a folder")
+    if os.path.exists(args.output):
+        if not os.path.isdir(args.output):
+            parser.error(f"--output {args.output} is a file; give a folder for the records")
+        ours = {WORK, records.DATASET_INFO, FAILURES}
+        entries = set(os.listdir(args.output))
+        if entries and not entries & ours:
+            parser.error(
+                f"--output {args.output} already holds other files (e.g. {sorted(entries)[0]}); "
+                "give a new or empty folder, or one an earlier build_records wrote"
+            )
     try:
         settings = HHTSettings(**{f.name: getattr(args, f.name) for f in _hht_settings_fields()})
         manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)

@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.start_frame < 0 or (args.end_frame is not None and args.end_frame <= args.start_frame):
+        end = "" if args.end_frame is None else f" --end-frame {args.end_frame}"
+        print(
+            f"error: --start-frame {args.start_frame}{end}: the first frame must be >= 0 and "
+            "before --end-frame",
+            file=sys.stderr,
+        )
+        return 2
     output = pathlib.Path(args.output)
     if output.suffix.lower() != ".mp4":
         print(f"error: --output {output} must end in .mp4", file=sys.stderr)

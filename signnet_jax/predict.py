@@ -388,6 +388,8 @@ class Predictor:
         if top_k < 1:
             raise PredictError(f"top_k must be >= 1, got {top_k}")
         if save_hht is not None:
+            if pathlib.Path(save_hht).suffix.lower() != ".mp4":
+                raise PredictError(f"--save-hht {save_hht} must end in .mp4 (it is H.264 MP4)")
             parent = pathlib.Path(save_hht).absolute().parent
             if not parent.is_dir():
                 raise PredictError(f"cannot write {save_hht}: folder {parent} does not exist")
@@ -558,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options)."""
     args = _parse(argv)
     # Fail on a missing video before spending seconds on the checkpoint and compile.
+    if pathlib.Path(args.video).is_dir():
+        print(f"error: video {args.video} is a folder; give a video file", file=sys.stderr)
+        return 1
     if not pathlib.Path(args.video).is_file():
         print(f"error: video {args.video} does not exist", file=sys.stderr)
         return 1

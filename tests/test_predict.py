@@ -380,6 +380,18 @@ def test_cli_bad_input_settings(tmp_path, sign_sample, capsys):
     )  # fmt: skip
 
 
+def test_cli_folder_as_video_and_save_hht_not_mp4(workdir, sign_sample, tmp_path, capsys):
+    _expect_error(
+        capsys, f"video {tmp_path} is a folder; give a video file",
+        "--checkpoint", workdir, "--video", tmp_path,
+    )  # fmt: skip
+    _expect_error(
+        capsys, "must end in .mp4", "--checkpoint", workdir, "--video", sign_sample,
+        "--save-hht", tmp_path / "out.avi",
+    )  # fmt: skip
+    assert not (tmp_path / "out.avi").exists()
+
+
 def test_cli_missing_video(workdir, tmp_path, capsys):
     missing = tmp_path / "clip.mp4"
     _expect_error(

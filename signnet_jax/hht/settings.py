@@ -71,9 +71,11 @@ class HHTSettings:
             problems.append(f"size must be an even integer >= 16, got {self.size!r}")
         if len(self.quadrants) != 4:
             problems.append(f"quadrants needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
-        for name in ("head_margin", "hand_margin", "smoothing", "min_confidence"):
+        for name in ("head_margin", "hand_margin", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_confidence <= 1:  # MediaPipe's own range
+            problems.append(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         if self.hand_scale <= 0:
             problems.append(f"hand_scale must be > 0, got {self.hand_scale}")
         if not isinstance(self.hand_retry, int) or self.hand_retry < 1:

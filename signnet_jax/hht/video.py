@@ -47,10 +47,12 @@ def decode_video(
         the requested span.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise VideoError(f"{path}: a folder, not a video file")
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
     if start_frame < 0 or (end_frame is not None and end_frame <= start_frame):
-        raise VideoError(f"{path}: empty frame span [{start_frame}, {end_frame})")
+        raise VideoError(f"{path}: empty frame span {_span(start_frame, end_frame)}")
     frames: list[np.ndarray] = []
     times: list[float] = []
     try:
@@ -87,11 +89,16 @@ def decode_video(
             "decoded (an incomplete download or copy?); download or copy it again"
         )
     if not frames:
-        span = "" if (start_frame, end_frame) == (0, None) else f" in [{start_frame}, {end_frame})"
+        whole = (start_frame, end_frame) == (0, None)
+        span = "" if whole else f" in {_span(start_frame, end_frame)}"
         raise VideoError(f"{path}: zero decodable video frames{span}")
     if rate <= 0:
         rate = 25.0
     return np.stack(frames), rate, _clean_times(np.asarray(times), rate)
+
+
+def _span(start: int, end: int | None) -> str:
+    return f"[{start}, {'the end' if end is None else end})"
 
 
 def _clean_times(times: np.ndarray, rate: float) -> np.ndarray:

@@ -551,6 +551,19 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     # the real Tunneller's model folder is checked once, before any video
     assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
     assert f"--models {tmp_path} lacks" in capsys.readouterr().err
+    conf = _cli(dataset, tmp_path / "o", "--min-confidence", "3")
+    assert build_records.main(conf, tunneller_factory=FakeTunneller) == 2
+    assert "min_confidence must be in [0, 1], got 3.0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # an output that is a file, or a folder of someone else's files, is refused untouched
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.csv").write_text("keep")
+    for out, message in [("file", "is a file"), ("mine", "already holds other files")]:
+        with pytest.raises(SystemExit) as e:
+            build_records.main(_cli(dataset, tmp_path / out), tunneller_factory=FakeTunneller)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.csv"]
 
 
 def test_hht_options_reach_the_settings(dataset, tmp_path):

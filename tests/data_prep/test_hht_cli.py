@@ -111,6 +111,9 @@ def test_noise_video_is_written_with_a_warning(tmp_path, capsys):
         (["--quadrants", "11x1"], "--quadrants takes four 0/1 flags"),
         (["--size", "255"], "size must be an even integer"),
         (["--output", "o.avi"], "must end in .mp4"),
+        (["--min-confidence", "2"], "min_confidence must be in [0, 1], got 2.0"),
+        (["--start-frame", "-5"], "--start-frame -5: the first frame must be >= 0"),
+        (["--start-frame", "50", "--end-frame", "10"], "must be >= 0 and before --end-frame"),
     ],
 )
 def test_bad_options_exit_2(args, message, sign_sample, tmp_path, capsys):

@@ -109,6 +109,8 @@ def test_zero_frames_names_the_file(tmp_path):
 def test_span_past_the_end_has_zero_frames(sign_sample):
     with pytest.raises(VideoError, match=r"zero decodable video frames in \[100, 120\)"):
         decode_video(sign_sample, 100, 120)
+    with pytest.raises(VideoError, match=r"zero decodable video frames in \[100, the end\)"):
+        decode_video(sign_sample, 100)
     with pytest.raises(VideoError, match=r"empty frame span \[5, 5\)"):
         decode_video(sign_sample, 5, 5)
 
@@ -143,6 +145,8 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(VideoError, match=re.escape(f"{tmp_path / 'nope.mp4'}: no such file")):
         read_video(tmp_path / "nope.mp4")
+    with pytest.raises(VideoError, match=re.escape(f"{tmp_path}: a folder, not a video file")):
+        read_video(tmp_path)
 
 
 def test_variable_frame_rate_keeps_real_times(tmp_path):
