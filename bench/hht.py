@@ -100,8 +100,11 @@ def startup_costs(models, video, repeats):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--video", default=str(SHARED / "assets" / "sign_sample.mp4"))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--video", default=str(SHARED / "assets" / "sign_sample.mp4"),
+        help="video to tunnel (default: the shared sign_sample.mp4)",
+    )  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5, help="timed runs, best kept (default 5)")
     p.add_argument("--models", default=None, help="default: $SIGNNET_MEDIAPIPE_MODELS / cache")
     p.add_argument("--upscale", default=None, help="WxH, e.g. 1280x720")
     p.add_argument("--variants", default=None, help="comma-separated variant numbers (1-based)")

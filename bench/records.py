@@ -119,9 +119,11 @@ def bench_read(records_dir: pathlib.Path, copies: int, reads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--videos", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--reads", type=int, default=2000)
+    p.add_argument("--videos", type=int, default=8, help="videos to build (default 8)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="builder worker processes (default 0: in-process)"
+    )
+    p.add_argument("--reads", type=int, default=2000, help="records read per timing (default 2000)")
     p.add_argument(
         "--shared", default=os.environ.get("SIGNNET_SHARED", str(REPO.parent / "shared"))
     )

@@ -728,11 +728,25 @@ def make_parser() -> argparse.ArgumentParser:
         help="class names, line i = label i ('i gloss' lines as wlasl_class_list.txt, or one "
         "gloss a line); required for csv, default for nslt: wlasl_class_list.txt beside it",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="0 = in-process")
-    p.add_argument("--max-failure-fraction", type=float, default=0.05)
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--shard-size", type=parse_size, default="256MB", help="target shard size")
-    p.add_argument("--models", help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help="worker processes (default: every core; 0 runs in-process, for debugging)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-failure-fraction", type=float, default=0.05,
+        help="exit 1 when more than this fraction of the videos failed (default 0.05)",
+    )  # fmt: skip
+    p.add_argument(
+        "--jpeg-quality", type=int, default=90, help="JPEG quality of the frames (default 90)"
+    )
+    p.add_argument(
+        "--shard-size", type=parse_size, default="256MB", help="target shard size (default 256MB)"
+    )
+    p.add_argument(
+        "--models",
+        help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else the download "
+        "cache ~/.cache/signnet_jax/mediapipe)",
+    )
     group = p.add_argument_group("H&HT settings (see signnet_jax.hht.HHTSettings)")
     for field in _hht_settings_fields():
         flag = "--" + field.name.replace("_", "-")

@@ -41,9 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video", required=True, help="input video file")
     p.add_argument("--output", required=True, help="output .mp4 (parent folders are created)")
     p.add_argument("--preview", help="also write a contact sheet PNG here")
-    p.add_argument("--models", help="folder with the MediaPipe model files")
-    p.add_argument("--layout", choices=("grid2x2", "strip"), default=d.layout)
-    p.add_argument("--size", type=int, default=d.size, help="output side in pixels (even)")
+    p.add_argument(
+        "--models",
+        help="folder with the MediaPipe model files (default: $SIGNNET_MEDIAPIPE_MODELS, else "
+        "~/.cache/signnet_jax/mediapipe, filled by a one-time download)",
+    )
+    p.add_argument(
+        "--layout", choices=("grid2x2", "strip"), default=d.layout,
+        help=f"cell arrangement (default {d.layout}, the published one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=int, default=d.size, help=f"output side in pixels, even (default {d.size})"
+    )
     p.add_argument(
         "--quadrants",
         default="1111",
@@ -55,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="reproduce the original preprocessing (no fallbacks, black when missing, stretch)",
     )
-    p.add_argument("--start-frame", type=int, default=0)
+    p.add_argument("--start-frame", type=int, default=0, help="first frame (default 0)")
     p.add_argument("--end-frame", type=int, default=None, help="exclusive; default: to the end")
     p.add_argument(
         "--detect-size",
@@ -63,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d.detect_size,
         help="give the detectors a copy with this longest side (default 0: the frame itself)",
     )
-    p.add_argument("--min-confidence", type=float, default=d.min_confidence)
+    p.add_argument(
+        "--min-confidence", type=float, default=d.min_confidence,
+        help=f"MediaPipe detection / presence / tracking threshold in [0, 1] "
+        f"(default {d.min_confidence})",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

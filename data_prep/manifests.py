@@ -253,7 +253,7 @@ def load_csv(
                 if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
                     raise ValueError(
                         f"{split_file}:{lineno}: expected 'relative/path.mp4 label', "
-                        f"got {line.strip()!r}"
+                        f"got {line.strip()[:80]!r}{'...' if len(line.strip()) > 80 else ''}"
                     )
                 rel, label = parts[0], int(parts[1])
                 if not 0 <= label < len(classes):

@@ -538,7 +538,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
-    p.add_argument("--models", help="MediaPipe model folder (default $SIGNNET_MEDIAPIPE_MODELS)")
+    p.add_argument(
+        "--models",
+        help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else the download "
+        "cache ~/.cache/signnet_jax/mediapipe)",
+    )
     p.add_argument(
         "--batch", type=int, help="views per forward pass (default: 1 on a CPU, else all views)"
     )

@@ -59,9 +59,11 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
         raise TrainingError(str(e)) from e
     for split in (config.train_split, config.val_split, config.test_split):
         if split and not info["splits"].get(split, {}).get("num_records"):
+            counts = {k: v.get("num_records", 0) for k, v in sorted(info["splits"].items())}
             raise TrainingError(
-                f"records folder {config.records_dir} has no records in split {split!r} (it "
-                f"has {sorted(info['splits'])}); rebuild it or set --config.*_split"
+                f"records folder {config.records_dir} has no records in split {split!r} "
+                f"(records per split: {counts}); rebuild it, or set --config.train_split / "
+                "val_split / test_split ('' skips validation or the test)"
             )
     return classes, info
 
@@ -304,6 +306,16 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _model_name(cfg: vit.ViTConfig) -> str:
+    """'ViT-B' for a preset's sizes, else the sizes themselves (smoke and test models)."""
+    dims = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim)
+    if dims == vit.PRESETS[cfg.preset]:
+        return f"ViT-{cfg.preset}"
+    return (
+        f"a ViT of {cfg.embed_dim}d x {cfg.depth} blocks ({cfg.num_heads} heads, mlp {cfg.mlp_dim})"
+    )
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -506,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         every_ckpt = config.train.checkpoint_every_steps or per_epoch
         val_every = max(1, config.train.val_every_epochs) * per_epoch
         _log(
-            f"training {cfg.preset} ({cfg.embed_dim}d x {cfg.depth}) on {len(setup.classes)} "
+            f"training {_model_name(cfg)} on {len(setup.classes)} "
             f"classes: {num_train} videos, batch {batch}, {per_epoch} steps/epoch, "
             f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
         )

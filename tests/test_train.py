@@ -506,6 +506,17 @@ def test_missing_records_folder(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_split_without_records_is_named_with_the_counts(records, tmp_path):
+    c = tiny_config(records, val_split="dev")
+    message = (
+        r"has no records in split 'dev' \(records per split: \{'test': 8, 'train': 32, "
+        r"'val': 8\}\); rebuild it, or set --config.train_split"
+    )
+    with pytest.raises(train.TrainingError, match=message):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def _converted(tmp_path, preset_dims, classes):
     from signnet_jax.models import vit
 

@@ -102,8 +102,9 @@ def find_models(models_dir: str | os.PathLike | None = None, download: bool = Tr
             missing = _missing(directory)
             if missing:
                 raise FileNotFoundError(
-                    f"{label} {directory} lacks {missing}; put the MediaPipe Tasks files "
-                    f"{sorted(MODEL_URLS)} there, or unset it to use the download cache"
+                    f"{label} {directory} lacks {', '.join(missing)}; put MediaPipe's official "
+                    f"files there ({', '.join(MODEL_URLS[name] for name in missing)}), or unset "
+                    "it to use the download cache"
                 )
             for name in MODEL_URLS:
                 check_model_file(directory / name)

@@ -181,6 +181,11 @@ def test_signnet_csv_errors(tmp_path):
         manifests.load_manifest("csv", [tmp_path / "test.csv"], tmp_path / "classes.txt")
     with pytest.raises(FileNotFoundError, match="split file .*nope.csv not found"):
         manifests.load_manifest("csv", [tmp_path / "nope.csv"], tmp_path / "classes.txt")
+    # a JSON split file given as CSV: one huge line, quoted only in part
+    (tmp_path / "nslt.csv").write_text('{"05237": {"subset": "train"}' + ", 0" * 10_000 + "}\n")
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("csv", [tmp_path / "nslt.csv"], tmp_path / "classes.txt")
+    assert len(str(e.value)) < 250 and str(e.value).endswith("...")
 
 
 HEADER = "Participant ID,Video file,Gloss,ASL-LEX Code\n"

@@ -49,7 +49,9 @@ def test_models_dir_beats_the_environment(stand_ins, tmp_path, monkeypatch):
 def test_incomplete_folder_names_what_is_missing(stand_ins, tmp_path):
     shutil.copy(stand_ins / "hand_landmarker.task", tmp_path)
     message = (
-        f"--models {tmp_path} lacks ['pose_landmarker_full.task', 'blaze_face_short_range.tflite']"
+        f"--models {tmp_path} lacks pose_landmarker_full.task, blaze_face_short_range.tflite; "
+        f"put MediaPipe's official files there ({MODEL_URLS['pose_landmarker_full.task']}, "
+        f"{MODEL_URLS['blaze_face_short_range.tflite']})"
     )
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
         find_models(tmp_path)
