@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    if len(source) < 2:
+        print(f"warning: {args.video} has a single frame (a still image?)", file=sys.stderr)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -407,6 +407,11 @@ class Predictor:
         timings["hht"] = _ms(time.perf_counter() - t0)
         notes = list(self.notes)
         messages = []
+        if len(frames) < 2:
+            messages.append(
+                f"{video_path} has a single frame (a still image?); the model was trained on "
+                "clips of a moving signer, so this prediction means little"
+            )
         for w in caught:
             if issubclass(w.category, NoPersonWarning):
                 messages.append(str(w.message))
@@ -518,6 +523,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_startup(startup_ms: dict[str, float], video_ms: dict[str, float]) -> dict[str, float]:
+    """A video's timings after the predictor's start-up ones, its total counting both."""
+    video_ms = dict(video_ms)
+    total = video_ms.pop("total") + sum(startup_ms.values())
+    return {**startup_ms, **video_ms, "total": round(total, 1)}
+
+
 def format_timings(timings_ms: dict[str, float]) -> str:
     """One line: 'load 812 ms | compile 1503 ms | ...'."""
     return " | ".join(f"{k} {v:.0f} ms" for k, v in timings_ms.items())
@@ -577,9 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    video_ms = report["timings_ms"]
-    total = video_ms.pop("total") + sum(startup.values())
-    report["timings_ms"] = {**startup, **video_ms, "total": round(total, 1)}
+    report["timings_ms"] = with_startup(startup, report["timings_ms"])
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     for warning in report["warnings"]:

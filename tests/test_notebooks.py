@@ -130,6 +130,11 @@ def test_predict_notebook_smoke(train_run, tmp_path, shared_dir, monkeypatch):
     nb = execute(nb)
     text = _text(nb)
     assert "sign_sample.mp4: 76 frames" in text
+    # the printed total counts the start-up (load, compile) too
+    line = next(x for x in text.splitlines() if x.startswith("timings: load"))
+    parts = dict(p.rsplit(" ", 2)[:2] for p in line.removeprefix("timings: ").split(" | "))
+    times = {k: float(v) for k, v in parts.items()}
+    assert times["total"] >= sum(v for k, v in times.items() if k != "total") - 5  # rounding
     assert _images(nb) == 2  # the contact sheet and the top-5 bar chart
     report = json.loads((tmp_path / "prediction.json").read_text())
     assert len(report["top_k"]) == 5 and report["hht"]["frames"] == 76

@@ -458,6 +458,19 @@ def test_cli_no_person_warns_and_still_predicts(workdir, empty_scene, capsys):
     assert len(report["top_k"]) == 5
 
 
+def test_cli_still_image_is_predicted_with_a_warning(workdir, sign_sample, tmp_path, capsys):
+    import cv2
+
+    frame = read_video(sign_sample)[0][30]
+    still = tmp_path / "still.png"
+    cv2.imwrite(str(still), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", still, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["hht"]["frames"] == 1
+    assert any("has a single frame (a still image?)" in w for w in report["warnings"])
+
+
 def test_cli_no_person_and_no_whole_frame_cell_is_an_error(tmp_path, empty_scene, capsys):
     hht = HHTSettings(size=64, quadrants=(False, True, True, True)).to_dict()
     ckpt = _save_tiny(tmp_path / "ckpt", hht=hht)
