@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     encode = time.perf_counter() - t0
     if preview is not None:
         preview.parent.mkdir(parents=True, exist_ok=True)
-        _write_png(preview, contact_sheet(source, result.frames, result.boxes, result.box_source))
+        sheet = contact_sheet(
+            source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
+        )
+        _write_png(preview, sheet)
     elapsed = time.perf_counter() - start
     n = len(result.frames)
     print(format_coverage(result.box_source))

@@ -20,12 +20,16 @@ def contact_sheet(
     box_source: np.ndarray,
     count: int = 6,
     columns: int = 2,
+    first_frame: int = 0,
+    min_height: int = 256,
 ) -> np.ndarray:
     """Builds a contact sheet of `count` evenly spaced frames.
 
-    Each tile shows the source frame (scaled to the tunnelled height) with the head,
-    right-hand and left-hand boxes drawn and labelled with their source, and the
-    tunnelled frame beside it.
+    Each tile shows the source frame with the head, right-hand and left-hand boxes drawn
+    and labelled with their source (labels on a dark ground, never on top of each other),
+    the tunnelled frame beside it, and a caption strip below with the frame number.
+    Tunnelled frames smaller than ``min_height`` are enlarged (nearest neighbour, so their
+    pixels stay visible) to keep the labels readable.
 
     Args:
       source_frames: (N, H, W, 3) uint8 RGB source frames.
@@ -34,18 +38,27 @@ def contact_sheet(
       box_source: (N, 3) source codes.
       count: number of tiles.
       columns: tiles per row.
+      first_frame: source frame number of the first frame (captions count from it).
+      min_height: smallest tile height in pixels.
 
     Returns:
-      (rows * tile_h, columns * tile_w, 3) uint8 RGB image.
+      (rows * (tile_h + caption), columns * tile_w, 3) uint8 RGB image.
     """
     n = len(tunnelled)
     picks = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
-    size = tunnelled.shape[1]
+    size = max(tunnelled.shape[1], min_height)
     height, width = source_frames.shape[1:3]
     scaled_w = max(1, round(width * size / height))
+    font = 0.4 * size / 256
+    thick = max(1, round(2 * size / 256))
+    caption = max(14, round(20 * size / 256))
     tiles = []
     for t in picks:
         src = cv2.resize(source_frames[t], (scaled_w, size), interpolation=cv2.INTER_AREA)
+        tun = tunnelled[t]
+        if tun.shape[0] != size:
+            tun = cv2.resize(tun, (size, size), interpolation=cv2.INTER_NEAREST)
+        placed: list[tuple[int, int, int, int]] = []
         for p, part in enumerate(PART_NAMES):
             if box_source[t, p] == 0:
                 continue
@@ -53,31 +66,39 @@ def contact_sheet(
             if pix is None:
                 continue
             x0, y0, x1, y1 = pix
-            cv2.rectangle(src, (x0, y0), (x1 - 1, y1 - 1), COLOURS[p], 2)
+            cv2.rectangle(src, (x0, y0), (x1 - 1, y1 - 1), COLOURS[p], thick)
             label = f"{_SHORT[part]} {SOURCE_NAMES[box_source[t, p]]}"
-            cv2.putText(
-                src,
-                label,
-                (x0 + 2, max(y0 - 4, 10)),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.4,
-                COLOURS[p],
-                1,
-                cv2.LINE_AA,
-            )
+            _label(src, label, x0, y0, COLOURS[p], font, placed)
+        bar = np.zeros((caption, scaled_w + 4 + size + 4, 3), np.uint8)
         cv2.putText(
-            src,
-            f"frame {t}",
-            (4, size - 6),
+            bar,
+            f"frame {first_frame + t}",
+            (4, caption - max(3, caption // 4)),
             cv2.FONT_HERSHEY_SIMPLEX,
-            0.45,
+            font * 1.1,
             (255, 255, 255),
             1,
             cv2.LINE_AA,
         )
         gap = np.full((size, 4, 3), 255, np.uint8)
-        tiles.append(np.concatenate([src, gap, tunnelled[t], gap], axis=1))
+        tiles.append(np.concatenate([np.concatenate([src, gap, tun, gap], axis=1), bar], axis=0))
     while len(tiles) % columns:
         tiles.append(np.zeros_like(tiles[0]))
     rows = [np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)]
     return np.concatenate(rows, axis=0)
+
+
+def _label(image, text, x, y, colour, font, placed) -> None:
+    """Text just above (x, y) on a dark ground, moved down past labels already placed."""
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
+    h, w = th + base + 4, tw + 4
+    x = int(min(max(x, 0), max(image.shape[1] - w, 0)))
+    y = int(min(max(y - h, 0), max(image.shape[0] - h, 0)))
+    while any(x < a1 and a0 < x + w and y < b1 and b0 < y + h for a0, b0, a1, b1 in placed):
+        y += h
+    y = min(y, max(image.shape[0] - h, 0))
+    placed.append((x, y, x + w, y + h))
+    cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), -1)
+    cv2.putText(
+        image, text, (x + 2, y + th + 2), cv2.FONT_HERSHEY_SIMPLEX, font, colour, 1, cv2.LINE_AA
+    )

@@ -38,8 +38,9 @@ def test_writes_video_and_contact_sheet(sample_run):
     frames, fps = read_video(out)
     assert frames.shape == (76, 256, 256, 3) and fps == 25.0
     sheet = cv2.imread(str(preview))
-    # 6 tiles, 2 per row; a tile is source (256) + gap (4) + tunnelled (256) + gap (4)
-    assert sheet.shape == (3 * 256, 2 * (256 + 4 + 256 + 4), 3)
+    # 6 tiles, 2 per row; a tile is source (256) + gap (4) + tunnelled (256) + gap (4),
+    # over a 20-pixel caption strip
+    assert sheet.shape == (3 * (256 + 20), 2 * (256 + 4 + 256 + 4), 3)
     assert sorted(os.listdir(out.parent)) == ["out.mp4"]
 
 
