@@ -163,6 +163,20 @@ def select_step(directory: str | os.PathLike, which: int | str | None = "latest"
     return int(which)
 
 
+def load_meta(directory: str | os.PathLike, step: int | str | None = "latest") -> dict:
+    """The metadata of one step (model config, classes, ...) without reading any array."""
+    directory = pathlib.Path(directory).absolute()
+    step = select_step(directory, step)
+    handlers = {META: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
+                META
+            ]
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{directory} step {step} has no metadata: {e}") from e
+
+
 def load_model(
     directory: str | os.PathLike, step: int | str | None = "latest"
 ) -> tuple[dict, dict]:

@@ -160,6 +160,25 @@ def load_init(
     return cfg, params, note + f" (new {len(classes)}-class head)"
 
 
+def _resumed_model(resume: pathlib.Path, cfg: vit.ViTConfig, classes: list[str]) -> vit.ViTConfig:
+    """The model config of a run being resumed, checked against what the config asks for."""
+    try:
+        meta = checkpointing.load_meta(resume)
+    except checkpointing.CheckpointError as e:
+        raise TrainingError(f"cannot resume: {e}") from e
+    src = vit.ViTConfig.from_dict(meta["model"])
+    differ = [k for k in _ARCH + ("num_frames", "img_size") if getattr(src, k) != getattr(cfg, k)]
+    if differ or meta.get("classes") != classes:
+        what = ", ".join(f"{k} {getattr(src, k)} (config: {getattr(cfg, k)})" for k in differ)
+        raise TrainingError(
+            f"the run in {resume} has {what or 'other classes than the records'}; resume it "
+            "with the config it was started with, or give a new --workdir"
+        )
+    return dataclasses.replace(
+        cfg, init_values=src.init_values, cos_attn=src.cos_attn, learned_pos_emb=src.learned_pos_emb
+    )
+
+
 @dataclasses.dataclass
 class Setup:
     model_cfg: vit.ViTConfig
@@ -174,15 +193,24 @@ class Setup:
     warnings: list[str] = dataclasses.field(default_factory=list)  # logged at the start
 
 
-def prepare(config: ml_collections.ConfigDict) -> Setup:
-    """Resolve data, model and mesh from the config; raises before anything is written."""
+def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = None) -> Setup:
+    """Resolve data, model and mesh from the config; raises before anything is written.
+
+    Args:
+      config: the run's config.
+      resume: the checkpoints folder of a run being resumed: its own metadata gives the
+        model's structural options, and ``init_from`` is not read again (it may be gone).
+    """
     classes, info = dataset_classes(config)
     try:
         cfg = model_config(config, len(classes))
     except ValueError as e:  # a bad preset, dtype, attention or clip size
         raise TrainingError(f"config.model: {e}") from e
     init_params, note = None, f"random init (seed {config.seed})"
-    if config.init_from:
+    if resume is not None:
+        cfg = _resumed_model(resume, cfg, classes)
+        note = f"resuming {resume}"
+    elif config.init_from:
         cfg, init_params, note = load_init(config, cfg, classes)
     devices = jax.devices()[: config.mesh.num_devices or None]
     try:
@@ -355,7 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     if config.smoke.enabled:
         ensure_smoke(config)
-    setup = prepare(config)
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    resuming = ckpt_dir.is_dir() and bool(checkpointing.checkpoint_steps(ckpt_dir))
+    setup = prepare(config, resume=ckpt_dir if resuming else None)
     for warning in setup.warnings:
         _log(f"warning: {warning}")
     cfg, mesh = setup.model_cfg, setup.mesh
@@ -445,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else:
             start, run = 0, {}
             params = place_params(setup, config.seed)
+            setup.init_params = None  # the host copy of the warm start is not needed any more
             state = {
                 "params": params,
                 "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),

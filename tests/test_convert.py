@@ -242,7 +242,7 @@ def test_not_a_checkpoint(tmp_path, capsys):
         "nor a pickle; it starts with b'hell')",
     )
     # a pickle that is no torch checkpoint gets the reading error
-    (tmp_path / "none.pth").write_bytes(b"\x80\x04N.")
+    (tmp_path / "none.pth").write_bytes(b"\x80\x02N.")
     _assert_fails(capsys, tmp_path / "none.pth", out, "as a PyTorch checkpoint (RuntimeError")
 
 
