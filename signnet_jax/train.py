@@ -222,6 +222,13 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}
     param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh, rules))
     setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
+    if config.data.short_side_size != cfg.img_size:
+        setup.warnings.append(
+            f"data.short_side_size {config.data.short_side_size} differs from model.img_size "
+            f"{cfg.img_size}: validation and test views are {config.data.short_side_size}-pixel "
+            f"squares while training crops are {cfg.img_size} (the published recipe uses the "
+            "same size for both)"
+        )
     dropped = sharding.replicated_by_size(abstract_state, mesh, rules)
     if dropped:
         sizes = sorted({dim for _, dim, _ in dropped})

@@ -83,6 +83,12 @@ def test_fsdp_really_shards_parameters(records):
     with jax.set_mesh(dp.mesh):
         assert sharding.shard_leaf_count(train.place_params(dp, 0))[0] == 0
     assert setup.warnings == [] and dp.warnings == []
+    sizes = train.prepare(tiny_config(records, **{"data.short_side_size": 48}))
+    assert sizes.warnings == [
+        "data.short_side_size 48 differs from model.img_size 32: validation and test views are "
+        "48-pixel squares while training crops are 32 (the published recipe uses the same size "
+        "for both)"
+    ]
     # a width the fsdp axis does not divide stays replicated: said, not silent
     odd = train.prepare(tiny_config(records, **{"mesh.fsdp": 8, "model.embed_dim": 36}))
     assert len(odd.warnings) == 1
