@@ -495,6 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.records_dir,
             config.train_split,
             global_batch_size=micro,
+            epoch_batch_size=batch,
             seed=config.seed,
             clip_len=cfg.num_frames,
             sampling_rate=config.data.sampling_rate,

@@ -130,6 +130,26 @@ class TrainClip(grain.transforms.RandomMap):
         }
 
 
+class _EpochPrefix(grain.MapDataset):
+    """Element k of an endless stream whose epochs are the first ``used`` of ``length``."""
+
+    def __init__(self, parent: grain.MapDataset, length: int, used: int):
+        super().__init__(parent)
+        self._length, self._used = length, used
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._used)
+        return self._parent[epoch * self._length + position]
+
+    def __str__(self) -> str:
+        return f"EpochPrefix(used={self._used} of {self._length})"
+
+
 def _flatten_repeats(batch: dict) -> dict:
     """(B, R, ...) -> (B * R, ...): repeats of a video stay adjacent."""
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
@@ -290,6 +310,7 @@ def train_dataset(
     num_workers: int = 0,
     num_threads: int = 2,
     prefetch: int = 2,
+    epoch_batch_size: int | None = None,
 ) -> grain.IterDataset:
     """Endless training stream of this process's batches.
 
@@ -306,6 +327,9 @@ def train_dataset(
       num_workers: grain worker processes (0: in this process).
       num_threads: threads per process building batches (0: built inside next()).
       prefetch: batches buffered per worker / thread pool.
+      epoch_batch_size: videos per optimizer update when it is several batches (gradient
+        accumulation); each epoch uses its whole updates' worth of videos (default:
+        global_batch_size).
 
     Returns:
       IterDataset of dicts, B = global_batch_size / process_count * repeated_aug:
@@ -323,11 +347,19 @@ def train_dataset(
         raise ValueError(f"split {split!r} of {records_dir} has no records")
     augment.check_flip_layout(options.flip, source.info.get("hht_settings"), records_dir)
     located = _Located(source)
-    ds = (
-        grain.MapDataset.source(IndexedSource(source))
-        .shuffle(seed=seed)
-        .repeat()
-        .random_map(TrainClip(located, clip_len, sampling_rate, options, repeated_aug), seed=seed)
+    # Like the reference's DataLoader (drop_last, a new permutation each epoch), each epoch
+    # uses the first whole global batches of its own permutation and drops the rest, so
+    # the trainer's epochs (steps_per_epoch) and the data's never drift apart.
+    shuffled = grain.MapDataset.source(IndexedSource(source)).shuffle(seed=seed).repeat()
+    epoch_batch = epoch_batch_size or global_batch_size
+    used = steps_per_epoch(len(source), epoch_batch) * epoch_batch
+    if used == 0:
+        raise ValueError(
+            f"a batch of {epoch_batch} videos exceeds the {len(source)} of split {split!r} "
+            f"in {records_dir}; lower the batch size"
+        )
+    ds = _EpochPrefix(shuffled, len(source), used).random_map(
+        TrainClip(located, clip_len, sampling_rate, options, repeated_aug), seed=seed
     )
     # Process p takes every pc-th batch of per_process consecutive videos: its part of each
     # global batch is the p-th contiguous block, so the processes' parts concatenated in

@@ -129,6 +129,25 @@ def test_fresh_shuffle_every_epoch(records_dir):
     assert epochs[0] != epochs[1] != epochs[2]
 
 
+def test_each_epoch_uses_whole_batches_of_its_own_permutation(records_dir):
+    # 11 videos, batch 4: 2 steps per epoch use 8 videos of that epoch's permutation and
+    # drop 3 (the reference's drop_last), so the data's epochs stay the trainer's
+    import grain
+
+    perm = grain.MapDataset.range(11).shuffle(seed=7).repeat()
+    expected = [[perm[e * 11 + j] for j in range(8)] for e in range(3)]
+    it = iter(_train(records_dir, global_batch_size=4))
+    got = [[int(v) for _ in range(2) for v in next(it)["video_index"]] for _ in range(3)]
+    assert got == expected
+    assert all(len(set(epoch)) == 8 for epoch in got)
+    # with gradient accumulation the epoch counts whole updates (4), not micro-batches (2)
+    it = iter(_train(records_dir, global_batch_size=2, epoch_batch_size=4))
+    micro = [[int(v) for _ in range(4) for v in next(it)["video_index"]] for _ in range(3)]
+    assert micro == expected
+    with pytest.raises(ValueError, match="a batch of 12 videos exceeds the 11 of split"):
+        _train(records_dir, global_batch_size=12)
+
+
 def test_restored_iterator_gives_the_following_batches(records_dir):
     it = iter(_train(records_dir))
     _take(it, 3)
