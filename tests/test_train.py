@@ -200,6 +200,36 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
         assert f"MFU {mfu:.1%}" in logged[step - 1]
 
 
+def test_throughput_leaves_validation_time_out(records, tmp_path, monkeypatch):
+    from signnet_jax import evaluate, sharding
+
+    # a fake clock: each step takes 1 s, each validation 10 s
+    now = [0.0]
+    monkeypatch.setattr(train, "_clock", lambda: now[0])
+    real_batch, real_val = sharding.global_batch, evaluate.evaluate_split
+
+    def batch(*args, **kwargs):
+        now[0] += 1.0
+        return real_batch(*args, **kwargs)
+
+    def validate(*args, **kwargs):
+        now[0] += 10.0
+        return real_val(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "global_batch", batch)
+    monkeypatch.setattr(evaluate, "evaluate_split", validate)
+    # 4 steps per epoch, validation at step 4, log lines at 3 and 6: the window 4..6
+    # holds a validation that its step time must not absorb nor hide
+    c = tiny_config(
+        records,
+        **{"train.max_steps": 6, "train.log_every": 3, "train.val_every_epochs": 1},
+        test_split="",
+    )
+    train.train_and_evaluate(c, tmp_path)
+    step_time = _tensorboard_scalars(tmp_path)["train/step_time_s"]
+    assert step_time[3] == pytest.approx(1.0) and step_time[6] == pytest.approx(1.0)
+
+
 def test_no_mfu_where_the_device_peak_is_unknown(records, tmp_path, capsys):
     c = tiny_config(records, **{"train.max_steps": 1, "val_split": "", "test_split": ""})
     train.train_and_evaluate(c, tmp_path)  # CPU devices: no known peak
