@@ -55,6 +55,9 @@ TRUNCATED = "truncated"
 ERROR = "error"  # unexpected exception: not cached, retried by the next run
 CRASHED = "crashed"  # the worker process died on the video (native crash, killed): retried too
 RETRIED = (ERROR, CRASHED)
+# Workers lost in a row (no record made in between) before the build gives up: one
+# broken video costs one worker, a broken setup would cost one per video forever.
+MAX_DEATHS_IN_A_ROW = 16
 
 TunnellerFactory = Callable[[], Any]
 
@@ -302,11 +305,31 @@ def _pool_outcomes(
     ctx = multiprocessing.get_context("spawn")
     pending = collections.deque(tasks)
     live: dict[Any, list] = {}  # parent end of the pipe -> [process, task or None]
+    deaths = [0]  # workers lost since the last video that gave a record
+
+    def lost(proc, where: str) -> None:
+        deaths[0] += 1
+        if deaths[0] >= MAX_DEATHS_IN_A_ROW:
+            raise BuildError(
+                f"{deaths[0]} worker processes in a row died without making a record (the "
+                f"last {_death(proc)} {where}); something breaks every worker: run with "
+                "--workers 0 to see the error in this process"
+            )
 
     def hand_out(conn) -> None:
         task = pending.popleft() if pending else None
         live[conn][1] = task
-        conn.send(task)  # None: no more work, the worker exits
+        try:
+            conn.send(task)  # None: no more work, the worker exits
+        except OSError:  # the worker died after its last answer: the task goes back
+            if task is not None:
+                pending.appendleft(task)
+            proc = live.pop(conn)[0]
+            proc.join()
+            conn.close()
+            lost(proc, "between videos")
+            if pending:
+                start()
 
     def start() -> None:
         conn, child = ctx.Pipe()
@@ -336,6 +359,8 @@ def _pool_outcomes(
                         raise out
                     if out is not None:
                         left -= 1
+                        if out.ok:
+                            deaths[0] = 0
                         hand_out(conn)
                         yield out
                         continue
@@ -344,6 +369,7 @@ def _pool_outcomes(
                     del live[conn]
                     conn.close()
                     left -= 1
+                    lost(proc, f"on {task.video_path}")
                     yield Outcome(
                         task.index,
                         ok=False,

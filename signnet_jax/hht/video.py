@@ -22,6 +22,15 @@ class TruncatedVideoError(VideoError):
     """A video that ends before the frames its header lists (an incomplete download or copy)."""
 
 
+def _listed_frames(stream, rate: float) -> int:
+    """Frames the header promises: the track's sample count, or fewer when an edit list
+    (a trim without re-encoding) shortens the stream's duration; 0 when unknown."""
+    listed = stream.frames or 0
+    if listed and stream.duration and stream.time_base and rate > 0:
+        listed = min(listed, round(float(stream.duration * stream.time_base) * rate))
+    return listed
+
+
 def _truncated(listed: int, decoded: int) -> bool:
     """Whether fewer frames decoded than the header lists, beyond the usual small mismatch."""
     return listed > 0 and listed - decoded > max(2, listed // 50)
@@ -63,7 +72,7 @@ def decode_video(
             # FFmpeg's own threading would compete with MediaPipe for the same cores.
             stream.thread_type = "NONE"
             rate = float(stream.average_rate or stream.guessed_rate or 0)
-            listed, decoded, reached_end = stream.frames, 0, True
+            listed, decoded, reached_end = _listed_frames(stream, rate), 0, True
             for index, frame in enumerate(container.decode(stream)):
                 if end_frame is not None and index >= end_frame:
                     reached_end = False

@@ -431,6 +431,13 @@ class CrashingTunneller(FakeTunneller):
         return super().process_video(path, start_frame, end_frame)
 
 
+class AlwaysCrashingTunneller(FakeTunneller):
+    """Every worker dies on its first video, as a broken installation would make them."""
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def _within(seconds, fn, *args, **kwargs):
     """fn's result, or a test failure if it has not returned after ``seconds`` (a hang)."""
     import threading
@@ -491,6 +498,15 @@ def test_a_truncated_download_is_a_failure_not_a_short_record(sign_sample, tmp_p
     assert json.loads((work / "k.fail").read_text())["reason"] == "truncated"  # cached
     task = build_records.Task(1, entry, str(whole), "w")
     assert build_records.process(task, DecodingTunneller, str(work), 90).num_frames == 76
+
+
+def test_workers_that_all_die_stop_the_build(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build_records, "MAX_DEATHS_IN_A_ROW", 3)
+    args = _cli(dataset, tmp_path / "records", "--workers", "2")
+    assert _within(300, build_records.main, args, tunneller_factory=AlwaysCrashingTunneller) == 2
+    err = capsys.readouterr().err
+    assert "error: 3 worker processes in a row died without making a record" in err
+    assert "killed by SIGSEGV" in err and "--workers 0" in err
 
 
 def test_csv_and_asl_citizen_datasets(dataset, tmp_path):

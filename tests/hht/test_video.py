@@ -190,3 +190,23 @@ def test_a_download_cut_short_is_not_silently_shorter(sign_sample, tmp_path):
         decode_video(cut, 10, 70)  # the span runs into the missing part
     # a span that ends before the cut is all there
     np.testing.assert_array_equal(decode_video(cut, 0, 20)[0], decode_video(whole, 0, 20)[0])
+
+
+def test_a_trim_without_reencoding_is_not_called_truncated(sign_sample, tmp_path):
+    # like `ffmpeg -ss 1 -c copy`: all 76 samples stay in the track, an edit list hides the
+    # first second, so 51 frames decode although the header counts 76
+    out = tmp_path / "trimmed.mp4"
+    with av.open(str(sign_sample)) as i, av.open(str(out), "w") as o:
+        stream = i.streams.video[0]
+        s = o.add_stream_from_template(stream)
+        shift = int(1.0 / stream.time_base)
+        for packet in i.demux(stream):
+            if packet.dts is not None:
+                packet.pts -= shift
+                packet.dts -= shift
+                packet.stream = s
+                o.mux(packet)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == 76
+    frames, fps = read_video(out)
+    assert len(frames) == 51 and fps == 25.0
