@@ -549,8 +549,12 @@ def convert(
     return report
 
 
-def export_pytorch(checkpoint: str | os.PathLike, output: str | os.PathLike) -> int:
+def export_pytorch(
+    checkpoint: str | os.PathLike, output: str | os.PathLike, step: int | str = "latest"
+) -> int:
     """Write a signnet_jax checkpoint as a VideoMAEv2-named PyTorch state dict (.pth).
+
+    ``step``: 'latest', 'best' (highest validation top-1 of a training run) or a number.
 
     Returns:
       The number of tensors written.
@@ -563,7 +567,7 @@ def export_pytorch(checkpoint: str | os.PathLike, output: str | os.PathLike) -> 
     if output.exists():
         raise ConversionError(f"output {output} already exists; choose a new path or delete it")
     # a training workdir works as well as its checkpoints folder (as for predict)
-    params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint))
+    params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint), step)
     cfg = vit.ViTConfig.from_dict(meta["model"])
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -592,6 +596,10 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     p.add_argument("--class-list", help="class names, one per line (wlasl_class_list.txt works)")
     p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
     p.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
+    p.add_argument(
+        "--step", default="latest",
+        help="with --to-pytorch: the step of a training run, 'latest' (default), 'best' or N",
+    )  # fmt: skip
     args = p.parse_args(None if argv is None else list(argv))
     if not args.to_pytorch:
         for name in ("model", "num_frames", "num_classes"):
@@ -604,7 +612,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = _parse(argv)
     try:
         if args.to_pytorch:
-            n = export_pytorch(args.input, args.output)
+            n = export_pytorch(args.input, args.output, args.step)
             print(f"wrote {n} tensors to {args.output}")
             return 0
         names = read_class_list(args.class_list) if args.class_list else None

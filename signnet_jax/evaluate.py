@@ -146,8 +146,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = train.prepare(eval_config)
     train.check_eval_batch(eval_config, setup.mesh)
     # A folder of its own per step, so a training run's metrics.json, CSV and PNG (and the
-    # results of other steps) are never overwritten.
-    out = workdir_path / "eval" / f"step_{step}"
+    # results of other steps) are never overwritten; an init_from checkpoint adds its name
+    # (converted checkpoints all hold step 0).
+    own = source == ckpt_dir
+    name = f"step_{step}" if own else f"{pathlib.Path(source).name}_step_{step}"
+    out = workdir_path / "eval" / name
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
         out.mkdir(parents=True, exist_ok=True)

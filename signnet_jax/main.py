@@ -57,17 +57,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:  # absl's own errors (bad values, unknown flags)
         _exit_usage(str(e))
-    except (AttributeError, KeyError) as e:  # --config.KEY=... naming a key the config lacks
+    except (AttributeError, KeyError) as e:
         inner = e.args[0] if isinstance(e, AttributeError) and e.args else e
         text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
         key = text.strip().splitlines()[0].strip("'\"") if text.strip() else ""
         given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        named = [g for g in given if key in g.split(".")[1:]] or given
-        _exit_usage(
+        named = [g for g in given if key in g.split(".")[1:]]
+        if not named:  # raised while loading the file itself (no get_config, a bug in it)
+            _config_file_error(e)
+        _exit_usage(  # --config.KEY=... naming a key the config does not have
             f"unknown config key {'; '.join(text.strip().splitlines())} (in "
             f"{', '.join(named)}); the keys are listed in configs/wlasl2000.py"
         )
-    except (OSError, SyntaxError) as e:  # --config not a loadable config file
+    except Exception as e:  # --config not a loadable config file (ImportError, a bug, ...)
         _config_file_error(e)
 
 

@@ -270,6 +270,11 @@ def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, 
     assert _run("--to-pytorch", "--input", step, "--output", tmp_path / "x.pth") == 1
     err = capsys.readouterr().err
     assert f"{step} is one step of the checkpoint" in err and "--step 0" in err
+    # and the advice works
+    args = ["--to-pytorch", "--input", tmp_path / "run", "--output", tmp_path / "x.pth"]
+    assert _run(*args, "--step", "0") == 0
+    assert _run(*args[:-1], tmp_path / "y.pth", "--step", "3") == 1
+    assert "has no step 3; it holds steps [0]" in capsys.readouterr().err
 
 
 def test_non_videomae_state_dict(tmp_path, capsys):

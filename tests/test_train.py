@@ -416,9 +416,16 @@ def test_unknown_config_key_is_named(records, tmp_path):
     assert r.stderr.startswith("error: unknown config key 'epoch'; Did you mean \"epochs\"")
     assert "(in --config.optim.epoch)" in r.stderr
     assert not (tmp_path / "w").exists()
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    (tmp_path / "buggy.py").write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n    c.lock()\n    c.foo.bar = 1\n"
+    )
     for config, message in [
         ("configs/nosuch.py", "No such file or directory"),
         ("README.md", "SyntaxError"),
+        (str(tmp_path / "empty.py"), "has no attribute 'get_config'"),
+        (str(tmp_path / "buggy.py"), "foo"),
     ]:
         argv = _main_args(records, tmp_path / "w")
         argv[argv.index("--config") + 1] = config
@@ -533,6 +540,20 @@ def test_batch_and_schedule_mistakes_stop_before_training(records, tmp_path):
     with pytest.raises(train.TrainingError, match="data.eval_batch_size 12 does not split"):
         evaluate_mode(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    for name in ("a", "b"):  # two converted checkpoints, both step 0
+        init = _converted(tmp_path / name, DIMS, names)
+        init.rename(tmp_path / name / f"ckpt_{name}")
+        c = tiny_config(records, mode="eval", init_from=str(tmp_path / name / f"ckpt_{name}"))
+        evaluate_mode(c, tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
+        "ckpt_a_step_0",
+        "ckpt_b_step_0",
+    ]
 
 
 def test_missing_records_folder(tmp_path):

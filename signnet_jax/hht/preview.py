@@ -93,10 +93,16 @@ def _label(image, text, x, y, colour, font, placed) -> None:
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
     h, w = th + base + 4, tw + 4
     x = int(min(max(x, 0), max(image.shape[1] - w, 0)))
-    y = int(min(max(y - h, 0), max(image.shape[0] - h, 0)))
-    while any(x < a1 and a0 < x + w and y < b1 and b0 < y + h for a0, b0, a1, b1 in placed):
-        y += h
-    y = min(y, max(image.shape[0] - h, 0))
+    top = int(min(max(y - h, 0), max(image.shape[0] - h, 0)))
+    bottom = max(image.shape[0] - h, 0)
+
+    def free(y):
+        return not any(x < a1 and a0 < x + w and y < b1 and b0 < y + h for a0, b0, a1, b1 in placed)
+
+    # the first free place going down from above the box, else going up from it
+    down = range(top, bottom + 1, h)
+    up = range(top - h, -1, -h)
+    y = next((y for y in (*down, *up) if free(y)), top)
     placed.append((x, y, x + w, y + h))
     cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), (0, 0, 0), -1)
     cv2.putText(

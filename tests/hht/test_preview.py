@@ -1,6 +1,7 @@
 """The contact sheet: tile sizes, enlarged small frames, labels that never overlap."""
 
 import numpy as np
+import pytest
 
 from signnet_jax.hht import preview
 
@@ -24,11 +25,12 @@ def test_small_frames_are_enlarged_and_captioned():
     assert preview.contact_sheet(*_inputs(size=320), count=2).shape[0] == 320 + 25
 
 
-def test_labels_never_overlap_and_stay_inside():
+@pytest.mark.parametrize("y", [0, 40, 98])  # boxes at the top, in the middle, at the bottom
+def test_labels_never_overlap_and_stay_inside(y):
     image = np.zeros((100, 120, 3), np.uint8)
     placed = []
     for text in ("head landmark", "R interpolated", "L interpolated"):
-        preview._label(image, text, 30, 40, (255, 0, 0), 0.4, placed)
+        preview._label(image, text, 30, y, (255, 0, 0), 0.4, placed)
     for i, (a0, b0, a1, b1) in enumerate(placed):
         assert 0 <= a0 < a1 <= 120 and 0 <= b0 < b1 <= 100
         for c0, d0, c1, d1 in placed[i + 1 :]:
