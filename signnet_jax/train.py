@@ -598,11 +598,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     loss_sum = loss_sum + metrics["loss"]
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
+                stop = False
                 if multi_host:  # the previous step's agreed flag: every host reads the same
                     stop = stop_pending is not None and bool(stop_pending)
                     stop_pending = metrics["stop"]
-                else:
-                    stop = preempt.requested
                 if step % config.train.log_every == 0 or step == last_step:
                     check_finite()
                     n = step - n_last
@@ -660,7 +659,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if saved:
                     check_finite()
                     _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
-                if stop:
+                if stop if multi_host else preempt.requested:  # one host: as late as possible
                     if not saved:  # a step is saved once; orbax refuses a second save
                         check_finite()
                         _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
