@@ -795,15 +795,20 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _summary(result: BuildResult, output: str) -> str:
     lines = [
-        f"{result.num_records} records, {len(result.failures)} failures "
+        f"{_count(result.num_records, 'record')}, {_count(len(result.failures), 'failure')} "
         f"({result.failure_fraction:.1%}) from {result.num_entries} entries in "
         f"{result.seconds:.1f} s ({result.processed} processed, {result.cached} cached)",
     ]
     for split, c in result.per_split.items():
         lines.append(
-            f"  {split}: {c['num_records']} records, {c['num_failures']} failures "
+            f"  {split}: {_count(c['num_records'], 'record')}, "
+            f"{_count(c['num_failures'], 'failure')} "
             f"of {c['num_entries']}"
         )
     reasons: dict[str, int] = {}
@@ -863,6 +868,16 @@ def main(
         manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if manifest.entries and not any(
+        os.path.isfile(os.path.join(args.videos, e.path)) for e in manifest.entries
+    ):
+        example = os.path.join(args.videos, manifest.entries[0].path)
+        print(
+            f"error: --videos {args.videos} holds none of the {len(manifest.entries)} videos "
+            f"the split files name (e.g. {example}); point --videos at the folder they are in",
+            file=sys.stderr,
+        )
         return 2
     hht = settings.to_dict()
     if tunneller_factory is None:

@@ -567,6 +567,12 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     # the real Tunneller's model folder is checked once, before any video
     assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
     assert f"--models {tmp_path} lacks" in capsys.readouterr().err
+    empty = tmp_path / "no_videos"
+    empty.mkdir()
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(empty))) == 2
+    assert f"--videos {empty} holds none of the 7 videos the split files name" in (
+        capsys.readouterr().err
+    )
     conf = _cli(dataset, tmp_path / "o", "--min-confidence", "3")
     assert build_records.main(conf, tunneller_factory=FakeTunneller) == 2
     assert "min_confidence must be in [0, 1], got 3.0" in capsys.readouterr().err
