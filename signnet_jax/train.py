@@ -9,6 +9,7 @@ end (``evaluate.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -336,6 +337,25 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@contextlib.contextmanager
+def _memory_advice(clips_per_device: int):
+    """Device out-of-memory errors become a TrainingError saying which settings help."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+            raise
+        first = text.strip().splitlines()[0][:300]
+        raise TrainingError(
+            f"the training step needs more device memory than there is ({first}); with "
+            f"{clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
+            "--config.optim.grad_accum=2 or more "
+            "(smaller micro-batches, the same update), --config.model.remat=True, or on TPUs "
+            "--config.model.attention=splash"
+        ) from e
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -536,14 +556,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out_shardings=(state_sh, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
-        compiled = step_fn.lower(
-            abstract_state,
-            {
-                k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
-                for k, (shape, dt) in batch_spec.items()
-            },
-            jax.ShapeDtypeStruct((), jnp.int32),
-        ).compile()
+        per_device = clips // mesh.size
+        with _memory_advice(per_device):
+            compiled = step_fn.lower(
+                abstract_state,
+                {
+                    k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
+                    for k, (shape, dt) in batch_spec.items()
+                },
+                jax.ShapeDtypeStruct((), jnp.int32),
+            ).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             _log(
@@ -586,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
 
         stop_pending = None
-        with _Preemption() as preempt:
+        with _Preemption() as preempt, _memory_advice(per_device):
             while step < last_step:
                 for a in range(accum):
                     local = next(train_iter)

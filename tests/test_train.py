@@ -640,6 +640,32 @@ def test_classes_not_matching_the_head(records, tmp_path):
     )
 
 
+def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
+    def too_big(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 48.00GiB."
+        )
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", too_big)
+    c = tiny_config(records, **{"val_split": "", "test_split": ""})
+    message = (
+        r"needs more device memory than there is \(RESOURCE_EXHAUSTED: Out of memory while "
+        r"trying to allocate 48.00GiB.\); with 1 clip per device, try "
+        r"--config.optim.grad_accum=2 or more .* --config.model.remat=True, or on TPUs "
+        r"--config.model.attention=splash"
+    )
+    with pytest.raises(train.TrainingError, match=message):
+        train.train_and_evaluate(c, tmp_path)
+    # other runtime errors pass through unchanged
+    monkeypatch.setattr(
+        jax.stages.Lowered,
+        "compile",
+        lambda self: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: boom")),
+    )
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: boom"):
+        train.train_and_evaluate(c, tmp_path)
+
+
 def test_step_compiles_once(records, tmp_path, monkeypatch):
     compiles = []
     real = jax.stages.Lowered.compile
