@@ -1,7 +1,10 @@
 """Shared helpers for model tests: torch reference -> flax model with the same weights."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 from signnet_jax import convert
 from signnet_jax.models import vit
@@ -38,3 +41,24 @@ def torch_logits(tmodel, clip: np.ndarray) -> np.ndarray:
 def rel_err(a, ref) -> float:
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
+def assert_attention_kernels_agree(attention: str, reference: str, dtype: str) -> None:
+    """A tiny ViT with ``attention`` gives the logits and gradients of ``reference``."""
+
+    def config(kernel):
+        return vit.ViTConfig.from_preset(
+            "S", num_classes=6, num_frames=4, img_size=32, depth=2, dtype=dtype, attention=kernel
+        )
+
+    ref = vit.create_model(config(reference))
+    fast = vit.model_from_params(config(attention), vit.params_of(ref))
+    x = jnp.asarray(random_clip(2, 4, 32, seed=9))
+
+    def grads(m):
+        return jax.tree.leaves(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
+
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert rel_err(fast(x), ref(x)) <= tol
+    for a, b in zip(grads(fast), grads(ref), strict=True):
+        assert rel_err(a, b) <= (1e-4 if dtype == "float32" else 5e-2)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from signnet_jax import sharding
 from signnet_jax.models import splash, vit
-from tests.models.helpers import random_clip, rel_err
+from tests.models.helpers import assert_attention_kernels_agree, random_clip, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -63,17 +63,7 @@ def _tiny(attention, dtype="float32"):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_splash_model_matches_the_explicit_model(dtype):
-    ref = vit.create_model(_tiny("explicit", dtype))
-    fast = vit.model_from_params(_tiny("splash", dtype), vit.params_of(ref))
-    x = jnp.asarray(random_clip(2, 4, 32, seed=9))
-
-    def grads(m):
-        return jax.tree.leaves(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
-
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    assert rel_err(fast(x), ref(x)) <= tol
-    for a, b in zip(grads(fast), grads(ref), strict=True):
-        assert rel_err(a, b) <= (1e-4 if dtype == "float32" else 5e-2)
+    assert_attention_kernels_agree("splash", "explicit", dtype)
 
 
 def test_each_device_runs_the_kernel_on_its_own_examples():

@@ -11,7 +11,13 @@ from flax import nnx
 
 from signnet_jax.models import vit
 from tests.models import torch_vit
-from tests.models.helpers import flax_twin, random_clip, rel_err, torch_logits
+from tests.models.helpers import (
+    assert_attention_kernels_agree,
+    flax_twin,
+    random_clip,
+    rel_err,
+    torch_logits,
+)
 
 
 @pytest.mark.parametrize("preset", ["S", "B"])
@@ -170,28 +176,7 @@ def test_analytic_flops_of_vit_b_32x224():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_explicit_attention_matches_dot_product_attention(dtype):
-    cfg = vit.ViTConfig.from_preset(
-        "S",
-        num_classes=6,
-        num_frames=4,
-        img_size=32,
-        depth=2,
-        dtype=dtype,
-        attention="dot_product_attention",
-    )
-    ref = vit.create_model(cfg)
-    fast = vit.model_from_params(
-        vit.ViTConfig.from_dict({**cfg.to_dict(), "attention": "explicit"}), vit.params_of(ref)
-    )
-    x = jnp.asarray(random_clip(2, 4, 32, seed=9))
-
-    def grads(m):
-        return jax.tree.leaves(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
-
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    assert rel_err(fast(x), ref(x)) <= tol
-    for a, b in zip(grads(fast), grads(ref), strict=True):
-        assert rel_err(a, b) <= (1e-4 if dtype == "float32" else 5e-2)
+    assert_attention_kernels_agree("explicit", "dot_product_attention", dtype)
     with pytest.raises(ValueError, match="attention must be one of"):
         vit.ViTConfig.from_preset("S", attention="flash")
 
