@@ -59,18 +59,11 @@ def param_shardings(abstract_state, mesh: jax.sharding.Mesh, rules: dict[str, st
     """NamedShardings for an nnx.State of parameters (from each Variable's ``out_sharding``).
 
     A dimension that the mesh axis does not divide is left replicated.
+
+    Returns:
+      ``(shardings, replicated)``: the shardings, and the dimensions the rules map to a
+      mesh axis that does not divide them, ``[(path, dimension size, mesh axis), ...]``.
     """
-
-    return _param_shardings(abstract_state, mesh, rules)[0]
-
-
-def replicated_by_size(abstract_state, mesh: jax.sharding.Mesh, rules: dict[str, str | None]):
-    """Parameter dimensions the rules map to a mesh axis that does not divide them:
-    ``[(path, dimension size, mesh axis), ...]`` (those stay replicated)."""
-    return _param_shardings(abstract_state, mesh, rules)[1]
-
-
-def _param_shardings(abstract_state, mesh, rules):
     from flax import nnx
 
     dropped = []

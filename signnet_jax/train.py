@@ -221,7 +221,8 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
     graphdef, abstract_state = nnx.split(abstract, nnx.Param)
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}
-    param_sh = nnx.to_pure_dict(sharding.param_shardings(abstract_state, mesh, rules))
+    shardings, dropped = sharding.param_shardings(abstract_state, mesh, rules)
+    param_sh = nnx.to_pure_dict(shardings)
     setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
     if config.data.short_side_size != cfg.img_size:
         setup.warnings.append(
@@ -230,7 +231,6 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
             f"squares while training crops are {cfg.img_size} (the published recipe uses the "
             "same size for both)"
         )
-    dropped = sharding.replicated_by_size(abstract_state, mesh, rules)
     if dropped:
         sizes = sorted({dim for _, dim, _ in dropped})
         setup.warnings.append(
