@@ -294,6 +294,12 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             return optim.soft_target_cross_entropy(logits, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        if accum > 1:  # the norm of the running mean that the update on the last micro-step uses
+            acc, n = state["opt_state"].acc_grads, state["opt_state"].mini_step
+            grad_norm = optax.tree.norm(
+                jax.tree.map(lambda g, a: a + (g - a) / (n + 1).astype(a.dtype), grads, acc)
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
         if "ema" in state:
@@ -305,7 +311,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         ok = optim.is_finite(loss, grads)
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {"loss": loss, "ok": ok, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "ok": ok, "grad_norm": grad_norm}
         if "stop" in batch:  # each host's SIGTERM flag in its rows: any host asks, all stop
             metrics["stop"] = jnp.any(batch["stop"])
         return new, metrics

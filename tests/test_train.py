@@ -437,7 +437,7 @@ def test_unknown_config_key_is_named(records, tmp_path):
 
 
 def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
-    """Two micro-batches of the same clips = one step: parameters and EMA alike."""
+    """Two micro-batches of two clips = one step of four: parameters, EMA and gradient norm."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -470,11 +470,18 @@ def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
         tx = optim.make_optimizer(ocfg, params, cfg.depth)
         state = {"params": params, "opt_state": tx.init(params), "ema": params}
         step = jax.jit(train.make_train_step(setup, c, tx, 4))
-        for _ in range(steps * accum):  # the same clips each micro-step, the same key
-            state, _ = step(state, batch, jnp.int32(0))
-        return state
+        norms = []
+        for _ in range(steps):
+            for a in range(accum):  # micro-batch a of the four clips, the same key
+                rows = slice(a * 4 // accum, (a + 1) * 4 // accum)
+                micro = {k: v[rows] for k, v in batch.items()}
+                state, metrics = step(state, micro, jnp.int32(0))
+            norms.append(float(metrics["grad_norm"]))
+        return state, norms
 
-    one, two = run(1), run(2)
+    (one, one_norms), (two, two_norms) = run(1), run(2)
+    # the logged norm is that of the gradient the update used, not of the last micro-batch's
+    np.testing.assert_allclose(two_norms, one_norms, rtol=1e-5)
     for key in ("params", "ema"):
         for a, b in zip(jax.tree.leaves(one[key]), jax.tree.leaves(two[key]), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
