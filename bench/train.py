@@ -3,6 +3,7 @@
     python bench/train.py                         # CPU: batch 1, float32, vs PyTorch
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch   # on a GPU / TPU
     python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
+    python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -34,8 +35,11 @@ from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
 
-def time_step(setup, config, tx, params, clip, labels, mesh, repeats) -> float:
-    """Best-of-``repeats`` seconds of one training step (compiled before timing)."""
+def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
+    """Best-of-``repeats`` seconds of one training step (compiled before timing).
+
+    With ``trace_dir``, two more steps run afterwards under a jax.profiler trace written there.
+    """
     with jax.set_mesh(mesh):
         batch = sharding.global_batch(
             {"clip": clip, "erase_box": np.zeros((len(clip), 4), np.int32), "label": labels},
@@ -55,7 +59,12 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats) -> float:
             box["i"] += 1
             m["loss"].block_until_ready()
 
-        return best_of(run, repeats)  # the state is freed on return
+        best = best_of(run, repeats)
+        if trace_dir is not None:
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                run()
+                run()
+        return best  # the state is freed on return
 
 
 def main() -> None:
@@ -71,6 +80,11 @@ def main() -> None:
     p.add_argument(
         "--attention", default="auto",
         help=f"model.attention, or several comma-separated to compare ({', '.join(vit.ATTENTION)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--trace", type=pathlib.Path, metavar="DIR",
+        help="after timing, trace two steps of each kernel with jax.profiler into DIR/KERNEL "
+        "(view with: xprof --logdir DIR/KERNEL)",
     )  # fmt: skip
     args = p.parse_args()
     kernels = args.attention.split(",")
@@ -105,7 +119,10 @@ def main() -> None:
         setup = train.Setup(
             kcfg, [str(i) for i in range(classes)], {}, mesh, graphdef, None, None, ""
         )
-        times[kernel] = t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats)
+        trace = args.trace / kernel if args.trace else None
+        times[kernel] = t = time_step(
+            setup, config, tx, params, clip, labels, mesh, args.repeats, trace
+        )
         ran = vit.attention_implementation(kernel, device.platform, args.dtype)
         print(
             f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "

@@ -99,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.max_steps = 0  # >0: stop after this many updates (the schedule still spans epochs)
+    # >0: a jax.profiler trace of this many steps after step profile_start (or after the
+    # first step of a run resumed past it) into WORKDIR/tensorboard/plugins/profile
+    c.train.profile_steps = 0
+    c.train.profile_start = 10
     c.train.log_every = 50
     c.train.val_every_epochs = 1
     c.train.checkpoint_every_steps = 0  # 0: once per epoch

@@ -343,6 +343,44 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StepTrace:
+    """A jax.profiler trace of the steps after ``after`` up to ``after + steps``.
+
+    Written to ``logdir/plugins/profile/`` (TensorBoard's or XProf's Profile tab, and a
+    Perfetto trace); a run that ends or fails inside the window still closes the trace.
+    """
+
+    def __init__(self, logdir: pathlib.Path, after: int, steps: int):
+        self.logdir, self.after, self.end = logdir, after, after + steps
+        self.on, self.last = False, after
+
+    def before(self, step: int) -> None:
+        if step == self.after and self.end > self.after and not self.on:
+            jax.profiler.start_trace(str(self.logdir), create_perfetto_trace=True)
+            self.on = True
+
+    def done(self, step: int, metrics) -> None:
+        self.last = step
+        if self.on and step == self.end:
+            jax.block_until_ready(metrics)
+            self._stop()
+
+    def _stop(self) -> None:
+        jax.profiler.stop_trace()
+        self.on = False
+        _log(
+            f"profile of steps {self.after + 1}-{self.last} written to "
+            f"{self.logdir}/plugins/profile (view it with: xprof --logdir {self.logdir})"
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._stop()
+
+
 @contextlib.contextmanager
 def _memory_advice(clips_per_device: int):
     """Device out-of-memory errors become a TrainingError saying which settings help."""
@@ -467,6 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError as e:  # warmup as long as the run
         raise TrainingError(str(e)) from e
     last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
+    if config.train.profile_steps < 0 or config.train.profile_start < 0:
+        raise TrainingError("train.profile_steps and train.profile_start must be >= 0")
 
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -614,8 +654,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
 
         stop_pending = None
-        with _Preemption() as preempt, _memory_advice(per_device):
+        trace = _StepTrace(
+            workdir_path / "tensorboard",
+            max(config.train.profile_start, start),
+            min(config.train.profile_steps, last_step - max(config.train.profile_start, start)),
+        )
+        with _Preemption() as preempt, _memory_advice(per_device), trace:
             while step < last_step:
+                trace.before(step)
                 for a in range(accum):
                     local = next(train_iter)
                     local = {k: local[k] for k in batch_spec if k != "stop"}
@@ -626,6 +672,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     loss_sum = loss_sum + metrics["loss"]
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
+                trace.done(step, metrics)
                 stop = False
                 if multi_host:  # the previous step's agreed flag: every host reads the same
                     stop = stop_pending is not None and bool(stop_pending)

@@ -817,3 +817,29 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypat
     )
     assert train.train_and_evaluate(c, tmp_path) == {"preempted_at": 4}
     assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [2, 4]
+
+
+def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
+    import gzip
+
+    kw = {"train.max_steps": 4, "val_split": "", "test_split": ""}
+    c = tiny_config(records, **kw, **{"train.profile_steps": 2, "train.profile_start": 1})
+    traced = train.train_and_evaluate(c, tmp_path / "w")
+    out = capsys.readouterr().out
+    logdir = tmp_path / "w" / "tensorboard"
+    assert f"profile of steps 2-3 written to {logdir}/plugins/profile" in out
+    (run,) = (logdir / "plugins" / "profile").iterdir()
+    assert len(list(run.glob("*.xplane.pb"))) == 1
+    (perfetto,) = run.glob("*perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))
+    names = {e.get("name", "") for e in events["traceEvents"]}
+    assert sum("train_step" in n for n in names) >= 1  # the compiled step ran inside the trace
+    # tracing changes nothing that is computed
+    plain = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "plain")
+    np.testing.assert_array_equal(_losses(traced), _losses(plain))
+    assert not (tmp_path / "plain" / "tensorboard" / "plugins").exists()
+    with pytest.raises(train.TrainingError, match="train.profile_steps and train.profile_start"):
+        train.train_and_evaluate(
+            tiny_config(records, **kw, **{"train.profile_steps": -1}), tmp_path / "bad"
+        )
+    assert not (tmp_path / "bad").exists()

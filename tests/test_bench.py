@@ -1,0 +1,31 @@
+"""bench/train.py runs end to end at a tiny size, and its --trace writes a profile."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_train_bench_times_kernels_and_traces(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "bench/train.py", "--preset", "S", "--frames", "4", "--size", "32",
+         "--batch", "2", "--repeats", "1", "--no-torch", "--attention", "auto,explicit",
+         "--trace", str(tmp_path / "trace")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    assert len(lines) == 2
+    assert re.match(r"ViT-S 4x32, batch 2, float32, attention auto \(explicit\): step ", lines[0])
+    assert re.search(r"attention explicit \(explicit\): .*x the speed of auto$", lines[1])
+    for kernel in ("auto", "explicit"):
+        (run,) = (tmp_path / "trace" / kernel / "plugins" / "profile").iterdir()
+        assert len(list(run.glob("*.xplane.pb"))) == 1
+        assert len(list(run.glob("*perfetto_trace.json.gz"))) == 1
+    bad = subprocess.run(
+        [sys.executable, "bench/train.py", "--attention", "auto,flash"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--attention 'flash': choose from" in bad.stderr
