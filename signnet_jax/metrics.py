@@ -391,3 +391,60 @@ def plot_confused_pairs(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     _atomic_write(path, buf.getvalue())
+
+
+def plot_training_curves(
+    path: str | os.PathLike,
+    train_loss: Sequence[tuple[int, float]],
+    val_top1: Sequence[tuple[int, float]],
+    steps_per_epoch: int,
+    total_steps: int,
+) -> None:
+    """Writes a PNG of the training loss and the validation top-1 against the step.
+
+    Args:
+      path: output PNG (written atomically); its folder is created.
+      train_loss: (step, mean loss since the previous point) pairs.
+      val_top1: (step, top-1 in [0, 1]) pairs; may be empty.
+      steps_per_epoch: updates per epoch (the top axis counts epochs).
+      total_steps: the schedule's length (the x range).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if steps_per_epoch < 1 or total_steps < 1:
+        raise ValueError(f"steps_per_epoch and total_steps must be >= 1, got {steps_per_epoch}, "
+                         f"{total_steps}")  # fmt: skip
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    for ax, points, colour, title in (
+        (ax_loss, train_loss, "#1f77b4", "training loss"),
+        (ax_val, [(s, 100 * v) for s, v in val_top1], "#2ca02c", "validation top-1 (%)"),
+    ):
+        ax.set_title(title, fontsize=11, pad=8)
+        ax.set_xlim(0, total_steps)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        if points:
+            x, y = np.asarray(points, np.float64).T
+            ax.plot(x, y, color=colour, marker="o" if len(x) < 30 else None, ms=3, lw=1.4)
+        else:
+            ax.text(0.5, 0.5, "none yet", transform=ax.transAxes, ha="center", color="0.5")
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)
+        )
+        top.set_xlabel("epoch", fontsize=9, labelpad=2)
+        top.tick_params(labelsize=8)
+    ax_val.set_ylim(0, 100)
+    if val_top1:  # the best; the earliest of equal values
+        best_step, best = max(val_top1, key=lambda p: (p[1], -p[0]))
+        ax_val.plot([best_step], [100 * best], "*", color="#2ca02c", ms=11)
+        ax_val.set_title(
+            f"validation top-1 (%): best {100 * best:.2f} at step {best_step}", fontsize=11, pad=8
+        )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write(path, buf.getvalue())

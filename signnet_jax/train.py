@@ -28,6 +28,7 @@ from flax import nnx
 from signnet_jax import checkpointing, evaluate, optim, sharding
 from signnet_jax.data import augment, device, pipeline
 from signnet_jax.data.records import load_dataset_info
+from signnet_jax.metrics import plot_training_curves
 from signnet_jax.models import vit
 from signnet_jax.models.flops import peak_flops, train_flops
 
@@ -633,9 +634,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clip_flops = train_flops(cfg)
         device_peak = peak_flops(mesh.devices.flat[0].device_kind)
         peak = device_peak * mesh.size if device_peak else None
-        # the best validation top-1 and the loss curve survive restarts (saved with each step)
+        # the best validation top-1 and the curves survive restarts (saved with each step)
         best_val = run.get("best_val_top1")
         loss_log: list[tuple[int, float]] = [tuple(x) for x in run.get("train_loss", [])]
+        val_log: list[tuple[int, float]] = [tuple(x) for x in run.get("val_top1", [])]
+
+        def plot_curves():
+            if jax.process_index() == 0:
+                plot_training_curves(
+                    workdir_path / "training_curves.png", loss_log, val_log, per_epoch, total
+                )
+
         t_last, n_last = _clock(), start
         step = start
         loss_sum = jnp.zeros(())
@@ -716,6 +725,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                     val_metrics = {"val_top1": report["per_instance"]["top1"]}
                     best_val = max(best_val or 0.0, val_metrics["val_top1"])
+                    val_log.append((step, val_metrics["val_top1"]))
+                    plot_curves()
                     _log(
                         f"val step {step}: top-1 {report['per_instance']['top1']:.2%} "
                         f"top-5 {report['per_instance']['top5']:.2%} (best {best_val:.2%})"
@@ -730,7 +741,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                     t_last += _clock() - t_val  # throughput counts steps only
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
-                run = {"best_val_top1": best_val, "train_loss": loss_log}
+                run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
                 if saved:
                     check_finite()
                     _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
@@ -744,7 +755,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.wait()
         check_finite()
 
-        final = {"steps": step, "best_val_top1": best_val, "train_loss": loss_log}
+        plot_curves()
+        final = {
+            "steps": step,
+            "best_val_top1": best_val,
+            "train_loss": loss_log,
+            "val_top1": val_log,
+        }
         if config.test_split:
             report = evaluate.evaluate_split(
                 setup, config, _eval_params(state), config.test_split, "test", workdir_path

@@ -254,3 +254,31 @@ def test_metrics_json_refuses_unserializable_without_leaving_a_file(tmp_path):
     with pytest.raises(TypeError, match="object is not JSON serializable"):
         metrics.write_metrics_json(path, {"x": object()})
     assert os.listdir(tmp_path) == []
+
+
+def _colour_pixels(img, rgb):
+    return int(np.all(np.abs(img.astype(int) - rgb) < 8, axis=-1).sum())
+
+
+def test_training_curves_plot(tmp_path):
+    loss = [(s, 3.0 * np.exp(-s / 300)) for s in range(50, 2000, 50)]
+    val = [(200, 0.2), (400, 0.45), (600, 0.41)]
+    path = tmp_path / "curves.png"
+    metrics.plot_training_curves(path, loss, val, steps_per_epoch=200, total_steps=2000)
+    img = _png(path)
+    assert img.shape[:2] == (340, 900)
+    assert os.listdir(tmp_path) == ["curves.png"]
+    # the loss in blue on the left half, validation in green on the right half
+    half = img.shape[1] // 2
+    assert _colour_pixels(img[:, :half], [0x1F, 0x77, 0xB4]) > 300
+    assert _colour_pixels(img[:, half:], [0x2C, 0xA0, 0x2C]) > 100
+    assert _colour_pixels(img[:, half:], [0x1F, 0x77, 0xB4]) == 0
+
+    # before the first validation: the loss only
+    metrics.plot_training_curves(path, loss[:2], [], steps_per_epoch=200, total_steps=2000)
+    img = _png(path)
+    assert _colour_pixels(img, [0x2C, 0xA0, 0x2C]) == 0
+    assert _colour_pixels(img, [0x1F, 0x77, 0xB4]) > 20
+
+    with pytest.raises(ValueError, match="steps_per_epoch and total_steps must be >= 1"):
+        metrics.plot_training_curves(path, loss, val, steps_per_epoch=0, total_steps=2000)

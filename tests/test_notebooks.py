@@ -97,7 +97,7 @@ def test_train_notebook_smoke(train_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["test"]["views_per_video"] == 3
     assert "per_instance" in text and "top-1" in text
-    assert _images(nb) == 1  # the confused-pairs figure
+    assert _images(nb) == 2  # the training curves and the confused-pairs figure
     assert not list(root.glob("bucket/runs/*.copying")) and not list(root.glob("bucket/runs/*.old"))
 
 

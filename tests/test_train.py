@@ -109,6 +109,10 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert on_disk["test"]["per_instance"] == test["per_instance"]
     assert (tmp_path / "test_per_class.csv").read_text().count("\n") == 5
     assert (tmp_path / "test_confused_pairs.png").stat().st_size > 1000
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    # one validation (every 5 epochs, and the last step), the loss at every step
+    assert on_disk["val_top1"] == [[12, result["best_val_top1"]]]
+    assert [s for s, _ in on_disk["train_loss"]] == list(range(1, 13))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     steps = checkpointing.checkpoint_steps(tmp_path / "checkpoints")
     assert 12 in steps and len(steps) <= 3  # latest 2 + best by val top-1
@@ -408,6 +412,8 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     assert [s for s, _ in run_metrics["train_loss"]] == list(range(1, 25))
     assert run_metrics["train_loss"] == ref_metrics["train_loss"]
     assert run_metrics["best_val_top1"] == ref_metrics["best_val_top1"] is not None
+    assert [s for s, _ in run_metrics["val_top1"]] == [4, 8, 12, 16, 20, 24]
+    assert run_metrics["val_top1"] == ref_metrics["val_top1"]
 
 
 def test_unknown_config_key_is_named(records, tmp_path):
