@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -27,20 +26,10 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.timing import best_of  # noqa: E402
 from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
 from tests.models import torch_vit  # noqa: E402
 from tests.models.helpers import flax_twin  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def torch_train_step(model, clip, labels):

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.model import best_of, torch_train_step  # noqa: E402
+from bench.timing import best_of  # noqa: E402
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
 from signnet_jax.models import vit  # noqa: E402
@@ -72,7 +72,9 @@ def main() -> None:
     p.add_argument("--preset", default="B")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=1, help="global batch (clips per step)")
+    p.add_argument(
+        "--batch", type=int, help="global batch (clips per step; default: one per device)"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
@@ -87,6 +89,9 @@ def main() -> None:
         "(view with: xprof --logdir DIR/KERNEL)",
     )  # fmt: skip
     args = p.parse_args()
+    args.batch = args.batch or jax.device_count()
+    if args.batch % jax.device_count():
+        p.error(f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices")
     kernels = args.attention.split(",")
     for name in kernels:
         if name not in vit.ATTENTION:
@@ -139,6 +144,7 @@ def main() -> None:
     if not args.no_torch and device.platform == "cpu":
         import torch
 
+        from bench.model import torch_train_step
         from tests.models import torch_vit
 
         tmodel = torch_vit.make(args.preset, classes, num_frames=args.frames, img_size=args.size)

@@ -1,5 +1,6 @@
 """bench/train.py runs end to end at a tiny size, and its --trace writes a profile."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -8,11 +9,18 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# Runs a script with PyTorch unimportable, as on a JAX-only GPU or TPU machine.
+WITHOUT_TORCH = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def test_train_bench_times_kernels_and_traces(tmp_path):
     r = subprocess.run(
-        [sys.executable, "bench/train.py", "--preset", "S", "--frames", "4", "--size", "32",
-         "--batch", "2", "--repeats", "1", "--no-torch", "--attention", "auto,explicit",
-         "--trace", str(tmp_path / "trace")],
+        [sys.executable, "-c", WITHOUT_TORCH, "bench/train.py", "--preset", "S", "--frames",
+         "4", "--size", "32", "--batch", "2", "--repeats", "1", "--no-torch", "--attention",
+         "auto,explicit", "--trace", str(tmp_path / "trace")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -29,3 +37,9 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert bad.returncode == 2 and "--attention 'flash': choose from" in bad.stderr
+    odd = subprocess.run(
+        [sys.executable, "bench/train.py", "--batch", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )  # fmt: skip
+    assert odd.returncode == 2 and "--batch 3 must be a multiple of the 2 devices" in odd.stderr
