@@ -357,18 +357,18 @@ def _wait_for(proc, pattern, timeout=300):
     raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(lines)}")
 
 
-VAL = "--config.val_split=val"  # validation every epoch (4 steps)
+VAL = ("--config.val_split=val", "--config.train.val_every_epochs=1")  # every 4 steps
 
 
 @pytest.mark.heavy
 def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
-    ref = _run(_main_args(records, tmp_path / "ref", VAL))
+    ref = _run(_main_args(records, tmp_path / "ref", *VAL))
     assert ref.returncode == 0, ref.stderr[-2000:]
     expected = _final_params(tmp_path / "ref")
 
     # kill -9 in the middle of step 9 (a checkpoint was started at step 8)
     proc = subprocess.Popen(
-        _main_args(records, tmp_path / "run", VAL),
+        _main_args(records, tmp_path / "run", *VAL),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -383,7 +383,7 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     # SIGTERM: save where it stands and exit cleanly
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(
-            _main_args(records, tmp_path / "run", VAL),
+            _main_args(records, tmp_path / "run", *VAL),
             cwd=REPO,
             env=_env(),
             stdout=subprocess.PIPE,
@@ -398,7 +398,7 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
     stop = int(out.split("preempted (SIGTERM) at step ")[1].split(":")[0])
     assert stop >= 15 and stop in checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints")
 
-    done = _run(_main_args(records, tmp_path / "run", VAL))
+    done = _run(_main_args(records, tmp_path / "run", *VAL))
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming from step {stop}" in done.stdout
     for a, b in zip(
