@@ -120,6 +120,36 @@ def summary_line(report: dict) -> str:
     )
 
 
+def protocol(config: ml_collections.ConfigDict) -> dict:
+    """The test settings a result depends on (saved beside it in eval mode)."""
+    return {
+        "split": config.test_split,
+        "test_num_segment": config.data.test_num_segment,
+        "test_num_crop": config.data.test_num_crop,
+        "num_frames": config.model.num_frames,
+        "sampling_rate": config.data.sampling_rate,
+        "short_side_size": config.data.short_side_size,
+    }
+
+
+def eval_folder_name(
+    source: str | os.PathLike, step: int, own: bool, config: ml_collections.ConfigDict
+) -> str:
+    """``step_N_SxC`` (S clips x C crops per video), after the checkpoint's name for init_from.
+
+    A folder of its own per checkpoint, step and view count, so a training run's
+    metrics.json, CSV and PNG and other results are never overwritten. An init_from
+    checkpoint adds its folder's name (converted checkpoints all hold step 0), or its run's
+    name for a run's ``checkpoints`` folder.
+    """
+    views = f"{config.data.test_num_segment}x{config.data.test_num_crop}"
+    name = f"step_{step}_{views}"
+    if own:
+        return name
+    path = pathlib.Path(source).absolute()
+    return f"{path.parent.name if path.name == 'checkpoints' else path.name}_{name}"
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test the checkpoint in ``workdir``, else ``config.init_from`` (step: config.load_step)."""
     from signnet_jax import train
@@ -128,7 +158,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train.ensure_smoke(config)
     workdir_path = pathlib.Path(workdir)
     ckpt_dir = workdir_path / "checkpoints"
-    source = ckpt_dir if checkpointing.checkpoint_steps(ckpt_dir) else config.init_from
+    if not config.test_split:
+        raise train.TrainingError(
+            "eval mode tests config.test_split, which is empty; set --config.test_split=test"
+        )
+    own = bool(checkpointing.checkpoint_steps(ckpt_dir))
+    if own and config.init_from:
+        raise train.TrainingError(
+            f"eval mode: both {ckpt_dir} and config.init_from={config.init_from} hold a "
+            "checkpoint; drop --config.init_from to evaluate the run in the workdir, or give "
+            "another --workdir to evaluate init_from"
+        )
+    source = ckpt_dir if own else config.init_from
     if not source:
         raise train.TrainingError(
             f"nothing to evaluate: {ckpt_dir} holds no checkpoint and config.init_from is empty"
@@ -144,19 +185,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_config.load_step = str(step)
     eval_config.init_reset_head = False
     setup = train.prepare(eval_config)
+    for warning in setup.warnings:
+        train._log(f"warning: {warning}")
     train.check_eval_batch(eval_config, setup.mesh)
-    # A folder of its own per step, so a training run's metrics.json, CSV and PNG (and the
-    # results of other steps) are never overwritten; an init_from checkpoint adds its name
-    # (converted checkpoints all hold step 0).
-    own = source == ckpt_dir
-    name = f"step_{step}" if own else f"{pathlib.Path(source).name}_step_{step}"
-    out = workdir_path / "eval" / name
+    out = workdir_path / "eval" / eval_folder_name(source, step, own, config)
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
         out.mkdir(parents=True, exist_ok=True)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)
     print(summary_line(report), flush=True)
-    result = {"checkpoint": str(source), "step": step, "test": report}
+    result = {"checkpoint": str(source), "step": step, "protocol": protocol(config), "test": report}
     write_json(out / "metrics.json", result)
     if jax.process_index() == 0:
         print(f"wrote {out}/metrics.json, {config.test_split}_per_class.csv and "

@@ -105,11 +105,12 @@ _ARCH = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "tubelet_si
 
 def load_init(
     config: ml_collections.ConfigDict, cfg: vit.ViTConfig, classes: list[str]
-) -> tuple[vit.ViTConfig, dict, str]:
+) -> tuple[vit.ViTConfig, dict, str, list[str]]:
     """Warm-start parameters from ``config.init_from`` fitted to this model and class list.
 
     Returns:
-      (model config with the checkpoint's structural options, params, a note for the log).
+      (model config with the checkpoint's structural options, params, a note for the log,
+      warnings for the log).
     """
     try:
         params, meta = checkpointing.load_model(config.init_from, config.load_step)
@@ -141,13 +142,23 @@ def load_init(
     src_classes = meta.get("classes")
     head_k = params["head"]["kernel"]
     note = f"warm start from {config.init_from}"
-    if src_classes == classes or (src_classes is None and head_k.shape[1] == len(classes)):
-        return cfg, params, note
+    if src_classes is None and head_k.shape[1] == len(classes):
+        unnamed = (
+            f"init checkpoint {config.init_from} has no class names, so its "
+            f"{len(classes)} head rows cannot be matched to the records' classes"
+        )
+        fix = "convert it again with --class-list (the class list it was trained with)"
+        if config.mode == "eval":
+            raise TrainingError(f"{unnamed}; {fix}")
+        warned = f"{unnamed}: they are taken in the records' order; if it was trained with "
+        return cfg, params, note, [warned + f"another order, {fix}"]
+    if src_classes == classes:
+        return cfg, params, note, []
     if src_classes is not None and sorted(src_classes) == sorted(classes):
         order = [src_classes.index(c) for c in classes]
         params["head"]["kernel"] = head_k[:, order]
         params["head"]["bias"] = params["head"]["bias"][order]
-        return cfg, params, note + " (head rows reordered to the records' class order)"
+        return cfg, params, note + " (head rows reordered to the records' class order)", []
     if not config.init_reset_head:
         raise TrainingError(
             f"init checkpoint {config.init_from} has a {head_k.shape[1]}-class head "
@@ -159,7 +170,7 @@ def load_init(
         jax.random.key(config.seed), (cfg.embed_dim, len(classes))
     )
     params["head"] = {"kernel": np.asarray(fresh), "bias": np.zeros(len(classes), np.float32)}
-    return cfg, params, note + f" (new {len(classes)}-class head)"
+    return cfg, params, note + f" (new {len(classes)}-class head)", []
 
 
 def _resumed_model(resume: pathlib.Path, cfg: vit.ViTConfig, classes: list[str]) -> vit.ViTConfig:
@@ -209,11 +220,12 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     except ValueError as e:  # a bad preset, dtype, attention or clip size
         raise TrainingError(f"config.model: {e}") from e
     init_params, note = None, f"random init (seed {config.seed})"
+    init_warnings: list[str] = []
     if resume is not None:
         cfg = _resumed_model(resume, cfg, classes)
         note = f"resuming {resume}"
     elif config.init_from:
-        cfg, init_params, note = load_init(config, cfg, classes)
+        cfg, init_params, note, init_warnings = load_init(config, cfg, classes)
     devices = jax.devices()[: config.mesh.num_devices or None]
     try:
         mesh = sharding.make_mesh(config.mesh.fsdp, devices)
@@ -225,6 +237,7 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     shardings, dropped = sharding.param_shardings(abstract_state, mesh, rules)
     param_sh = nnx.to_pure_dict(shardings)
     setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
+    setup.warnings += init_warnings
     if config.data.short_side_size != cfg.img_size:
         setup.warnings.append(
             f"data.short_side_size {config.data.short_side_size} differs from model.img_size "
@@ -766,7 +779,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             report = evaluate.evaluate_split(
                 setup, config, _eval_params(state), config.test_split, "test", workdir_path
             )
-            final["test"] = report
+            final["protocol"], final["test"] = evaluate.protocol(config), report
             _log(evaluate.summary_line(report))
             _scalars(writer, step, {"test/top1": report["per_instance"]["top1"]})
         if writer is not None:

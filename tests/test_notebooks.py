@@ -142,3 +142,26 @@ def test_predict_notebook_smoke(train_run, tmp_path, shared_dir, monkeypatch):
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0
     assert report["views"]["count"] == 3
     assert os.path.getsize(tmp_path / "sign_sample_hht.mp4") > 0
+
+
+def test_train_notebook_copies_survive_interrupted_swaps(tmp_path):
+    import subprocess
+
+    cell = next(c for c in _load("train_tpu.ipynb").cells if "def mirror(" in c.source)
+    ns = {"os": os, "subprocess": subprocess}
+    exec(cell.source, ns)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "step").write_text("new")
+    # a stop while the previous copy was being deleted left dst.old beside dst
+    (tmp_path / "dst.old").mkdir()
+    (tmp_path / "dst.old" / "step").write_text("older")
+    dst.mkdir()
+    (dst / "step").write_text("old")
+    ns["mirror"](str(src), str(dst))
+    assert (dst / "step").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    # a stop between the two renames: dst gone, dst.old holds the last good copy
+    dst.rename(tmp_path / "dst.old")
+    assert ns["exists"](str(dst)) and (dst / "step").read_text() == "new"
+    assert not ns["exists"](str(tmp_path / "nothing"))

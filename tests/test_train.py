@@ -107,6 +107,7 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert set(test["per_class_signnet"]) == {"top1", "top5"}
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["test"]["per_instance"] == test["per_instance"]
+    assert on_disk["protocol"]["test_num_segment"] == 3 and on_disk["protocol"]["split"] == "test"
     assert (tmp_path / "test_per_class.csv").read_text().count("\n") == 5
     assert (tmp_path / "test_confused_pairs.png").stat().st_size > 1000
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
@@ -125,11 +126,21 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     c = tiny_config(records, mode="eval")
     again = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(c, str(tmp_path))
     assert again["test"]["per_instance"] == test["per_instance"]
-    out = tmp_path / "eval" / "step_12"
-    assert json.loads((out / "metrics.json").read_text())["step"] == 12
+    out = tmp_path / "eval" / "step_12_3x1"  # 3 clips x 1 crop per video
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["step"] == 12
+    assert saved["protocol"] == {
+        "split": "test", "test_num_segment": 3, "test_num_crop": 1, "num_frames": 4,
+        "sampling_rate": c.data.sampling_rate, "short_side_size": 32,
+    }  # fmt: skip
     assert (out / "test_per_class.csv").is_file() and (out / "test_confused_pairs.png").is_file()
     # the training run's own metrics.json, CSV and PNG are untouched
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # another view count is another result, beside the first
+    one = tiny_config(records, mode="eval", **{"data.test_num_segment": 1})
+    __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(one, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_12_1x1", "step_12_3x1"]
+    assert json.loads((out / "metrics.json").read_text()) == saved
 
 
 def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
@@ -563,10 +574,52 @@ def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
         init.rename(tmp_path / name / f"ckpt_{name}")
         c = tiny_config(records, mode="eval", init_from=str(tmp_path / name / f"ckpt_{name}"))
         evaluate_mode(c, tmp_path / "w")
+    # a training run's checkpoints/ folder is named after its run
+    run = tmp_path / "run_c" / "checkpoints"
+    _converted(tmp_path / "c", DIMS, names).rename(tmp_path / "c" / "checkpoints")
+    (tmp_path / "c").rename(tmp_path / "run_c")
+    evaluate_mode(tiny_config(records, mode="eval", init_from=str(run)), tmp_path / "w")
     assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
-        "ckpt_a_step_0",
-        "ckpt_b_step_0",
+        "ckpt_a_step_0_3x1",
+        "ckpt_b_step_0_3x1",
+        "run_c_step_0_3x1",
     ]
+
+
+def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, capsys):
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path / "named", DIMS, names)
+    _converted(tmp_path / "w", DIMS, names).rename(tmp_path / "w" / "checkpoints")  # a run's
+    before = sorted(p for p in (tmp_path / "w").rglob("*"))
+    with pytest.raises(train.TrainingError, match=(
+        r"eval mode: both .*w/checkpoints and config.init_from=.*named/init hold a checkpoint; "
+        r"drop --config.init_from to evaluate the run in the workdir, or give another --workdir"
+    )):  # fmt: skip
+        evaluate_mode(tiny_config(records, mode="eval", init_from=str(init)), tmp_path / "w")
+    with pytest.raises(train.TrainingError, match="eval mode tests config.test_split, which is"):
+        evaluate_mode(tiny_config(records, mode="eval", test_split=""), tmp_path / "w")
+    assert sorted(p for p in (tmp_path / "w").rglob("*")) == before
+
+    # a checkpoint without class names: its head rows cannot be matched to the records'
+    from signnet_jax.models import vit
+
+    cfg = vit.ViTConfig.from_preset("S", num_classes=len(names), num_frames=4, img_size=32,
+                                    **DIMS)  # fmt: skip
+    params = vit.params_of(vit.create_model(cfg))
+    checkpointing.save_model(tmp_path / "unnamed", params, {"model": cfg.to_dict()})
+    unnamed = dict(init_from=str(tmp_path / "unnamed"))
+    with pytest.raises(train.TrainingError, match=(
+        r"init checkpoint .*unnamed has no class names, so its 4 head rows cannot be matched "
+        r"to the records' classes; convert it again with --class-list"
+    )):  # fmt: skip
+        evaluate_mode(tiny_config(records, mode="eval", **unnamed), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    # training from it keeps the rows in the records' order and says so at the start
+    kw = {"train.max_steps": 1, "val_split": "", "test_split": "", "init_reset_head": False}
+    train.train_and_evaluate(tiny_config(records, **kw, **unnamed), tmp_path / "t")
+    out = capsys.readouterr().out
+    assert "warning: init checkpoint" in out and "taken in the records' order" in out
 
 
 def test_missing_records_folder(tmp_path):
