@@ -6,6 +6,7 @@ import contextlib
 import os
 import pathlib
 import tempfile
+import warnings
 from collections.abc import Iterable
 from fractions import Fraction
 
@@ -62,7 +63,7 @@ def decode_video(
         raise VideoError(f"{path}: no such file")
     if start_frame < 0 or (end_frame is not None and end_frame <= start_frame):
         raise VideoError(f"{path}: empty frame span {_span(start_frame, end_frame)}")
-    frames: list[np.ndarray] = []
+    frames = _FrameBuffer(path)
     times: list[float] = []
     try:
         with av.open(str(path)) as container:
@@ -73,6 +74,8 @@ def decode_video(
             stream.thread_type = "NONE"
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             listed, decoded, reached_end = _listed_frames(stream, rate), 0, True
+            wanted = (listed if end_frame is None else min(listed, end_frame)) - start_frame
+            frames.expect(wanted)
             for index, frame in enumerate(container.decode(stream)):
                 if end_frame is not None and index >= end_frame:
                     reached_end = False
@@ -97,13 +100,57 @@ def decode_video(
             f"{path}: truncated: only {decoded} of the {listed} frames its header lists can be "
             "decoded (an incomplete download or copy?); download or copy it again"
         )
-    if not frames:
+    if not len(frames):
         whole = (start_frame, end_frame) == (0, None)
         span = "" if whole else f" in {_span(start_frame, end_frame)}"
         raise VideoError(f"{path}: zero decodable video frames{span}")
     if rate <= 0:
         rate = 25.0
-    return np.stack(frames), rate, _clean_times(np.asarray(times), rate)
+    return frames.array(), rate, _clean_times(np.asarray(times), rate)
+
+
+class _FrameBuffer:
+    """Decoded frames in one preallocated array (a list and np.stack would hold them twice).
+
+    Frames whose size differs from the first frame's (a stream that changes resolution
+    midway) are resized to it, with a warning.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.n, self.capacity, self.data = path, 0, 0, None
+        self.resized_from: tuple[int, int, int] | None = None  # first odd size and its index
+
+    def expect(self, frames: int) -> None:
+        self.capacity = max(frames, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, image: np.ndarray) -> None:
+        if self.data is None:
+            self.data = np.empty((max(self.capacity, 1), *image.shape), np.uint8)
+        elif image.shape != self.data.shape[1:]:
+            if self.resized_from is None:
+                self.resized_from = (*image.shape[:2], self.n)
+            h, w = self.data.shape[1:3]
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        if self.n == len(self.data):  # more frames than the header listed: grow by half
+            grown = np.empty((self.n + max(self.n // 2, 16), *self.data.shape[1:]), np.uint8)
+            grown[: self.n] = self.data
+            self.data = grown
+        self.data[self.n] = image
+        self.n += 1
+
+    def array(self) -> np.ndarray:
+        if self.resized_from is not None:
+            h, w, index = self.resized_from
+            warnings.warn(
+                f"{self.path}: the frame size changes from {self.data.shape[2]}x"
+                f"{self.data.shape[1]} to {w}x{h} at frame {index}; later frames were resized "
+                "to the first size",
+                stacklevel=3,
+            )
+        return self.data[: self.n]
 
 
 def _span(start: int, end: int | None) -> str:

@@ -210,3 +210,62 @@ def test_a_trim_without_reencoding_is_not_called_truncated(sign_sample, tmp_path
         assert c.streams.video[0].frames == 76
     frames, fps = read_video(out)
     assert len(frames) == 51 and fps == 25.0
+
+
+def _mpegts(path, frames):
+    with av.open(str(path), "w", format="mpegts") as c:
+        s = c.add_stream("mpeg2video", rate=25)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+def test_a_stream_that_changes_size_is_resized_to_its_first_size(tmp_path):
+    # two MPEG-TS pieces joined byte-wise, as streamed or concatenated recordings are
+    rng = np.random.default_rng(0)
+    _mpegts(tmp_path / "a.ts", rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
+    _mpegts(tmp_path / "b.ts", np.full((5, 48, 64, 3), 200, np.uint8))
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes((tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes())
+    with pytest.warns(UserWarning) as caught:
+        frames, _, times = decode_video(joined)
+    # (FFmpeg drops a frame at the seam, where the second piece's clock starts again)
+    assert frames.shape[1:] == (64, 64, 3) and len(frames) in (9, 10) and len(times) == len(frames)
+    first = int((frames.reshape(len(frames), -1).mean(1) < 180).sum())  # the noise piece
+    assert first >= 4 and abs(float(frames[first:].mean()) - 200) < 4  # the flat one, stretched
+    (w,) = caught
+    assert str(w.message) == (
+        f"{joined}: the frame size changes from 64x64 to 64x48 at frame {first}; "
+        "later frames were resized to the first size"
+    )
+
+
+def test_decoding_holds_the_frames_once(tmp_path):
+    import subprocess
+    import sys
+
+    frames = np.zeros((120, 480, 640, 3), np.uint8)  # 110 MB decoded
+    frames[:, :, :, 0] = np.arange(120, dtype=np.uint8)[:, None, None]
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.height, s.width, s.pix_fmt = 480, 640, "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    # VmHWM: this process's peak resident memory (ru_maxrss would start at pytest's)
+    code = (
+        "import re, sys; from signnet_jax.hht.video import decode_video\n"
+        "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status')"
+        ".read())[1]) * 1024\n"
+        "decode_video(sys.argv[1], 0, 2)\n"  # codecs loaded before the baseline
+        "base = peak()\n"
+        "f, _, _ = decode_video(sys.argv[1])\n"
+        "print((peak() - base) / f.nbytes)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v.mp4")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # a list of frames stacked into an array would peak at twice the frames
+    assert float(r.stdout) < 1.3
