@@ -29,7 +29,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
-from signnet_jax.hht.video import decode_video, private_temp
+from signnet_jax.hht.video import check_writable, decode_video, private_temp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,6 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     if preview is not None and preview.suffix.lower() != ".png":
         print(f"error: --preview {preview} must end in .png", file=sys.stderr)
         return 2
+    # checked before the work: a bad output path must not cost the whole run
+    for flag, path in (("--output", output), ("--preview", preview)):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: cannot create the folder of {flag} {path}: {e.strerror or e}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        try:
+            check_writable(path, flag)
+        except VideoError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     bar = None
     if not args.quiet:
@@ -163,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        # Decoded here rather than by process_video: the contact sheet needs the source.
-        source, fps, times = decode_video(args.video, args.start_frame, args.end_frame)
-        decode = time.perf_counter() - start
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # Decoded here rather than by process_video: the contact sheet needs the source.
+            source, fps, times = decode_video(args.video, args.start_frame, args.end_frame)
+            decode = time.perf_counter() - start
             with Tunneller(settings, args.models) as tunneller:
                 result = tunneller.process_frames(
                     source, fps, times, progress=progress, name=args.video

@@ -37,7 +37,7 @@ from signnet_jax import checkpointing
 from signnet_jax.data import device, pipeline
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
 from signnet_jax.hht.models import ModelFileError
-from signnet_jax.hht.video import VideoError, decode_video, write_video
+from signnet_jax.hht.video import VideoError, check_writable, decode_video, write_video
 from signnet_jax.models import vit
 
 # data_prep.build_records' default; used when the checkpoint does not record its records' quality.
@@ -390,9 +390,13 @@ class Predictor:
         if save_hht is not None:
             if pathlib.Path(save_hht).suffix.lower() != ".mp4":
                 raise PredictError(f"--save-hht {save_hht} must end in .mp4 (it is H.264 MP4)")
-            parent = pathlib.Path(save_hht).absolute().parent
-            if not parent.is_dir():
-                raise PredictError(f"cannot write {save_hht}: folder {parent} does not exist")
+            same = pathlib.Path(save_hht).absolute() == pathlib.Path(video_path).absolute()
+            if same:
+                raise PredictError(f"--save-hht {save_hht} would overwrite the input video")
+            try:
+                check_writable(save_hht, "--save-hht")
+            except VideoError as e:
+                raise PredictError(str(e)) from e
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
@@ -431,7 +435,10 @@ class Predictor:
         timings["inference"] = _ms(time.perf_counter() - t0)
         if save_hht is not None:
             t0 = time.perf_counter()
-            write_video(save_hht, hht.frames, hht.fps)
+            try:
+                write_video(save_hht, hht.frames, hht.fps)
+            except OSError as e:  # e.g. the disk filled up while encoding
+                raise PredictError(f"cannot write --save-hht {save_hht}: {e}") from e
             timings["save_hht"] = _ms(time.perf_counter() - t0)
         timings["total"] = _ms(time.perf_counter() - t_start)
         s = self.input_settings

@@ -392,6 +392,25 @@ def test_cli_folder_as_video_and_save_hht_not_mp4(workdir, sign_sample, tmp_path
     assert not (tmp_path / "out.avi").exists()
 
 
+def test_cli_save_hht_that_cannot_be_written_stops_first(workdir, sign_sample, tmp_path, capsys):
+    (tmp_path / "taken.mp4").mkdir()
+    for target, message in [
+        (tmp_path / "taken.mp4", f"--save-hht {tmp_path / 'taken.mp4'} is a folder"),
+        ("/proc/out.mp4", "cannot write --save-hht /proc/out.mp4: "),
+    ]:
+        _expect_error(
+            capsys, message, "--checkpoint", workdir, "--video", sign_sample, "--save-hht", target
+        )
+    copy = tmp_path / "clip.mp4"
+    copy.write_bytes(sign_sample.read_bytes())
+    _expect_error(
+        capsys, f"--save-hht {copy} would overwrite the input video", "--checkpoint", workdir,
+        "--video", copy, "--save-hht", copy,
+    )  # fmt: skip
+    assert copy.read_bytes() == sign_sample.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "taken.mp4"]
+
+
 def test_cli_missing_video(workdir, tmp_path, capsys):
     missing = tmp_path / "clip.mp4"
     _expect_error(

@@ -213,6 +213,26 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
             os.unlink(tmp)
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raises VideoError unless a file can be written at ``path`` (checked before long work).
+
+    Args:
+      path: the output file; its folder must exist.
+      what: how the message names the output (e.g. '--output').
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise VideoError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise VideoError(f"cannot write {what} {path}: folder {path.parent} does not exist")
+    try:
+        os.unlink(private_temp(path, ".probe"))
+    except OSError as e:
+        raise VideoError(
+            f"cannot write {what} {path}: {e.strerror or e}; choose a folder you can write to"
+        ) from e
+
+
 def private_temp(path: pathlib.Path, suffix: str) -> str:
     """A fresh hidden temp file beside `path` with the permissions a new file would get."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)

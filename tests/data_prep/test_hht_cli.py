@@ -195,3 +195,18 @@ def test_native_mediapipe_logs_are_off_stderr_unless_asked_for(logs, sign_sample
         for line in ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", "W0000 "):
             assert line in proc.stderr
         assert "DestroyAccelerator" in proc.stderr
+
+
+def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_path, capsys):
+    (tmp_path / "taken.mp4").mkdir()
+    for flag, target, message in [
+        ("--output", tmp_path / "taken.mp4", f"--output {tmp_path / 'taken.mp4'} is a folder"),
+        ("--output", "/proc/o.mp4", "cannot write --output /proc/o.mp4: "),
+        ("--preview", "/proc/o.png", "cannot write --preview /proc/o.png: "),
+    ]:
+        argv = ["--video", sign_sample, "--output", tmp_path / "o.mp4", flag, target]
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and err.startswith(f"error: {message}"), err
+        assert "choose a folder you can write to" in err or "is a folder" in err
+        assert "ms/frame" not in out  # nothing was tunnelled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
