@@ -92,7 +92,7 @@ def decode_video(
     except VideoError:
         raise
     except (av.FFmpegError, ValueError, IndexError) as e:
-        raise VideoError(f"{path}: cannot decode as video ({e})") from e
+        raise _undecodable(path, e) from e
     # A file cut short with its index up front (as web downloads are) decodes without an
     # error up to the cut; only the header's frame count tells.
     if reached_end and _truncated(listed, decoded):
@@ -151,6 +151,41 @@ class _FrameBuffer:
                 stacklevel=3,
             )
         return self.data[: self.n]
+
+
+def _undecodable(path: pathlib.Path, error: Exception) -> VideoError:
+    """Why FFmpeg could not open ``path``, with the fix where the file's shape tells."""
+    size = path.stat().st_size
+    if size == 0:
+        return VideoError(f"{path}: an empty file (0 bytes); copy or download it again")
+    if _mp4_without_index(path, size):
+        return VideoError(  # (not TruncatedVideoError: nothing at all decodes)
+            f"{path}: an incomplete MP4: it holds video data but not its index (the 'moov' "
+            "box, written last), as when a copy, download or recording was cut short; copy "
+            "it again, or re-export it from the recorder"
+        )
+    reason = getattr(error, "strerror", None) or str(error)
+    return VideoError(f"{path}: cannot decode as video ({reason})")
+
+
+def _mp4_without_index(path: pathlib.Path, size: int) -> bool:
+    """Whether the file's top-level MP4/MOV boxes have media data but no 'moov' index."""
+    boxes = set()
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size and len(boxes) < 64:
+            f.seek(offset)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if length == 1 and len(head) == 16:  # a 64-bit size follows
+                length = int.from_bytes(head[8:16], "big")
+            if not kind.isalnum() and kind not in (b"free", b"skip"):
+                break
+            boxes.add(kind)
+            if length < 8:  # 0: to the end of the file
+                break
+            offset += length
+    return b"ftyp" in boxes and b"mdat" in boxes and b"moov" not in boxes
 
 
 def _span(start: int, end: int | None) -> str:

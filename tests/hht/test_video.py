@@ -269,3 +269,26 @@ def test_decoding_holds_the_frames_once(tmp_path):
     assert r.returncode == 0, r.stderr
     # a list of frames stacked into an array would peak at twice the frames
     assert float(r.stdout) < 1.3
+
+
+def test_empty_and_index_less_files_say_what_happened(sign_sample, tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoError, match=rf"^{re.escape(str(empty))}: an empty file \(0 bytes\)"):
+        read_video(empty)
+    # phone recorders write the index (moov) last: a copy cut short has data and no index
+    data = sign_sample.read_bytes()
+    assert data.find(b"moov") > data.find(b"mdat") > 0
+    half = tmp_path / "half.mp4"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match=(
+        rf"^{re.escape(str(half))}: an incomplete MP4: it holds video data but not its index"
+    )):  # fmt: skip
+        read_video(half)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(VideoError) as e:
+        read_video(garbage)
+    assert str(e.value) == f"{garbage}: cannot decode as video (Invalid data found when " \
+        "processing input)"  # fmt: skip
+    assert not isinstance(e.value, TruncatedVideoError)
