@@ -195,6 +195,11 @@ def _jpeg_round_trip(frames: np.ndarray, quality: int) -> list[bytes]:
     return out
 
 
+# A video longer than this (isolated signs last a few seconds) whose views cover less than
+# half of its frames gets a warning.
+LONG_VIDEO_SECONDS = 10
+
+
 def make_views(frames: np.ndarray, settings: InputSettings, name: str = "video") -> np.ndarray:
     """The test views of one tunnelled video, built by the input pipeline's own transforms.
 
@@ -370,6 +375,8 @@ class Predictor:
         video_path: str | os.PathLike,
         top_k: int = 5,
         save_hht: str | os.PathLike | None = None,
+        start_frame: int = 0,
+        end_frame: int | None = None,
     ) -> Prediction:
         """Predicts one video and keeps the intermediate arrays.
 
@@ -377,6 +384,8 @@ class Predictor:
           video_path: a raw video file (anything FFmpeg decodes).
           top_k: how many classes to report (capped at the number of classes).
           save_hht: if given, the tunnelled video is also written there (H.264 MP4).
+          start_frame: first source frame used.
+          end_frame: one past the last source frame used (None: to the end).
 
         Returns:
           The prediction (``report`` as described in ``predict``).
@@ -400,7 +409,7 @@ class Predictor:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
-            frames, fps, times = decode_video(video_path)
+            frames, fps, times = decode_video(video_path, start_frame, end_frame)
         except VideoError as e:
             raise PredictError(str(e)) from e
         timings["decode"] = _ms(time.perf_counter() - t_start)
@@ -415,6 +424,16 @@ class Predictor:
             messages.append(
                 f"{video_path} has a single frame (a still image?); the model was trained on "
                 "clips of a moving signer, so this prediction means little"
+            )
+        s = self.input_settings
+        span = s.num_frames * s.sampling_rate  # source frames one clip covers
+        seen = min(s.test_num_segment * span, len(frames))
+        if len(frames) / fps > LONG_VIDEO_SECONDS and seen < len(frames) / 2:
+            messages.append(
+                f"{video_path}: {len(frames)} frames ({len(frames) / fps:.0f} s), but each of "
+                f"the {_count(s.test_num_segment, 'clip')} the model sees covers {span} frames, "
+                "so most of the video is not seen; trim it to one sign (--start-frame and "
+                "--end-frame)"
             )
         for w in caught:
             if issubclass(w.category, NoPersonWarning):
@@ -441,7 +460,6 @@ class Predictor:
                 raise PredictError(f"cannot write --save-hht {save_hht}: {e}") from e
             timings["save_hht"] = _ms(time.perf_counter() - t0)
         timings["total"] = _ms(time.perf_counter() - t_start)
-        s = self.input_settings
         report = {
             "video": str(video_path),
             "checkpoint": str(self.checkpoint),
@@ -472,6 +490,8 @@ class Predictor:
         video_path: str | os.PathLike,
         top_k: int = 5,
         save_hht: str | os.PathLike | None = None,
+        start_frame: int = 0,
+        end_frame: int | None = None,
     ) -> dict[str, Any]:
         """Predicts the sign in one raw video.
 
@@ -479,6 +499,8 @@ class Predictor:
           video_path: a raw video file.
           top_k: how many classes to report (capped at the number of classes).
           save_hht: if given, the tunnelled video is also written there.
+          start_frame: first source frame used.
+          end_frame: one past the last source frame used (None: to the end).
 
         Returns:
           JSON-able dict: ``video``, ``checkpoint``, ``step``, ``top_k`` (list of
@@ -489,7 +511,7 @@ class Predictor:
           ``Predictor.startup_ms``), ``warnings`` (e.g. no person found) and ``notes``
           (defaults applied).
         """
-        return self.run(video_path, top_k, save_hht).report
+        return self.run(video_path, top_k, save_hht, start_frame, end_frame).report
 
     def _average_probabilities(self, views: np.ndarray) -> np.ndarray:
         """Softmax of every view, averaged (float64) over the views."""
@@ -557,6 +579,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
+    p.add_argument("--start-frame", type=int, default=0, help="first frame used (default 0)")
+    p.add_argument(
+        "--end-frame", type=int, help="one past the last frame used (default: to the end)"
+    )
     p.add_argument(
         "--models",
         help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else the download "
@@ -576,6 +602,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.start_frame < 0 or (args.end_frame is not None and args.end_frame <= args.start_frame):
+        p.error(
+            f"--start-frame {args.start_frame} and --end-frame {args.end_frame}: the first frame "
+            "must be >= 0 and before the end"
+        )
     return args
 
 
@@ -591,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
-            report = predictor.predict(args.video, args.top_k, args.save_hht)
+            report = predictor.predict(
+                args.video, args.top_k, args.save_hht, args.start_frame, args.end_frame
+            )
             startup = predictor.startup_ms
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -515,3 +515,30 @@ def test_one_device_process_predicts_with_an_eight_device_run(smoke_workdir, sig
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["step"] == 3 and report["top_k"][0]["rank"] == 1
+
+
+def test_cli_frame_span_and_long_video_warning(workdir, sign_sample, tmp_path, capsys):
+    frames = read_video(sign_sample)[0]
+    long = tmp_path / "long.mp4"
+    write_video(long, np.concatenate([frames] * 4), 25.0)  # 304 frames, 12 s
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", long, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["hht"]["frames"] == 304
+    assert report["warnings"] == [
+        f"{long}: 304 frames (12 s), but each of the 2 clips the model sees covers 12 frames, "
+        "so most of the video is not seen; trim it to one sign (--start-frame and --end-frame)"
+    ]
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", long, "--json", "--start-frame", "76",
+        "--end-frame", "152",
+    )  # fmt: skip
+    assert code == 0, err
+    trimmed = json.loads(out)
+    assert trimmed["hht"]["frames"] == 76 and trimmed["warnings"] == []
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--checkpoint", workdir, "--video", long, "--start-frame", "9",
+             "--end-frame", "9")  # fmt: skip
+    assert e.value.code == 2
+    assert "--start-frame 9 and --end-frame 9: the first frame must be >= 0 and before the end" \
+        in capsys.readouterr().err  # fmt: skip
