@@ -4,6 +4,7 @@
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch   # on a GPU / TPU
     python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
+    python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -67,6 +68,63 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
         return best  # the state is freed on return
 
 
+def step_memory(setup, config, tx, params, batch: int, mesh):
+    """XLA's memory analysis of the compiled step (nothing runs), or None when the compiler
+    says it does not fit the device."""
+    cfg = setup.model_cfg
+    t, size = cfg.num_frames, cfg.img_size
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
+        spec = {
+            "clip": ((batch, t, size, size, 3), jnp.uint8),
+            "erase_box": ((batch, 4), jnp.int32),
+            "label": ((batch,), jnp.int32),
+        }
+        abstract = {
+            k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+            for k, (shape, dt) in spec.items()
+        }
+        step_fn = jax.jit(
+            train.make_train_step(setup, config, tx, cfg.num_classes), donate_argnums=(0,)
+        )
+        try:
+            lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
+            return lowered.compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                return None
+            raise
+
+
+def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
+    """--memory: per-device memory of the step for each kernel, without and with remat."""
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+    per_device = args.batch // jax.device_count()
+    gib = 2**30
+    for kernel in kernels:
+        for remat in (False, True):
+            kcfg = dataclasses.replace(cfg, attention=kernel, remat=remat)
+            graphdef = nnx.graphdef(vit.model_from_params(kcfg, params))
+            setup = train.Setup(kcfg, [str(i) for i in range(kcfg.num_classes)], {}, mesh,
+                                graphdef, None, None, "")  # fmt: skip
+            mem = step_memory(setup, config, tx, params, args.batch, mesh)
+            head = (
+                f"ViT-{args.preset} {args.frames}x{args.size}, {per_device} clip"
+                f"{'s' * (per_device != 1)} per device, {args.dtype}, attention {kernel}, "
+                f"remat {'on' if remat else 'off'}: "
+            )
+            if mem is None:
+                print(head + "does not fit (the compiler ran out of device memory)")
+                continue
+            total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+            print(
+                head + f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+                f"{mem.temp_size_in_bytes / gib:.2f} GiB per device"
+                + (f" ({total / limit:.0%} of {limit / gib:.1f} GiB)" if limit else "")
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="B")
@@ -82,6 +140,11 @@ def main() -> None:
     p.add_argument(
         "--attention", default="auto",
         help=f"model.attention, or several comma-separated to compare ({', '.join(vit.ATTENTION)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory", action="store_true",
+        help="compile only and print each kernel's per-device memory without and with remat "
+        "(XLA's memory analysis; nothing runs, so settings that do not fit are safe to try)",
     )  # fmt: skip
     p.add_argument(
         "--trace", type=pathlib.Path, metavar="DIR",
@@ -117,6 +180,9 @@ def main() -> None:
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind)
     print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
+    if args.memory:
+        print_memory(args, cfg, config, tx, params, mesh, kernels)
+        return
     times = {}
     for kernel in kernels:
         kcfg = dataclasses.replace(cfg, attention=kernel)

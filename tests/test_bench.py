@@ -43,3 +43,22 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
         env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )  # fmt: skip
     assert odd.returncode == 2 and "--batch 3 must be a multiple of the 2 devices" in odd.stderr
+
+
+def test_train_bench_memory_compiles_only():
+    r = subprocess.run(
+        [sys.executable, "bench/train.py", "--preset", "S", "--frames", "4", "--size", "32",
+         "--batch", "2", "--memory", "--attention", "explicit"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    pattern = (
+        r"ViT-S 4x32, 2 clips per device, float32, attention explicit, remat (off|on): "
+        r"arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device$"
+    )
+    matches = [re.match(pattern, line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    assert [m[1] for m in matches] == ["off", "on"]
+    assert float(matches[0][2]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
+    assert "step " not in r.stdout  # nothing was timed
