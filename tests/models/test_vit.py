@@ -243,8 +243,20 @@ def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
 def test_device_peaks_for_mfu():
     from signnet_jax.models.flops import peak_flops
 
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    # device_kind strings as JAX reports them
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops("NVIDIA RTX A1000") is None  # "A100" only as a whole word
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40S") is None
+    assert peak_flops("Tesla T4") is None  # no bfloat16 tensor cores
     assert peak_flops("TPU v5 lite") == 197e12  # v5e, not v5p
     assert peak_flops("TPU v5") == 459e12
+    assert peak_flops("TPU v5p") == 459e12
+    assert peak_flops("TPU v6 lite") == 918e12
     assert peak_flops("TPU v2") == 22.5e12  # one TensorCore, as JAX counts devices
     assert peak_flops("cpu") is None
