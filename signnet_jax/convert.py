@@ -119,6 +119,9 @@ _HF_TOP = {
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "fc_norm.weight": "fc_norm.weight",
     "fc_norm.bias": "fc_norm.bias",
+    # the encoder's final norm (use_mean_pooling=False), VideoMAEv2's `norm`
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
@@ -303,6 +306,17 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
         pretrain = any(k.startswith(("encoder.", "backbone.")) for k in sd)
         if pretrain:
             sd = {_drop_prefix(k, ("encoder.", "backbone.")): v for k, v in sd.items()}
+    if not pretrain and "norm.weight" in sd and "fc_norm.weight" not in sd:
+        if "head.weight" in sd:
+            name = "videomae.layernorm" if is_hf else "norm"
+            raise ConversionError(
+                f"{path} is a classifier fine-tuned with use_mean_pooling=False: its head reads "
+                f"the first token after the encoder's final LayerNorm ({name}), while this model "
+                "(VideoMAEv2 / SignNet) mean-pools the tokens into fc_norm -> head; that head "
+                "is not supported. Convert the pre-training checkpoint it started from, or "
+                "re-save the file without its classifier to use the encoder alone"
+            )
+        pretrain = True  # an encoder with its final norm and no classifier: a backbone
     dropped = sorted(k for k in sd if pretrain and k.startswith(_PRETRAIN_ONLY))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     if "patch_embed.proj.weight" not in sd:

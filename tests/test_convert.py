@@ -162,6 +162,86 @@ def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
     assert rel_err(out, ref) <= 1e-5
 
 
+def _hf_config(use_mean_pooling: bool, **kw):
+    from transformers import VideoMAEConfig
+
+    return VideoMAEConfig(
+        image_size=SIZE,
+        num_frames=FRAMES,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        qkv_bias=True,
+        use_mean_pooling=use_mean_pooling,
+        layer_norm_eps=1e-6,
+        **kw,
+    )
+
+
+def test_huggingface_pretraining_checkpoint_with_encoder_layernorm(tmp_path, capsys):
+    # MCG-NJU/videomae-base: VideoMAEForPreTraining with use_mean_pooling=False, whose encoder
+    # ends in `videomae.layernorm` (VideoMAEv2's `norm`, dropped like the decoder)
+    from transformers import VideoMAEForPreTraining
+
+    torch.manual_seed(0)
+    cfg = _hf_config(
+        False,
+        decoder_num_hidden_layers=1,
+        decoder_hidden_size=64,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+    )
+    hf = VideoMAEForPreTraining(cfg)
+    assert "videomae.layernorm.weight" in hf.state_dict()
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _convert(tmp_path / "hf" / "model.safetensors", tmp_path / "ckpt", "S", 16, 300) == 0
+    err = capsys.readouterr().err
+    # decoder: 1 layer of 15 tensors, its norm (2) and head (2); encoder_to_decoder (1, no bias);
+    # mask_token (1); the encoder's layernorm (2)
+    assert "dropped 23 pre-training keys (decoder, mask token, encoder norm)" in err
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert meta["source"]["pretrain"] is True
+    assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+    ref = hf.state_dict()["videomae.encoder.layer.3.intermediate.dense.weight"].numpy().T
+    np.testing.assert_array_equal(params["blocks"]["3"]["mlp"]["fc1"]["kernel"], ref)
+
+
+def test_huggingface_encoder_with_layernorm_and_no_classifier_is_a_backbone(tmp_path, capsys):
+    from transformers import VideoMAEModel
+
+    torch.manual_seed(0)
+    hf = VideoMAEModel(_hf_config(False))
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _convert(tmp_path / "hf" / "model.safetensors", tmp_path / "ckpt") == 0
+    assert "dropped 2 pre-training keys" in capsys.readouterr().err
+    _, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+
+
+def test_huggingface_classifier_without_mean_pooling_is_refused(tmp_path, capsys):
+    # use_mean_pooling=False: layernorm over the tokens, then the classifier on token 0 (there
+    # is no CLS token) -- not the mean pool -> fc_norm -> head this model has
+    from transformers import VideoMAEForVideoClassification
+
+    hf = VideoMAEForVideoClassification(_hf_config(False, num_labels=CLASSES))
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    src = tmp_path / "hf" / "model.safetensors"
+    assert _convert(src, tmp_path / "ckpt") == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {src} is a classifier fine-tuned with use_mean_pooling=False: its head reads "
+        "the first token after the encoder's final LayerNorm (videomae.layernorm), while this "
+        "model (VideoMAEv2 / SignNet) mean-pools the tokens into fc_norm -> head; that head is "
+        "not supported. Convert the pre-training checkpoint it started from, or re-save the "
+        "file without its classifier to use the encoder alone\n"
+    )
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_other_class_count_reinitialises_head_with_warning(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
     assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt", "S", FRAMES, 2000) == 0
