@@ -332,12 +332,13 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
 
 
 def _guess_preset(sd: dict[str, np.ndarray]) -> str:
-    dim = sd["patch_embed.proj.weight"].shape[0]
+    shape = sd["patch_embed.proj.weight"].shape  # torch OIDHW
+    dim, patch = shape[0], shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    for name, (d, n, _, _) in vit.PRESETS.items():
-        if d == dim and n == depth:
+    for name, p in vit.PRESETS.items():
+        if (p["embed_dim"], p["depth"], p["patch_size"]) == (dim, depth, patch):
             return f"preset {name}"
-    return f"no preset (embed dim {dim}, {depth} blocks)"
+    return f"no preset (embed dim {dim}, {depth} blocks, patch {patch})"
 
 
 def _resize_pos_embed(table: np.ndarray, src: tuple[int, int, int], dst: tuple[int, int, int]):

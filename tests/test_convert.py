@@ -390,6 +390,27 @@ def test_missing_and_unexpected_keys_are_named(tmodel, tmp_path, capsys):
     assert "unexpected keys: blocks.2.attn.k_bias" in err
 
 
+def test_giant_checkpoint_is_recognised_by_its_patch_14_embedding(monkeypatch):
+    d, depth = 1408, 40
+    sd = {"patch_embed.proj.weight": np.zeros((d, 3, 2, 14, 14), np.float32)}
+    sd.update({f"blocks.{i}.norm1.weight": np.zeros(1, np.float32) for i in range(depth)})
+    assert convert._guess_preset(sd) == "preset g"
+    sd["patch_embed.proj.weight"] = np.zeros((d, 3, 2, 16, 16), np.float32)
+    assert convert._guess_preset(sd) == "no preset (embed dim 1408, 40 blocks, patch 16)"
+
+    # the whole conversion, with the giant shrunk to a small width and depth but its patch 14
+    small = dict(embed_dim=64, depth=2, num_heads=4, mlp_dim=128, patch_size=14)
+    monkeypatch.setitem(vit.PRESETS, "g", small)
+    ref = vit.ViTConfig.from_preset("g", num_classes=CLASSES, num_frames=FRAMES, img_size=28)
+    sd = convert.to_torch(vit.params_of(vit.create_model(ref)), ref)
+    assert sd["patch_embed.proj.weight"].shape == (64, 3, 2, 14, 14)
+    source = convert.Source(sd, "videomae_v2", False, [])
+    cfg, params, report = convert.to_flax(source, "vit_giant_patch14_224", FRAMES, CLASSES, 28)
+    assert (cfg.preset, cfg.patch_size, cfg.grid) == ("g", 14, (2, 2, 2))
+    assert params["patch_embed"]["proj"]["kernel"].shape == (2, 14, 14, 3, 64)
+    assert report.fresh == [] and report.warnings == []
+
+
 def test_unknown_preset(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     out = tmp_path / "ckpt"

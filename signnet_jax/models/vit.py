@@ -22,13 +22,13 @@ from flax import nnx
 
 from signnet_jax.models import splash
 
-# name: (embed_dim, depth, num_heads, mlp_dim)
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096),
-    "H": (1280, 32, 16, 5120),
-    "g": (1408, 40, 16, 6144),
+# name: the ViTConfig fields that make the preset (the giant is VideoMAEv2's patch-14 model)
+PRESETS: dict[str, dict[str, int]] = {
+    "S": dict(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=16),
+    "g": dict(embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, patch_size=14),
 }
 # The model names VideoMAEv2 users know, as aliases of the presets.
 PRESET_ALIASES = {
@@ -100,8 +100,7 @@ class ViTConfig:
     def from_preset(cls, preset: str, **overrides: Any) -> ViTConfig:
         """Config of a named preset (S, B, L, H, g or a VideoMAEv2 model name)."""
         preset = resolve_preset(preset)
-        dim, depth, heads, mlp = PRESETS[preset]
-        kw = dict(preset=preset, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp)
+        kw = dict(preset=preset, **PRESETS[preset])
         kw.update(overrides)
         return cls(**kw)
 
