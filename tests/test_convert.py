@@ -286,6 +286,52 @@ def test_learned_position_table_checkpoint_converts_to_more_frames(tmp_path):
     np.testing.assert_allclose(params["pos_embed"].reshape(4, 4, 384)[[0, 3]], src, atol=1e-5)
 
 
+def test_ambiguous_position_table_grid_is_named_and_settled_by_pos_grid(tmp_path, capsys):
+    def cfg(frames, size):
+        return vit.ViTConfig.from_preset("S", num_frames=frames, img_size=size)
+
+    # 1568 tokens for a 16-frame 112-px model: 32x7x7 (its 7x7 grid) or 8x14x14 (224 px)
+    with pytest.raises(convert.ConversionError) as e:
+        convert._pos_grid(1568, cfg(16, 112))
+    assert str(e.value) == (
+        "the checkpoint's 1568-token position table could be a token grid of 32x7x7 or 8x14x14 "
+        "(time x rows x columns); say which with --pos-grid T,H,W, e.g. --pos-grid 8,14,14"
+    )
+    assert convert._pos_grid(1568, cfg(16, 112), (8, 14, 14)) == (8, 14, 14)
+    assert convert._pos_grid(1568, cfg(32, 224)) == (8, 14, 14)  # all guesses agree
+    assert convert._pos_grid(392, cfg(16, 112)) == (8, 7, 7)  # the model's own grid
+    with pytest.raises(convert.ConversionError, match="cannot infer the token grid of the "):
+        convert._pos_grid(1000, cfg(16, 112))
+
+    # the whole command: a 16x224 learned table converted for 16 frames of 112 px
+    t = torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, learned_pos_emb=True)
+    sd = {k: torch.from_numpy(v) for k, v in torch_state(t).items()}
+    table = np.random.default_rng(0).normal(size=(1, 1568, 384)).astype(np.float32)
+    sd["pos_embed"] = torch.from_numpy(table)
+    torch.save(sd, tmp_path / "lp.pth")
+    args = ("S", 16, CLASSES, "--img-size", 112)
+    assert _convert(tmp_path / "lp.pth", tmp_path / "no", *args) == 1
+    assert "say which with --pos-grid T,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert _convert(tmp_path / "lp.pth", tmp_path / "ckpt", *args, "--pos-grid", "8,14,14") == 0
+    assert (
+        "learned position table resized from grid (8, 14, 14) to (8, 7, 7)"
+        in capsys.readouterr().err
+    )
+    params, _ = checkpointing.load_model(tmp_path / "ckpt")
+    expected = convert._resize_pos_embed(table, (8, 14, 14), (8, 7, 7))
+    np.testing.assert_allclose(params["pos_embed"], expected, atol=1e-6)
+    # a grid of another token count, or not a grid at all
+    assert _convert(tmp_path / "lp.pth", tmp_path / "x", *args, "--pos-grid", "8,7,7") == 1
+    assert capsys.readouterr().err == (
+        "error: --pos-grid 8x7x7 is 392 tokens but the checkpoint's position table has 1568\n"
+    )
+    with pytest.raises(SystemExit) as exit_:
+        _convert(tmp_path / "lp.pth", tmp_path / "x", *args, "--pos-grid", "8,14")
+    assert exit_.value.code == 2
+    assert "--pos-grid: give three positive integers T,H,W, not '8,14'" in capsys.readouterr().err
+
+
 # --- bad input: clear error, non-zero exit, nothing at --output -----------------------
 
 
