@@ -289,7 +289,7 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
     Returns:
       The weights under VideoMAEv2 names, as float32 numpy arrays.
     """
-    path = pathlib.Path(path)
+    path = checkpointing.local_path(path)
     if not path.is_file():
         raise ConversionError(f"input checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -583,7 +583,7 @@ def convert(
         raise ConversionError(
             f"the class list has {len(class_names)} names but --num-classes is {num_classes}"
         )
-    out = pathlib.Path(output)
+    out = checkpointing.local_path(output, write=True)  # before reading a large input
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"output {out} already exists; choose a new path or delete it")
     source = read_checkpoint(input_path)
@@ -615,7 +615,7 @@ def export_pytorch(
     """
     import torch
 
-    output = pathlib.Path(output)
+    output = checkpointing.local_path(output, write=True)
     if output.suffix not in (".pth", ".pt"):
         raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
     if output.exists():

@@ -518,3 +518,32 @@ def test_cli_exit_code_from_a_fresh_process(tmp_path):
     )
     assert r.returncode == 1
     assert f"input checkpoint {tmp_path / 'no.pth'} does not exist" in r.stderr
+
+
+def test_remote_output_or_input_is_one_line_and_exit_1(tmodel, tmp_path):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    sizes = ["--model", "S", "--num-frames", FRAMES, "--num-classes", CLASSES]
+    write = (
+        "error: gs://bucket/x: gs:// paths are not supported; write a local folder, then copy it "
+        "with `gsutil -m cp -r LOCAL_DIR gs://bucket/x` "
+        "(or `gcloud storage cp -r LOCAL_DIR gs://bucket/x`)\n"
+    )
+    read = (
+        "error: gs://bucket/y: gs:// paths are not supported; copy it to a local folder with "
+        "`gsutil -m cp -r gs://bucket/y LOCAL_DIR` "
+        "(or `gcloud storage cp -r gs://bucket/y LOCAL_DIR`) and read that\n"
+    )
+    for args, line in [
+        (["--input", tmp_path / "ft.pth", "--output", "gs://bucket/x", *sizes], write),
+        (["--input", "gs://bucket/y", "--output", tmp_path / "ckpt", *sizes], read),
+        (["--to-pytorch", "--input", "gs://bucket/y", "--output", tmp_path / "o.pth"], read),
+        (["--to-pytorch", "--input", tmp_path / "ft.pth", "--output", "gs://bucket/x"], write),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "signnet_jax.convert", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert (r.returncode, r.stderr) == (1, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.pth"]  # no local gs: folder
