@@ -12,6 +12,7 @@ flatten orders them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any
 
@@ -76,8 +77,9 @@ class ViTConfig:
     init_scale: float = 0.001  # head weights scaled at init, as the original fine-tuning does
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
-    # 'auto': see attention_implementation (cuDNN flash attention on GPUs in bfloat16,
-    # XLA's attention on TPUs, the explicit form with a hand-written backward on CPUs).
+    # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
+    # bfloat16, XLA's attention on TPUs and older GPUs, the explicit form with a hand-written
+    # backward on CPUs).
     attention: str = "auto"
 
     def __post_init__(self):
@@ -264,7 +266,10 @@ class Attention(nnx.Module):
             scale = 1.0
         else:
             scale = self.head_dim**-0.5
-        impl = attention_implementation(self.attention, jax.default_backend(), self.dtype)
+        device = jax.devices()[0]
+        impl = attention_implementation(
+            self.attention, device.platform, self.dtype, getattr(device, "compute_capability", None)
+        )
         if impl == "cudnn":
             try:
                 out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
@@ -283,21 +288,42 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(b, n, d))
 
 
-def attention_implementation(choice: str, backend: str, dtype: Any) -> str:
+def attention_implementation(
+    choice: str, backend: str, dtype: Any, compute_capability: str | None = None
+) -> str:
     """The attention kernel a config's ``attention`` runs on ``backend``.
 
-    'auto' picks cuDNN's flash attention on NVIDIA GPUs in bfloat16 (it never builds the
-    tokens x tokens score matrix: 3136 tokens at 32 frames), XLA's attention through
-    ``jax.nn.dot_product_attention`` on TPUs and in float32 on GPUs, and the explicit
-    form with a hand-written backward on CPUs. Other choices are taken as they are.
+    'auto' picks cuDNN's flash attention on NVIDIA GPUs of compute capability 8.0 or newer
+    (Ampere, Ada, Hopper: A100, L4, H100) in bfloat16 (it never builds the tokens x tokens
+    score matrix: 3136 tokens at 32 frames); XLA's attention through
+    ``jax.nn.dot_product_attention`` on TPUs, on older GPUs (T4 7.5, V100 7.0: cuDNN's kernel
+    needs 8.0 and would fail to compile) and in float32 on GPUs; and the explicit form with a
+    hand-written backward on CPUs. Other choices are taken as they are.
+
+    Args:
+      choice: the config's ``attention``.
+      backend: the device platform ('cpu', 'gpu', 'tpu').
+      dtype: the compute dtype.
+      compute_capability: a CUDA device's ``compute_capability`` ("8.0"); None where unknown
+        (then no cuDNN).
     """
     if choice != "auto":
         return choice
     if backend == "cpu":
         return "explicit"
-    if backend in ("gpu", "cuda") and jnp.dtype(dtype) == jnp.bfloat16:
+    if (
+        backend in ("gpu", "cuda")
+        and jnp.dtype(dtype) == jnp.bfloat16
+        and _capability(compute_capability) >= (8, 0)
+    ):
         return "cudnn"
     return "dot_product_attention"
+
+
+def _capability(text: str | None) -> tuple[int, int]:
+    """(major, minor) of a CUDA compute capability string; (0, 0) for anything else."""
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(text))
+    return (int(m[1]), int(m[2] or 0)) if m else (0, 0)
 
 
 _CUDNN_WARNED = []

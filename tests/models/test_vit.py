@@ -225,21 +225,29 @@ def test_analytic_flops_agree_with_the_compiler():
 
 
 @pytest.mark.parametrize(
-    ("choice", "backend", "dtype", "expected"),
+    ("choice", "backend", "dtype", "capability", "expected"),
     [
-        ("auto", "cpu", "float32", "explicit"),
-        ("auto", "cpu", "bfloat16", "explicit"),
-        ("auto", "gpu", "bfloat16", "cudnn"),
-        ("auto", "cuda", "bfloat16", "cudnn"),
-        ("auto", "gpu", "float32", "dot_product_attention"),
-        ("auto", "rocm", "bfloat16", "dot_product_attention"),
-        ("auto", "tpu", "bfloat16", "dot_product_attention"),
-        ("explicit", "tpu", "bfloat16", "explicit"),
-        ("cudnn", "cpu", "float32", "cudnn"),
+        ("auto", "cpu", "float32", None, "explicit"),
+        ("auto", "cpu", "bfloat16", None, "explicit"),
+        ("auto", "gpu", "bfloat16", "8.0", "cudnn"),  # A100
+        ("auto", "gpu", "bfloat16", "8.9", "cudnn"),  # L4
+        ("auto", "gpu", "bfloat16", "9.0", "cudnn"),  # H100
+        ("auto", "gpu", "bfloat16", "10.0", "cudnn"),  # B200: compared as numbers, not text
+        ("auto", "cuda", "bfloat16", "8.6", "cudnn"),
+        ("auto", "gpu", "bfloat16", "7.5", "dot_product_attention"),  # T4 (Colab)
+        ("auto", "gpu", "bfloat16", "7.0", "dot_product_attention"),  # V100
+        ("auto", "gpu", "bfloat16", None, "dot_product_attention"),  # unknown
+        ("auto", "gpu", "bfloat16", "gfx90a", "dot_product_attention"),  # not CUDA
+        ("auto", "gpu", "float32", "9.0", "dot_product_attention"),
+        ("auto", "rocm", "bfloat16", None, "dot_product_attention"),
+        ("auto", "tpu", "bfloat16", None, "dot_product_attention"),
+        ("explicit", "tpu", "bfloat16", None, "explicit"),
+        ("cudnn", "cpu", "float32", None, "cudnn"),
+        ("cudnn", "gpu", "bfloat16", "7.5", "cudnn"),  # by name: taken as asked
     ],
 )
-def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, expected):
-    assert vit.attention_implementation(choice, backend, dtype) == expected
+def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, capability, expected):
+    assert vit.attention_implementation(choice, backend, dtype, capability) == expected
 
 
 def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
