@@ -2,6 +2,7 @@
 
     python bench/model.py                       # ViT-S and ViT-B, 16x224, batch 1, CPU
     python bench/model.py --presets B --frames 32 --repeats 5
+    python bench/model.py --presets B --batch 8 --dtype bfloat16 --no-hf   # GPU / TPU: MFU
 
 Prints, per preset, the best of ``--repeats`` timings of a forward pass and of a
 training step (forward, backward, AdamW) for PyTorch (the reference VideoMAEv2
@@ -9,6 +10,13 @@ architecture in tests/models/torch_vit.py, and Hugging Face's VideoMAE with
 SDPA attention for the forward) and for JAX, and the ratio PyTorch time / JAX
 time (above 1 means JAX is faster). Also prints analytic FLOPs per clip and,
 on an accelerator, MFU.
+
+``--dtype`` is the JAX model's compute dtype (parameters stay float32, as in training);
+MFU divides by the device's dense bfloat16 peak, so measure it with ``--dtype bfloat16``.
+PyTorch always runs float32 on the CPU, so with bfloat16 the ratio compares unlike runs.
+``--presets`` takes only presets the PyTorch reference has (S, B); any other is an argparse
+error (exit 2): the comparison is the point of this benchmark, and bench/train.py times any
+preset without PyTorch (--no-torch).
 """
 
 from __future__ import annotations
@@ -88,7 +96,7 @@ def hf_model(preset: str, frames: int, size: int):
 def bench_preset(preset: str, args: argparse.Namespace) -> list[tuple]:
     """Timing rows (name, pass, reference, torch s, jax s, FLOPs) for one preset."""
     tmodel = torch_vit.make(preset, 400, num_frames=args.frames, img_size=args.size)
-    model = flax_twin(tmodel, preset, 400, args.frames, args.size)
+    model = flax_twin(tmodel, preset, 400, args.frames, args.size, dtype=args.dtype)
     flops = forward_flops(model.cfg, args.frames, args.size) * args.batch
     x = (
         np.random.default_rng(0)
@@ -97,7 +105,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> list[tuple]:
     )
     xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()
     xj = jax.device_put(x)
-    name = f"ViT-{preset} {args.frames}x{args.size} b{args.batch}"
+    name = f"ViT-{preset} {args.frames}x{args.size} b{args.batch} {model.cfg.dtype}"
     rows = []
 
     graphdef, params = nnx.split(model)
@@ -123,9 +131,25 @@ def bench_preset(preset: str, args: argparse.Namespace) -> list[tuple]:
     return rows
 
 
+def _presets(text: str) -> list[str]:
+    names = text.split(",")
+    for name in names:
+        if name not in torch_vit.PRESETS:
+            raise argparse.ArgumentTypeError(
+                f"preset {name!r} has no PyTorch reference (tests/models/torch_vit.py); choose "
+                f"from {', '.join(torch_vit.PRESETS)}, or time it with bench/train.py --preset "
+                f"{name} --no-torch"
+            )
+    return names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", default="S,B")
+    p.add_argument("--presets", type=_presets, default="S,B", help="comma-separated: S, B")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="JAX compute dtype (MFU is against the bfloat16 peak)",
+    )  # fmt: skip
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
@@ -141,16 +165,16 @@ def main() -> None:
         f"torch {torch.__version__} with {torch.get_num_threads()} threads"
     )
     rows = []
-    for preset in args.presets.split(","):
+    for preset in args.presets:
         rows += bench_preset(preset, args)
 
     print(
-        f"\n{'model':<22} {'pass':<11} {'PyTorch':<12} {'torch s':>8} {'jax s':>8} "
+        f"\n{'model':<26} {'pass':<11} {'PyTorch':<12} {'torch s':>8} {'jax s':>8} "
         f"{'ratio':>6} {'GFLOP':>8}" + ("  MFU" if peak else "")
     )
     for name, kind, ref, t_torch, t_jax, fl in rows:
         line = (
-            f"{name:<22} {kind:<11} {ref:<12} {t_torch:8.3f} {t_jax:8.3f} "
+            f"{name:<26} {kind:<11} {ref:<12} {t_torch:8.3f} {t_jax:8.3f} "
             f"{t_torch / t_jax:6.2f} {fl / 1e9:8.1f}"
         )
         if peak:

@@ -194,7 +194,9 @@ def main() -> None:
         times[kernel] = t = time_step(
             setup, config, tx, params, clip, labels, mesh, args.repeats, trace
         )
-        ran = vit.attention_implementation(kernel, device.platform, args.dtype)
+        ran = vit.attention_implementation(
+            kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
+        )
         print(
             f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
             f"attention {kernel} ({ran}): step {t:.3f} s, {args.batch / t:.2f} clips/s, "

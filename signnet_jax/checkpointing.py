@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from typing import Any
@@ -27,6 +28,32 @@ OPT_STATE, DATA = "opt_state", "data"  # training steps only
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as a model checkpoint."""
+
+
+# `scheme://...`, also as pathlib leaves it (`gs:/bucket/...`); one letter is a Windows drive
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
+
+
+def local_path(path: str | os.PathLike, write: bool = False) -> pathlib.Path:
+    """The absolute local path of a checkpoint; refuses remote URLs (gs://, s3://, ...).
+
+    Checkpoints go through local paths (orbax here, pathlib everywhere), so a bucket is
+    reached by copying, which the message spells out.
+
+    Raises:
+      CheckpointError: ``path`` is a ``scheme://`` URL.
+    """
+    m = _REMOTE.match(os.fspath(path))
+    if m:
+        url = f"{m[1]}://{m[2]}"
+        args = f"-r LOCAL_DIR {url}" if write else f"-r {url} LOCAL_DIR"
+        copy = f"`gsutil -m cp {args}` (or `gcloud storage cp {args}`)"
+        if write:
+            fix = f"write a local folder, then copy it with {copy}"
+        else:
+            fix = f"copy it to a local folder with {copy} and read that"
+        raise CheckpointError(f"{url}: {m[1]}:// paths are not supported; {fix}")
+    return pathlib.Path(path).expanduser().absolute()
 
 
 def _stringify_keys(tree: Any) -> Any:
@@ -47,7 +74,7 @@ def save_model(directory: str | os.PathLike, params: dict, meta: dict[str, Any])
       params: nested dict of arrays.
       meta: JSON-able dict (model config, classes, source).
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = local_path(directory, write=True)
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(
             f"{directory} exists and is not empty; choose a new output path or delete it"
@@ -75,10 +102,10 @@ def save_model(directory: str | os.PathLike, params: dict, meta: dict[str, Any])
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     """Steps saved in a checkpoint directory (empty when it holds none)."""
-    directory = pathlib.Path(directory)
+    directory = local_path(directory)
     if not directory.is_dir():
         return []
-    with ocp.CheckpointManager(directory.absolute()) as mngr:
+    with ocp.CheckpointManager(directory) as mngr:
         return list(mngr.all_steps())
 
 
@@ -94,7 +121,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     Raises:
       CheckpointError: nothing usable at ``path`` (the message says what was expected).
     """
-    path = pathlib.Path(path).expanduser().absolute()
+    path = local_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
@@ -135,7 +162,7 @@ def select_step(directory: str | os.PathLike, which: int | str | None = "latest"
     Raises:
       CheckpointError: no steps, no such step, or no step with a validation top-1.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = local_path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     with ocp.CheckpointManager(directory) as mngr:
@@ -165,7 +192,7 @@ def select_step(directory: str | os.PathLike, which: int | str | None = "latest"
 
 def load_meta(directory: str | os.PathLike, step: int | str | None = "latest") -> dict:
     """The metadata of one step (model config, classes, ...) without reading any array."""
-    directory = pathlib.Path(directory).absolute()
+    directory = local_path(directory)
     step = select_step(directory, step)
     handlers = {META: ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
@@ -193,7 +220,7 @@ def load_model(
       ``(params, meta)``: params as a nested dict of numpy arrays (string keys),
       meta as saved.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = local_path(directory)
     step = select_step(directory, step)
     # Every item a step may hold has a handler (only metadata is read for the others),
     # else orbax warns about each item it could not restore.
@@ -250,7 +277,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, keep: int, primary: bool = True):
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = local_path(directory, write=True)
         policy = pp.AnyPreservationPolicy(
             [
                 pp.LatestN(n=keep),

@@ -119,6 +119,9 @@ _HF_TOP = {
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "fc_norm.weight": "fc_norm.weight",
     "fc_norm.bias": "fc_norm.bias",
+    # the encoder's final norm (use_mean_pooling=False), VideoMAEv2's `norm`
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
@@ -286,7 +289,7 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
     Returns:
       The weights under VideoMAEv2 names, as float32 numpy arrays.
     """
-    path = pathlib.Path(path)
+    path = checkpointing.local_path(path)
     if not path.is_file():
         raise ConversionError(f"input checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -303,6 +306,17 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
         pretrain = any(k.startswith(("encoder.", "backbone.")) for k in sd)
         if pretrain:
             sd = {_drop_prefix(k, ("encoder.", "backbone.")): v for k, v in sd.items()}
+    if not pretrain and "norm.weight" in sd and "fc_norm.weight" not in sd:
+        if "head.weight" in sd:
+            name = "videomae.layernorm" if is_hf else "norm"
+            raise ConversionError(
+                f"{path} is a classifier fine-tuned with use_mean_pooling=False: its head reads "
+                f"the first token after the encoder's final LayerNorm ({name}), while this model "
+                "(VideoMAEv2 / SignNet) mean-pools the tokens into fc_norm -> head; that head "
+                "is not supported. Convert the pre-training checkpoint it started from, or "
+                "re-save the file without its classifier to use the encoder alone"
+            )
+        pretrain = True  # an encoder with its final norm and no classifier: a backbone
     dropped = sorted(k for k in sd if pretrain and k.startswith(_PRETRAIN_ONLY))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     if "patch_embed.proj.weight" not in sd:
@@ -318,12 +332,13 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
 
 
 def _guess_preset(sd: dict[str, np.ndarray]) -> str:
-    dim = sd["patch_embed.proj.weight"].shape[0]
+    shape = sd["patch_embed.proj.weight"].shape  # torch OIDHW
+    dim, patch = shape[0], shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    for name, (d, n, _, _) in vit.PRESETS.items():
-        if d == dim and n == depth:
+    for name, p in vit.PRESETS.items():
+        if (p["embed_dim"], p["depth"], p["patch_size"]) == (dim, depth, patch):
             return f"preset {name}"
-    return f"no preset (embed dim {dim}, {depth} blocks)"
+    return f"no preset (embed dim {dim}, {depth} blocks, patch {patch})"
 
 
 def _resize_pos_embed(table: np.ndarray, src: tuple[int, int, int], dst: tuple[int, int, int]):
@@ -349,11 +364,13 @@ def to_flax(
     num_classes: int,
     img_size: int = 224,
     seed: int = 0,
+    pos_grid: tuple[int, int, int] | None = None,
 ) -> tuple[vit.ViTConfig, dict, Report]:
     """Map VideoMAEv2-named weights onto the Flax model.
 
     Layer scale, cosine attention and a learned position table are taken from the
-    checkpoint's own keys; everything else must fit ``preset``.
+    checkpoint's own keys; everything else must fit ``preset``. ``pos_grid`` is the token grid
+    (time, rows, columns) of a learned position table, where its size leaves it ambiguous.
 
     Returns:
       The model config, the nested parameter dict and a report of fresh, dropped and
@@ -394,15 +411,16 @@ def to_flax(
             missing.append(key)
             continue
         value = fn(sd[key])
-        if value.shape != shapes[path]:
-            if key in head_keys and sd["head.weight"].shape[1] == cfg.embed_dim:
-                continue  # another class count: re-initialised below
-            if key == "pos_embed" and value.shape[-1] == cfg.embed_dim:
-                src = _pos_grid(value.shape[1], cfg)
+        if key == "pos_embed" and value.shape[-1] == cfg.embed_dim:
+            src = _pos_grid(value.shape[1], cfg, pos_grid)
+            if src != cfg.grid:
                 value = _resize_pos_embed(value, src, cfg.grid)
                 report.warnings.append(
                     f"learned position table resized from grid {src} to {cfg.grid}"
                 )
+        if value.shape != shapes[path]:
+            if key in head_keys and sd["head.weight"].shape[1] == cfg.embed_dim:
+                continue  # another class count: re-initialised below
             else:
                 misshaped.append(
                     f"{key}: checkpoint {sd[key].shape}, model needs "
@@ -447,16 +465,51 @@ def to_flax(
     return cfg, _nest(params), report
 
 
-def _pos_grid(n: int, cfg: vit.ViTConfig) -> tuple[int, int, int]:
-    """Token grid of a stored position table: same spatial grid as the model if it divides."""
-    _, h, w = cfg.grid
+def _pos_grid(
+    n: int, cfg: vit.ViTConfig, given: tuple[int, int, int] | None = None
+) -> tuple[int, int, int]:
+    """Token grid (time, rows, columns) of a stored n-token position table.
+
+    ``given`` (--pos-grid) wins. Otherwise the plausible grids are the model's spatial grid,
+    the model's temporal grid with a square spatial grid, and the 224-px grid; their one
+    answer, or an error naming them when they disagree.
+    """
+    if given is not None:
+        if int(np.prod(given)) != n:
+            raise ConversionError(
+                f"--pos-grid {_fmt_grid(given)} is {int(np.prod(given))} tokens but the "
+                f"checkpoint's position table has {n}"
+            )
+        return tuple(given)
+    if n == cfg.num_patches:
+        return cfg.grid
+    t, h, w = cfg.grid
+    candidates = []
     if n % (h * w) == 0:
-        return n // (h * w), h, w
-    t = cfg.grid[0]
+        candidates.append((n // (h * w), h, w))
     side = int(round((n / t) ** 0.5))
     if t * side * side == n:
-        return t, side, side
-    raise ConversionError(f"cannot infer the token grid of a {n}-token position table")
+        candidates.append((t, side, side))
+    p224 = 224 // cfg.patch_size
+    if n % (p224 * p224) == 0:
+        candidates.append((n // (p224 * p224), p224, p224))
+    candidates = list(dict.fromkeys(candidates))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ConversionError(
+            f"cannot infer the token grid of the checkpoint's {n}-token position table; give "
+            "it as --pos-grid T,H,W (time x rows x columns of tokens)"
+        )
+    raise ConversionError(
+        f"the checkpoint's {n}-token position table could be a token grid of "
+        f"{' or '.join(_fmt_grid(c) for c in candidates)} (time x rows x columns); say which "
+        f"with --pos-grid T,H,W, e.g. --pos-grid {','.join(map(str, candidates[-1]))}"
+    )
+
+
+def _fmt_grid(grid: tuple[int, ...]) -> str:
+    return "x".join(map(str, grid))
 
 
 def _torch_shape(fn: Callable, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -519,21 +572,22 @@ def convert(
     img_size: int = 224,
     class_names: list[str] | None = None,
     seed: int = 0,
+    pos_grid: tuple[int, int, int] | None = None,
 ) -> Report:
     """Convert a PyTorch checkpoint into an orbax model checkpoint at ``output``.
 
-    Nothing is written unless the whole conversion succeeds.
+    Nothing is written unless the whole conversion succeeds. ``pos_grid``: see ``to_flax``.
     """
     vit.resolve_preset(preset)  # unknown preset: fail before reading a large file
     if class_names is not None and len(class_names) != num_classes:
         raise ConversionError(
             f"the class list has {len(class_names)} names but --num-classes is {num_classes}"
         )
-    out = pathlib.Path(output)
+    out = checkpointing.local_path(output, write=True)  # before reading a large input
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"output {out} already exists; choose a new path or delete it")
     source = read_checkpoint(input_path)
-    cfg, params, report = to_flax(source, preset, num_frames, num_classes, img_size, seed)
+    cfg, params, report = to_flax(source, preset, num_frames, num_classes, img_size, seed, pos_grid)
     meta = {
         "model": cfg.to_dict(),
         "classes": class_names,
@@ -561,7 +615,7 @@ def export_pytorch(
     """
     import torch
 
-    output = pathlib.Path(output)
+    output = checkpointing.local_path(output, write=True)
     if output.suffix not in (".pth", ".pt"):
         raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
     if output.exists():
@@ -580,6 +634,13 @@ def export_pytorch(
     return len(sd)
 
 
+def _grid_arg(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"give three positive integers T,H,W, not {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m signnet_jax.convert",
@@ -595,6 +656,10 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224, help="frame size (default 224)")
     p.add_argument("--class-list", help="class names, one per line (wlasl_class_list.txt works)")
     p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
+    p.add_argument(
+        "--pos-grid", type=_grid_arg, metavar="T,H,W",
+        help="token grid of the checkpoint's learned position table, where its size is ambiguous",
+    )  # fmt: skip
     p.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
     p.add_argument(
         "--step", default="latest",
@@ -625,6 +690,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             args.img_size,
             names,
             args.seed,
+            args.pos_grid,
         )
     except (ConversionError, checkpointing.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -421,11 +421,11 @@ def _log(msg: str) -> None:
 
 def _model_name(cfg: vit.ViTConfig) -> str:
     """'ViT-B' for a preset's sizes, else the sizes themselves (smoke and test models)."""
-    dims = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim)
-    if dims == vit.PRESETS[cfg.preset]:
+    if all(getattr(cfg, k) == v for k, v in vit.PRESETS[cfg.preset].items()):
         return f"ViT-{cfg.preset}"
     return (
-        f"a ViT of {cfg.embed_dim}d x {cfg.depth} blocks ({cfg.num_heads} heads, mlp {cfg.mlp_dim})"
+        f"a ViT of {cfg.embed_dim}d x {cfg.depth} blocks ({cfg.num_heads} heads, "
+        f"mlp {cfg.mlp_dim}, patch {cfg.patch_size})"
     )
 
 

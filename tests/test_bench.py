@@ -1,4 +1,4 @@
-"""bench/train.py runs end to end at a tiny size, and its --trace writes a profile."""
+"""bench/train.py and bench/model.py run end to end at a tiny size; --trace writes a profile."""
 
 import os
 import pathlib
@@ -62,3 +62,28 @@ def test_train_bench_memory_compiles_only():
     assert [m[1] for m in matches] == ["off", "on"]
     assert float(matches[0][2]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
     assert "step " not in r.stdout  # nothing was timed
+
+
+def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
+    r = subprocess.run(
+        [sys.executable, "bench/model.py", "--presets", "S", "--frames", "4", "--size", "32",
+         "--repeats", "1", "--no-hf", "--dtype", "bfloat16"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split()[:6] for line in r.stdout.splitlines() if line.startswith("ViT-")]
+    # the dtype column is the built model's config, not the flag echoed
+    assert rows == [
+        ["ViT-S", "4x32", "b1", "bfloat16", "forward", "reference"],
+        ["ViT-S", "4x32", "b1", "bfloat16", "train", "step"],
+    ]
+    bad = subprocess.run(
+        [sys.executable, "bench/model.py", "--presets", "S,L"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == (
+        "model.py: error: argument --presets: preset 'L' has no PyTorch reference "
+        "(tests/models/torch_vit.py); choose from S, B, or time it with bench/train.py "
+        "--preset L --no-torch"
+    )

@@ -1,6 +1,7 @@
 """Which step a checkpoint folder gives: latest, best by validation top-1, a number; EMA."""
 
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -112,3 +113,50 @@ def test_steps_without_validation_do_not_warn(tmp_path, caplog):
         assert "Requested `tracked_metric`; did not provide metrics" in caplog.text
     finally:
         logging.getLogger("absl").addFilter(checkpointing._MISSING_METRIC_FILTER)
+
+
+@pytest.mark.parametrize(
+    ("path", "write", "read"),
+    [
+        (
+            "gs://bucket/x",
+            "gs://bucket/x: gs:// paths are not supported; write a local folder, then copy it "
+            "with `gsutil -m cp -r LOCAL_DIR gs://bucket/x` "
+            "(or `gcloud storage cp -r LOCAL_DIR gs://bucket/x`)",
+            "gs://bucket/x: gs:// paths are not supported; copy it to a local folder with "
+            "`gsutil -m cp -r gs://bucket/x LOCAL_DIR` "
+            "(or `gcloud storage cp -r gs://bucket/x LOCAL_DIR`) and read that",
+        ),
+        (
+            "s3://b/y",
+            "s3://b/y: s3:// paths are not supported; write a local folder, then copy it "
+            "with `gsutil -m cp -r LOCAL_DIR s3://b/y` (or `gcloud storage cp -r LOCAL_DIR s3://b/y`)",
+            "s3://b/y: s3:// paths are not supported; copy it to a local folder with "
+            "`gsutil -m cp -r s3://b/y LOCAL_DIR` (or `gcloud storage cp -r s3://b/y LOCAL_DIR`) "
+            "and read that",
+        ),
+    ],
+)
+def test_remote_paths_are_refused_in_one_line_naming_the_copy(
+    tmp_path, monkeypatch, path, write, read
+):
+    monkeypatch.chdir(tmp_path)  # pathlib would make gs://bucket/x a local gs:/bucket/x
+    params = {"w": np.zeros(2, np.float32)}
+    for fn, message in [
+        (lambda: checkpointing.save_model(path, params, {}), write),
+        (lambda: checkpointing.TrainCheckpointer(path, keep=1), write),
+        (lambda: checkpointing.select_step(path), read),
+        (lambda: checkpointing.load_model(path), read),
+        (lambda: checkpointing.load_meta(path), read),
+        (lambda: checkpointing.resolve_checkpoint(path), read),
+        (lambda: checkpointing.checkpoint_steps(path), read),
+        # a path pathlib already collapsed to gs:/bucket/x
+        (lambda: checkpointing.load_model(pathlib.Path(path)), read),
+    ]:
+        with pytest.raises(checkpointing.CheckpointError) as e:
+            fn()
+        assert str(e.value) == message
+    assert list(tmp_path.iterdir()) == []  # no local gs: folder
+    # a Windows drive letter and a colon inside a local name are local paths
+    assert checkpointing.local_path("C:/ckpt") == tmp_path / "C:" / "ckpt"
+    assert checkpointing.local_path("runs/a:b") == tmp_path / "runs" / "a:b"

@@ -162,6 +162,86 @@ def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
     assert rel_err(out, ref) <= 1e-5
 
 
+def _hf_config(use_mean_pooling: bool, **kw):
+    from transformers import VideoMAEConfig
+
+    return VideoMAEConfig(
+        image_size=SIZE,
+        num_frames=FRAMES,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        qkv_bias=True,
+        use_mean_pooling=use_mean_pooling,
+        layer_norm_eps=1e-6,
+        **kw,
+    )
+
+
+def test_huggingface_pretraining_checkpoint_with_encoder_layernorm(tmp_path, capsys):
+    # MCG-NJU/videomae-base: VideoMAEForPreTraining with use_mean_pooling=False, whose encoder
+    # ends in `videomae.layernorm` (VideoMAEv2's `norm`, dropped like the decoder)
+    from transformers import VideoMAEForPreTraining
+
+    torch.manual_seed(0)
+    cfg = _hf_config(
+        False,
+        decoder_num_hidden_layers=1,
+        decoder_hidden_size=64,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+    )
+    hf = VideoMAEForPreTraining(cfg)
+    assert "videomae.layernorm.weight" in hf.state_dict()
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _convert(tmp_path / "hf" / "model.safetensors", tmp_path / "ckpt", "S", 16, 300) == 0
+    err = capsys.readouterr().err
+    # decoder: 1 layer of 15 tensors, its norm (2) and head (2); encoder_to_decoder (1, no bias);
+    # mask_token (1); the encoder's layernorm (2)
+    assert "dropped 23 pre-training keys (decoder, mask token, encoder norm)" in err
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert meta["source"]["pretrain"] is True
+    assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+    ref = hf.state_dict()["videomae.encoder.layer.3.intermediate.dense.weight"].numpy().T
+    np.testing.assert_array_equal(params["blocks"]["3"]["mlp"]["fc1"]["kernel"], ref)
+
+
+def test_huggingface_encoder_with_layernorm_and_no_classifier_is_a_backbone(tmp_path, capsys):
+    from transformers import VideoMAEModel
+
+    torch.manual_seed(0)
+    hf = VideoMAEModel(_hf_config(False))
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _convert(tmp_path / "hf" / "model.safetensors", tmp_path / "ckpt") == 0
+    assert "dropped 2 pre-training keys" in capsys.readouterr().err
+    _, meta = checkpointing.load_model(tmp_path / "ckpt")
+    assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+
+
+def test_huggingface_classifier_without_mean_pooling_is_refused(tmp_path, capsys):
+    # use_mean_pooling=False: layernorm over the tokens, then the classifier on token 0 (there
+    # is no CLS token) -- not the mean pool -> fc_norm -> head this model has
+    from transformers import VideoMAEForVideoClassification
+
+    hf = VideoMAEForVideoClassification(_hf_config(False, num_labels=CLASSES))
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    src = tmp_path / "hf" / "model.safetensors"
+    assert _convert(src, tmp_path / "ckpt") == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {src} is a classifier fine-tuned with use_mean_pooling=False: its head reads "
+        "the first token after the encoder's final LayerNorm (videomae.layernorm), while this "
+        "model (VideoMAEv2 / SignNet) mean-pools the tokens into fc_norm -> head; that head is "
+        "not supported. Convert the pre-training checkpoint it started from, or re-save the "
+        "file without its classifier to use the encoder alone\n"
+    )
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_other_class_count_reinitialises_head_with_warning(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
     assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt", "S", FRAMES, 2000) == 0
@@ -204,6 +284,52 @@ def test_learned_position_table_checkpoint_converts_to_more_frames(tmp_path):
     src = torch_state(t)["pos_embed"].reshape(2, 4, 384)
     # the first and last frames of the new table equal the stored end frames
     np.testing.assert_allclose(params["pos_embed"].reshape(4, 4, 384)[[0, 3]], src, atol=1e-5)
+
+
+def test_ambiguous_position_table_grid_is_named_and_settled_by_pos_grid(tmp_path, capsys):
+    def cfg(frames, size):
+        return vit.ViTConfig.from_preset("S", num_frames=frames, img_size=size)
+
+    # 1568 tokens for a 16-frame 112-px model: 32x7x7 (its 7x7 grid) or 8x14x14 (224 px)
+    with pytest.raises(convert.ConversionError) as e:
+        convert._pos_grid(1568, cfg(16, 112))
+    assert str(e.value) == (
+        "the checkpoint's 1568-token position table could be a token grid of 32x7x7 or 8x14x14 "
+        "(time x rows x columns); say which with --pos-grid T,H,W, e.g. --pos-grid 8,14,14"
+    )
+    assert convert._pos_grid(1568, cfg(16, 112), (8, 14, 14)) == (8, 14, 14)
+    assert convert._pos_grid(1568, cfg(32, 224)) == (8, 14, 14)  # all guesses agree
+    assert convert._pos_grid(392, cfg(16, 112)) == (8, 7, 7)  # the model's own grid
+    with pytest.raises(convert.ConversionError, match="cannot infer the token grid of the "):
+        convert._pos_grid(1000, cfg(16, 112))
+
+    # the whole command: a 16x224 learned table converted for 16 frames of 112 px
+    t = torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, learned_pos_emb=True)
+    sd = {k: torch.from_numpy(v) for k, v in torch_state(t).items()}
+    table = np.random.default_rng(0).normal(size=(1, 1568, 384)).astype(np.float32)
+    sd["pos_embed"] = torch.from_numpy(table)
+    torch.save(sd, tmp_path / "lp.pth")
+    args = ("S", 16, CLASSES, "--img-size", 112)
+    assert _convert(tmp_path / "lp.pth", tmp_path / "no", *args) == 1
+    assert "say which with --pos-grid T,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert _convert(tmp_path / "lp.pth", tmp_path / "ckpt", *args, "--pos-grid", "8,14,14") == 0
+    assert (
+        "learned position table resized from grid (8, 14, 14) to (8, 7, 7)"
+        in capsys.readouterr().err
+    )
+    params, _ = checkpointing.load_model(tmp_path / "ckpt")
+    expected = convert._resize_pos_embed(table, (8, 14, 14), (8, 7, 7))
+    np.testing.assert_allclose(params["pos_embed"], expected, atol=1e-6)
+    # a grid of another token count, or not a grid at all
+    assert _convert(tmp_path / "lp.pth", tmp_path / "x", *args, "--pos-grid", "8,7,7") == 1
+    assert capsys.readouterr().err == (
+        "error: --pos-grid 8x7x7 is 392 tokens but the checkpoint's position table has 1568\n"
+    )
+    with pytest.raises(SystemExit) as exit_:
+        _convert(tmp_path / "lp.pth", tmp_path / "x", *args, "--pos-grid", "8,14")
+    assert exit_.value.code == 2
+    assert "--pos-grid: give three positive integers T,H,W, not '8,14'" in capsys.readouterr().err
 
 
 # --- bad input: clear error, non-zero exit, nothing at --output -----------------------
@@ -310,6 +436,27 @@ def test_missing_and_unexpected_keys_are_named(tmodel, tmp_path, capsys):
     assert "unexpected keys: blocks.2.attn.k_bias" in err
 
 
+def test_giant_checkpoint_is_recognised_by_its_patch_14_embedding(monkeypatch):
+    d, depth = 1408, 40
+    sd = {"patch_embed.proj.weight": np.zeros((d, 3, 2, 14, 14), np.float32)}
+    sd.update({f"blocks.{i}.norm1.weight": np.zeros(1, np.float32) for i in range(depth)})
+    assert convert._guess_preset(sd) == "preset g"
+    sd["patch_embed.proj.weight"] = np.zeros((d, 3, 2, 16, 16), np.float32)
+    assert convert._guess_preset(sd) == "no preset (embed dim 1408, 40 blocks, patch 16)"
+
+    # the whole conversion, with the giant shrunk to a small width and depth but its patch 14
+    small = dict(embed_dim=64, depth=2, num_heads=4, mlp_dim=128, patch_size=14)
+    monkeypatch.setitem(vit.PRESETS, "g", small)
+    ref = vit.ViTConfig.from_preset("g", num_classes=CLASSES, num_frames=FRAMES, img_size=28)
+    sd = convert.to_torch(vit.params_of(vit.create_model(ref)), ref)
+    assert sd["patch_embed.proj.weight"].shape == (64, 3, 2, 14, 14)
+    source = convert.Source(sd, "videomae_v2", False, [])
+    cfg, params, report = convert.to_flax(source, "vit_giant_patch14_224", FRAMES, CLASSES, 28)
+    assert (cfg.preset, cfg.patch_size, cfg.grid) == ("g", 14, (2, 2, 2))
+    assert params["patch_embed"]["proj"]["kernel"].shape == (2, 14, 14, 3, 64)
+    assert report.fresh == [] and report.warnings == []
+
+
 def test_unknown_preset(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     out = tmp_path / "ckpt"
@@ -371,3 +518,32 @@ def test_cli_exit_code_from_a_fresh_process(tmp_path):
     )
     assert r.returncode == 1
     assert f"input checkpoint {tmp_path / 'no.pth'} does not exist" in r.stderr
+
+
+def test_remote_output_or_input_is_one_line_and_exit_1(tmodel, tmp_path):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    sizes = ["--model", "S", "--num-frames", FRAMES, "--num-classes", CLASSES]
+    write = (
+        "error: gs://bucket/x: gs:// paths are not supported; write a local folder, then copy it "
+        "with `gsutil -m cp -r LOCAL_DIR gs://bucket/x` "
+        "(or `gcloud storage cp -r LOCAL_DIR gs://bucket/x`)\n"
+    )
+    read = (
+        "error: gs://bucket/y: gs:// paths are not supported; copy it to a local folder with "
+        "`gsutil -m cp -r gs://bucket/y LOCAL_DIR` "
+        "(or `gcloud storage cp -r gs://bucket/y LOCAL_DIR`) and read that\n"
+    )
+    for args, line in [
+        (["--input", tmp_path / "ft.pth", "--output", "gs://bucket/x", *sizes], write),
+        (["--input", "gs://bucket/y", "--output", tmp_path / "ckpt", *sizes], read),
+        (["--to-pytorch", "--input", "gs://bucket/y", "--output", tmp_path / "o.pth"], read),
+        (["--to-pytorch", "--input", tmp_path / "ft.pth", "--output", "gs://bucket/x"], write),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "signnet_jax.convert", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert (r.returncode, r.stderr) == (1, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.pth"]  # no local gs: folder

@@ -1,5 +1,7 @@
 """Analytic FLOP counts of the ViT (a multiply-add counts 2), for throughput and MFU."""
 
+import re
+
 from signnet_jax.models.vit import ViTConfig
 
 
@@ -23,26 +25,37 @@ def train_flops(cfg: ViTConfig) -> int:
 
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by device_kind. TPU v2 and v3 expose each
-# TensorCore as a device (two per chip); later TPUs one device per chip.
+# TensorCore as a device (two per chip); later TPUs one device per chip. Only devices with
+# bfloat16 tensor cores / MXUs are listed (a T4 has none, so it gets no MFU).
 PEAK_FLOPS = {
-    "H100": 989e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989e12,
+    "GH200": 989e12,
     "A100": 312e12,
     "L4": 121e12,
-    "T4": 65e12,
     "TPU v2": 22.5e12,
     "TPU v3": 61.5e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5": 459e12,
+    "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
+
+
+def _tokens(name: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", name.lower()))
 
 
 def peak_flops(device_kind: str) -> float | None:
     """Peak bfloat16 FLOP/s of one device of this kind, or None where it is not known.
 
-    The longest name contained in ``device_kind`` wins ("TPU v5 lite" before "TPU v5").
+    A table name matches when each of its words is a whole word of ``device_kind`` (so "A100"
+    matches "NVIDIA A100-SXM4-80GB" but not "NVIDIA RTX A1000", "L4" not "NVIDIA L40S"); the
+    longest matching name wins ("TPU v5 lite" before "TPU v5", "H100 PCIe" before "H100").
     """
-    names = [k for k in PEAK_FLOPS if k in device_kind]
+    kind = _tokens(device_kind)
+    names = [k for k in PEAK_FLOPS if _tokens(k) <= kind]
     return PEAK_FLOPS[max(names, key=len)] if names else None

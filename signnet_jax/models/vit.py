@@ -12,6 +12,7 @@ flatten orders them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any
 
@@ -22,13 +23,13 @@ from flax import nnx
 
 from signnet_jax.models import splash
 
-# name: (embed_dim, depth, num_heads, mlp_dim)
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096),
-    "H": (1280, 32, 16, 5120),
-    "g": (1408, 40, 16, 6144),
+# name: the ViTConfig fields that make the preset (the giant is VideoMAEv2's patch-14 model)
+PRESETS: dict[str, dict[str, int]] = {
+    "S": dict(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=16),
+    "g": dict(embed_dim=1408, depth=40, num_heads=16, mlp_dim=6144, patch_size=14),
 }
 # The model names VideoMAEv2 users know, as aliases of the presets.
 PRESET_ALIASES = {
@@ -76,8 +77,9 @@ class ViTConfig:
     init_scale: float = 0.001  # head weights scaled at init, as the original fine-tuning does
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
-    # 'auto': see attention_implementation (cuDNN flash attention on GPUs in bfloat16,
-    # XLA's attention on TPUs, the explicit form with a hand-written backward on CPUs).
+    # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
+    # bfloat16, XLA's attention on TPUs and older GPUs, the explicit form with a hand-written
+    # backward on CPUs).
     attention: str = "auto"
 
     def __post_init__(self):
@@ -100,8 +102,7 @@ class ViTConfig:
     def from_preset(cls, preset: str, **overrides: Any) -> ViTConfig:
         """Config of a named preset (S, B, L, H, g or a VideoMAEv2 model name)."""
         preset = resolve_preset(preset)
-        dim, depth, heads, mlp = PRESETS[preset]
-        kw = dict(preset=preset, embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp)
+        kw = dict(preset=preset, **PRESETS[preset])
         kw.update(overrides)
         return cls(**kw)
 
@@ -265,7 +266,10 @@ class Attention(nnx.Module):
             scale = 1.0
         else:
             scale = self.head_dim**-0.5
-        impl = attention_implementation(self.attention, jax.default_backend(), self.dtype)
+        device = jax.devices()[0]
+        impl = attention_implementation(
+            self.attention, device.platform, self.dtype, getattr(device, "compute_capability", None)
+        )
         if impl == "cudnn":
             try:
                 out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
@@ -284,21 +288,42 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(b, n, d))
 
 
-def attention_implementation(choice: str, backend: str, dtype: Any) -> str:
+def attention_implementation(
+    choice: str, backend: str, dtype: Any, compute_capability: str | None = None
+) -> str:
     """The attention kernel a config's ``attention`` runs on ``backend``.
 
-    'auto' picks cuDNN's flash attention on NVIDIA GPUs in bfloat16 (it never builds the
-    tokens x tokens score matrix: 3136 tokens at 32 frames), XLA's attention through
-    ``jax.nn.dot_product_attention`` on TPUs and in float32 on GPUs, and the explicit
-    form with a hand-written backward on CPUs. Other choices are taken as they are.
+    'auto' picks cuDNN's flash attention on NVIDIA GPUs of compute capability 8.0 or newer
+    (Ampere, Ada, Hopper: A100, L4, H100) in bfloat16 (it never builds the tokens x tokens
+    score matrix: 3136 tokens at 32 frames); XLA's attention through
+    ``jax.nn.dot_product_attention`` on TPUs, on older GPUs (T4 7.5, V100 7.0: cuDNN's kernel
+    needs 8.0 and would fail to compile) and in float32 on GPUs; and the explicit form with a
+    hand-written backward on CPUs. Other choices are taken as they are.
+
+    Args:
+      choice: the config's ``attention``.
+      backend: the device platform ('cpu', 'gpu', 'tpu').
+      dtype: the compute dtype.
+      compute_capability: a CUDA device's ``compute_capability`` ("8.0"); None where unknown
+        (then no cuDNN).
     """
     if choice != "auto":
         return choice
     if backend == "cpu":
         return "explicit"
-    if backend in ("gpu", "cuda") and jnp.dtype(dtype) == jnp.bfloat16:
+    if (
+        backend in ("gpu", "cuda")
+        and jnp.dtype(dtype) == jnp.bfloat16
+        and _capability(compute_capability) >= (8, 0)
+    ):
         return "cudnn"
     return "dot_product_attention"
+
+
+def _capability(text: str | None) -> tuple[int, int]:
+    """(major, minor) of a CUDA compute capability string; (0, 0) for anything else."""
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(text))
+    return (int(m[1]), int(m[2] or 0)) if m else (0, 0)
 
 
 _CUDNN_WARNED = []

@@ -149,17 +149,29 @@ def test_unknown_preset_lists_the_choices():
 
 
 def test_presets_match_the_published_sizes():
-    for name, (dim, depth, heads, mlp) in {
-        "S": (384, 12, 6, 1536),
-        "B": (768, 12, 12, 3072),
-        "L": (1024, 24, 16, 4096),
-        "H": (1280, 32, 16, 5120),
-        "g": (1408, 40, 16, 6144),
+    for name, sizes in {
+        "S": (384, 12, 6, 1536, 16),
+        "B": (768, 12, 12, 3072, 16),
+        "L": (1024, 24, 16, 4096, 16),
+        "H": (1280, 32, 16, 5120, 16),
+        "g": (1408, 40, 16, 6144, 14),  # vit_giant_patch14_224
     }.items():
         cfg = vit.ViTConfig.from_preset(name)
-        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim) == (dim, depth, heads, mlp)
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size) == sizes
     assert vit.ViTConfig.from_preset("vit_base_patch16_224").preset == "B"
     assert vit.ViTConfig.from_preset("B", num_frames=32).num_patches == 3136
+    giant = vit.ViTConfig.from_preset("vit_giant_patch14_224", num_frames=16)
+    assert giant.patch_size == 14 and giant.grid == (8, 16, 16)
+    assert vit.ViTConfig.from_preset("g", patch_size=16).patch_size == 16  # overrides still win
+
+
+def test_run_log_names_a_preset_only_with_all_its_sizes():
+    from signnet_jax.train import _model_name
+
+    assert _model_name(vit.ViTConfig.from_preset("g")) == "ViT-g"
+    assert _model_name(vit.ViTConfig.from_preset("g", patch_size=16)) == (
+        "a ViT of 1408d x 40 blocks (16 heads, mlp 6144, patch 16)"
+    )
 
 
 def test_analytic_flops_of_vit_b_32x224():
@@ -172,6 +184,16 @@ def test_analytic_flops_of_vit_b_32x224():
     assert forward_flops(cfg) == expected
     # the budget: about 2.7 TFLOP per training clip (3 x forward)
     assert 2.6e12 < 3 * forward_flops(cfg) < 2.8e12
+
+
+def test_analytic_flops_of_the_giant_use_patch_14():
+    from signnet_jax.models.flops import forward_flops
+
+    cfg = vit.ViTConfig.from_preset("g", num_classes=710, num_frames=16)
+    n, d, m = 8 * 16 * 16, 1408, 6144
+    per_block = 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * m
+    expected = 2 * n * (3 * 2 * 14 * 14) * d + 40 * per_block + 2 * d * 710
+    assert forward_flops(cfg) == expected
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -203,21 +225,29 @@ def test_analytic_flops_agree_with_the_compiler():
 
 
 @pytest.mark.parametrize(
-    ("choice", "backend", "dtype", "expected"),
+    ("choice", "backend", "dtype", "capability", "expected"),
     [
-        ("auto", "cpu", "float32", "explicit"),
-        ("auto", "cpu", "bfloat16", "explicit"),
-        ("auto", "gpu", "bfloat16", "cudnn"),
-        ("auto", "cuda", "bfloat16", "cudnn"),
-        ("auto", "gpu", "float32", "dot_product_attention"),
-        ("auto", "rocm", "bfloat16", "dot_product_attention"),
-        ("auto", "tpu", "bfloat16", "dot_product_attention"),
-        ("explicit", "tpu", "bfloat16", "explicit"),
-        ("cudnn", "cpu", "float32", "cudnn"),
+        ("auto", "cpu", "float32", None, "explicit"),
+        ("auto", "cpu", "bfloat16", None, "explicit"),
+        ("auto", "gpu", "bfloat16", "8.0", "cudnn"),  # A100
+        ("auto", "gpu", "bfloat16", "8.9", "cudnn"),  # L4
+        ("auto", "gpu", "bfloat16", "9.0", "cudnn"),  # H100
+        ("auto", "gpu", "bfloat16", "10.0", "cudnn"),  # B200: compared as numbers, not text
+        ("auto", "cuda", "bfloat16", "8.6", "cudnn"),
+        ("auto", "gpu", "bfloat16", "7.5", "dot_product_attention"),  # T4 (Colab)
+        ("auto", "gpu", "bfloat16", "7.0", "dot_product_attention"),  # V100
+        ("auto", "gpu", "bfloat16", None, "dot_product_attention"),  # unknown
+        ("auto", "gpu", "bfloat16", "gfx90a", "dot_product_attention"),  # not CUDA
+        ("auto", "gpu", "float32", "9.0", "dot_product_attention"),
+        ("auto", "rocm", "bfloat16", None, "dot_product_attention"),
+        ("auto", "tpu", "bfloat16", None, "dot_product_attention"),
+        ("explicit", "tpu", "bfloat16", None, "explicit"),
+        ("cudnn", "cpu", "float32", None, "cudnn"),
+        ("cudnn", "gpu", "bfloat16", "7.5", "cudnn"),  # by name: taken as asked
     ],
 )
-def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, expected):
-    assert vit.attention_implementation(choice, backend, dtype) == expected
+def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, capability, expected):
+    assert vit.attention_implementation(choice, backend, dtype, capability) == expected
 
 
 def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
@@ -243,8 +273,20 @@ def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
 def test_device_peaks_for_mfu():
     from signnet_jax.models.flops import peak_flops
 
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    # device_kind strings as JAX reports them
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops("NVIDIA RTX A1000") is None  # "A100" only as a whole word
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40S") is None
+    assert peak_flops("Tesla T4") is None  # no bfloat16 tensor cores
     assert peak_flops("TPU v5 lite") == 197e12  # v5e, not v5p
     assert peak_flops("TPU v5") == 459e12
+    assert peak_flops("TPU v5p") == 459e12
+    assert peak_flops("TPU v6 lite") == 918e12
     assert peak_flops("TPU v2") == 22.5e12  # one TensorCore, as JAX counts devices
     assert peak_flops("cpu") is None
