@@ -17,6 +17,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from signnet_jax import sharding
 
@@ -39,11 +40,14 @@ def _sa():
 def _kernel(heads: int, tokens: int, interpret: bool):
     sa = _sa()
     mask = sa.MultiHeadMask([sa.FullMask((tokens, tokens))] * heads)
-    # concrete block tables even when first asked for inside a trace (they are cached)
+    # Concrete block tables even when first asked for inside a trace (they are cached), kept
+    # as numpy: a jax array made inside shard_map carries its manual mesh, which another
+    # trace (the backward pass, a later step outside shard_map) would refuse.
     with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha_single_device(
+        kernel = sa.make_splash_mha_single_device(
             mask, block_sizes=sa.BlockSizes.get_default(), interpret=interpret
         )
+    return jax.tree.map(np.asarray, kernel)
 
 
 _INTERPRET_WARNED = []
