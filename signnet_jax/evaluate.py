@@ -154,6 +154,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test the checkpoint in ``workdir``, else ``config.init_from`` (step: config.load_step)."""
     from signnet_jax import train
 
+    train.check_workdir(workdir)
     if config.smoke.enabled:
         train.ensure_smoke(config)
     workdir_path = pathlib.Path(workdir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import threading
@@ -456,6 +457,16 @@ def checkpoint_meta(setup: Setup, config) -> dict:
     }
 
 
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """A workdir must be a local (or mounted) folder: a bucket URL is refused up front."""
+    try:
+        checkpointing.local_path(workdir, write=True)
+    except checkpointing.CheckpointError as e:
+        raise TrainingError(
+            f"--workdir {e} (or mount the bucket with gcsfuse and give its folder)"
+        ) from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train, validate periodically, test with the multi-view protocol; resume if possible.
 
@@ -466,6 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns:
       The final metrics (also written to ``workdir/metrics.json``).
     """
+    check_workdir(workdir)
     if config.smoke.enabled:
         ensure_smoke(config)
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"

@@ -902,3 +902,14 @@ def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
             tiny_config(records, **kw, **{"train.profile_steps": -1}), tmp_path / "bad"
         )
     assert not (tmp_path / "bad").exists()
+
+
+def test_bucket_workdir_is_refused_before_anything_is_written(records):
+    for mode in ("train", "eval"):
+        r = _run(_main_args(records, "gs://bucket/runs/x", f"--config.mode={mode}"))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.startswith(
+            "error: --workdir gs://bucket/runs/x: gs:// paths are not supported; write a local "
+            "folder, then copy it with `gsutil -m cp -r LOCAL_DIR gs://bucket/runs/x`"
+        ), r.stderr
+    assert not (REPO / "gs:").exists()  # no local 'gs:' folder where the command ran
