@@ -16,13 +16,19 @@ WITHOUT_TORCH = (
 )
 
 
+def _bench(command: str, *extra, python=(), env=None):
+    """Runs ``python [PYTHON...] COMMAND EXTRA...`` in the repository (COMMAND split on spaces)."""
+    argv = [sys.executable, *python, *command.split(), *map(str, extra)]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_train_bench_times_kernels_and_traces(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH, "bench/train.py", "--preset", "S", "--frames",
-         "4", "--size", "32", "--batch", "2", "--repeats", "1", "--no-torch", "--attention",
-         "auto,explicit", "--trace", str(tmp_path / "trace")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    tiny = "--preset S --frames 4 --size 32 --batch 2"
+    r = _bench(
+        f"bench/train.py {tiny} --repeats 1 --no-torch --attention auto,explicit --trace",
+        tmp_path / "trace",
+        python=("-c", WITHOUT_TORCH),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     assert len(lines) == 2
@@ -32,25 +38,17 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
         (run,) = (tmp_path / "trace" / kernel / "plugins" / "profile").iterdir()
         assert len(list(run.glob("*.xplane.pb"))) == 1
         assert len(list(run.glob("*perfetto_trace.json.gz"))) == 1
-    bad = subprocess.run(
-        [sys.executable, "bench/train.py", "--attention", "auto,flash"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    bad = _bench("bench/train.py --attention auto,flash")
     assert bad.returncode == 2 and "--attention 'flash': choose from" in bad.stderr
-    odd = subprocess.run(
-        [sys.executable, "bench/train.py", "--batch", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-    )  # fmt: skip
+    two = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    odd = _bench("bench/train.py --batch 3", env=two)
     assert odd.returncode == 2 and "--batch 3 must be a multiple of the 2 devices" in odd.stderr
 
 
 def test_train_bench_memory_compiles_only():
-    r = subprocess.run(
-        [sys.executable, "bench/train.py", "--preset", "S", "--frames", "4", "--size", "32",
-         "--batch", "2", "--memory", "--attention", "explicit"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = _bench(
+        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --attention explicit"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     pattern = (
@@ -65,11 +63,9 @@ def test_train_bench_memory_compiles_only():
 
 
 def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
-    r = subprocess.run(
-        [sys.executable, "bench/model.py", "--presets", "S", "--frames", "4", "--size", "32",
-         "--repeats", "1", "--no-hf", "--dtype", "bfloat16"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = _bench(
+        "bench/model.py --presets S --frames 4 --size 32 --repeats 1 --no-hf --dtype bfloat16"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split()[:6] for line in r.stdout.splitlines() if line.startswith("ViT-")]
     # the dtype column is the built model's config, not the flag echoed
@@ -77,10 +73,7 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
         ["ViT-S", "4x32", "b1", "bfloat16", "forward", "reference"],
         ["ViT-S", "4x32", "b1", "bfloat16", "train", "step"],
     ]
-    bad = subprocess.run(
-        [sys.executable, "bench/model.py", "--presets", "S,L"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    bad = _bench("bench/model.py --presets S,L")
     assert bad.returncode == 2
     assert bad.stderr.splitlines()[-1] == (
         "model.py: error: argument --presets: preset 'L' has no PyTorch reference "

@@ -123,12 +123,10 @@ def test_pretraining_checkpoint_drops_decoder_and_initialises_head(tmodel, tmp_p
     assert "dropped 5 pre-training keys" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("safe", [True, False])
-def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+def _hf_config(use_mean_pooling: bool, **kw):
+    from transformers import VideoMAEConfig
 
-    torch.manual_seed(0)
-    hf_cfg = VideoMAEConfig(
+    return VideoMAEConfig(
         image_size=SIZE,
         num_frames=FRAMES,
         hidden_size=384,
@@ -136,10 +134,18 @@ def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
         num_attention_heads=6,
         intermediate_size=1536,
         qkv_bias=True,
-        use_mean_pooling=True,
+        use_mean_pooling=use_mean_pooling,
         layer_norm_eps=1e-6,
-        num_labels=CLASSES,
+        **kw,
     )
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
+    from transformers import VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    hf_cfg = _hf_config(True, num_labels=CLASSES)
     hf = VideoMAEForVideoClassification(hf_cfg).eval()
     with torch.no_grad():  # non-trivial biases, norms and head
         for name, p in hf.named_parameters():
@@ -160,23 +166,6 @@ def test_huggingface_videomae_matches_transformers_logits(tmp_path, safe):
     out, meta = _flax_logits(tmp_path / "ckpt", clip)
     assert meta["source"]["format"] == "huggingface"
     assert rel_err(out, ref) <= 1e-5
-
-
-def _hf_config(use_mean_pooling: bool, **kw):
-    from transformers import VideoMAEConfig
-
-    return VideoMAEConfig(
-        image_size=SIZE,
-        num_frames=FRAMES,
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        qkv_bias=True,
-        use_mean_pooling=use_mean_pooling,
-        layer_norm_eps=1e-6,
-        **kw,
-    )
 
 
 def test_huggingface_pretraining_checkpoint_with_encoder_layernorm(tmp_path, capsys):
