@@ -195,6 +195,27 @@ def _jpeg_round_trip(frames: np.ndarray, quality: int) -> list[bytes]:
     return out
 
 
+# A frame rate above this gets a warning (sign datasets are mostly 25-30 fps).
+HIGH_FPS = 40
+
+
+def resample(frames: np.ndarray, times: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The frames of a lower frame rate: at each time ``times[0] + k / fps`` up to the last
+    frame's time, the latest frame shown at that time (exact for variable frame rates too).
+
+    Args:
+      frames: (N, ...) frames in order.
+      times: (N,) their non-decreasing presentation times in seconds.
+      fps: the new frame rate (> 0).
+
+    Returns:
+      (frames, times) at the new rate.
+    """
+    ticks = times[0] + np.arange(int(np.floor((times[-1] - times[0]) * fps + 1e-9)) + 1) / fps
+    index = np.searchsorted(times, ticks + 1e-9, side="right") - 1
+    return frames[index], ticks
+
+
 # A video longer than this (isolated signs last a few seconds) whose views cover less than
 # half of its frames gets a warning.
 LONG_VIDEO_SECONDS = 10
@@ -377,6 +398,7 @@ class Predictor:
         save_hht: str | os.PathLike | None = None,
         start_frame: int = 0,
         end_frame: int | None = None,
+        fps: float | None = None,
     ) -> Prediction:
         """Predicts one video and keeps the intermediate arrays.
 
@@ -386,6 +408,8 @@ class Predictor:
           save_hht: if given, the tunnelled video is also written there (H.264 MP4).
           start_frame: first source frame used.
           end_frame: one past the last source frame used (None: to the end).
+          fps: a lower frame rate to resample the video to first (``resample``), e.g. 30
+            for a 60 fps phone recording; None keeps the video's own frames.
 
         Returns:
           The prediction (``report`` as described in ``predict``).
@@ -396,6 +420,8 @@ class Predictor:
         """
         if top_k < 1:
             raise PredictError(f"top_k must be >= 1, got {top_k}")
+        if fps is not None and not fps > 0:
+            raise PredictError(f"fps must be > 0, got {fps}")
         if save_hht is not None:
             if pathlib.Path(save_hht).suffix.lower() != ".mp4":
                 raise PredictError(f"--save-hht {save_hht} must end in .mp4 (it is H.264 MP4)")
@@ -409,14 +435,18 @@ class Predictor:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
-            frames, fps, times = decode_video(video_path, start_frame, end_frame)
+            frames, source_fps, times = decode_video(video_path, start_frame, end_frame)
         except VideoError as e:
             raise PredictError(str(e)) from e
+        rate = source_fps
+        if fps is not None and fps < source_fps:
+            frames, times = resample(frames, times, fps)
+            rate = fps
         timings["decode"] = _ms(time.perf_counter() - t_start)
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NoPersonWarning)
-            hht = self._tunneller.process_frames(frames, fps, times, name=str(video_path))
+            hht = self._tunneller.process_frames(frames, rate, times, name=str(video_path))
         timings["hht"] = _ms(time.perf_counter() - t0)
         notes = list(self.notes)
         messages = []
@@ -425,12 +455,18 @@ class Predictor:
                 f"{video_path} has a single frame (a still image?); the model was trained on "
                 "clips of a moving signer, so this prediction means little"
             )
+        if rate > HIGH_FPS:
+            messages.append(
+                f"{video_path} runs at {rate:g} fps; the published models were trained on videos "
+                "of about 25-30 fps, so each clip covers a shorter stretch of the sign than in "
+                "training; try --fps 30"
+            )
         s = self.input_settings
         span = s.num_frames * s.sampling_rate  # source frames one clip covers
         seen = min(s.test_num_segment * span, len(frames))
-        if len(frames) / fps > LONG_VIDEO_SECONDS and seen < len(frames) / 2:
+        if len(frames) / rate > LONG_VIDEO_SECONDS and seen < len(frames) / 2:
             messages.append(
-                f"{video_path}: {len(frames)} frames ({len(frames) / fps:.0f} s), but each of "
+                f"{video_path}: {len(frames)} frames ({len(frames) / rate:.0f} s), but each of "
                 f"the {_count(s.test_num_segment, 'clip')} the model sees covers {span} frames, "
                 "so most of the video is not seen; trim it to one sign (--start-frame and "
                 "--end-frame)"
@@ -492,6 +528,7 @@ class Predictor:
         save_hht: str | os.PathLike | None = None,
         start_frame: int = 0,
         end_frame: int | None = None,
+        fps: float | None = None,
     ) -> dict[str, Any]:
         """Predicts the sign in one raw video.
 
@@ -501,6 +538,7 @@ class Predictor:
           save_hht: if given, the tunnelled video is also written there.
           start_frame: first source frame used.
           end_frame: one past the last source frame used (None: to the end).
+          fps: a lower frame rate to resample the video to first (see ``run``).
 
         Returns:
           JSON-able dict: ``video``, ``checkpoint``, ``step``, ``top_k`` (list of
@@ -511,7 +549,7 @@ class Predictor:
           ``Predictor.startup_ms``), ``warnings`` (e.g. no person found) and ``notes``
           (defaults applied).
         """
-        return self.run(video_path, top_k, save_hht, start_frame, end_frame).report
+        return self.run(video_path, top_k, save_hht, start_frame, end_frame, fps).report
 
     def _average_probabilities(self, views: np.ndarray) -> np.ndarray:
         """Softmax of every view, averaged (float64) over the views."""
@@ -579,6 +617,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
+    p.add_argument(
+        "--fps", type=float,
+        help="resample to this lower frame rate first, e.g. 30 for a 60 fps phone video "
+        "(default: the video's own frames)",
+    )  # fmt: skip
     p.add_argument("--start-frame", type=int, default=0, help="first frame used (default 0)")
     p.add_argument(
         "--end-frame", type=int, help="one past the last frame used (default: to the end)"
@@ -602,6 +645,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.fps is not None and not args.fps > 0:
+        p.error(f"--fps must be > 0, got {args.fps}")
     if args.start_frame < 0 or (args.end_frame is not None and args.end_frame <= args.start_frame):
         p.error(
             f"--start-frame {args.start_frame} and --end-frame {args.end_frame}: the first frame "
@@ -623,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
             report = predictor.predict(
-                args.video, args.top_k, args.save_hht, args.start_frame, args.end_frame
+                args.video, args.top_k, args.save_hht, args.start_frame, args.end_frame, args.fps
             )
             startup = predictor.startup_ms
     except (PredictError, FileNotFoundError, ModelFileError) as e:

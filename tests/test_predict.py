@@ -542,3 +542,36 @@ def test_cli_frame_span_and_long_video_warning(workdir, sign_sample, tmp_path, c
     assert e.value.code == 2
     assert "--start-frame 9 and --end-frame 9: the first frame must be >= 0 and before the end" \
         in capsys.readouterr().err  # fmt: skip
+
+
+def test_resample_keeps_the_frame_shown_at_each_tick():
+    frames = np.arange(7)
+    # 60 fps to 30: every other frame
+    got, ticks = predict.resample(frames, np.arange(7) / 60, 30)
+    np.testing.assert_array_equal(got, [0, 2, 4, 6])
+    np.testing.assert_allclose(ticks, [0, 1 / 30, 2 / 30, 3 / 30])
+    # variable frame rate: the latest frame shown at 0, 0.1 and 0.2 s
+    got, _ = predict.resample(frames[:4], np.array([0.0, 0.04, 0.12, 0.2]), 10)
+    np.testing.assert_array_equal(got, [0, 1, 3])
+
+
+def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_path, capsys):
+    frames = read_video(sign_sample)[0]
+    fast = tmp_path / "fast.mp4"
+    write_video(fast, np.repeat(frames, 2, axis=0), 50.0)  # the same sign recorded at 50 fps
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", fast, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["hht"]["frames"] == 152 and report["hht"]["fps"] == 50.0
+    assert report["warnings"] == [
+        f"{fast} runs at 50 fps; the published models were trained on videos of about 25-30 "
+        "fps, so each clip covers a shorter stretch of the sign than in training; try --fps 30"
+    ]
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", fast, "--json", "--fps", "25")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["hht"]["frames"] == 76 and report["hht"]["fps"] == 25.0
+    assert report["warnings"] == []
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--checkpoint", workdir, "--video", fast, "--fps", "0")
+    assert e.value.code == 2 and "--fps must be > 0, got 0.0" in capsys.readouterr().err
