@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         try:
-            check_writable(path, flag)
+            check_writable(path, flag, source=args.video)
         except VideoError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

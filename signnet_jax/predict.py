@@ -37,7 +37,13 @@ from signnet_jax import checkpointing
 from signnet_jax.data import device, pipeline
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
 from signnet_jax.hht.models import ModelFileError
-from signnet_jax.hht.video import VideoError, check_writable, decode_video, write_video
+from signnet_jax.hht.video import (
+    VideoError,
+    VideoWarning,
+    check_writable,
+    decode_video,
+    write_video,
+)
 from signnet_jax.models import vit
 
 # data_prep.build_records' default; used when the checkpoint does not record its records' quality.
@@ -425,19 +431,19 @@ class Predictor:
         if save_hht is not None:
             if pathlib.Path(save_hht).suffix.lower() != ".mp4":
                 raise PredictError(f"--save-hht {save_hht} must end in .mp4 (it is H.264 MP4)")
-            same = pathlib.Path(save_hht).absolute() == pathlib.Path(video_path).absolute()
-            if same:
-                raise PredictError(f"--save-hht {save_hht} would overwrite the input video")
             try:
-                check_writable(save_hht, "--save-hht")
+                check_writable(save_hht, "--save-hht", source=video_path)
             except VideoError as e:
                 raise PredictError(str(e)) from e
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
-            frames, source_fps, times = decode_video(video_path, start_frame, end_frame)
+            with warnings.catch_warnings(record=True) as decode_warnings:
+                warnings.simplefilter("always", VideoWarning)
+                frames, source_fps, times = decode_video(video_path, start_frame, end_frame)
         except VideoError as e:
             raise PredictError(str(e)) from e
+        decoded = len(frames)
         rate = source_fps
         if fps is not None and fps < source_fps:
             frames, times = resample(frames, times, fps)
@@ -455,7 +461,7 @@ class Predictor:
                 f"{video_path} has a single frame (a still image?); the model was trained on "
                 "clips of a moving signer, so this prediction means little"
             )
-        if rate > HIGH_FPS:
+        if rate > HIGH_FPS and fps is None:
             messages.append(
                 f"{video_path} runs at {rate:g} fps; the published models were trained on videos "
                 "of about 25-30 fps, so each clip covers a shorter stretch of the sign than in "
@@ -471,12 +477,14 @@ class Predictor:
                 "so most of the video is not seen; trim it to one sign (--start-frame and "
                 "--end-frame)"
             )
-        for w in caught:
-            if issubclass(w.category, NoPersonWarning):
+        no_person = False
+        for w in [*decode_warnings, *caught]:
+            if issubclass(w.category, (NoPersonWarning, VideoWarning)):
                 messages.append(str(w.message))
+                no_person |= issubclass(w.category, NoPersonWarning)
             else:  # not ours to handle: pass it on
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if messages and not self.hht_settings.quadrants[0]:
+        if no_person and not self.hht_settings.quadrants[0]:
             raise PredictError(
                 f"{video_path}: no head or hand found in any frame, and the checkpoint's H&HT "
                 "layout has no whole-frame cell, so every tunnelled frame is black; use a "
@@ -498,6 +506,13 @@ class Predictor:
         timings["total"] = _ms(time.perf_counter() - t_start)
         report = {
             "video": str(video_path),
+            "source": {
+                "frames": decoded,  # decoded in [start_frame, end_frame), before resampling
+                "fps": float(source_fps),
+                "start_frame": start_frame,
+                "end_frame": end_frame,
+                "resampled_to_fps": None if rate == source_fps else float(rate),
+            },
             "checkpoint": str(self.checkpoint),
             "step": self.step,
             "top_k": rank_classes(probabilities, self.classes, top_k),
@@ -541,7 +556,8 @@ class Predictor:
           fps: a lower frame rate to resample the video to first (see ``run``).
 
         Returns:
-          JSON-able dict: ``video``, ``checkpoint``, ``step``, ``top_k`` (list of
+          JSON-able dict: ``video``, ``source`` (frames decoded, fps, start_frame,
+          end_frame, resampled_to_fps), ``checkpoint``, ``step``, ``top_k`` (list of
           ``{rank, label, gloss, probability}``, most probable first), ``views``
           (count, clips, crops, frames_per_clip, sampling_rate, size), ``hht``
           (frames, fps, source_size, coverage per part), ``timings_ms`` (decode, hht,

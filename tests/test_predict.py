@@ -263,7 +263,11 @@ def test_cli_json_schema_and_saved_hht_video(converted, sign_sample, tmp_path, c
     assert code == 0, err
     report = json.loads(out)  # stdout is exactly one JSON object
     assert set(report) == {
-        "video", "checkpoint", "step", "top_k", "views", "hht", "timings_ms", "warnings", "notes",
+        "video", "source", "checkpoint", "step", "top_k", "views", "hht", "timings_ms",
+        "warnings", "notes",
+    }  # fmt: skip
+    assert report["source"] == {
+        "frames": 76, "fps": 25.0, "start_frame": 0, "end_frame": None, "resampled_to_fps": None,
     }  # fmt: skip
     assert report["video"] == str(sign_sample) and report["step"] == 0
     assert report["checkpoint"] == str(converted)
@@ -403,10 +407,13 @@ def test_cli_save_hht_that_cannot_be_written_stops_first(workdir, sign_sample, t
         )
     copy = tmp_path / "clip.mp4"
     copy.write_bytes(sign_sample.read_bytes())
-    _expect_error(
-        capsys, f"--save-hht {copy} would overwrite the input video", "--checkpoint", workdir,
-        "--video", copy, "--save-hht", copy,
-    )  # fmt: skip
+    (tmp_path / "sub").mkdir()
+    for same in (copy, tmp_path / "sub" / ".." / "clip.mp4"):
+        _expect_error(
+            capsys, f"--save-hht {same} is the input video; give another file name",
+            "--checkpoint", workdir, "--video", copy, "--save-hht", same,
+        )  # fmt: skip
+    (tmp_path / "sub").rmdir()
     assert copy.read_bytes() == sign_sample.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "taken.mp4"]
 
@@ -490,13 +497,21 @@ def test_cli_still_image_is_predicted_with_a_warning(workdir, sign_sample, tmp_p
     assert any("has a single frame (a still image?)" in w for w in report["warnings"])
 
 
-def test_cli_no_person_and_no_whole_frame_cell_is_an_error(tmp_path, empty_scene, capsys):
+def test_cli_no_person_and_no_whole_frame_cell_is_an_error(
+    tmp_path, empty_scene, sign_sample, capsys
+):
     hht = HHTSettings(size=64, quadrants=(False, True, True, True)).to_dict()
     ckpt = _save_tiny(tmp_path / "ckpt", hht=hht)
     _expect_error(
         capsys, f"{empty_scene}: no head or hand found in any frame, and the checkpoint's H&HT "
         "layout has no whole-frame cell", "--checkpoint", ckpt, "--video", empty_scene,
     )  # fmt: skip
+    # other warnings (here a high frame rate) are not taken for a missing person
+    fast = tmp_path / "fast.mp4"
+    write_video(fast, np.repeat(read_video(sign_sample)[0], 2, axis=0), 50.0)
+    code, out, err = _cli(capsys, "--checkpoint", ckpt, "--video", fast, "--json")
+    assert code == 0, err
+    assert [w.split(" runs at ")[1][:6] for w in json.loads(out)["warnings"]] == ["50 fps"]
 
 
 @pytest.mark.heavy
@@ -536,6 +551,7 @@ def test_cli_frame_span_and_long_video_warning(workdir, sign_sample, tmp_path, c
     assert code == 0, err
     trimmed = json.loads(out)
     assert trimmed["hht"]["frames"] == 76 and trimmed["warnings"] == []
+    assert (trimmed["source"]["start_frame"], trimmed["source"]["end_frame"]) == (76, 152)
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--checkpoint", workdir, "--video", long, "--start-frame", "9",
              "--end-frame", "9")  # fmt: skip
@@ -572,6 +588,7 @@ def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_p
     report = json.loads(out)
     assert report["hht"]["frames"] == 76 and report["hht"]["fps"] == 25.0
     assert report["warnings"] == []
+    assert report["source"]["frames"] == 152 and report["source"]["resampled_to_fps"] == 25.0
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--checkpoint", workdir, "--video", fast, "--fps", "0")
     assert e.value.code == 2 and "--fps must be > 0, got 0.0" in capsys.readouterr().err

@@ -19,6 +19,10 @@ class VideoError(ValueError):
     """A file that is not a usable video: unreadable, no video stream, zero frames."""
 
 
+class VideoWarning(UserWarning):
+    """A video that decodes, with something its user should know (e.g. a frame size change)."""
+
+
 class TruncatedVideoError(VideoError):
     """A video that ends before the frames its header lists (an incomplete download or copy)."""
 
@@ -63,7 +67,7 @@ def decode_video(
         raise VideoError(f"{path}: no such file")
     if start_frame < 0 or (end_frame is not None and end_frame <= start_frame):
         raise VideoError(f"{path}: empty frame span {_span(start_frame, end_frame)}")
-    frames = _FrameBuffer(path)
+    frames = _FrameBuffer(path, start_frame)
     times: list[float] = []
     try:
         with av.open(str(path)) as container:
@@ -93,6 +97,11 @@ def decode_video(
         raise
     except (av.FFmpegError, ValueError, IndexError) as e:
         raise _undecodable(path, e) from e
+    except MemoryError as e:
+        raise VideoError(
+            f"{path}: too large to decode at once ({len(frames)} frames decoded before memory "
+            "ran out); use a part of it (a start and end frame)"
+        ) from e
     # A file cut short with its index up front (as web downloads are) decodes without an
     # error up to the cut; only the header's frame count tells.
     if reached_end and _truncated(listed, decoded):
@@ -103,10 +112,14 @@ def decode_video(
     if not len(frames):
         whole = (start_frame, end_frame) == (0, None)
         span = "" if whole else f" in {_span(start_frame, end_frame)}"
-        raise VideoError(f"{path}: zero decodable video frames{span}")
+        past = f"; it has {decoded} frames: start below {decoded}" if decoded else ""
+        raise VideoError(f"{path}: zero decodable video frames{span}{past}")
     if rate <= 0:
         rate = 25.0
     return frames.array(), rate, _clean_times(np.asarray(times), rate)
+
+
+PREALLOCATE_BYTES = 2**31
 
 
 class _FrameBuffer:
@@ -116,8 +129,9 @@ class _FrameBuffer:
     midway) are resized to it, with a warning.
     """
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, first_index: int = 0):
         self.path, self.n, self.capacity, self.data = path, 0, 0, None
+        self.first_index = first_index  # the video's frame number of the first frame kept
         self.resized_from: tuple[int, int, int] | None = None  # first odd size and its index
 
     def expect(self, frames: int) -> None:
@@ -127,11 +141,12 @@ class _FrameBuffer:
         return self.n
 
     def append(self, image: np.ndarray) -> None:
-        if self.data is None:
-            self.data = np.empty((max(self.capacity, 1), *image.shape), np.uint8)
+        if self.data is None:  # the header's count, at most 2 GiB up front (headers can lie)
+            room = max(1, min(self.capacity, PREALLOCATE_BYTES // image.nbytes))
+            self.data = np.empty((room, *image.shape), np.uint8)
         elif image.shape != self.data.shape[1:]:
             if self.resized_from is None:
-                self.resized_from = (*image.shape[:2], self.n)
+                self.resized_from = (*image.shape[:2], self.first_index + self.n)
             h, w = self.data.shape[1:3]
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         if self.n == len(self.data):  # more frames than the header listed: grow by half
@@ -148,6 +163,7 @@ class _FrameBuffer:
                 f"{self.path}: the frame size changes from {self.data.shape[2]}x"
                 f"{self.data.shape[1]} to {w}x{h} at frame {index}; later frames were resized "
                 "to the first size",
+                VideoWarning,
                 stacklevel=3,
             )
         return self.data[: self.n]
@@ -248,16 +264,22 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
             os.unlink(tmp)
 
 
-def check_writable(path: str | os.PathLike, what: str) -> None:
+def check_writable(
+    path: str | os.PathLike, what: str, source: str | os.PathLike | None = None
+) -> None:
     """Raises VideoError unless a file can be written at ``path`` (checked before long work).
 
     Args:
       path: the output file; its folder must exist.
       what: how the message names the output (e.g. '--output').
+      source: the input video, which the output must not replace (compared after resolving
+        links and '..', and as the same file on disk).
     """
     path = pathlib.Path(path)
     if path.is_dir():
         raise VideoError(f"{what} {path} is a folder; give a file name")
+    if source is not None and _same_file(path, pathlib.Path(source)):
+        raise VideoError(f"{what} {path} is the input video; give another file name")
     if not path.parent.is_dir():
         raise VideoError(f"cannot write {what} {path}: folder {path.parent} does not exist")
     try:
@@ -266,6 +288,12 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         raise VideoError(
             f"cannot write {what} {path}: {e.strerror or e}; choose a folder you can write to"
         ) from e
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def private_temp(path: pathlib.Path, suffix: str) -> str:

@@ -210,3 +210,11 @@ def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_pa
         assert "choose a folder you can write to" in err or "is a folder" in err
         assert "ms/frame" not in out  # nothing was tunnelled
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"]
+    # the input itself, also reached through a link
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(sign_sample.read_bytes())
+    (tmp_path / "link").symlink_to(tmp_path)
+    for same in (clip, tmp_path / "link" / "clip.mp4"):
+        code, _, err = run(capsys, "--video", clip, "--output", same)
+        assert code == 1 and f"--output {same} is the input video" in err
+    assert clip.read_bytes() == sign_sample.read_bytes()

@@ -240,6 +240,33 @@ def test_a_stream_that_changes_size_is_resized_to_its_first_size(tmp_path):
         f"{joined}: the frame size changes from 64x64 to 64x48 at frame {first}; "
         "later frames were resized to the first size"
     )
+    # frames are counted from the video's start, also when decoding starts later
+    with pytest.warns(UserWarning, match=rf"at frame {first}; later frames"):
+        part, _, _ = decode_video(joined, 2)
+    np.testing.assert_array_equal(part, frames[2:])
+
+
+def test_a_video_too_large_for_memory_is_named(sign_sample, monkeypatch):
+    from signnet_jax.hht import video
+
+    real = video._FrameBuffer.append
+
+    def append(self, image):
+        if self.n == 3:
+            raise MemoryError
+        real(self, image)
+
+    monkeypatch.setattr(video._FrameBuffer, "append", append)
+    with pytest.raises(VideoError, match=(
+        rf"^{re.escape(str(sign_sample))}: too large to decode at once \(3 frames decoded before "
+        r"memory ran out\); use a part of it"
+    )):  # fmt: skip
+        decode_video(sign_sample)
+
+
+def test_a_start_past_the_end_says_how_many_frames_there_are(sign_sample):
+    with pytest.raises(VideoError, match=r"in \[80, the end\); it has 76 frames: start below 76$"):
+        decode_video(sign_sample, 80)
 
 
 def test_decoding_holds_the_frames_once(tmp_path):
