@@ -8,6 +8,7 @@ of main evaluates the checkpoint in the workdir, or ``config.init_from``.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any
@@ -135,19 +136,40 @@ def protocol(config: ml_collections.ConfigDict) -> dict:
 def eval_folder_name(
     source: str | os.PathLike, step: int, own: bool, config: ml_collections.ConfigDict
 ) -> str:
-    """``step_N_SxC`` (S clips x C crops per video), after the checkpoint's name for init_from.
+    """``step_N_SPLIT_SxC`` (S clips x C crops per video), after the checkpoint's name for
+    init_from.
 
-    A folder of its own per checkpoint, step and view count, so a training run's
-    metrics.json, CSV and PNG and other results are never overwritten. An init_from
+    A folder of its own per checkpoint, step, split and view count, so a training run's
+    metrics.json, CSV and PNG and other results are not overwritten (``evaluate`` also
+    refuses a folder holding another checkpoint's or protocol's result). An init_from
     checkpoint adds its folder's name (converted checkpoints all hold step 0), or its run's
     name for a run's ``checkpoints`` folder.
     """
     views = f"{config.data.test_num_segment}x{config.data.test_num_crop}"
-    name = f"step_{step}_{views}"
+    name = f"step_{step}_{config.test_split}_{views}"
     if own:
         return name
     path = pathlib.Path(source).absolute()
     return f"{path.parent.name if path.name == 'checkpoints' else path.name}_{name}"
+
+
+def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dict) -> None:
+    """Refuses to replace a result of another checkpoint or protocol (same folder name)."""
+    from signnet_jax import train
+
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # not a result of ours: replaced
+    before = (old.get("checkpoint"), old.get("step"), old.get("protocol"))
+    if before != (source, step, settings):
+        raise train.TrainingError(
+            f"{path.parent} holds the result of checkpoint {before[0]} step {before[1]} with "
+            f"protocol {before[2]}, not of {source} step {step} with {settings}; move it "
+            "away or give another --workdir"
+        )
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -190,6 +212,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train._log(f"warning: {warning}")
     train.check_eval_batch(eval_config, setup.mesh)
     out = workdir_path / "eval" / eval_folder_name(source, step, own, config)
+    _check_same_result(out / "metrics.json", str(source), step, protocol(config))
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
         out.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     c = tiny_config(records, mode="eval")
     again = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(c, str(tmp_path))
     assert again["test"]["per_instance"] == test["per_instance"]
-    out = tmp_path / "eval" / "step_12_3x1"  # 3 clips x 1 crop per video
+    out = tmp_path / "eval" / "step_12_test_3x1"  # 3 clips x 1 crop per video
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["step"] == 12
     assert saved["protocol"] == {
@@ -139,7 +139,18 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     # another view count is another result, beside the first
     one = tiny_config(records, mode="eval", **{"data.test_num_segment": 1})
     __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(one, str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_12_1x1", "step_12_3x1"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "step_12_test_1x1",
+        "step_12_test_3x1",
+    ]
+    assert json.loads((out / "metrics.json").read_text()) == saved
+    # the same folder name for another protocol (frames, sampling): refused, not overwritten
+    other = tiny_config(records, mode="eval", **{"data.sampling_rate": 1})
+    with pytest.raises(train.TrainingError, match=(
+        r"eval/step_12_test_3x1 holds the result of checkpoint .*checkpoints step 12 with "
+        r"protocol .*'sampling_rate': 2.* move it away or give another --workdir"
+    )):  # fmt: skip
+        __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(other, str(tmp_path))
     assert json.loads((out / "metrics.json").read_text()) == saved
 
 
@@ -580,9 +591,9 @@ def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
     (tmp_path / "c").rename(tmp_path / "run_c")
     evaluate_mode(tiny_config(records, mode="eval", init_from=str(run)), tmp_path / "w")
     assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
-        "ckpt_a_step_0_3x1",
-        "ckpt_b_step_0_3x1",
-        "run_c_step_0_3x1",
+        "ckpt_a_step_0_test_3x1",
+        "ckpt_b_step_0_test_3x1",
+        "run_c_step_0_test_3x1",
     ]
 
 
