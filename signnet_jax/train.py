@@ -688,11 +688,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
 
         stop_pending = None
+        # the trace starts after step profile_start, or after this run's first step when it
+        # resumed past that (the first step pays for the restore and the input warm-up)
+        after = config.train.profile_start if start <= config.train.profile_start else start + 1
         trace = _StepTrace(
-            workdir_path / "tensorboard",
-            max(config.train.profile_start, start),
-            min(config.train.profile_steps, last_step - max(config.train.profile_start, start)),
+            workdir_path / "tensorboard", after, min(config.train.profile_steps, last_step - after)
         )
+        if config.train.profile_steps > 0 and after >= last_step:
+            _log(
+                f"warning: train.profile_steps: no step to trace after step {after} (this run "
+                f"ends at step {last_step}); lower train.profile_start"
+            )
         with _Preemption() as preempt, _memory_advice(per_device), trace:
             while step < last_step:
                 trace.before(step)

@@ -908,6 +908,17 @@ def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
     plain = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "plain")
     np.testing.assert_array_equal(_losses(traced), _losses(plain))
     assert not (tmp_path / "plain" / "tensorboard" / "plugins").exists()
+    # resumed past profile_start: the trace starts after this run's first step
+    more = {**kw, "train.max_steps": 8, "train.profile_steps": 2, "train.profile_start": 1}
+    train.train_and_evaluate(tiny_config(records, **more), tmp_path / "w")
+    assert f"profile of steps 6-7 written to {logdir}/plugins/profile" in capsys.readouterr().out
+    # a window that cannot start is said so
+    late = {**kw, "train.profile_steps": 2, "train.profile_start": 10}
+    train.train_and_evaluate(tiny_config(records, **late), tmp_path / "late")
+    assert (
+        "warning: train.profile_steps: no step to trace after step 10 (this run ends at step 4)"
+        in capsys.readouterr().out
+    )
     with pytest.raises(train.TrainingError, match="train.profile_steps and train.profile_start"):
         train.train_and_evaluate(
             tiny_config(records, **kw, **{"train.profile_steps": -1}), tmp_path / "bad"
