@@ -47,11 +47,13 @@ def local_path(path: str | os.PathLike, write: bool = False) -> pathlib.Path:
     if m:
         url = f"{m[1]}://{m[2]}"
         args = f"-r LOCAL_DIR {url}" if write else f"-r {url} LOCAL_DIR"
-        copy = f"`gsutil -m cp {args}` (or `gcloud storage cp {args}`)"
+        copy = (
+            f" with `gsutil -m cp {args}` (or `gcloud storage cp {args}`)" if m[1] == "gs" else ""
+        )
         if write:
-            fix = f"write a local folder, then copy it with {copy}"
+            fix = f"write a local folder, then copy it{copy}"
         else:
-            fix = f"copy it to a local folder with {copy} and read that"
+            fix = f"copy it to a local folder{copy} and read that"
         raise CheckpointError(f"{url}: {m[1]}:// paths are not supported; {fix}")
     return pathlib.Path(path).expanduser().absolute()
 

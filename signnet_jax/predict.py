@@ -455,6 +455,11 @@ class Predictor:
             hht = self._tunneller.process_frames(frames, rate, times, name=str(video_path))
         timings["hht"] = _ms(time.perf_counter() - t0)
         notes = list(self.notes)
+        if fps is not None and rate == source_fps:
+            notes.append(
+                f"--fps {fps:g} is not below the video's {source_fps:g} fps: its frames are used "
+                "as they are"
+            )
         messages = []
         if len(frames) < 2:
             messages.append(

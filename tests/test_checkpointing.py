@@ -129,11 +129,8 @@ def test_steps_without_validation_do_not_warn(tmp_path, caplog):
         ),
         (
             "s3://b/y",
-            "s3://b/y: s3:// paths are not supported; write a local folder, then copy it "
-            "with `gsutil -m cp -r LOCAL_DIR s3://b/y` (or `gcloud storage cp -r LOCAL_DIR s3://b/y`)",
-            "s3://b/y: s3:// paths are not supported; copy it to a local folder with "
-            "`gsutil -m cp -r s3://b/y LOCAL_DIR` (or `gcloud storage cp -r s3://b/y LOCAL_DIR`) "
-            "and read that",
+            "s3://b/y: s3:// paths are not supported; write a local folder, then copy it",
+            "s3://b/y: s3:// paths are not supported; copy it to a local folder and read that",
         ),
     ],
 )

@@ -589,6 +589,13 @@ def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_p
     assert report["hht"]["frames"] == 76 and report["hht"]["fps"] == 25.0
     assert report["warnings"] == []
     assert report["source"]["frames"] == 152 and report["source"]["resampled_to_fps"] == 25.0
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", fast, "--json", "--fps", "60")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["hht"]["frames"] == 152 and report["source"]["resampled_to_fps"] is None
+    assert report["notes"][-1] == (
+        "--fps 60 is not below the video's 50 fps: its frames are used as they are"
+    )
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--checkpoint", workdir, "--video", fast, "--fps", "0")
     assert e.value.code == 2 and "--fps must be > 0, got 0.0" in capsys.readouterr().err
