@@ -189,13 +189,15 @@ def _mp4_without_index(path: pathlib.Path, size: int) -> bool:
     boxes = set()
     with open(path, "rb") as f:
         offset = 0
-        while offset + 8 <= size and len(boxes) < 64:
+        for _ in range(64):  # top-level boxes are few; a damaged file must not loop long
+            if offset + 8 > size:
+                break
             f.seek(offset)
             head = f.read(16)
             length, kind = int.from_bytes(head[:4], "big"), head[4:8]
             if length == 1 and len(head) == 16:  # a 64-bit size follows
                 length = int.from_bytes(head[8:16], "big")
-            if not kind.isalnum() and kind not in (b"free", b"skip"):
+            if not kind.isalnum():  # not a box: not an MP4
                 break
             boxes.add(kind)
             if length < 8:  # 0: to the end of the file
