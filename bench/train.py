@@ -72,17 +72,11 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
     """XLA's memory analysis of the compiled step (nothing runs), or None when the compiler
     says it does not fit the device."""
     cfg = setup.model_cfg
-    t, size = cfg.num_frames, cfg.img_size
     with jax.set_mesh(mesh):
         state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
-        spec = {
-            "clip": ((batch, t, size, size, 3), jnp.uint8),
-            "erase_box": ((batch, 4), jnp.int32),
-            "label": ((batch,), jnp.int32),
-        }
         abstract = {
             k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
-            for k, (shape, dt) in spec.items()
+            for k, (shape, dt) in train.batch_spec(batch, cfg).items()
         }
         step_fn = jax.jit(
             train.make_train_step(setup, config, tx, cfg.num_classes), donate_argnums=(0,)
@@ -91,7 +85,7 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
             lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
             return lowered.compile().memory_analysis()
         except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            if train.is_out_of_memory(e):
                 return None
             raise
 

@@ -198,12 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(source) < 2:
         print(f"warning: {args.video} has a single frame (a still image?)", file=sys.stderr)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     write_video(output, result.frames, result.fps)
     encode = time.perf_counter() - t0
     if preview is not None:
-        preview.parent.mkdir(parents=True, exist_ok=True)
         sheet = contact_sheet(
             source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
         )

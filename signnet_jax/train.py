@@ -396,15 +396,31 @@ class _StepTrace:
             self._stop()
 
 
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether an XLA runtime or compile error says the device memory ran out."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def batch_spec(clips: int, cfg: vit.ViTConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of each field of a global training batch of ``clips`` clips."""
+    t, s = cfg.num_frames, cfg.img_size
+    return {
+        "clip": ((clips, t, s, s, 3), jnp.uint8),
+        "erase_box": ((clips, 4), jnp.int32),
+        "label": ((clips,), jnp.int32),
+    }
+
+
 @contextlib.contextmanager
 def _memory_advice(clips_per_device: int):
     """Device out-of-memory errors become a TrainingError saying which settings help."""
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        if not is_out_of_memory(e):
             raise
+        text = str(e)
         first = text.strip().splitlines()[0][:300]
         raise TrainingError(
             f"the training step needs more device memory than there is ({first}); with "
@@ -608,20 +624,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_iter.set_state(data_state)
 
         clips = micro * config.data.repeated_aug
-        t, s = cfg.num_frames, cfg.img_size
-        batch_spec = {
-            "clip": ((clips, t, s, s, 3), jnp.uint8),
-            "erase_box": ((clips, 4), jnp.int32),
-            "label": ((clips,), jnp.int32),
-        }
+        spec = batch_spec(clips, cfg)
         # Several hosts must agree on stopping at SIGTERM (saving is collective): each host
         # writes its flag into its rows of the batch and the step reduces them.
         multi_host = jax.process_count() > 1
         if multi_host:
-            batch_spec["stop"] = ((clips,), jnp.bool_)
-        batch_sh = {
-            k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in batch_spec.items()
-        }
+            spec["stop"] = ((clips,), jnp.bool_)
+        batch_sh = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
         step_fn = jax.jit(
             make_train_step(setup, config, tx, len(setup.classes)),
             in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
@@ -634,7 +643,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 abstract_state,
                 {
                     k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
-                    for k, (shape, dt) in batch_spec.items()
+                    for k, (shape, dt) in spec.items()
                 },
                 jax.ShapeDtypeStruct((), jnp.int32),
             ).compile()
@@ -704,7 +713,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trace.before(step)
                 for a in range(accum):
                     local = next(train_iter)
-                    local = {k: local[k] for k in batch_spec if k != "stop"}
+                    local = {k: local[k] for k in spec if k != "stop"}
                     if multi_host:
                         local["stop"] = np.full(len(local["label"]), preempt.requested)
                     gb = sharding.global_batch(local, mesh)
