@@ -480,18 +480,34 @@ def _clean_stale(output: str, work: str) -> None:
             os.remove(os.path.join(work, name))
 
 
+def fps_summary(rates: Sequence[float]) -> dict[str, float] | None:
+    """The source frame rates of a split: min, median and max (None for no records)."""
+    if not rates:
+        return None
+    rates = sorted(rates)
+    return {
+        "min": round(rates[0], 3),
+        "median": round(float(np.median(rates)), 3),
+        "max": round(rates[-1], 3),
+    }
+
+
 def _write_split(
     output: str, split: str, rec_paths: list[str], shard_bytes: int
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+    """Writes a split's shards; returns them and the split's frame-rate summary."""
     sizes = [os.path.getsize(p) for p in rec_paths]
     groups = _assign_shards(sizes, shard_bytes)
     shards = []
+    rates = []
     for i, group in enumerate(groups):
         name = records.shard_name(split, i, len(groups))
         with records.TFRecordWriter(os.path.join(output, name)) as w:
             for j in group:
                 with open(rec_paths[j], "rb") as f:
-                    w.write(f.read())
+                    data = f.read()
+                rates.append(float(records.decode_example(data)["fps"][0]))
+                w.write(data)
         shards.append(
             {
                 "file": name,
@@ -505,7 +521,7 @@ def _write_split(
     for name in os.listdir(output):
         if pattern.fullmatch(name) and name not in keep:
             os.remove(os.path.join(output, name))  # from an earlier build with other sizes
-    return shards
+    return shards, fps_summary(rates)
 
 
 def build(
@@ -618,8 +634,8 @@ def build(
             )
         splits_info = {}
         for split, counts in per_split.items():
-            shards = _write_split(output, split, rec_paths.get(split, []), shard_bytes)
-            splits_info[split] = {**counts, "shards": shards}
+            shards, fps = _write_split(output, split, rec_paths.get(split, []), shard_bytes)
+            splits_info[split] = {**counts, "fps": fps, "shards": shards}
         _atomic_write(
             os.path.join(output, FAILURES),
             "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode(),

@@ -641,6 +641,7 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
             "num_entries": len(order),
             "num_records": len(order),
             "num_failures": 0,
+            "fps": build_records.fps_summary([FPS] * len(order)),
             "shards": shards,
         }
     # Shards of an earlier build with other counts, and temporaries of an interrupted one.

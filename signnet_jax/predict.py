@@ -201,13 +201,47 @@ def _jpeg_round_trip(frames: np.ndarray, quality: int) -> list[bytes]:
     return out
 
 
-# A frame rate above this gets a warning (sign datasets are mostly 25-30 fps).
+# Without the training videos' frame rate in the checkpoint, a rate above this gets a warning
+# (the published models saw 25-30 fps videos).
 HIGH_FPS = 40
+# With it, a rate more than this factor above or below it gets a warning.
+FPS_TOLERANCE = 1.5
+
+
+def frame_rate_warning(name: str, rate: float, train_fps: float | None) -> str | None:
+    """A warning when a video's frame rate is far from the training videos' (None if not).
+
+    Args:
+      name: what the message calls the video.
+      rate: the frame rate the model will see.
+      train_fps: the training videos' median frame rate (checkpoint ``train_fps``), or None.
+    """
+    if train_fps is None:
+        if rate > HIGH_FPS:
+            return (
+                f"{name} runs at {rate:g} fps; the published models were trained on videos of "
+                "about 25-30 fps, so each clip covers a shorter stretch of the sign than in "
+                "training; try --fps 30"
+            )
+        return None
+    trained = f"this model was trained on videos of {train_fps:g} fps (median)"
+    if rate > train_fps * FPS_TOLERANCE:
+        return (
+            f"{name} runs at {rate:g} fps; {trained}, so each clip covers a shorter stretch "
+            f"of the sign than in training; try --fps {train_fps:g}"
+        )
+    if rate * FPS_TOLERANCE < train_fps:
+        return (
+            f"{name} runs at {rate:g} fps; {trained}, so each clip covers a longer stretch "
+            f"of the sign than in training; try --fps {train_fps:g} (repeats frames)"
+        )
+    return None
 
 
 def resample(frames: np.ndarray, times: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """The frames of a lower frame rate: at each time ``times[0] + k / fps`` up to the last
-    frame's time, the latest frame shown at that time (exact for variable frame rates too).
+    """The frames at another frame rate: at each time ``times[0] + k / fps`` up to the last
+    frame's time, the latest frame shown at that time (exact for variable frame rates too;
+    a higher rate repeats frames).
 
     Args:
       frames: (N, ...) frames in order.
@@ -333,6 +367,11 @@ class Predictor:
             self.hht_settings = HHTSettings() if hht is None else HHTSettings.from_dict(hht)
         except (TypeError, ValueError) as e:
             raise PredictError(f"{where}: unusable checkpoint metadata: {e}") from e
+        train_fps = meta.get("train_fps")
+        # the training videos' median frame rate (None: not recorded, e.g. converted checkpoints)
+        self.train_fps = (
+            float(train_fps) if isinstance(train_fps, int | float) and train_fps > 0 else None
+        )
         self.classes, generated = _class_names(meta, self.model_cfg.num_classes, where)
         if generated:
             self.notes.append(
@@ -414,8 +453,9 @@ class Predictor:
           save_hht: if given, the tunnelled video is also written there (H.264 MP4).
           start_frame: first source frame used.
           end_frame: one past the last source frame used (None: to the end).
-          fps: a lower frame rate to resample the video to first (``resample``), e.g. 30
-            for a 60 fps phone recording; None keeps the video's own frames.
+          fps: a frame rate to resample the video to first (``resample``), e.g. 30 for a
+            60 fps phone recording (a higher rate repeats frames); None keeps the video's
+            own frames.
 
         Returns:
           The prediction (``report`` as described in ``predict``).
@@ -445,7 +485,7 @@ class Predictor:
             raise PredictError(str(e)) from e
         decoded = len(frames)
         rate = source_fps
-        if fps is not None and fps < source_fps:
+        if fps is not None and fps != source_fps:
             frames, times = resample(frames, times, fps)
             rate = fps
         timings["decode"] = _ms(time.perf_counter() - t_start)
@@ -455,10 +495,10 @@ class Predictor:
             hht = self._tunneller.process_frames(frames, rate, times, name=str(video_path))
         timings["hht"] = _ms(time.perf_counter() - t0)
         notes = list(self.notes)
-        if fps is not None and rate == source_fps:
+        if fps is not None and fps > source_fps:
             notes.append(
-                f"--fps {fps:g} is not below the video's {source_fps:g} fps: its frames are used "
-                "as they are"
+                f"--fps {fps:g} is above the video's {source_fps:g} fps: frames are repeated "
+                f"({len(frames)} from {decoded})"
             )
         messages = []
         if len(frames) < 2:
@@ -466,12 +506,9 @@ class Predictor:
                 f"{video_path} has a single frame (a still image?); the model was trained on "
                 "clips of a moving signer, so this prediction means little"
             )
-        if rate > HIGH_FPS and fps is None:
-            messages.append(
-                f"{video_path} runs at {rate:g} fps; the published models were trained on videos "
-                "of about 25-30 fps, so each clip covers a shorter stretch of the sign than in "
-                "training; try --fps 30"
-            )
+        rate_warning = frame_rate_warning(str(video_path), rate, self.train_fps)
+        if rate_warning and fps is None:
+            messages.append(rate_warning)
         s = self.input_settings
         span = s.num_frames * s.sampling_rate  # source frames one clip covers
         seen = min(s.test_num_segment * span, len(frames))
@@ -528,6 +565,7 @@ class Predictor:
                 "frames_per_clip": s.num_frames,
                 "sampling_rate": s.sampling_rate,
                 "size": s.short_side_size,
+                "train_fps": self.train_fps,  # the training videos' median frame rate
             },
             "hht": {
                 "frames": int(len(hht.frames)),
@@ -558,7 +596,7 @@ class Predictor:
           save_hht: if given, the tunnelled video is also written there.
           start_frame: first source frame used.
           end_frame: one past the last source frame used (None: to the end).
-          fps: a lower frame rate to resample the video to first (see ``run``).
+          fps: a frame rate to resample the video to first (see ``run``).
 
         Returns:
           JSON-able dict: ``video``, ``source`` (frames decoded, fps, start_frame,
@@ -640,8 +678,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
     p.add_argument(
         "--fps", type=float,
-        help="resample to this lower frame rate first, e.g. 30 for a 60 fps phone video "
-        "(default: the video's own frames)",
+        help="resample to this frame rate first, e.g. 30 for a 60 fps phone video; a rate "
+        "above the video's repeats frames (default: the video's own frames)",
     )  # fmt: skip
     p.add_argument("--start-frame", type=int, default=0, help="first frame used (default 0)")
     p.add_argument(

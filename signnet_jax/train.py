@@ -468,6 +468,9 @@ def checkpoint_meta(setup: Setup, config) -> dict:
             "test_num_crop": config.data.test_num_crop,
             "jpeg_quality": setup.info.get("jpeg_quality"),
         },
+        # Median source frame rate of the training videos (None for records built before
+        # dataset_info had it): predict compares a new video's rate with it.
+        "train_fps": (setup.info["splits"][config.train_split].get("fps") or {}).get("median"),
         "source": {"format": "signnet_jax train", "records_dir": config.records_dir},
         "config": json.loads(config.to_json_best_effort()),
     }

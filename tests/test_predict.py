@@ -222,6 +222,8 @@ def test_smoke_trained_checkpoint(smoke_workdir, sign_sample):
         assert p.classes == info["classes"]
         assert p.hht_settings == HHTSettings.from_dict(info["hht_settings"])
         assert p.input_settings == predict.InputSettings(8, 2, 64, 64, 3, 1, 90)
+        # and so does the training videos' frame rate
+        assert p.train_fps == info["splits"]["train"]["fps"]["median"] == 25.0
     _check_top_k(run.report["top_k"], run.probabilities, info["classes"], 5)
     assert run.views.shape == (3, 8, 64, 64, 3)
     assert run.report["checkpoint"] == str(smoke_workdir / "workdir" / "checkpoints")
@@ -592,10 +594,52 @@ def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_p
     code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", fast, "--json", "--fps", "60")
     assert code == 0, err
     report = json.loads(out)
-    assert report["hht"]["frames"] == 152 and report["source"]["resampled_to_fps"] is None
+    # ticks every 1/60 s up to the last frame at 151/50 s: floor(181.2) + 1
+    assert report["hht"]["frames"] == 182 and report["source"]["resampled_to_fps"] == 60.0
     assert report["notes"][-1] == (
-        "--fps 60 is not below the video's 50 fps: its frames are used as they are"
+        "--fps 60 is above the video's 50 fps: frames are repeated (182 from 152)"
     )
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--checkpoint", workdir, "--video", fast, "--fps", "0")
     assert e.value.code == 2 and "--fps must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_frame_rate_warning_uses_the_training_videos_rate():
+    # not recorded: only a rate above HIGH_FPS (40) is named
+    assert predict.frame_rate_warning("v.mp4", 40, None) is None
+    assert predict.frame_rate_warning("v.mp4", 12, None) is None
+    assert predict.frame_rate_warning("v.mp4", 50, None).startswith(
+        "v.mp4 runs at 50 fps; the published models were trained on videos of about 25-30"
+    )
+    # recorded 25 fps: warned above 37.5 and below 16.67 fps, each with the fix
+    assert predict.frame_rate_warning("v.mp4", 37.5, 25.0) is None
+    assert predict.frame_rate_warning("v.mp4", 50 / 3, 25.0) is None
+    assert predict.frame_rate_warning("v.mp4", 38, 25.0) == (
+        "v.mp4 runs at 38 fps; this model was trained on videos of 25 fps (median), so each "
+        "clip covers a shorter stretch of the sign than in training; try --fps 25"
+    )
+    assert predict.frame_rate_warning("v.mp4", 12.5, 25.0) == (
+        "v.mp4 runs at 12.5 fps; this model was trained on videos of 25 fps (median), so each "
+        "clip covers a longer stretch of the sign than in training; try --fps 25 (repeats frames)"
+    )
+    # a 60 fps model (recorded) takes a 60 fps video as it is
+    assert predict.frame_rate_warning("v.mp4", 60, 60.0) is None
+
+
+def test_cli_low_frame_rate_warns_by_the_checkpoints_training_rate(sign_sample, tmp_path, capsys):
+    ckpt = _save_tiny(tmp_path / "ckpt", train_fps=25.0)
+    slow = tmp_path / "slow.mp4"
+    write_video(slow, read_video(sign_sample)[0][::2], 12.5)  # the sign at half the rate
+    code, out, err = _cli(capsys, "--checkpoint", ckpt, "--video", slow, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["views"]["train_fps"] == 25.0
+    assert report["warnings"] == [predict.frame_rate_warning(str(slow), 12.5, 25.0)]
+    code, out, err = _cli(capsys, "--checkpoint", ckpt, "--video", slow, "--json", "--fps", "25")
+    assert code == 0, err
+    report = json.loads(out)
+    # 38 frames at 0.08 s steps, shown at 0.04 s ticks up to 2.96 s: each twice but the last
+    assert report["hht"]["frames"] == 75 and report["warnings"] == []
+    assert report["notes"][-1] == (
+        "--fps 25 is above the video's 12.5 fps: frames are repeated (75 from 38)"
+    )

@@ -125,6 +125,9 @@ def test_end_to_end_real_hht(built, dataset, sign_sample):
         "test": (1, 1),
     }
     assert splits["val"]["shards"] == []
+    # the source frame rates, which training checkpoints pass on to predict
+    assert splits["train"]["fps"] == {"min": 25.0, "median": 25.0, "max": 25.0}
+    assert splits["val"]["fps"] is None
 
     failures = [json.loads(line) for line in (built / "failures.jsonl").read_text().splitlines()]
     assert {f["video_id"]: f["reason"] for f in failures} == BAD
@@ -164,6 +167,16 @@ def test_end_to_end_real_hht(built, dataset, sign_sample):
         err = np.abs(decoded.astype(np.int16) - ref.frames.astype(np.int16))
         assert decoded.shape == ref.frames.shape
         assert err.mean() < 3.0, f"{vid}: JPEG q90 error {err.mean():.2f} too large"
+
+
+def test_fps_summary():
+    assert build_records.fps_summary([30, 25, 29.97, 60]) == {
+        "min": 25.0, "median": 29.985, "max": 60.0,
+    }  # fmt: skip
+    assert build_records.fps_summary([24000 / 1001]) == {
+        "min": 23.976, "median": 23.976, "max": 23.976,
+    }  # fmt: skip
+    assert build_records.fps_summary([]) is None
 
 
 def test_index_agrees_with_records(built):
