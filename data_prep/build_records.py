@@ -31,7 +31,6 @@ import signal
 import sys
 import time
 import traceback
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 
 from data_prep import manifests
 from signnet_jax.data import records
+from signnet_jax.files import atomic_write
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
@@ -167,13 +167,6 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> Outcome:
     """Runs H&HT on one entry and caches its record (or its failure) under work_dir.
 
@@ -228,7 +221,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
                     out.detail = f"{task.video_path}: no frames in [{start}, {end})"
                 else:
                     record = make_example(task.entry, result, jpeg_quality)
-                    _atomic_write(os.path.join(work_dir, task.key + ".rec"), record)
+                    atomic_write(os.path.join(work_dir, task.key + ".rec"), record)
                     out.ok, out.num_frames = True, len(result.frames)
     except TruncatedVideoError as e:
         out.reason, out.detail = TRUNCATED, str(e)
@@ -245,7 +238,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
         out.detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
     if not out.ok and out.reason not in RETRIED:
         info = {"reason": out.reason, "detail": out.detail}
-        _atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
+        atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -636,7 +629,7 @@ def build(
         for split, counts in per_split.items():
             shards, fps = _write_split(output, split, rec_paths.get(split, []), shard_bytes)
             splits_info[split] = {**counts, "fps": fps, "shards": shards}
-        _atomic_write(
+        atomic_write(
             os.path.join(output, FAILURES),
             "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode(),
         )
@@ -654,7 +647,7 @@ def build(
             "features": RECORD_FEATURES,
             "index": "NAME.tfrecord.index beside each shard: one 'offset length' line per record",
         }
-        _atomic_write(
+        atomic_write(
             os.path.join(output, records.DATASET_INFO),
             (json.dumps(dataset_info, indent=1) + "\n").encode(),
         )

@@ -10,7 +10,6 @@ by source. Exit status 1 on a bad input, with nothing written.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -19,6 +18,7 @@ import warnings
 import cv2
 import numpy as np
 
+from signnet_jax.files import atomic_write
 from signnet_jax.hht import (
     HHTSettings,
     Tunneller,
@@ -29,7 +29,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
-from signnet_jax.hht.video import check_writable, decode_video, private_temp
+from signnet_jax.hht.video import check_writable, decode_video
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,14 +115,10 @@ def format_coverage(box_source: np.ndarray) -> str:
 
 
 def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
-    tmp = private_temp(path, ".png")
-    try:
-        if not cv2.imwrite(tmp, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"{path}: could not write PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: could not encode PNG")
+    atomic_write(path, png.tobytes())
 
 
 def main(argv: list[str] | None = None) -> int:

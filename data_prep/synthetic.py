@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ import numpy as np
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
+from signnet_jax.files import atomic_write
 from signnet_jax.hht import HHTSettings, compose_frames
 
 TOOL = "data_prep.synthetic"
@@ -568,19 +568,6 @@ def make_video(
     return entry, rendered, tunnelled
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 _STALE = re.compile(
     r"(.*-\d{5}-of-\d{5}\.tfrecord(\.index)?|"
     + re.escape(build_records.FAILURES)
@@ -648,7 +635,7 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
     for name in os.listdir(output):
         if _STALE.fullmatch(name) and name not in written:
             os.remove(os.path.join(output, name))
-    _atomic_write(os.path.join(output, build_records.FAILURES), b"")
+    atomic_write(os.path.join(output, build_records.FAILURES), b"", fsync=True)
     num_records = sum(s["num_records"] for s in splits_info.values())
     info = {
         "tool": {
@@ -682,7 +669,7 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
         "features": build_records.RECORD_FEATURES,
         "index": "NAME.tfrecord.index beside each shard: one 'offset length' line per record",
     }
-    _atomic_write(info_path, (json.dumps(info, indent=1) + "\n").encode())
+    atomic_write(info_path, (json.dumps(info, indent=1) + "\n").encode(), fsync=True)
     return info
 
 

@@ -25,11 +25,12 @@ import csv
 import io
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from signnet_jax.files import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # Input checks
@@ -226,21 +227,6 @@ def accuracy_report(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_metrics_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
     """Writes a report (e.g. `accuracy_report`'s, possibly extended) as indented JSON.
 
@@ -256,7 +242,7 @@ def write_metrics_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
             return o.tolist()
         raise TypeError(f"metrics report: {type(o).__name__} is not JSON serializable")
 
-    _atomic_write(path, (json.dumps(report, indent=1, default=default) + "\n").encode())
+    atomic_write(path, (json.dumps(report, indent=1, default=default) + "\n").encode())
 
 
 def confused_pairs(video_probs: Any, labels: Any) -> list[tuple[int, int, int]]:
@@ -321,7 +307,7 @@ def write_per_class_csv(
         top5 = f"{hits5[c] / n:.4f}" if n else ""
         pred, count = worst.get(c, (None, 0))
         writer.writerow([c, names[c], n, top1, top5, "" if pred is None else names[pred], count])
-    _atomic_write(path, buf.getvalue().encode("utf-8"))
+    atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
 def _short(name: str, limit: int = 28) -> str:
@@ -390,7 +376,7 @@ def plot_confused_pairs(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def plot_training_curves(
@@ -447,4 +433,4 @@ def plot_training_curves(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
