@@ -310,7 +310,8 @@ def write_per_class_csv(
     atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
-def _short(name: str, limit: int = 28) -> str:
+def short_name(name: str, limit: int = 28) -> str:
+    """A class name cut to ``limit`` characters for plot labels."""
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
@@ -357,7 +358,7 @@ def plot_confused_pairs(
         ax.set_title("Most confused class pairs (true → predicted)")
     else:
         counts = [c for _, _, c in shown]
-        ylabels = [f"{_short(names[t])} → {_short(names[p])}" for t, p, _ in shown]
+        ylabels = [f"{short_name(names[t])} → {short_name(names[p])}" for t, p, _ in shown]
         y = np.arange(len(shown))
         ax.barh(y, counts, height=0.7, color="#c0504d")
         ax.set_ylim(len(shown) - 0.4, -0.6)  # most frequent on top, even spacing for few bars

@@ -1,7 +1,8 @@
 """Predict the sign in a raw video: H&HT -> the multi-view test protocol -> top-k glosses.
 
 python -m signnet_jax.predict --checkpoint DIR --video IN [--top-k 5] [--json] \
-    [--save-hht OUT.mp4] [--models DIR] [--batch N] [--step latest|best|N]
+    [--save-hht OUT.mp4] [--preview OUT.png] [--fps F] [--start-frame N] [--end-frame M] \
+    [--models DIR] [--batch N] [--step latest|best|N]
 
 The video goes through exactly what an evaluation of the same video would see:
 H&HT with the checkpoint's settings, the tunnelled frames JPEG-encoded as the
@@ -33,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from signnet_jax import checkpointing
+from signnet_jax import checkpointing, metrics
 from signnet_jax.data import device, pipeline
+from signnet_jax.files import atomic_write
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
 from signnet_jax.hht.models import ModelFileError
+from signnet_jax.hht.preview import contact_sheet
 from signnet_jax.hht.video import (
     VideoError,
     VideoWarning,
@@ -649,6 +652,91 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def preview_figure(prediction: Prediction, top: int = 5):
+    """A picture of one prediction: the H&HT contact sheet (source frames with the head and
+    hand boxes beside the tunnelled frames) above the top glosses' probabilities, and the
+    warnings below them.
+
+    Args:
+      prediction: what ``Predictor.run`` returned.
+      top: glosses shown (at most the report's top_k).
+
+    Returns:
+      A matplotlib Figure with an Agg canvas (``fig.savefig`` writes it; no pyplot state).
+    """
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    report = prediction.report
+    h, src, v = prediction.hht, report["source"], report["views"]
+    resampled = src["resampled_to_fps"] is not None
+    sheet = contact_sheet(
+        prediction.source_frames,
+        h.frames,
+        h.boxes,
+        h.box_source,
+        first_frame=0 if resampled else src["start_frame"],
+    )
+    ranked = report["top_k"][:top]
+    notes = [f"warning: {w}" for w in report["warnings"]]
+    wrapped = [line for n in notes for line in textwrap.wrap(n, 110, subsequent_indent="  ")]
+    width = 10.0
+    heights = [width * sheet.shape[0] / sheet.shape[1], 0.38 * len(ranked) + 0.9]
+    if wrapped:
+        heights.append(0.2 * len(wrapped) + 0.2)
+    # One subfigure a part, each laid out on its own: the gloss labels do not push the
+    # contact sheet aside.
+    fig = Figure(figsize=(width, sum(heights) + 0.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    parts = fig.subfigures(len(heights), 1, height_ratios=heights)
+    ax = parts[0].subplots()
+    ax.imshow(sheet)
+    ax.axis("off")
+    frames = f"{h.fps:g} fps after resampling" if resampled else f"{h.fps:g} fps"
+    ax.set_title(
+        f"{pathlib.Path(report['video']).name}: {len(h.frames)} frames ({frames}); H&HT boxes "
+        "(landmark / pose fallback / interpolated) and the tunnelled frames",
+        fontsize=10,
+    )
+    ax = parts[1].subplots()
+    names = [metrics.short_name(t["gloss"]) for t in ranked]
+    probs = [t["probability"] for t in ranked]
+    y = np.arange(len(ranked))
+    ax.barh(y, probs, height=0.7, color=["#2ca02c"] + ["#7f7f7f"] * (len(ranked) - 1))
+    ax.set_yticks(y, names, fontsize=10)
+    ax.set_ylim(len(ranked) - 0.4, -0.6)  # rank 1 on top
+    for yi, p in zip(y, probs, strict=True):
+        ax.text(p, yi, f" {p:.3f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel(
+        f"probability (softmax averaged over {_count(v['count'], 'view')}: "
+        f"{_count(v['clips'], 'clip')} x {_count(v['crops'], 'crop')})",
+        fontsize=9,
+    )
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title(
+        f"top {len(ranked)} of {len(prediction.probabilities)} glosses, checkpoint step "
+        f"{report['step']}",
+        fontsize=10,
+    )
+    if wrapped:
+        ax = parts[2].subplots()
+        ax.axis("off")
+        ax.text(0, 1, "\n".join(wrapped), va="top", fontsize=8.5, color="#b03020")
+    return fig
+
+
+def write_preview(path: str | os.PathLike, prediction: Prediction, top: int = 5) -> None:
+    """Writes ``preview_figure`` as a PNG, whole or not at all."""
+    import io
+
+    buf = io.BytesIO()
+    preview_figure(prediction, top).savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
+
+
 def with_startup(startup_ms: dict[str, float], video_ms: dict[str, float]) -> dict[str, float]:
     """A video's timings after the predictor's start-up ones, its total counting both."""
     video_ms = dict(video_ms)
@@ -659,6 +747,18 @@ def with_startup(startup_ms: dict[str, float], video_ms: dict[str, float]) -> di
 def format_timings(timings_ms: dict[str, float]) -> str:
     """One line: 'load 812 ms | compile 1503 ms | ...'."""
     return " | ".join(f"{k} {v:.0f} ms" for k, v in timings_ms.items())
+
+
+def _check_preview(path: str, video: str, save_hht: str | None) -> None:
+    """Refuses a --preview that cannot be written, before any work."""
+    if pathlib.Path(path).suffix.lower() != ".png":
+        raise PredictError(f"--preview {path} must end in .png (it is a PNG picture)")
+    if save_hht is not None and pathlib.Path(path).resolve() == pathlib.Path(save_hht).resolve():
+        raise PredictError(f"--preview and --save-hht are both {path}; give two file names")
+    try:
+        check_writable(path, "--preview", source=video)
+    except VideoError as e:
+        raise PredictError(str(e)) from e
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -676,6 +776,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
+    p.add_argument(
+        "--preview",
+        metavar="OUT.png",
+        help="also write a picture: the H&HT contact sheet above the top glosses",
+    )
     p.add_argument(
         "--fps", type=float,
         help="resample to this frame rate first, e.g. 30 for a 60 fps phone video; a rate "
@@ -725,22 +830,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: video {args.video} does not exist", file=sys.stderr)
         return 1
     try:
+        if args.preview is not None:
+            _check_preview(args.preview, args.video, args.save_hht)
         with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
-            report = predictor.predict(
+            prediction = predictor.run(
                 args.video, args.top_k, args.save_hht, args.start_frame, args.end_frame, args.fps
             )
             startup = predictor.startup_ms
+        if args.preview is not None:
+            try:
+                write_preview(args.preview, prediction)
+            except OSError as e:
+                raise PredictError(f"cannot write --preview {args.preview}: {e}") from e
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    report = prediction.report
     report["timings_ms"] = with_startup(startup, report["timings_ms"])
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"timings: {format_timings(report['timings_ms'])}", file=sys.stderr)
-    if args.save_hht:
-        print(f"wrote {args.save_hht}", file=sys.stderr)
+    for written in (args.save_hht, args.preview):
+        if written:
+            print(f"wrote {written}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

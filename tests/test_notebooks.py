@@ -6,6 +6,7 @@ import pathlib
 import re
 import shutil
 
+import cv2
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -135,7 +136,8 @@ def test_predict_notebook_smoke(train_run, tmp_path, shared_dir, monkeypatch):
     parts = dict(p.rsplit(" ", 2)[:2] for p in line.removeprefix("timings: ").split(" | "))
     times = {k: float(v) for k, v in parts.items()}
     assert times["total"] >= sum(v for k, v in times.items() if k != "total") - 5  # rounding
-    assert _images(nb) == 2  # the contact sheet and the top-5 bar chart
+    assert _images(nb) == 1  # the preview: the contact sheet above the top-5 bar chart
+    assert cv2.imread(str(tmp_path / "sign_sample_preview.png")).shape[1] == 1000
     report = json.loads((tmp_path / "prediction.json").read_text())
     assert len(report["top_k"]) == 5 and report["hht"]["frames"] == 76
     probs = [t["probability"] for t in report["top_k"]]

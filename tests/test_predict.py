@@ -3,6 +3,7 @@
 import json
 import os
 
+import cv2
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -643,3 +644,65 @@ def test_cli_low_frame_rate_warns_by_the_checkpoints_training_rate(sign_sample, 
     assert report["notes"][-1] == (
         "--fps 25 is above the video's 12.5 fps: frames are repeated (75 from 38)"
     )
+
+
+def _figure_texts(fig):
+    import matplotlib.text
+
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+
+
+def test_cli_preview_picture(workdir, sign_sample, tmp_path, capsys):
+    png = tmp_path / "clip.png"
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", sign_sample, "--preview", png, "--json",
+        "--top-k", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"wrote {png}" in err
+    report = json.loads(out)
+    image = cv2.imread(str(png))
+    assert image is not None and image.shape[1] == 1000  # 10 in at 100 dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.png"]  # no temporaries
+    # what it shows: the glosses ranked as in the report, and no warnings for this video
+    with predict.Predictor(workdir) as p:
+        fig = predict.preview_figure(p.run(sign_sample, top_k=3))
+    texts = _figure_texts(fig)
+    bars = fig.subfigs[1].axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == [t["gloss"] for t in report["top_k"]]
+    assert [b.get_width() for b in bars.patches] == [t["probability"] for t in report["top_k"]]
+    assert "top 3 of 7 glosses, checkpoint step 0" in texts
+    assert not any(t.startswith("warning: ") for t in texts)
+
+
+def test_preview_shows_the_warnings(workdir, sign_sample, tmp_path):
+    fast = tmp_path / "fast.mp4"
+    write_video(fast, np.repeat(read_video(sign_sample)[0], 2, axis=0), 50.0)
+    with predict.Predictor(workdir) as p:
+        run, resampled = p.run(fast), p.run(fast, fps=25)
+    fig = predict.preview_figure(run)
+    assert len(fig.subfigs) == 3
+    (shown,) = [t for t in _figure_texts(fig) if t.startswith("warning: ")]
+    assert " ".join(shown.split()) == f"warning: {run.report['warnings'][0]}"
+    # resampled: no warning, and the title says the frames are counted after resampling
+    assert resampled.report["warnings"] == []
+    fig = predict.preview_figure(resampled)
+    assert len(fig.subfigs) == 2
+    assert any("76 frames (25 fps after resampling)" in t for t in _figure_texts(fig))
+
+
+def test_cli_preview_that_cannot_be_written_stops_first(sign_sample, tmp_path, capsys):
+    # checked before the checkpoint is even read: a missing one is not what is reported
+    missing = tmp_path / "no_checkpoint"
+    (tmp_path / "taken.png").mkdir()
+    for extra, message in [
+        (["--preview", tmp_path / "out.jpg"], f"--preview {tmp_path / 'out.jpg'} must end in .png"),
+        (["--preview", tmp_path / "taken.png"], f"--preview {tmp_path / 'taken.png'} is a folder"),
+        (["--preview", tmp_path / "no" / "out.png"], f"folder {tmp_path / 'no'} does not exist"),
+        (
+            ["--preview", tmp_path / "x.png", "--save-hht", tmp_path / "x.png"],
+            f"--preview and --save-hht are both {tmp_path / 'x.png'}",
+        ),
+    ]:
+        _expect_error(capsys, message, "--checkpoint", missing, "--video", sign_sample, *extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
