@@ -472,12 +472,7 @@ class Predictor:
         if fps is not None and not fps > 0:
             raise PredictError(f"fps must be > 0, got {fps}")
         if save_hht is not None:
-            if pathlib.Path(save_hht).suffix.lower() != ".mp4":
-                raise PredictError(f"--save-hht {save_hht} must end in .mp4 (it is H.264 MP4)")
-            try:
-                check_writable(save_hht, "--save-hht", source=video_path)
-            except VideoError as e:
-                raise PredictError(str(e)) from e
+            check_output("--save-hht", save_hht, video_path)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
@@ -749,18 +744,6 @@ def format_timings(timings_ms: dict[str, float]) -> str:
     return " | ".join(f"{k} {v:.0f} ms" for k, v in timings_ms.items())
 
 
-def _check_preview(path: str, video: str, save_hht: str | None) -> None:
-    """Refuses a --preview that cannot be written, before any work."""
-    if pathlib.Path(path).suffix.lower() != ".png":
-        raise PredictError(f"--preview {path} must end in .png (it is a PNG picture)")
-    if save_hht is not None and pathlib.Path(path).resolve() == pathlib.Path(save_hht).resolve():
-        raise PredictError(f"--preview and --save-hht are both {path}; give two file names")
-    try:
-        check_writable(path, "--preview", source=video)
-    except VideoError as e:
-        raise PredictError(str(e)) from e
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m signnet_jax.predict",
@@ -772,7 +755,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         required=True,
         help="model checkpoint folder (signnet_jax.convert or training) or a training workdir",
     )
-    p.add_argument("--video", required=True, help="raw video file")
+    p.add_argument(
+        "--video",
+        required=True,
+        nargs="+",
+        metavar="IN",
+        help="raw video file(s), or folders of them; several videos share one model load and "
+        "print one report each (JSON Lines with --json)",
+    )
     p.add_argument("--top-k", type=int, default=5, help="classes to report (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save-hht", metavar="OUT.mp4", help="also write the tunnelled video")
@@ -819,47 +809,174 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+# What a --video folder is searched for (by file suffix, case-insensitive).
+VIDEO_SUFFIXES = (
+    ".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp",
+)  # fmt: skip
+
+
+def find_videos(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+    """The videos behind ``--video``: files as given, folders as their video files (by
+    ``VIDEO_SUFFIXES``, sorted, not recursive); a file named twice is kept once.
+
+    Raises:
+      PredictError: a path that does not exist, or a folder without video files.
+    """
+    found: list[pathlib.Path] = []
+    for path in map(pathlib.Path, paths):
+        if path.is_dir():
+            inside = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+            )
+            if not inside:
+                raise PredictError(
+                    f"video folder {path} holds no video files ({' '.join(VIDEO_SUFFIXES)})"
+                )
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise PredictError(f"video {path} does not exist")
+    seen: set[pathlib.Path] = set()
+    unique = []
+    for path in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
+
+
+# What each output flag writes: its file suffix and what the file is.
+OUTPUTS = {"--save-hht": (".mp4", "H.264 MP4"), "--preview": (".png", "a PNG picture")}
+
+
+def check_output(flag: str, path: str | os.PathLike, video: str | os.PathLike) -> None:
+    """Refuses an output file of ``flag`` (see ``OUTPUTS``) that has the wrong suffix, is a
+    folder or the input video, or cannot be written.
+
+    Raises:
+      PredictError: naming the flag, the path and the fix.
+    """
+    suffix, kind = OUTPUTS[flag]
+    if pathlib.Path(path).suffix.lower() != suffix:
+        raise PredictError(f"{flag} {path} must end in {suffix} (it is {kind})")
+    try:
+        check_writable(path, flag, source=video)
+    except VideoError as e:
+        raise PredictError(str(e)) from e
+
+
+def _output_paths(
+    flag: str, target: str | None, videos: list[pathlib.Path], tag: str
+) -> list[pathlib.Path | None]:
+    """Where ``--save-hht``/``--preview`` write for each video: the file given (one video), or
+    ``STEM_TAG.SUFFIX`` inside the folder given; all checked before any work.
+
+    Raises:
+      PredictError: a file name for several videos, a wrong suffix, two videos with one
+        output name, or a place that cannot be written.
+    """
+    if target is None:
+        return [None] * len(videos)
+    if pathlib.Path(target).is_dir():
+        paths = [pathlib.Path(target) / f"{v.stem}_{tag}{OUTPUTS[flag][0]}" for v in videos]
+        by_name: dict[pathlib.Path, list[pathlib.Path]] = {}
+        for v, path in zip(videos, paths, strict=True):
+            by_name.setdefault(path, []).append(v)
+        for path, same in by_name.items():
+            if len(same) > 1:
+                raise PredictError(
+                    f"{flag} {target}: videos {' and '.join(map(str, same))} would both write "
+                    f"{path.name}; predict them in separate runs or rename one"
+                )
+    elif len(videos) > 1:
+        raise PredictError(
+            f"{flag} {target} is a file name, but {len(videos)} videos are given; give an "
+            "existing folder (each video writes its own file there)"
+        )
+    else:
+        paths = [pathlib.Path(target)]
+    for video, path in zip(videos, paths, strict=True):
+        check_output(flag, path, video)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options)."""
     args = _parse(argv)
-    # Fail on a missing video before spending seconds on the checkpoint and compile.
-    if pathlib.Path(args.video).is_dir():
-        print(f"error: video {args.video} is a folder; give a video file", file=sys.stderr)
-        return 1
-    if not pathlib.Path(args.video).is_file():
-        print(f"error: video {args.video} does not exist", file=sys.stderr)
-        return 1
     try:
-        if args.preview is not None:
-            _check_preview(args.preview, args.video, args.save_hht)
-        with Predictor(args.checkpoint, args.models, args.batch, args.step) as predictor:
-            prediction = predictor.run(
-                args.video, args.top_k, args.save_hht, args.start_frame, args.end_frame, args.fps
+        # Everything that can be checked without the checkpoint is, before seconds are spent
+        # loading and compiling it.
+        videos = find_videos(args.video)
+        if len(videos) > 1 and (args.start_frame != 0 or args.end_frame is not None):
+            raise PredictError(
+                f"--start-frame/--end-frame cut one video, but {len(videos)} videos are given; "
+                "predict each video that needs a cut on its own"
             )
-            startup = predictor.startup_ms
-        if args.preview is not None:
-            try:
-                write_preview(args.preview, prediction)
-            except OSError as e:
-                raise PredictError(f"cannot write --preview {args.preview}: {e}") from e
+        save_hht = _output_paths("--save-hht", args.save_hht, videos, "hht")
+        previews = _output_paths("--preview", args.preview, videos, "preview")
+        predictor = Predictor(args.checkpoint, args.models, args.batch, args.step)
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    report = prediction.report
-    report["timings_ms"] = with_startup(startup, report["timings_ms"])
+    many = len(videos) > 1
+    failed: list[pathlib.Path] = []
+    with predictor:
+        for i, video in enumerate(videos):
+            if many:
+                print(f"[{i + 1}/{len(videos)}] {video}", file=sys.stderr)
+            try:
+                prediction = predictor.run(
+                    video, args.top_k, save_hht[i], args.start_frame, args.end_frame, args.fps
+                )
+                if previews[i] is not None:
+                    try:
+                        write_preview(previews[i], prediction)
+                    except OSError as e:
+                        raise PredictError(f"cannot write --preview {previews[i]}: {e}") from e
+            except PredictError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(video)
+                if many and args.json:  # every video has its line
+                    print(json.dumps({"video": str(video), "error": str(e)}), flush=True)
+                continue
+            _print_prediction(
+                prediction.report,
+                predictor.startup_ms if i == 0 else None,
+                [p for p in (save_hht[i], previews[i]) if p is not None],
+                args.json,
+                many,
+            )
+    if many:
+        print(
+            f"predicted {len(videos) - len(failed)} of {len(videos)} videos"
+            + (f"; failed: {', '.join(map(str, failed))}" if failed else ""),
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def _print_prediction(
+    report: dict[str, Any],
+    startup_ms: dict[str, float] | None,
+    written: list[pathlib.Path],
+    as_json: bool,
+    many: bool,
+) -> None:
+    """One video's notes, warnings and timings on stderr, its report on stdout."""
+    if startup_ms is not None:
+        report["timings_ms"] = with_startup(startup_ms, report["timings_ms"])
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"timings: {format_timings(report['timings_ms'])}", file=sys.stderr)
-    for written in (args.save_hht, args.preview):
-        if written:
-            print(f"wrote {written}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report, indent=1))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    if as_json:  # several videos: JSON Lines, one object a video
+        print(json.dumps(report) if many else json.dumps(report, indent=1), flush=True)
     else:
-        print(format_report(report))
-    return 0
+        print(("\n" if many else "") + format_report(report), flush=True)
 
 
 if __name__ == "__main__":

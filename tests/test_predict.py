@@ -118,6 +118,7 @@ def test_converted_checkpoint_top_k(converted_run, converted):
     assert run.views.shape == (3, 4, 32, 32, 3) and run.views.dtype == np.uint8
     assert report["views"] == {
         "count": 3, "clips": 3, "crops": 1, "frames_per_clip": 4, "sampling_rate": 2, "size": 32,
+        "train_fps": None,  # a converted checkpoint does not know it
     }  # fmt: skip
     np.testing.assert_allclose(
         run.probabilities, _reference_probabilities(converted, run.views), rtol=1e-5, atol=1e-7
@@ -387,27 +388,24 @@ def test_cli_bad_input_settings(tmp_path, sign_sample, capsys):
     )  # fmt: skip
 
 
-def test_cli_folder_as_video_and_save_hht_not_mp4(workdir, sign_sample, tmp_path, capsys):
+def test_cli_folder_without_videos_and_save_hht_not_mp4(workdir, sign_sample, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a video\n")
     _expect_error(
-        capsys, f"video {tmp_path} is a folder; give a video file",
+        capsys, f"video folder {tmp_path} holds no video files (.mp4 .mov",
         "--checkpoint", workdir, "--video", tmp_path,
     )  # fmt: skip
     _expect_error(
         capsys, "must end in .mp4", "--checkpoint", workdir, "--video", sign_sample,
         "--save-hht", tmp_path / "out.avi",
     )  # fmt: skip
-    assert not (tmp_path / "out.avi").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_cli_save_hht_that_cannot_be_written_stops_first(workdir, sign_sample, tmp_path, capsys):
-    (tmp_path / "taken.mp4").mkdir()
-    for target, message in [
-        (tmp_path / "taken.mp4", f"--save-hht {tmp_path / 'taken.mp4'} is a folder"),
-        ("/proc/out.mp4", "cannot write --save-hht /proc/out.mp4: "),
-    ]:
-        _expect_error(
-            capsys, message, "--checkpoint", workdir, "--video", sign_sample, "--save-hht", target
-        )
+    _expect_error(
+        capsys, "cannot write --save-hht /proc/out.mp4: ", "--checkpoint", workdir, "--video",
+        sign_sample, "--save-hht", "/proc/out.mp4",
+    )  # fmt: skip
     copy = tmp_path / "clip.mp4"
     copy.write_bytes(sign_sample.read_bytes())
     (tmp_path / "sub").mkdir()
@@ -418,7 +416,7 @@ def test_cli_save_hht_that_cannot_be_written_stops_first(workdir, sign_sample, t
         )  # fmt: skip
     (tmp_path / "sub").rmdir()
     assert copy.read_bytes() == sign_sample.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "taken.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
 def test_cli_missing_video(workdir, tmp_path, capsys):
@@ -694,15 +692,67 @@ def test_preview_shows_the_warnings(workdir, sign_sample, tmp_path):
 def test_cli_preview_that_cannot_be_written_stops_first(sign_sample, tmp_path, capsys):
     # checked before the checkpoint is even read: a missing one is not what is reported
     missing = tmp_path / "no_checkpoint"
-    (tmp_path / "taken.png").mkdir()
     for extra, message in [
         (["--preview", tmp_path / "out.jpg"], f"--preview {tmp_path / 'out.jpg'} must end in .png"),
-        (["--preview", tmp_path / "taken.png"], f"--preview {tmp_path / 'taken.png'} is a folder"),
+        (["--preview", "/proc/out.png"], "cannot write --preview /proc/out.png: "),
         (["--preview", tmp_path / "no" / "out.png"], f"folder {tmp_path / 'no'} does not exist"),
-        (
-            ["--preview", tmp_path / "x.png", "--save-hht", tmp_path / "x.png"],
-            f"--preview and --save-hht are both {tmp_path / 'x.png'}",
-        ),
     ]:
         _expect_error(capsys, message, "--checkpoint", missing, "--video", sign_sample, *extra)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "b.MOV"):  # a folder's videos are found by suffix, any case
+        (videos / name).write_bytes(sign_sample.read_bytes())
+    (videos / "c.mp4").write_text("not a video\n")
+    (videos / "notes.txt").write_text("not looked at\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", videos, videos / "a.mp4", "--json",
+        "--save-hht", out_dir, "--preview", out_dir,
+    )  # fmt: skip
+    # the bad video fails alone, is named and has its line; the others are predicted
+    assert code == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["video"] for r in lines] == [str(videos / n) for n in ("a.mp4", "b.MOV", "c.mp4")]
+    assert lines[2] == {
+        "video": str(videos / "c.mp4"),
+        "error": f"{videos / 'c.mp4'}: cannot decode as video (Invalid data found when "
+        "processing input)",
+    }
+    # the same frames give the same probabilities as a run of that video alone
+    for r in lines[:2]:
+        assert r["top_k"] == tiny_run.report["top_k"][:5]
+    assert "load" in lines[0]["timings_ms"] and "load" not in lines[1]["timings_ms"]
+    assert err.splitlines()[0] == f"[1/3] {videos / 'a.mp4'}"
+    assert err.splitlines()[-1] == f"predicted 2 of 3 videos; failed: {videos / 'c.mp4'}"
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "a_hht.mp4", "a_preview.png", "b_hht.mp4", "b_preview.png",
+    ]  # fmt: skip
+    # text mode: one report a video, after a blank line
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", videos / "a.mp4",
+                          videos / "b.MOV")  # fmt: skip
+    assert code == 0, err
+    assert out.count(f"checkpoint {workdir / 'checkpoints'} (step 0)") == 2
+    assert out.startswith("\n" + str(videos / "a.mp4"))
+
+
+def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_path, capsys):
+    missing = tmp_path / "no_checkpoint"  # never reached: each error below comes first
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "clip.mp4").write_bytes(sign_sample.read_bytes())
+    two = [tmp_path / "x" / "clip.mp4", tmp_path / "y" / "clip.mp4"]
+    for extra, message in [
+        (["--start-frame", "3"], "--start-frame/--end-frame cut one video, but 2 videos are given"),
+        (["--save-hht", tmp_path / "o.mp4"], f"--save-hht {tmp_path / 'o.mp4'} is a file name, "
+         "but 2 videos are given; give an existing folder"),
+        (["--preview", tmp_path], f"--preview {tmp_path}: videos {two[0]} and {two[1]} would "
+         "both write clip_preview.png"),
+        ([tmp_path / "nope.mp4"], f"video {tmp_path / 'nope.mp4'} does not exist"),
+    ]:  # fmt: skip
+        _expect_error(capsys, message, "--checkpoint", missing, "--video", *two, *extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "y"]
