@@ -1,6 +1,6 @@
 """Predict the sign in a raw video: H&HT -> the multi-view test protocol -> top-k glosses.
 
-python -m signnet_jax.predict --checkpoint DIR --video IN [--top-k 5] [--json] \
+python -m signnet_jax.predict --checkpoint DIR --video IN [IN ...] [--top-k 5] [--json] \
     [--save-hht OUT.mp4] [--preview OUT.png] [--fps F] [--start-frame N] [--end-frame M] \
     [--models DIR] [--batch N] [--step latest|best|N]
 
