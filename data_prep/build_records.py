@@ -586,6 +586,11 @@ def build(
                 bar.update(1)
 
         t_shards = time.perf_counter()
+        # The shards about to be written may disagree with an earlier build's description
+        # (other classes, labels or shard counts): until the new one is written, the folder
+        # must read as unfinished, not as the old dataset.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output, records.DATASET_INFO))
         per_split: dict[str, dict[str, int]] = {}
         rec_paths: dict[str, list[str]] = {}
         failures = []

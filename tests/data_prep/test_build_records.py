@@ -422,6 +422,41 @@ def test_unexpected_errors_are_reported_and_retried(dataset, tmp_path):
     assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    assert records.load_dataset_info(out)["classes"] == ["hello", "world"]
+    # the same videos under another class order, interrupted once the shards are written
+    other = tmp_path / "WLASL_v0.3.json"
+    other.write_text(json.dumps(_manifest_json()[::-1]))
+    args = _cli(dataset, out)
+    args[args.index("--split-file") + 1] = str(other)
+    original = build_records._atomic_write
+
+    def interrupt_at_failures(path, data):
+        if path.endswith(build_records.FAILURES):
+            raise _Interrupted  # Ctrl-C, kill -9 or a lost machine at this point
+        original(path, data)
+
+    monkeypatch.setattr(build_records, "_atomic_write", interrupt_at_failures)
+    with pytest.raises(_Interrupted):
+        build_records.main(args, tunneller_factory=FakeTunneller)
+    # the new shards hold the new labels: the old dataset_info.json (old classes) must not
+    # describe them; the folder reads as an unfinished build instead
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        records.RecordSource(out, "train")
+    monkeypatch.setattr(build_records, "_atomic_write", original)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    src = records.RecordSource(out, "train")
+    assert src.classes == ["world", "hello"]
+    for i in range(len(src)):
+        assert src.classes[int(src[i]["label"][0])] == src[i]["gloss"][0].decode()
+
+
 class CrashingTunneller(FakeTunneller):
     """Dies in 'native code' (SIGSEGV) on one video, as a decoder or MediaPipe crash would."""
 
