@@ -369,4 +369,14 @@ def load_manifest(
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if not manifest.entries:
         raise ValueError(f"{', '.join(map(str, split_files))}: no entries")
+    # An entry listed twice (a repeated row, a split file given twice) would become two
+    # records: twice the weight in training, counted twice by the test metrics.
+    repeated = [e for e, n in collections.Counter(manifest.entries).items() if n > 1]
+    if repeated:
+        examples = ", ".join(f"{e.split}/{e.video_id}" for e in repeated[:5])
+        raise ValueError(
+            f"{', '.join(map(str, split_files))}: {len(repeated)} entr"
+            f"{'y is' if len(repeated) == 1 else 'ies are'} listed more than once (e.g. "
+            f"{examples}); remove the repeated rows or the repeated --split-file"
+        )
     return manifest

@@ -254,3 +254,18 @@ def test_asl_citizen_header_quirks_and_rows_with_extra_fields(tmp_path):
     # trailing commas (empty extra fields) are harmless
     (tmp_path / "train.csv").write_text(header + "P1,a.mp4,BOOK,A_01,,\r\n", encoding="utf-8")
     assert manifests.load_manifest("asl_citizen", [tmp_path / "train.csv"]).classes == ["BOOK"]
+
+
+def test_an_entry_listed_twice_is_an_error(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\nP2,112-APPLE.mp4,APPLE,B_02\n"
+    )
+    with pytest.raises(ValueError, match=r"2 entries are listed more than once.*train/111-ZEBRA"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "train.csv"])
+    (tmp_path / "val.csv").write_text(HEADER + "P1,1.mp4,ZEBRA,A_01\nP1,1.mp4,ZEBRA,A_01\n")
+    with pytest.raises(ValueError, match=r"1 entry is listed more than once \(e.g. val/1.mp4\)"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
+    # the same video in two splits is two entries (WLASL has such clips), not an error
+    (tmp_path / "test.csv").write_text(HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\n")
+    m = manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "test.csv"])
+    assert m.split_counts() == {"train": 2, "test": 1}
