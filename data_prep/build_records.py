@@ -274,12 +274,18 @@ def _work(task: Task) -> Outcome:
 
 def _worker_main(conn, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> None:
     """A worker process: takes one task at a time from ``conn`` and sends its outcome back."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent stops the build and
+    # ends its workers, so they leave it to the parent instead of each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(factory, work_dir, jpeg_quality)
-    while (task := conn.recv()) is not None:
-        try:
-            conn.send(_work(task))
-        except SetupError as e:  # H&HT cannot start anywhere: the parent stops the build
-            conn.send(e)
+    try:
+        while (task := conn.recv()) is not None:
+            try:
+                conn.send(_work(task))
+            except SetupError as e:  # H&HT cannot start anywhere: the parent stops the build
+                conn.send(e)
+    except (EOFError, BrokenPipeError):
+        pass  # the parent is gone (killed); the video just finished is cached all the same
 
 
 def _death(process) -> str:
@@ -914,6 +920,13 @@ def main(
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the videos finished so far are cached in "
+            f"{os.path.join(args.output, WORK)}; run the same command again to go on",
+            file=sys.stderr,
+        )
+        return 130
     print(_summary(result, args.output), file=sys.stderr)
     if result.exceeded:
         print(

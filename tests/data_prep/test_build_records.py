@@ -291,6 +291,59 @@ def test_kill_while_writing_shards_then_rerun_gives_same_bytes(built, dataset, t
     assert not any(".tmp-" in n for n in os.listdir(out))
 
 
+_SLOW_DRIVER = """
+import sys
+import time
+
+from data_prep import build_records
+from tests.data_prep.test_build_records import FakeTunneller
+
+
+class SlowTunneller(FakeTunneller):
+    def process_video(self, *args, **kwargs):
+        time.sleep(0.5)
+        return super().process_video(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(build_records.main(sys.argv[1:], tunneller_factory=SlowTunneller))
+"""
+
+
+def test_ctrl_c_is_a_message_not_tracebacks_and_leaves_no_workers(dataset, tmp_path):
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_DRIVER)
+    out = tmp_path / "records"
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), *_cli(dataset, out, "--workers", "2")],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # own process group: Ctrl-C in a terminal signals the group
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list((out / "work").glob("*.rec")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted: the videos finished so far are cached in" in err
+    while time.monotonic() < deadline:  # the workers end too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("worker processes outlived the interrupted build")
+    assert _final_names(out) == []
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+
+
 def test_flipped_byte_names_the_record(built, tmp_path):
     out = tmp_path / "records"
     shutil.copytree(built, out)
