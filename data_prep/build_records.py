@@ -472,6 +472,8 @@ def _assign_shards(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
 
 
 _SHARD_RE = r"-\d{5}-of-\d{5}\.tfrecord"
+# `scheme://...` (gs://, s3://, ...); a one-letter scheme would be a Windows drive.
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 def _clean_stale(output: str, work: str) -> None:
@@ -862,6 +864,16 @@ def main(
         parser.error(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if not 0 <= args.max_failure_fraction <= 1:
         parser.error("--max-failure-fraction must be in [0, 1]")
+    for flag, path in (("--videos", args.videos), ("--output", args.output)):
+        # Shards are written and videos read through local paths: a URL would otherwise
+        # become a local folder named 'gs:' (and the bucket would never see the records).
+        m = _REMOTE.match(path)
+        if m:
+            copy = "gsutil -m cp -r" if m[1] == "gs" else "your storage tool"
+            parser.error(
+                f"{flag} {path}: {m[1]}:// paths are not supported; use a local folder (or a "
+                f"mounted bucket) and copy it with {copy}"
+            )
     if not os.path.isdir(args.videos):
         parser.error(f"--videos {args.videos}: not a folder")
     if os.path.exists(args.output):

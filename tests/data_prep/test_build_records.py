@@ -676,6 +676,19 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.csv"]
 
 
+def test_remote_output_is_refused_not_written_to_a_local_gs_folder(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        build_records.main(_cli(dataset, "gs://bucket/records"), tunneller_factory=FakeTunneller)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--output gs://bucket/records: gs:// paths are not supported" in err
+    assert "gsutil -m cp -r" in err
+    assert not (tmp_path / "gs:").exists()
+
+
 def test_hht_options_reach_the_settings(dataset, tmp_path):
     out = tmp_path / "records"
     args = _cli(dataset, out, "--size", "128", "--quadrants", "1,1,0,0", "--no-gate-hands")
