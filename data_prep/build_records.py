@@ -267,12 +267,18 @@ def _work(task: Task) -> Outcome:
 
 def _worker_main(conn, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> None:
     """A worker process: takes one task at a time from ``conn`` and sends its outcome back."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent stops the build and
+    # ends its workers, so they leave it to the parent instead of each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(factory, work_dir, jpeg_quality)
-    while (task := conn.recv()) is not None:
-        try:
-            conn.send(_work(task))
-        except SetupError as e:  # H&HT cannot start anywhere: the parent stops the build
-            conn.send(e)
+    try:
+        while (task := conn.recv()) is not None:
+            try:
+                conn.send(_work(task))
+            except SetupError as e:  # H&HT cannot start anywhere: the parent stops the build
+                conn.send(e)
+    except (EOFError, BrokenPipeError):
+        pass  # the parent is gone (killed); the video just finished is cached all the same
 
 
 def _death(process) -> str:
@@ -459,6 +465,8 @@ def _assign_shards(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
 
 
 _SHARD_RE = r"-\d{5}-of-\d{5}\.tfrecord"
+# `scheme://...` (gs://, s3://, ...); a one-letter scheme would be a Windows drive.
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 def _clean_stale(output: str, work: str) -> None:
@@ -595,6 +603,11 @@ def build(
                 bar.update(1)
 
         t_shards = time.perf_counter()
+        # The shards about to be written may disagree with an earlier build's description
+        # (other classes, labels or shard counts): until the new one is written, the folder
+        # must read as unfinished, not as the old dataset.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output, records.DATASET_INFO))
         per_split: dict[str, dict[str, int]] = {}
         rec_paths: dict[str, list[str]] = {}
         failures = []
@@ -860,6 +873,16 @@ def main(
         parser.error(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if not 0 <= args.max_failure_fraction <= 1:
         parser.error("--max-failure-fraction must be in [0, 1]")
+    for flag, path in (("--videos", args.videos), ("--output", args.output)):
+        # Shards are written and videos read through local paths: a URL would otherwise
+        # become a local folder named 'gs:' (and the bucket would never see the records).
+        m = _REMOTE.match(path)
+        if m:
+            copy = "gsutil -m cp -r" if m[1] == "gs" else "your storage tool"
+            parser.error(
+                f"{flag} {path}: {m[1]}:// paths are not supported; use a local folder (or a "
+                f"mounted bucket) and copy it with {copy}"
+            )
     if not os.path.isdir(args.videos):
         parser.error(f"--videos {args.videos}: not a folder")
     if os.path.exists(args.output):
@@ -918,6 +941,13 @@ def main(
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the videos finished so far are cached in "
+            f"{os.path.join(args.output, WORK)}; run the same command again to go on",
+            file=sys.stderr,
+        )
+        return 130
     print(_summary(result, args.output), file=sys.stderr)
     if result.exceeded:
         print(

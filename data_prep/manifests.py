@@ -28,6 +28,9 @@ import re
 from collections.abc import Sequence
 
 DATASETS = ("wlasl", "csv", "asl_citizen")
+# Text files saved by Excel or Windows Notepad start with a byte order mark; "utf-8-sig" drops
+# it (and reads plain UTF-8 alike), where "utf-8" would glue it to the first name or path.
+ENCODING = "utf-8-sig"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ def load_class_list(path: str | os.PathLike) -> list[str]:
       Glosses; label i is element i.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         lines = [line.rstrip("\n\r") for line in f]
     lines = [line for line in lines if line.strip()]
     if not lines:
@@ -119,7 +122,7 @@ def load_class_list(path: str | os.PathLike) -> list[str]:
 
 def _load_json(path: str) -> object:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=ENCODING) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
@@ -245,7 +248,7 @@ def load_csv(
     entries = []
     for split_file in map(os.fspath, split_files):
         split = _split_name(split_file)
-        with open(split_file, encoding="utf-8") as f:
+        with open(split_file, encoding=ENCODING) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -269,8 +272,10 @@ ASL_CITIZEN_COLUMNS = ("Participant ID", "Video file", "Gloss", "ASL-LEX Code")
 
 
 def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
+        if reader.fieldnames:  # "Video file , Gloss": spaces around names are not part of them
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
         missing = [c for c in ("Video file", "Gloss") if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(
@@ -278,7 +283,16 @@ def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
                 f"{','.join(ASL_CITIZEN_COLUMNS)}"
             )
         rows = []
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
+            lineno = reader.line_num
+            # More fields than the header (empty ones, a trailing comma, aside): a comma in
+            # an unquoted value, which would otherwise shift the gloss silently.
+            if any(v.strip() for v in row.get(None) or []):
+                raise ValueError(
+                    f"{path}:{lineno}: {len(reader.fieldnames) + len(row[None])} fields, the "
+                    f"header has {len(reader.fieldnames)}; quote values that hold a comma "
+                    '(e.g. "BOOK, RED")'
+                )
             video, gloss = (row["Video file"] or "").strip(), (row["Gloss"] or "").strip()
             if not video or not gloss:
                 raise ValueError(f"{path}:{lineno}: empty 'Video file' or 'Gloss'")
@@ -355,4 +369,14 @@ def load_manifest(
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if not manifest.entries:
         raise ValueError(f"{', '.join(map(str, split_files))}: no entries")
+    # An entry listed twice (a repeated row, a split file given twice) would become two
+    # records: twice the weight in training, counted twice by the test metrics.
+    repeated = [e for e, n in collections.Counter(manifest.entries).items() if n > 1]
+    if repeated:
+        examples = ", ".join(f"{e.split}/{e.video_id}" for e in repeated[:5])
+        raise ValueError(
+            f"{', '.join(map(str, split_files))}: {len(repeated)} entr"
+            f"{'y is' if len(repeated) == 1 else 'ies are'} listed more than once (e.g. "
+            f"{examples}); remove the repeated rows or the repeated --split-file"
+        )
     return manifest

@@ -304,6 +304,59 @@ def test_kill_while_writing_shards_then_rerun_gives_same_bytes(built, dataset, t
     assert not any(".tmp-" in n for n in os.listdir(out))
 
 
+_SLOW_DRIVER = """
+import sys
+import time
+
+from data_prep import build_records
+from tests.data_prep.test_build_records import FakeTunneller
+
+
+class SlowTunneller(FakeTunneller):
+    def process_video(self, *args, **kwargs):
+        time.sleep(0.5)
+        return super().process_video(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(build_records.main(sys.argv[1:], tunneller_factory=SlowTunneller))
+"""
+
+
+def test_ctrl_c_is_a_message_not_tracebacks_and_leaves_no_workers(dataset, tmp_path):
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_DRIVER)
+    out = tmp_path / "records"
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), *_cli(dataset, out, "--workers", "2")],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # own process group: Ctrl-C in a terminal signals the group
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list((out / "work").glob("*.rec")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted: the videos finished so far are cached in" in err
+    while time.monotonic() < deadline:  # the workers end too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("worker processes outlived the interrupted build")
+    assert _final_names(out) == []
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+
+
 def test_flipped_byte_names_the_record(built, tmp_path):
     out = tmp_path / "records"
     shutil.copytree(built, out)
@@ -433,6 +486,41 @@ def test_unexpected_errors_are_reported_and_retried(dataset, tmp_path):
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert "00002" not in {f["video_id"] for f in failures}
     assert records.load_dataset_info(out)["splits"]["train"]["num_records"] == 2
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    assert records.load_dataset_info(out)["classes"] == ["hello", "world"]
+    # the same videos under another class order, interrupted once the shards are written
+    other = tmp_path / "WLASL_v0.3.json"
+    other.write_text(json.dumps(_manifest_json()[::-1]))
+    args = _cli(dataset, out)
+    args[args.index("--split-file") + 1] = str(other)
+    original = build_records._atomic_write
+
+    def interrupt_at_failures(path, data):
+        if path.endswith(build_records.FAILURES):
+            raise _Interrupted  # Ctrl-C, kill -9 or a lost machine at this point
+        original(path, data)
+
+    monkeypatch.setattr(build_records, "_atomic_write", interrupt_at_failures)
+    with pytest.raises(_Interrupted):
+        build_records.main(args, tunneller_factory=FakeTunneller)
+    # the new shards hold the new labels: the old dataset_info.json (old classes) must not
+    # describe them; the folder reads as an unfinished build instead
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        records.RecordSource(out, "train")
+    monkeypatch.setattr(build_records, "_atomic_write", original)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    src = records.RecordSource(out, "train")
+    assert src.classes == ["world", "hello"]
+    for i in range(len(src)):
+        assert src.classes[int(src[i]["label"][0])] == src[i]["gloss"][0].decode()
 
 
 class CrashingTunneller(FakeTunneller):
@@ -599,6 +687,19 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
             build_records.main(_cli(dataset, tmp_path / out), tunneller_factory=FakeTunneller)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.csv"]
+
+
+def test_remote_output_is_refused_not_written_to_a_local_gs_folder(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        build_records.main(_cli(dataset, "gs://bucket/records"), tunneller_factory=FakeTunneller)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--output gs://bucket/records: gs:// paths are not supported" in err
+    assert "gsutil -m cp -r" in err
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_hht_options_reach_the_settings(dataset, tmp_path):

@@ -220,3 +220,52 @@ def test_asl_citizen_errors(tmp_path):
         ValueError, match=r"val.csv: missing column\(s\).*Participant ID,Video file"
     ):
         manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
+
+
+BOM = "\ufeff"  # what Excel's "CSV UTF-8" and Windows Notepad put before the first line
+
+
+def test_byte_order_mark_is_not_part_of_the_first_name_or_path(tmp_path):
+    (tmp_path / "indexed.txt").write_text(BOM + "0\tapple\r\n1\tbook\r\n", encoding="utf-8")
+    assert manifests.load_class_list(tmp_path / "indexed.txt") == ["apple", "book"]
+    (tmp_path / "plain.txt").write_text(BOM + "apple\nbook\n", encoding="utf-8")
+    assert manifests.load_class_list(tmp_path / "plain.txt") == ["apple", "book"]
+    (tmp_path / "train.csv").write_text(BOM + "a.mp4 1\r\nb.mp4 0\r\n", encoding="utf-8")
+    m = manifests.load_manifest("csv", [tmp_path / "train.csv"], tmp_path / "plain.txt")
+    assert [(e.path, e.gloss) for e in m.entries] == [("a.mp4", "book"), ("b.mp4", "apple")]
+    (tmp_path / "nslt_2.json").write_text(
+        BOM + json.dumps({"00001": {"subset": "train", "action": [1, 1, 10]}}), encoding="utf-8"
+    )
+    m = manifests.load_wlasl(tmp_path / "nslt_2.json", tmp_path / "indexed.txt")
+    assert [(e.video_id, e.gloss) for e in m.entries] == [("00001", "book")]
+
+
+def test_asl_citizen_header_quirks_and_rows_with_extra_fields(tmp_path):
+    header = BOM + "Participant ID, Video file , Gloss,ASL-LEX Code\r\n"
+    (tmp_path / "train.csv").write_text(
+        header + 'P1,a.mp4,"BOOK, RED",A_01\r\nP2,b.mp4,APPLE,B_02\r\n', encoding="utf-8"
+    )
+    m = manifests.load_manifest("asl_citizen", [tmp_path / "train.csv"])
+    assert m.classes == ["APPLE", "BOOK, RED"]
+    # an unquoted comma splits the gloss: an error, not a class named 'BOOK'
+    (tmp_path / "train.csv").write_text(header + "P1,a.mp4,BOOK, RED,A_01\r\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train.csv:2: 5 fields, the header has 4; quote"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv"])
+    # trailing commas (empty extra fields) are harmless
+    (tmp_path / "train.csv").write_text(header + "P1,a.mp4,BOOK,A_01,,\r\n", encoding="utf-8")
+    assert manifests.load_manifest("asl_citizen", [tmp_path / "train.csv"]).classes == ["BOOK"]
+
+
+def test_an_entry_listed_twice_is_an_error(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\nP2,112-APPLE.mp4,APPLE,B_02\n"
+    )
+    with pytest.raises(ValueError, match=r"2 entries are listed more than once.*train/111-ZEBRA"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "train.csv"])
+    (tmp_path / "val.csv").write_text(HEADER + "P1,1.mp4,ZEBRA,A_01\nP1,1.mp4,ZEBRA,A_01\n")
+    with pytest.raises(ValueError, match=r"1 entry is listed more than once \(e.g. val/1.mp4\)"):
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
+    # the same video in two splits is two entries (WLASL has such clips), not an error
+    (tmp_path / "test.csv").write_text(HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\n")
+    m = manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "test.csv"])
+    assert m.split_counts() == {"train": 2, "test": 1}
