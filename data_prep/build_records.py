@@ -39,7 +39,7 @@ import numpy as np
 
 from data_prep import manifests
 from signnet_jax.data import records
-from signnet_jax.files import atomic_write
+from signnet_jax.files import RemotePathError, atomic_write, local_path
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
@@ -465,8 +465,6 @@ def _assign_shards(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
 
 
 _SHARD_RE = r"-\d{5}-of-\d{5}\.tfrecord"
-# `scheme://...` (gs://, s3://, ...); a one-letter scheme would be a Windows drive.
-_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 def _clean_stale(output: str, work: str) -> None:
@@ -876,13 +874,10 @@ def main(
     for flag, path in (("--videos", args.videos), ("--output", args.output)):
         # Shards are written and videos read through local paths: a URL would otherwise
         # become a local folder named 'gs:' (and the bucket would never see the records).
-        m = _REMOTE.match(path)
-        if m:
-            copy = "gsutil -m cp -r" if m[1] == "gs" else "your storage tool"
-            parser.error(
-                f"{flag} {path}: {m[1]}:// paths are not supported; use a local folder (or a "
-                f"mounted bucket) and copy it with {copy}"
-            )
+        try:
+            local_path(path, write=flag == "--output")
+        except RemotePathError as e:
+            parser.error(f"{flag} {e} (or use a mounted bucket's folder)")
     if not os.path.isdir(args.videos):
         parser.error(f"--videos {args.videos}: not a folder")
     if os.path.exists(args.output):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import uuid
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from signnet_jax import files
 
 PARAMS, EMA, META = "params", "ema", "meta"
 OPT_STATE, DATA = "opt_state", "data"  # training steps only
@@ -30,32 +31,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as a model checkpoint."""
 
 
-# `scheme://...`, also as pathlib leaves it (`gs:/bucket/...`); one letter is a Windows drive
-_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
-
-
 def local_path(path: str | os.PathLike, write: bool = False) -> pathlib.Path:
-    """The absolute local path of a checkpoint; refuses remote URLs (gs://, s3://, ...).
-
-    Checkpoints go through local paths (orbax here, pathlib everywhere), so a bucket is
-    reached by copying, which the message spells out.
-
-    Raises:
-      CheckpointError: ``path`` is a ``scheme://`` URL.
-    """
-    m = _REMOTE.match(os.fspath(path))
-    if m:
-        url = f"{m[1]}://{m[2]}"
-        args = f"-r LOCAL_DIR {url}" if write else f"-r {url} LOCAL_DIR"
-        copy = (
-            f" with `gsutil -m cp {args}` (or `gcloud storage cp {args}`)" if m[1] == "gs" else ""
-        )
-        if write:
-            fix = f"write a local folder, then copy it{copy}"
-        else:
-            fix = f"copy it to a local folder{copy} and read that"
-        raise CheckpointError(f"{url}: {m[1]}:// paths are not supported; {fix}")
-    return pathlib.Path(path).expanduser().absolute()
+    """``files.local_path`` for checkpoints: a remote URL raises CheckpointError."""
+    try:
+        return files.local_path(path, write)
+    except files.RemotePathError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _stringify_keys(tree: Any) -> Any:

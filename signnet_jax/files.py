@@ -1,9 +1,47 @@
-"""Writing files whole or not at all."""
+"""Files: written whole or not at all; local paths only."""
 
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import uuid
+
+
+class RemotePathError(ValueError):
+    """A ``scheme://`` URL where a local (or mounted) path is needed."""
+
+
+# `scheme://...`, also as pathlib leaves it (`gs:/bucket/...`); one letter is a Windows drive
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
+
+
+def local_path(path: str | os.PathLike, write: bool = False) -> pathlib.Path:
+    """The absolute local path of ``path``; refuses remote URLs (gs://, s3://, ...).
+
+    Data and checkpoints go through local paths, so a bucket is reached by copying (or
+    mounting), which the message spells out.
+
+    Args:
+      path: the path given by the user.
+      write: whether it is an output (the message then says to copy it up afterwards).
+
+    Raises:
+      RemotePathError: ``path`` is a ``scheme://`` URL.
+    """
+    m = _REMOTE.match(os.fspath(path))
+    if m:
+        url = f"{m[1]}://{m[2]}"
+        args = f"-r LOCAL_DIR {url}" if write else f"-r {url} LOCAL_DIR"
+        copy = (
+            f" with `gsutil -m cp {args}` (or `gcloud storage cp {args}`)" if m[1] == "gs" else ""
+        )
+        if write:
+            fix = f"write a local folder, then copy it{copy}"
+        else:
+            fix = f"copy it to a local folder{copy} and read that"
+        raise RemotePathError(f"{url}: {m[1]}:// paths are not supported; {fix}")
+    return pathlib.Path(path).expanduser().absolute()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:

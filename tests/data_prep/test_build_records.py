@@ -697,9 +697,17 @@ def test_remote_output_is_refused_not_written_to_a_local_gs_folder(
         build_records.main(_cli(dataset, "gs://bucket/records"), tunneller_factory=FakeTunneller)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--output gs://bucket/records: gs:// paths are not supported" in err
-    assert "gsutil -m cp -r" in err
-    assert not (tmp_path / "gs:").exists()
+    assert "--output gs://bucket/records: gs:// paths are not supported; write a local folder, " \
+        "then copy it with `gsutil -m cp -r LOCAL_DIR gs://bucket/records`" in err  # fmt: skip
+    args = _cli(dataset, tmp_path / "records")
+    args[args.index("--videos") + 1] = "gs://bucket/videos"
+    with pytest.raises(SystemExit) as e:
+        build_records.main(args, tunneller_factory=FakeTunneller)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--videos gs://bucket/videos: gs:// paths are not supported; copy it to a local " \
+        "folder with `gsutil -m cp -r gs://bucket/videos LOCAL_DIR`" in err  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hht_options_reach_the_settings(dataset, tmp_path):
