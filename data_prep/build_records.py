@@ -132,17 +132,6 @@ def make_example(entry: manifests.Entry, result: Any, jpeg_quality: int) -> byte
     )
 
 
-def probe_fps(path: str) -> float:
-    """Average frame rate from the container header (no decoding); 0 when unknown."""
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        return float(stream.average_rate or stream.guessed_rate or 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One manifest entry to process, with its cache key."""
@@ -192,12 +181,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
         if not os.path.isfile(task.video_path):
             out.reason, out.detail = MISSING, f"{task.video_path}: no such file"
         else:
-            start, end = 0, None
-            if task.entry.span_fps is not None:
-                try:
-                    start, end = task.entry.source_span(probe_fps(task.video_path))
-                except Exception as e:  # any container error means the file is unusable
-                    raise VideoError(f"{task.video_path}: cannot read as video ({e})") from e
+            start, end = task.entry.source_span()
             if end is not None and end <= start:
                 out.reason = EMPTY_SPAN
                 out.detail = f"{task.video_path}: manifest span is empty: frames [{start}, {end})"
@@ -433,9 +417,11 @@ def cache_key(
         video = [st.st_size, st.st_mtime_ns]
     except OSError:
         video = None
+    # Entries of earlier versions also had span_fps, None but for WLASL_v0.3 spans: keeping
+    # it in the key keeps the caches of whole-file entries (nslt, CSV) valid.
     blob = json.dumps(
         {
-            "entry": dataclasses.asdict(entry),
+            "entry": {**dataclasses.asdict(entry), "span_fps": None},
             "video": video,
             "hht": hht_settings,
             "jpeg_quality": jpeg_quality,

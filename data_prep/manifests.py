@@ -2,12 +2,15 @@
 
 Supported files:
 
-* WLASL `WLASL_v0.3.json`: a list of glosses, each with `instances` (video_id, split,
-  frame_start indexed from 1, frame_end inclusive or -1 for the last frame, counted at the
-  instance's `fps`, 25). Class ids are the glosses in file order. The spans are cut from
-  start_kit's uncut downloads (`raw_videos_mp4/`): `{video_id}.mp4`, except YouTube instances,
-  whose download is named by the YouTube id (the url's last 11 characters) and is shared by
-  every instance cut from the same YouTube video.
+* WLASL `WLASL_v0.3.json`: a list of glosses, each with `instances` (video_id, url, split,
+  frame_start indexed from 1, frame_end inclusive or -1 for the last frame). Class ids are
+  the glosses in file order. The clips are made from start_kit's downloads
+  (`raw_videos_mp4/`) exactly as start_kit's `preprocess.py` makes `videos/`: a YouTube
+  instance's download is named by the YouTube id (the url's last 11 characters), is shared by
+  every instance cut from that video, and is cut to the decoded frames
+  [frame_start - 1, frame_end) as they are numbered in the file, whatever its frame rate (the
+  whole file when frame_end <= 1); any other instance is its own download,
+  `{video_id}.mp4`, used whole.
 * WLASL `nslt_{100,300,1000,2000}.json`: `{video_id: {"subset": split, "action": [label,
   frame_start, frame_end]}}` with `wlasl_class_list.txt` (`index<TAB>gloss` lines). These
   split files index start_kit's per-instance clips (`videos/{video_id}.mp4`, already cut to
@@ -43,9 +46,8 @@ class Entry:
       path: video path relative to the videos folder.
       label: class index into the manifest's class list.
       gloss: class name.
-      frame_start: first frame of the gloss, indexed from 1, counted at span_fps; None = start.
-      frame_end: last frame of the gloss (inclusive), counted at span_fps; None = to the end.
-      span_fps: frame rate the frame numbers count at; None if the whole video is used.
+      frame_start: first frame of the gloss in the decoded file, indexed from 1; None = start.
+      frame_end: last frame of the gloss (inclusive); None = to the end.
     """
 
     split: str
@@ -55,24 +57,12 @@ class Entry:
     gloss: str
     frame_start: int | None = None
     frame_end: int | None = None
-    span_fps: float | None = None
 
-    def source_span(self, source_fps: float) -> tuple[int, int | None]:
-        """Converts the manifest span to source frame indices.
-
-        Args:
-          source_fps: frame rate of the video file.
-
-        Returns:
-          [start, end) source frame indices; end None means to the last frame.
-        """
-        if self.span_fps is None:
-            return 0, None
-        scale = source_fps / self.span_fps if source_fps > 0 else 1.0
-        start = 0 if self.frame_start is None else max(0, round((self.frame_start - 1) * scale))
-        # frame_end is inclusive and 1-indexed, i.e. the exclusive 0-indexed end at span_fps.
-        end = None if self.frame_end is None else max(0, round(self.frame_end * scale))
-        return start, end
+    def source_span(self) -> tuple[int, int | None]:
+        """The span as [start, end) indices of the decoded frames; end None = to the last."""
+        start = 0 if self.frame_start is None else max(0, self.frame_start - 1)
+        # frame_end is inclusive and 1-indexed, i.e. the exclusive 0-indexed end.
+        return start, self.frame_end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,16 +154,19 @@ def _load_wlasl_v03(path: str, data: list) -> Manifest:
                 video_id = str(inst["video_id"])
                 start = int(inst["frame_start"])
                 end = int(inst["frame_end"])
+                youtube = _youtube_id(inst.get("url"))
+                # start_kit cuts YouTube downloads only, and copies them whole when
+                # frame_end - 1 <= 0 (frame_end -1: to the end)
+                cut = youtube is not None and end > 1
                 entries.append(
                     Entry(
                         split=inst["split"],
                         video_id=video_id,
-                        path=f"{_download_name(video_id, inst.get('url'))}.mp4",
+                        path=f"{youtube or video_id}.mp4",
                         label=label,
                         gloss=gloss,
-                        frame_start=start,
-                        frame_end=None if end == -1 else end,
-                        span_fps=float(inst.get("fps", 25)),
+                        frame_start=start if cut else None,
+                        frame_end=end if cut else None,
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:
@@ -184,11 +177,11 @@ def _load_wlasl_v03(path: str, data: list) -> Manifest:
     return Manifest(classes, entries)
 
 
-def _download_name(video_id: str, url: str | None) -> str:
-    """File stem of an instance's uncut download, as start_kit names it."""
+def _youtube_id(url: str | None) -> str | None:
+    """The YouTube id that names a YouTube instance's download, as start_kit takes it."""
     if url and ("youtube" in url or "youtu.be" in url):
         return url[-11:]
-    return video_id
+    return None
 
 
 def _load_nslt(path: str, data: dict, class_list: str | os.PathLike | None) -> Manifest:

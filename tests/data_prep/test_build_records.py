@@ -22,7 +22,8 @@ from signnet_jax.hht import HHTSettings, Tunneller, VideoError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-# WLASL_v0.3-style manifest: spans at 25 fps, 1-indexed, inclusive; sign_sample has 76 frames.
+# WLASL_v0.3-style manifest: spans 1-indexed, inclusive, applied to YouTube downloads (named
+# by the url's last 11 characters); sign_sample has 76 frames.
 GOOD = {"00001": (1, -1), "00002": (11, 40), "00003": (41, 76)}
 BAD = {
     "00004": "missing_file",
@@ -32,8 +33,14 @@ BAD = {
 }
 
 
+def _youtube_id(video_id):
+    return f"ytid__{video_id}"  # 11 characters
+
+
 def _manifest_json():
     inst = dict(fps=25)
+    yt = {vid: {"url": f"https://www.youtube.com/watch?v={_youtube_id(vid)}"} for vid in GOOD}
+    yt["00007"] = {"url": f"https://youtu.be/{_youtube_id('00007')}"}
     return [
         {
             "gloss": "hello",
@@ -46,11 +53,26 @@ def _manifest_json():
         {
             "gloss": "world",
             "instances": [
-                {**inst, "video_id": "00002", "split": "train", "frame_start": 11, "frame_end": 40},
-                {**inst, "video_id": "00006", "split": "val", "frame_start": 1, "frame_end": -1},
-                {**inst, "video_id": "00003", "split": "test", "frame_start": 41, "frame_end": 76},
                 {
                     **inst,
+                    **yt["00002"],
+                    "video_id": "00002",
+                    "split": "train",
+                    "frame_start": 11,
+                    "frame_end": 40,
+                },
+                {**inst, "video_id": "00006", "split": "val", "frame_start": 1, "frame_end": -1},
+                {
+                    **inst,
+                    **yt["00003"],
+                    "video_id": "00003",
+                    "split": "test",
+                    "frame_start": 41,
+                    "frame_end": 76,
+                },
+                {
+                    **inst,
+                    **yt["00007"],
                     "video_id": "00007",
                     "split": "test",
                     "frame_start": 200,
@@ -68,8 +90,10 @@ def dataset(tmp_path_factory, sign_sample):
     videos = root / "videos"
     videos.mkdir()
     data = sign_sample.read_bytes()
-    for vid in ("00001", "00002", "00003", "00007"):
+    for vid in ("00001", "00002", "00003"):  # as clips named by id (the CSV tests use them)
         (videos / f"{vid}.mp4").write_bytes(data)
+    for vid in ("00002", "00003", "00007"):  # as YouTube downloads (the manifest uses them)
+        (videos / f"{_youtube_id(vid)}.mp4").write_bytes(data)
     (videos / "00005.mp4").write_bytes(data[: len(data) // 2])  # the moov atom is at the end
     (videos / "00006.mp4").write_text("this is not a video\n" * 20)
     split_file = root / "WLASL_v0.3.json"
@@ -501,21 +525,21 @@ def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_pat
     other.write_text(json.dumps(_manifest_json()[::-1]))
     args = _cli(dataset, out)
     args[args.index("--split-file") + 1] = str(other)
-    original = build_records._atomic_write
+    original = build_records.atomic_write
 
-    def interrupt_at_failures(path, data):
+    def interrupt_at_failures(path, data, **kwargs):
         if path.endswith(build_records.FAILURES):
             raise _Interrupted  # Ctrl-C, kill -9 or a lost machine at this point
-        original(path, data)
+        original(path, data, **kwargs)
 
-    monkeypatch.setattr(build_records, "_atomic_write", interrupt_at_failures)
+    monkeypatch.setattr(build_records, "atomic_write", interrupt_at_failures)
     with pytest.raises(_Interrupted):
         build_records.main(args, tunneller_factory=FakeTunneller)
     # the new shards hold the new labels: the old dataset_info.json (old classes) must not
     # describe them; the folder reads as an unfinished build instead
     with pytest.raises(FileNotFoundError, match="did not finish"):
         records.RecordSource(out, "train")
-    monkeypatch.setattr(build_records, "_atomic_write", original)
+    monkeypatch.setattr(build_records, "atomic_write", original)
     assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
     src = records.RecordSource(out, "train")
     assert src.classes == ["world", "hello"]
@@ -766,3 +790,24 @@ def test_real_nslt_100_through_the_cli(shared_dir, sign_sample, tmp_path, capsys
     assert (train["video_id"], train["label"].tolist()) == ([b"05237"], [77])
     val = records.RecordSource(out, "val")[0]
     assert (val["video_id"], val["label"].tolist()) == ([b"69422"], [27])
+
+
+def test_cache_keys_of_whole_file_entries_are_those_of_earlier_builds(tmp_path):
+    # Entries had a span_fps field until WLASL_v0.3 spans were taken as start_kit takes them;
+    # the caches of nslt and CSV builds made before must still be found.
+    import hashlib
+
+    entry = manifests.Entry("train", "00001", "00001.mp4", 0, "hello")
+    earlier = {
+        "entry": {
+            "split": "train", "video_id": "00001", "path": "00001.mp4", "label": 0,
+            "gloss": "hello", "frame_start": None, "frame_end": None, "span_fps": None,
+        },
+        "video": None,
+        "hht": {"size": 224},
+        "jpeg_quality": 90,
+        "format": build_records.FORMAT_VERSION,
+        "version": build_records.tool_version(),
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:32]
+    assert build_records.cache_key(entry, str(tmp_path / "none.mp4"), {"size": 224}, 90) == key

@@ -27,7 +27,7 @@ def test_real_nslt_2000(wlasl_dir):
     e = by_id["05237"]
     assert (e.split, e.label, e.gloss, e.path) == ("train", 77, "basketball", "05237.mp4")
     # nslt files index start_kit's already-cut clips: the whole file is used
-    assert e.source_span(29.97) == (0, None)
+    assert e.source_span() == (0, None)
 
 
 @pytest.mark.parametrize("k", [100, 300, 1000])
@@ -118,13 +118,31 @@ def test_wlasl_v03_spans_and_classes(tmp_path):
         ("train", "01611", 2, "all", "F5J1dMXxMGY.mp4"),
         ("train", "01612", 2, "all", "01612.mp4"),
     ]
-    whole, span, other = m.entries[:3]
-    assert whole.source_span(25.0) == (0, None)
-    # frames 26..75 (1-indexed, inclusive) at 25 fps are source frames [25, 75) at 25 fps ...
-    assert span.source_span(25.0) == (25, 75)
-    # ... and the same 1 s to 3 s of video, [30, 90), in a 30 fps file
-    assert span.source_span(30.0) == (30, 90)
-    assert other.source_span(50.0) == (20, 120)
+    # as start_kit's preprocess.py: only YouTube downloads are cut, to the decoded frames
+    # [frame_start - 1, frame_end) whatever the file's frame rate
+    assert [e.source_span() for e in m.entries] == [
+        (0, None), (0, None), (0, None),  # not YouTube: the instance's own file, whole
+        (7684, 7832), (7684, 7832),
+        (0, None),
+    ]  # fmt: skip
+
+
+def test_wlasl_v03_youtube_spans_to_the_end_use_the_whole_file(tmp_path):
+    url = "https://www.youtube.com/watch?v=F5J1dMXxMGY"
+    data = [
+        {
+            "gloss": "all",
+            "instances": [
+                {"video_id": vid, "url": url, "split": "train", "frame_start": s, "frame_end": e}
+                for vid, s, e in [("1", 1, -1), ("2", 5, 1), ("3", 5, 2), ("4", 1, 10)]
+            ],
+        }
+    ]
+    path = tmp_path / "WLASL_v0.3.json"
+    path.write_text(json.dumps(data))
+    m = manifests.load_manifest("wlasl", [path])
+    # start_kit copies the download when frame_end - 1 <= 0; else it slices [start - 1, end)
+    assert [e.source_span() for e in m.entries] == [(0, None), (0, None), (4, 2), (0, 10)]
 
 
 def test_wlasl_v03_bad_instance_named(tmp_path):
@@ -166,7 +184,7 @@ def test_signnet_csv(tmp_path):
         ("train", "WLASL/00002.mp4", "WLASL/00002.mp4", 0, "apple"),
         ("val", "dir with space/00003.mp4", "dir with space/00003.mp4", 1, "book"),
     ]
-    assert m.entries[0].source_span(30.0) == (0, None)
+    assert m.entries[0].source_span() == (0, None)
 
 
 def test_signnet_csv_errors(tmp_path):
