@@ -126,7 +126,7 @@ def load_wlasl(
     Args:
       split_file: `WLASL_v0.3.json` (list of glosses) or `nslt_K.json` (dict of video ids).
       class_list: for nslt files, `wlasl_class_list.txt`; defaults to the one beside the
-        split file. Not needed for WLASL_v0.3.json, whose gloss order defines the classes.
+        split file. Refused for WLASL_v0.3.json, whose gloss order defines the classes.
 
     Returns:
       The manifest; for nslt_K.json the classes are the first K of the class list.
@@ -134,6 +134,11 @@ def load_wlasl(
     split_file = os.fspath(split_file)
     data = _load_json(split_file)
     if isinstance(data, list):
+        if class_list is not None:
+            raise ValueError(
+                f"{split_file}: a WLASL_v0.3.json's classes are its glosses in file order; "
+                f"drop --class-list {class_list}"
+            )
         return _load_wlasl_v03(split_file, data)
     if isinstance(data, dict):
         return _load_nslt(split_file, data, class_list)

@@ -145,6 +145,16 @@ def test_wlasl_v03_youtube_spans_to_the_end_use_the_whole_file(tmp_path):
     assert [e.source_span() for e in m.entries] == [(0, None), (0, None), (4, 2), (0, 10)]
 
 
+def test_wlasl_v03_refuses_a_class_list(tmp_path):
+    path = tmp_path / "WLASL_v0.3.json"
+    path.write_text(json.dumps(_v03()))
+    (tmp_path / "classes.txt").write_text("all\nbook\ndrink\n")
+    with pytest.raises(
+        ValueError, match="classes are its glosses in file order; drop --class-list"
+    ):
+        manifests.load_manifest("wlasl", [path], tmp_path / "classes.txt")
+
+
 def test_wlasl_v03_bad_instance_named(tmp_path):
     data = _v03()
     del data[1]["instances"][0]["split"]
