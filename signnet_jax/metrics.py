@@ -380,6 +380,18 @@ def plot_confused_pairs(
     atomic_write(path, buf.getvalue())
 
 
+def best_point(val_top1: Sequence[tuple[int, float]]) -> tuple[int, float]:
+    """The (step, top-1) of the best validation; the latest of equal values.
+
+    The same rule as ``checkpointing.select_step(..., 'best')`` and the checkpoint manager's
+    keep-the-best policy, so the step a plot or log names is the step that is kept and loaded.
+    """
+    if not val_top1:
+        raise ValueError("no validation results")
+    step, value = max(val_top1, key=lambda p: (p[1], p[0]))
+    return int(step), float(value)
+
+
 def plot_training_curves(
     path: str | os.PathLike,
     train_loss: Sequence[tuple[int, float]],
@@ -425,8 +437,8 @@ def plot_training_curves(
         top.set_xlabel("epoch", fontsize=9, labelpad=2)
         top.tick_params(labelsize=8)
     ax_val.set_ylim(0, 100)
-    if val_top1:  # the best; the earliest of equal values
-        best_step, best = max(val_top1, key=lambda p: (p[1], -p[0]))
+    if val_top1:
+        best_step, best = best_point(val_top1)
         ax_val.plot([best_step], [100 * best], "*", color="#2ca02c", ms=11)
         ax_val.set_title(
             f"validation top-1 (%): best {100 * best:.2f} at step {best_step}", fontsize=11, pad=8

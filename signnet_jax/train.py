@@ -237,14 +237,15 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     rules = {k: (v or None) for k, v in config.mesh.rules.items()}
     shardings, dropped = sharding.param_shardings(abstract_state, mesh, rules)
     param_sh = nnx.to_pure_dict(shardings)
+    check_view_sizes(config, cfg)
     setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
     setup.warnings += init_warnings
     if config.data.short_side_size != cfg.img_size:
         setup.warnings.append(
             f"data.short_side_size {config.data.short_side_size} differs from model.img_size "
-            f"{cfg.img_size}: validation and test views are {config.data.short_side_size}-pixel "
-            f"squares while training crops are {cfg.img_size} (the published recipe uses the "
-            "same size for both)"
+            f"{cfg.img_size}: test views are {config.data.short_side_size}-pixel squares "
+            f"while training crops and validation views are {cfg.img_size} (the published "
+            "recipe uses the same size for both)"
         )
     if dropped:
         sizes = sorted({dim for _, dim, _ in dropped})
@@ -254,6 +255,33 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
             f"pick a mesh.fsdp that divides {sizes[0]}"
         )
     return setup
+
+
+def check_view_sizes(config: ml_collections.ConfigDict, cfg: vit.ViTConfig) -> None:
+    """Validation and test views the model can take (checked up front: the first validation
+    comes only after an epoch of training, the test after the whole run)."""
+    short = config.data.short_side_size
+    if config.mode == "train" and config.val_split and short < cfg.img_size:
+        raise TrainingError(
+            f"data.short_side_size {short} is smaller than model.img_size {cfg.img_size}: "
+            f"validation views are {cfg.img_size}-pixel centre crops of frames resized to a "
+            f"{short}-pixel short side; set --config.data.short_side_size={cfg.img_size}"
+        )
+    if not config.test_split or short == cfg.img_size:
+        return
+    if short % cfg.patch_size:
+        raise TrainingError(
+            f"data.short_side_size {short}: test views are {short}-pixel squares, which the "
+            f"model's {cfg.patch_size}-pixel patches do not divide; set "
+            f"--config.data.short_side_size={cfg.img_size} (model.img_size) or a multiple of "
+            f"{cfg.patch_size}"
+        )
+    if cfg.learned_pos_emb:
+        raise TrainingError(
+            f"data.short_side_size {short}: test views are {short}-pixel squares, but the "
+            f"model's learned position table fits {cfg.img_size}-pixel clips only; set "
+            f"--config.data.short_side_size={cfg.img_size}"
+        )
 
 
 def check_eval_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -497,6 +525,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       The final metrics (also written to ``workdir/metrics.json``).
     """
     check_workdir(workdir)
+    if config.val_split and config.val_split == config.test_split:
+        raise TrainingError(
+            f"config.val_split and config.test_split are both {config.val_split!r}: the best "
+            "checkpoint would be selected on the test split; give a validation split of its "
+            "own (or --config.val_split='' to train without validation)"
+        )
     if config.smoke.enabled:
         ensure_smoke(config)
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
@@ -508,6 +542,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pc = jax.process_count()
     batch = config.data.batch_size
     accum = config.optim.grad_accum
+    if batch < 1 or accum < 1 or config.data.repeated_aug < 1:
+        raise TrainingError(
+            f"data.batch_size ({batch}), optim.grad_accum ({accum}) and data.repeated_aug "
+            f"({config.data.repeated_aug}) must be >= 1"
+        )
     if batch % accum or (batch // accum) % pc:
         raise TrainingError(
             f"data.batch_size {batch} must split into optim.grad_accum={accum} micro-batches "

@@ -282,3 +282,31 @@ def test_training_curves_plot(tmp_path):
 
     with pytest.raises(ValueError, match="steps_per_epoch and total_steps must be >= 1"):
         metrics.plot_training_curves(path, loss, val, steps_per_epoch=0, total_steps=2000)
+
+
+def test_training_curves_name_the_best_step_that_load_step_best_gives(tmp_path, monkeypatch):
+    # equal validation top-1 at two steps: the checkpoint manager keeps the later one and
+    # load_step='best' reads it, so the plot must name that step too
+    from matplotlib.axes import Axes
+
+    from signnet_jax import checkpointing
+
+    val = [(150, 0.75), (600, 0.9), (750, 0.9), (900, 0.9)]
+    ckpt = checkpointing.TrainCheckpointer(tmp_path / "ckpt", keep=1)
+    for step, top1 in val:
+        ckpt.save(step, {"params": {"w": np.zeros(2, np.float32)}}, {}, {}, {"val_top1": top1})
+    ckpt.wait()
+    ckpt.close()
+    kept_best = checkpointing.select_step(tmp_path / "ckpt", "best")
+    assert kept_best == 900
+
+    titles = []
+    real = Axes.set_title
+    monkeypatch.setattr(
+        Axes,
+        "set_title",
+        lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k),
+    )
+    metrics.plot_training_curves(tmp_path / "c.png", [(100, 1.0)], val, 30, 900)
+    assert f"validation top-1 (%): best 90.00 at step {kept_best}" in titles
+    assert metrics.best_point(val) == (kept_best, 0.9)

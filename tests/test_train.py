@@ -85,9 +85,9 @@ def test_fsdp_really_shards_parameters(records):
     assert setup.warnings == [] and dp.warnings == []
     sizes = train.prepare(tiny_config(records, **{"data.short_side_size": 48}))
     assert sizes.warnings == [
-        "data.short_side_size 48 differs from model.img_size 32: validation and test views are "
-        "48-pixel squares while training crops are 32 (the published recipe uses the same size "
-        "for both)"
+        "data.short_side_size 48 differs from model.img_size 32: test views are 48-pixel "
+        "squares while training crops and validation views are 32 (the published recipe uses "
+        "the same size for both)"
     ]
     # a width the fsdp axis does not divide stays replicated: said, not silent
     odd = train.prepare(tiny_config(records, **{"mesh.fsdp": 8, "model.embed_dim": 36}))
@@ -575,6 +575,41 @@ def test_batch_and_schedule_mistakes_stop_before_training(records, tmp_path):
     with pytest.raises(train.TrainingError, match="data.eval_batch_size 12 does not split"):
         evaluate_mode(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_view_size_and_split_mistakes_stop_before_training(records, tmp_path):
+    # each of these used to train (an epoch, or the whole run) and then crash in the
+    # validation or the final test, or select checkpoints on the test split
+    for over, message in [
+        (
+            {"data.short_side_size": 24},
+            "data.short_side_size 24 is smaller than model.img_size 32: validation views",
+        ),
+        (
+            {"data.short_side_size": 40},
+            "test views are 40-pixel squares, which the model's 16-pixel patches do not divide",
+        ),
+        ({"val_split": "test"}, "would be selected on the test split"),
+        ({"data.batch_size": 0}, r"data.batch_size \(0\), optim.grad_accum \(1\)"),
+        ({"optim.grad_accum": 0}, r"optim.grad_accum \(0\) .* must be >= 1"),
+    ]:
+        with pytest.raises(train.TrainingError, match=message):
+            train.train_and_evaluate(tiny_config(records, **over), tmp_path / "w")
+        assert not (tmp_path / "w").exists()
+    # eval mode checks the test views too, before reading any record
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    c = tiny_config(records, mode="eval", init_from=str(init), **{"data.short_side_size": 40})
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    with pytest.raises(train.TrainingError, match="test views are 40-pixel squares"):
+        evaluate_mode(c, tmp_path / "w")
+    # a larger short side that the patches divide is allowed, with a warning that says what
+    # the views are
+    setup = train.prepare(tiny_config(records, **{"data.short_side_size": 48}))
+    assert any(
+        "test views are 48-pixel squares while training crops and validation views are 32" in w
+        for w in setup.warnings
+    )
 
 
 def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
