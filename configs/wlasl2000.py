@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.cutmix = 1.0
     c.loss.mixup_prob = 1.0
     c.loss.switch_prob = 0.5
+    # Clips mixed together, each group with its own lambda and cutmix box, as one GPU's batch
+    # in the original; 0: the whole (micro-)batch. Clips per device keeps mixing on each device
+    # (no clip crosses devices) but makes the trajectory depend on the device count.
+    c.loss.mixup_group_size = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1  # >1: shard parameters and optimizer state over this many devices

@@ -143,6 +143,9 @@ class MixupConfig:
     prob: float = 1.0  # probability of mixing a batch at all
     switch_prob: float = 0.5  # probability of cutmix when both are on
     label_smoothing: float = 0.1
+    # clips that mix with each other, with their own lambda and box, as one GPU's batch in
+    # the original; 0: the whole batch is one group
+    group_size: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -154,15 +157,39 @@ def mixup_cutmix(
 ) -> tuple[jax.Array, jax.Array]:
     """Batch-mode mixup / cutmix (timm semantics) on ``(B, T, H, W, C)`` clips.
 
-    Each clip is mixed with the batch reversed. Cutmix cuts one box (the same for
-    every frame and clip) and corrects lambda to the box's true area.
+    Each clip is mixed with its group reversed (``cfg.group_size`` consecutive clips, the
+    whole batch by default). Per group, one lambda; cutmix cuts one box (the same for every
+    frame and clip of the group) and corrects lambda to the box's true area.
 
     Returns:
       (mixed clips, soft targets (B, num_classes) float32).
+
+    Raises:
+      ValueError: a group size that does not divide the batch.
     """
     targets = smooth_one_hot(labels, num_classes, cfg.label_smoothing)
     if not cfg.enabled:
         return clips, targets
+    b = clips.shape[0]
+    group = cfg.group_size or b
+    if b % group:
+        raise ValueError(f"mixup group size {group} does not divide the batch of {b} clips")
+    if group == b:
+        return _mix_group(key, clips, targets, cfg)
+    n = b // group
+    # Groups of consecutive rows: with a group per device's rows, no clip leaves its device.
+    mixed, mixed_targets = jax.vmap(lambda k, c, t: _mix_group(k, c, t, cfg))(
+        jax.random.split(key, n),
+        clips.reshape(n, group, *clips.shape[1:]),
+        targets.reshape(n, group, num_classes),
+    )
+    return mixed.reshape(clips.shape), mixed_targets.reshape(targets.shape)
+
+
+def _mix_group(
+    key: jax.Array, clips: jax.Array, targets: jax.Array, cfg: MixupConfig
+) -> tuple[jax.Array, jax.Array]:
+    """One group's mixing: ``mixup_cutmix`` for a batch that is one group."""
     k_apply, k_switch, k_lam_m, k_lam_c, k_y, k_x = jax.random.split(key, 6)
     apply = jax.random.uniform(k_apply) < cfg.prob
     if cfg.mixup > 0 and cfg.cutmix > 0:

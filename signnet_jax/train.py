@@ -319,6 +319,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         prob=config.loss.mixup_prob,
         switch_prob=config.loss.switch_prob,
         label_smoothing=config.loss.label_smoothing,
+        group_size=config.loss.mixup_group_size,
     )
     base_key = jax.random.key(config.seed)
     graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
@@ -557,6 +558,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise TrainingError(
             f"a micro-batch of {micro * config.data.repeated_aug} clips does not split over "
             f"{mesh.size} devices; change data.batch_size"
+        )
+    group, clips = config.loss.mixup_group_size, micro * config.data.repeated_aug
+    if group < 0 or (group and clips % group):
+        raise TrainingError(
+            f"loss.mixup_group_size {group} must divide the {clips} clips of a micro-batch "
+            f"(data.batch_size / optim.grad_accum x data.repeated_aug); "
+            f"{clips // mesh.size} a device keeps the mixing on each device, 0 mixes them all"
         )
     if config.val_split or config.test_split:
         check_eval_batch(config, mesh)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from signnet_jax import optim
+from signnet_jax import optim, sharding
 
 
 def test_schedule_is_linspace_warmup_then_cosine():
@@ -117,6 +117,54 @@ def test_mixup_blends_with_the_reversed_batch():
     np.testing.assert_allclose(x[1], lam * 1 + (1 - lam) * 2, rtol=1e-5)
     smooth = np.asarray(optim.smooth_one_hot(jnp.arange(4), 4, 0.1))
     np.testing.assert_allclose(y, lam * smooth + (1 - lam) * smooth[::-1], rtol=1e-5)
+
+
+def test_mixup_groups_mix_within_themselves_with_their_own_lambda():
+    labels = jnp.arange(8)
+    mix = optim.MixupConfig(mixup=0.8, cutmix=0.0, label_smoothing=0.0, group_size=4)
+    x, y = optim.mixup_cutmix(jax.random.key(3), _clips(8), labels, 8, mix)
+    x, y = np.asarray(x)[:, 0, 0, 0, 0], np.asarray(y)
+    # group 0 is clips 0..3 mixed with 3..0, group 1 clips 4..7 with 7..4
+    lam0, lam1 = 1 - x[0] / 3, (7 - x[4]) / 3
+    assert abs(lam0 - lam1) > 0.05  # a lambda each
+    g0, g1 = np.arange(4), np.arange(4, 8)
+    np.testing.assert_allclose(x[:4], lam0 * g0 + (1 - lam0) * g0[::-1], rtol=1e-5)
+    np.testing.assert_allclose(x[4:], lam1 * g1 + (1 - lam1) * g1[::-1], rtol=1e-5)
+    eye = np.eye(8)
+    np.testing.assert_allclose(y[:4], lam0 * eye[:4] + (1 - lam0) * eye[3::-1], atol=1e-6)
+    np.testing.assert_allclose(y[4:], lam1 * eye[4:] + (1 - lam1) * eye[7:3:-1], atol=1e-6)
+    # cutmix: each group pastes from its own reversed rows, in a box of its own
+    cut = optim.MixupConfig(mixup=0.0, cutmix=1.0, label_smoothing=0.0, group_size=4)
+    boxes = []
+    for seed in range(4):
+        x, _ = optim.mixup_cutmix(jax.random.key(seed), _clips(8), labels, 8, cut)
+        x = np.asarray(x)[..., 0]
+        assert set(np.unique(x[0])) <= {0.0, 3.0} and set(np.unique(x[4])) <= {4.0, 7.0}
+        boxes.append((x[0, 0] == 3.0, x[4, 0] == 7.0))
+    assert any((a != b).any() for a, b in boxes)
+    # one group of the whole batch is the default
+    key = jax.random.key(5)
+    whole = optim.mixup_cutmix(key, _clips(8), labels, 8, optim.MixupConfig(group_size=8))
+    default = optim.mixup_cutmix(key, _clips(8), labels, 8, optim.MixupConfig())
+    for a, b in zip(whole, default, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="mixup group size 3 does not divide the batch of 8"):
+        optim.mixup_cutmix(jax.random.key(0), _clips(8), labels, 8, optim.MixupConfig(group_size=3))
+
+
+def test_mixup_groups_of_a_devices_clips_stay_on_the_device():
+    mesh = sharding.make_mesh()  # the trainer's: 8 devices on the data axis
+    clips = jax.device_put(_clips(16), sharding.batch_sharding(mesh, 5))
+    labels = jax.device_put(jnp.arange(16), sharding.batch_sharding(mesh, 1))
+
+    def hlo(group_size):
+        cfg = optim.MixupConfig(group_size=group_size)
+        fn = jax.jit(lambda k, c, y: optim.mixup_cutmix(k, c, y, 16, cfg))
+        return fn.lower(jax.random.key(0), clips, labels).compile().as_text()
+
+    assert "collective-permute" in hlo(0)  # the whole batch reversed: clips cross devices
+    per_device = hlo(2)
+    assert not any(op in per_device for op in ("collective-permute", "all-to-all", "all-gather"))
 
 
 def test_mixing_off_gives_the_clips_and_smoothed_labels():

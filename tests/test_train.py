@@ -592,6 +592,10 @@ def test_view_size_and_split_mistakes_stop_before_training(records, tmp_path):
         ({"val_split": "test"}, "would be selected on the test split"),
         ({"data.batch_size": 0}, r"data.batch_size \(0\), optim.grad_accum \(1\)"),
         ({"optim.grad_accum": 0}, r"optim.grad_accum \(0\) .* must be >= 1"),
+        (
+            {"loss.mixup_group_size": 3},
+            r"loss.mixup_group_size 3 must divide the 8 clips of a micro-batch .*; 1 a device",
+        ),
     ]:
         with pytest.raises(train.TrainingError, match=message):
             train.train_and_evaluate(tiny_config(records, **over), tmp_path / "w")
