@@ -115,6 +115,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # jax.distributed.initialize() (TPU pods, multi-node GPU)
     c.distributed.coordinator_address = ""  # empty: let JAX detect it (TPU, SLURM)
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
+    c.distributed.num_processes = 0  # 0: let JAX detect it
+    c.distributed.process_id = -1  # -1: let JAX detect it
     return c

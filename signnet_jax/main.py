@@ -28,13 +28,7 @@ def main(argv):
     # Library INFO logs (orbax, grain) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)
     if config.distributed.initialize:
-        kwargs = {}
-        if config.distributed.coordinator_address:
-            kwargs = dict(
-                coordinator_address=config.distributed.coordinator_address,
-                num_processes=config.distributed.num_processes,
-                process_id=config.distributed.process_id,
-            )
+        kwargs = distributed_kwargs(config.distributed)
         # CPU processes need a collectives backend (multi-process tests on one machine);
         # TPU and GPU clients ignore this setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -49,6 +43,19 @@ def main(argv):
     except train.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def distributed_kwargs(cfg) -> dict:
+    """``jax.distributed.initialize`` arguments from ``config.distributed``: only the values
+    given, so JAX detects the rest from the cluster (TPU pods, SLURM, ...)."""
+    kwargs = {}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes > 0:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    return kwargs
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

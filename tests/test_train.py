@@ -974,3 +974,17 @@ def test_bucket_workdir_is_refused_before_anything_is_written(records):
             "folder, then copy it with `gsutil -m cp -r LOCAL_DIR gs://bucket/runs/x`"
         ), r.stderr
     assert not (REPO / "gs:").exists()  # no local 'gs:' folder where the command ran
+
+
+def test_distributed_passes_only_the_values_given():
+    from configs import wlasl2000
+    from signnet_jax.main import distributed_kwargs
+
+    d = wlasl2000.get_config().distributed
+    assert distributed_kwargs(d) == {}  # all detected by JAX (TPU pods, SLURM)
+    d.coordinator_address = "10.0.0.1:1234"
+    assert distributed_kwargs(d) == {"coordinator_address": "10.0.0.1:1234"}
+    d.num_processes, d.process_id = 4, 0
+    assert distributed_kwargs(d) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 0,
+    }  # fmt: skip
