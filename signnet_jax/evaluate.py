@@ -201,8 +201,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = checkpointing.select_step(source, config.load_step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(f"{e} (config.load_step={config.load_step!r})") from e
-    if jax.process_index() == 0:
-        print(f"evaluating {source} step {step} (load_step {config.load_step})", flush=True)
+    train._log(f"evaluating {source} step {step} (load_step {config.load_step})")
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.init_from = str(source)
     eval_config.load_step = str(step)
@@ -217,10 +216,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         params = train.place_params(setup, config.seed)
         out.mkdir(parents=True, exist_ok=True)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)
-    print(summary_line(report), flush=True)
+    train._log(summary_line(report))
     result = {"checkpoint": str(source), "step": step, "protocol": protocol(config), "test": report}
     write_json(out / "metrics.json", result)
-    if jax.process_index() == 0:
-        print(f"wrote {out}/metrics.json, {config.test_split}_per_class.csv and "
-              f"{config.test_split}_confused_pairs.png", flush=True)  # fmt: skip
+    train._log(f"wrote {out}/metrics.json, {config.test_split}_per_class.csv and "
+               f"{config.test_split}_confused_pairs.png")  # fmt: skip
     return result

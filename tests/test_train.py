@@ -852,6 +852,42 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     np.testing.assert_allclose(
         losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=0
     )
+    # eval mode on two processes: the numbers of one process, reported by process 0 only
+    test = [*common, "--config.mode=eval", "--config.test_split=test"]
+    one = subprocess.run(_main_args(records, tmp_path / "one", *test), cwd=REPO, env=env(8),
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    procs = [
+        subprocess.Popen(
+            _main_args(
+                records,
+                tmp_path / "two",
+                *test,
+                "--config.distributed.initialize=True",
+                f"--config.distributed.coordinator_address=localhost:{port + 1}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            cwd=REPO,
+            env=env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+    def evaluated(workdir):
+        (path,) = (workdir / "eval").glob("*/metrics.json")
+        return json.loads(path.read_text())["test"]
+
+    assert evaluated(tmp_path / "two") == evaluated(tmp_path / "one")
+    summary = [line for line in one.stdout.splitlines() if line.startswith("test (test, ")]
+    assert len(summary) == 1 and summary[0] in outs[0][0]
+    assert "test (test, " not in outs[1][0] and "evaluating " not in outs[1][0]
 
 
 @pytest.mark.heavy
