@@ -43,7 +43,7 @@ def get_config():
     c.data.num_threads = 2
     c.optim.base_lr = 0.016  # 1e-3 after the batch / 256 scaling
     c.optim.warmup_epochs = 1
-    c.optim.epochs = 30
+    c.optim.epochs = 40
     c.optim.layer_decay = 1.0
     c.optim.weight_decay = 0.05
     c.loss.mixup = 0.0

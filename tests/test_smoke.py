@@ -30,7 +30,7 @@ def test_smoke_config_reaches_90_percent(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "work" / "metrics.json").read_text())
-    assert metrics["steps"] == 900
+    assert metrics["steps"] == 1200
     assert metrics["test"]["num_videos"] == 60
     assert metrics["test"]["per_instance"]["top1"] >= 0.9
     assert "test (test, 60 videos): P-I top-1" in r.stdout
