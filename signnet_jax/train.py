@@ -758,7 +758,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"warning: train.profile_steps: no step to trace after step {after} (this run "
                 f"ends at step {last_step}); lower train.profile_start"
             )
-        with _Preemption() as preempt, _memory_advice(per_device), trace:
+        # closing the input pipeline stops its workers and frees the batches they prefetched
+        with (
+            _Preemption() as preempt,
+            _memory_advice(per_device),
+            trace,
+            contextlib.closing(train_iter),
+        ):
             while step < last_step:
                 trace.before(step)
                 for a in range(accum):
