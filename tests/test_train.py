@@ -818,29 +818,35 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
         timeout=600,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    port = portpicker.pick_unused_port()
-    procs = [
-        subprocess.Popen(
-            _main_args(
-                records,
-                tmp_path / "two",
-                *common,
-                "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            ),
-            cwd=REPO,
-            env=env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+
+    def two_processes(*args):
+        """Runs main in two processes of 4 devices each; their (stdout, stderr)."""
+        port = portpicker.pick_unused_port()
+        procs = [
+            subprocess.Popen(
+                _main_args(
+                    records,
+                    tmp_path / "two",
+                    *args,
+                    "--config.distributed.initialize=True",
+                    f"--config.distributed.coordinator_address=localhost:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}",
+                ),
+                cwd=REPO,
+                env=env(4),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    outs = two_processes(*common)
     assert "mesh {'data': 8, 'fsdp': 1}" in outs[0][0]
 
     def losses(workdir):
@@ -857,28 +863,7 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     one = subprocess.run(_main_args(records, tmp_path / "one", *test), cwd=REPO, env=env(8),
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    procs = [
-        subprocess.Popen(
-            _main_args(
-                records,
-                tmp_path / "two",
-                *test,
-                "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=localhost:{port + 1}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            ),
-            cwd=REPO,
-            env=env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outs = two_processes(*test)
 
     def evaluated(workdir):
         (path,) = (workdir / "eval").glob("*/metrics.json")
