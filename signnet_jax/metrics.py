@@ -439,7 +439,8 @@ def plot_training_curves(
     ax_val.set_ylim(0, 100)
     if val_top1:
         best_step, best = best_point(val_top1)
-        ax_val.plot([best_step], [100 * best], "*", color="#2ca02c", ms=11)
+        # not clipped: the best is often the last step, on the axis' edge
+        ax_val.plot([best_step], [100 * best], "*", color="#2ca02c", ms=11, clip_on=False)
         ax_val.set_title(
             f"validation top-1 (%): best {100 * best:.2f} at step {best_step}", fontsize=11, pad=8
         )
