@@ -694,13 +694,14 @@ def preview_figure(prediction: Prediction, top: int = 5):
         f"{pathlib.Path(report['video']).name}: {len(h.frames)} frames ({frames}); H&HT boxes "
         "(landmark / pose fallback / interpolated) and the tunnelled frames",
         fontsize=10,
+        parse_math=False,  # file names and glosses are text: '$5_$6' is no formula
     )
     ax = parts[1].subplots()
     names = [metrics.short_name(t["gloss"]) for t in ranked]
     probs = [t["probability"] for t in ranked]
     y = np.arange(len(ranked))
     ax.barh(y, probs, height=0.7, color=["#2ca02c"] + ["#7f7f7f"] * (len(ranked) - 1))
-    ax.set_yticks(y, names, fontsize=10)
+    ax.set_yticks(y, names, fontsize=10, parse_math=False)
     ax.set_ylim(len(ranked) - 0.4, -0.6)  # rank 1 on top
     for yi, p in zip(y, probs, strict=True):
         ax.text(p, yi, f" {p:.3f}", va="center", fontsize=9)
@@ -719,7 +720,7 @@ def preview_figure(prediction: Prediction, top: int = 5):
     if wrapped:
         ax = parts[2].subplots()
         ax.axis("off")
-        ax.text(0, 1, "\n".join(wrapped), va="top", fontsize=8.5, color="#b03020")
+        ax.text(0, 1, "\n".join(wrapped), va="top", fontsize=8.5, color="#b03020", parse_math=False)
     return fig
 
 
@@ -759,6 +760,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--video",
         required=True,
         nargs="+",
+        action="extend",
         metavar="IN",
         help="raw video file(s), or folders of them; several videos share one model load and "
         "print one report each (JSON Lines with --json)",
@@ -815,34 +817,37 @@ VIDEO_SUFFIXES = (
 )  # fmt: skip
 
 
-def find_videos(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+def find_videos(paths: Sequence[str | os.PathLike]) -> list[str]:
     """The videos behind ``--video``: files as given, folders as their video files (by
-    ``VIDEO_SUFFIXES``, sorted, not recursive); a file named twice is kept once.
+    ``VIDEO_SUFFIXES``, sorted, not recursive); a file named twice is kept once. Paths are
+    spelled as given (reports name the video as the user typed it).
 
     Raises:
       PredictError: a path that does not exist, or a folder without video files.
     """
-    found: list[pathlib.Path] = []
-    for path in map(pathlib.Path, paths):
+    found: list[str] = []
+    for given in map(os.fspath, paths):
+        path = pathlib.Path(given)
         if path.is_dir():
             inside = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
             )
             if not inside:
                 raise PredictError(
                     f"video folder {path} holds no video files ({' '.join(VIDEO_SUFFIXES)})"
                 )
-            found += inside
+            found += [os.path.join(given, name) for name in inside]
         elif path.is_file():
-            found.append(path)
+            found.append(given)
         else:
             raise PredictError(f"video {path} does not exist")
     seen: set[pathlib.Path] = set()
     unique = []
-    for path in found:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            unique.append(path)
+    for video in found:
+        resolved = pathlib.Path(video).resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(video)
     return unique
 
 
@@ -866,28 +871,29 @@ def check_output(flag: str, path: str | os.PathLike, video: str | os.PathLike) -
         raise PredictError(str(e)) from e
 
 
-def _output_paths(
-    flag: str, target: str | None, videos: list[pathlib.Path], tag: str
-) -> list[pathlib.Path | None]:
+def _output_paths(flag: str, target: str | None, videos: list[str], tag: str) -> list[str | None]:
     """Where ``--save-hht``/``--preview`` write for each video: the file given (one video), or
     ``STEM_TAG.SUFFIX`` inside the folder given; all checked before any work.
 
     Raises:
       PredictError: a file name for several videos, a wrong suffix, two videos with one
-        output name, or a place that cannot be written.
+        output name, an output that is one of the input videos, or a place that cannot be
+        written.
     """
     if target is None:
         return [None] * len(videos)
     if pathlib.Path(target).is_dir():
-        paths = [pathlib.Path(target) / f"{v.stem}_{tag}{OUTPUTS[flag][0]}" for v in videos]
-        by_name: dict[pathlib.Path, list[pathlib.Path]] = {}
+        paths = [
+            os.path.join(target, f"{pathlib.Path(v).stem}_{tag}{OUTPUTS[flag][0]}") for v in videos
+        ]
+        by_name: dict[str, list[str]] = {}
         for v, path in zip(videos, paths, strict=True):
             by_name.setdefault(path, []).append(v)
         for path, same in by_name.items():
             if len(same) > 1:
                 raise PredictError(
                     f"{flag} {target}: videos {' and '.join(map(str, same))} would both write "
-                    f"{path.name}; predict them in separate runs or rename one"
+                    f"{os.path.basename(path)}; predict them in separate runs or rename one"
                 )
     elif len(videos) > 1:
         raise PredictError(
@@ -895,7 +901,17 @@ def _output_paths(
             "existing folder (each video writes its own file there)"
         )
     else:
-        paths = [pathlib.Path(target)]
+        paths = [target]
+    # An output onto another video of the run would replace it before it is read (e.g. the
+    # STEM_hht.mp4 files of an earlier run in a --video folder that is also the --save-hht one).
+    inputs = {pathlib.Path(v).resolve(): v for v in videos}
+    for own, path in zip(videos, paths, strict=True):
+        video = inputs.get(pathlib.Path(path).resolve())
+        if video is not None and video != own:  # its own video: check_output says so
+            raise PredictError(
+                f"{flag} {path} would replace the input video {video}; write the outputs to "
+                "another folder (or move earlier outputs out of the videos' folder)"
+            )
     for video, path in zip(videos, paths, strict=True):
         check_output(flag, path, video)
     return paths
@@ -920,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     many = len(videos) > 1
-    failed: list[pathlib.Path] = []
+    failed: list[str] = []
     with predictor:
         for i, video in enumerate(videos):
             if many:
@@ -959,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_prediction(
     report: dict[str, Any],
     startup_ms: dict[str, float] | None,
-    written: list[pathlib.Path],
+    written: list[str],
     as_json: bool,
     many: bool,
 ) -> None:

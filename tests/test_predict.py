@@ -756,3 +756,59 @@ def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_pat
     ]:  # fmt: skip
         _expect_error(capsys, message, "--checkpoint", missing, "--video", *two, *extra)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "y"]
+
+
+def test_cli_outputs_never_replace_another_input_video(workdir, sign_sample, tmp_path, capsys):
+    # A second run over a folder that also receives the --save-hht files: a_hht.mp4 (a video
+    # of the run) would be overwritten by a.mp4's output before it is read.
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(sign_sample.read_bytes())
+    mine = sign_sample.read_bytes()[::-1]  # the user's own file that happens to be named so
+    (videos / "a_hht.mp4").write_bytes(mine)
+    missing = tmp_path / "no_checkpoint"  # refused before the checkpoint is read
+    _expect_error(
+        capsys, f"--save-hht {videos / 'a_hht.mp4'} would replace the input video "
+        f"{videos / 'a_hht.mp4'}", "--checkpoint", missing, "--video", videos, "--save-hht", videos,
+    )  # fmt: skip
+    assert (videos / "a_hht.mp4").read_bytes() == mine
+    assert sorted(p.name for p in videos.iterdir()) == ["a.mp4", "a_hht.mp4"]
+
+
+def test_cli_video_flag_given_twice_keeps_both(workdir, sign_sample, tmp_path, capsys):
+    other = tmp_path / "other.mp4"
+    other.write_bytes(sign_sample.read_bytes())
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", sign_sample, "--video", other, "--json"
+    )
+    assert code == 0, err
+    videos = [json.loads(line)["video"] for line in out.splitlines()]
+    assert videos == [str(sign_sample), str(other)]
+
+
+def test_cli_reports_the_video_path_as_given(workdir, sign_sample, tmp_path, capsys, monkeypatch):
+    # one video: the report and 'wrote' lines name the paths as typed, as before several videos
+    (tmp_path / "clip.mp4").write_bytes(sign_sample.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", "./clip.mp4", "--json", "--save-hht",
+        "./clip_hht.mp4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["video"] == "./clip.mp4"
+    assert "wrote ./clip_hht.mp4" in err.splitlines()
+
+
+def test_preview_draws_names_with_dollar_signs_as_text(workdir, sign_sample, tmp_path):
+    # '$...$' would be parsed as mathtext: a file name like 'price $5_$6.mp4' raised ValueError
+    # in savefig, which ended a run of several videos with a traceback
+    video = tmp_path / "price $5_$6.mp4"
+    video.write_bytes(sign_sample.read_bytes())
+    with predict.Predictor(workdir) as p:
+        p.classes = ["$x_$"] + p.classes[1:]
+        run = p.run(video, top_k=len(p.classes))
+    png = tmp_path / "preview.png"
+    predict.write_preview(png, run, top=len(p.classes))
+    assert cv2.imread(str(png)) is not None
+    texts = _figure_texts(predict.preview_figure(run, top=len(p.classes)))
+    assert any(t.startswith("price $5_$6.mp4: ") for t in texts) and "$x_$" in texts
