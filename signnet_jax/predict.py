@@ -882,6 +882,8 @@ def _output_paths(flag: str, target: str | None, videos: list[str], tag: str) ->
     """
     if target is None:
         return [None] * len(videos)
+    if target.endswith(("/", os.sep)) and not pathlib.Path(target).is_dir():
+        raise PredictError(f"{flag} {target}: folder does not exist; create it first")
     if pathlib.Path(target).is_dir():
         paths = [
             os.path.join(target, f"{pathlib.Path(v).stem}_{tag}{OUTPUTS[flag][0]}") for v in videos

@@ -753,6 +753,8 @@ def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_pat
         (["--preview", tmp_path], f"--preview {tmp_path}: videos {two[0]} and {two[1]} would "
          "both write clip_preview.png"),
         ([tmp_path / "nope.mp4"], f"video {tmp_path / 'nope.mp4'} does not exist"),
+        (["--preview", f"{tmp_path / 'new'}/"], f"--preview {tmp_path / 'new'}/: folder does "
+         "not exist; create it first"),
     ]:  # fmt: skip
         _expect_error(capsys, message, "--checkpoint", missing, "--video", *two, *extra)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "y"]
