@@ -937,7 +937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    many = len(videos) > 1
+    # a folder's videos always get one line each, however many it holds
+    many = len(videos) > 1 or any(os.path.isdir(v) for v in args.video)
     failed: list[str] = []
     with predictor:
         for i, video in enumerate(videos):

@@ -738,6 +738,16 @@ def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_p
     assert code == 0, err
     assert out.count(f"checkpoint {workdir / 'checkpoints'} (step 0)") == 2
     assert out.startswith("\n" + str(videos / "a.mp4"))
+    # a folder that holds one video is still a folder: one JSON line and the count
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "a.mp4").write_bytes(sign_sample.read_bytes())
+    code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", single, "--json")
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert json.loads(line)["top_k"] == tiny_run.report["top_k"][:5]
+    assert err.splitlines()[0] == f"[1/1] {single / 'a.mp4'}"
+    assert err.splitlines()[-1] == "predicted 1 of 1 videos"
 
 
 def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_path, capsys):
