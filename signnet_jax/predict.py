@@ -952,6 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         write_preview(previews[i], prediction)
                     except OSError as e:
+                        # a failed video leaves no outputs: a rerun redoes both
+                        if save_hht[i] is not None:
+                            pathlib.Path(save_hht[i]).unlink(missing_ok=True)
                         raise PredictError(f"cannot write --preview {previews[i]}: {e}") from e
             except PredictError as e:
                 print(f"error: {e}", file=sys.stderr)

@@ -701,6 +701,24 @@ def test_cli_preview_that_cannot_be_written_stops_first(sign_sample, tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_preview_failing_after_the_work_leaves_no_outputs(
+    workdir, sign_sample, tmp_path, capsys, monkeypatch
+):
+    # the preview's place passed the early check, then the write fails (a full disk): the
+    # video is reported failed and its tunnelled video, already written, is removed again
+    def full_disk(path, prediction, top=5):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predict, "write_preview", full_disk)
+    out_mp4, out_png = tmp_path / "clip_hht.mp4", tmp_path / "clip.png"
+    _expect_error(
+        capsys, f"cannot write --preview {out_png}: [Errno 28] No space left on device",
+        "--checkpoint", workdir, "--video", sign_sample, "--save-hht", out_mp4,
+        "--preview", out_png,
+    )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_path, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()
