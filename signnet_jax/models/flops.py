@@ -26,8 +26,9 @@ def train_flops(cfg: ViTConfig) -> int:
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by device_kind. TPU v2 and v3 expose each
 # TensorCore as a device (two per chip); later TPUs one device per chip. Only devices with
-# bfloat16 tensor cores / MXUs are listed (a T4 has none, so it gets no MFU).
-PEAK_FLOPS = {
+# bfloat16 tensor cores / MXUs are listed (a T4 has none, so it gets no MFU); None marks a
+# kind whose peak is not known here, so it is not given a neighbour's.
+PEAK_FLOPS: dict[str, float | None] = {
     "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
@@ -38,6 +39,7 @@ PEAK_FLOPS = {
     "TPU v2": 22.5e12,
     "TPU v3": 61.5e12,
     "TPU v4": 275e12,
+    "TPU v4 lite": None,  # the inference chip v4i, not the training chip v4
     "TPU v5 lite": 197e12,
     "TPU v5": 459e12,
     "TPU v5p": 459e12,

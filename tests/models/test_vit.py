@@ -288,5 +288,7 @@ def test_device_peaks_for_mfu():
     assert peak_flops("TPU v5") == 459e12
     assert peak_flops("TPU v5p") == 459e12
     assert peak_flops("TPU v6 lite") == 918e12
+    assert peak_flops("TPU v4") == 275e12
+    assert peak_flops("TPU v4 lite") is None  # v4i: unknown, not v4's peak
     assert peak_flops("TPU v2") == 22.5e12  # one TensorCore, as JAX counts devices
     assert peak_flops("cpu") is None
