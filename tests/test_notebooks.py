@@ -10,6 +10,7 @@ import cv2
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from signnet_jax import checkpointing
 from signnet_jax.data import records
@@ -75,6 +76,28 @@ def test_notebooks_are_stored_without_outputs_and_parameters_first(name):
             assert cell.outputs == [] and cell.execution_count is None, name
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert re.search(r"^SMOKE = False$", first.source, re.MULTILINE), name
+
+
+@pytest.mark.parametrize(
+    "name, values, example",
+    [
+        ("train_tpu.ipynb", {}, "BUCKET = 'gs://YOUR_BUCKET/signnet'"),
+        ("train_tpu.ipynb", {"BUCKET": "/content/b"}, "REPO_URL = 'https://github.com/YOUR_ORG/"),
+        ("predict.ipynb", {}, "REPO_URL = 'https://github.com/YOUR_ORG/"),
+    ],
+)
+def test_notebooks_refuse_example_parameters_before_any_work(name, values, example):
+    # on Colab (google.colab imported), with the parameter cell as stored
+    nb = set_parameters(_load(name), **values)
+    colab = "import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')"
+    nb.cells = [
+        nbformat.v4.new_code_cell(colab),
+        *[c for c in nb.cells if c.cell_type == "code"][:2],
+    ]
+    with pytest.raises(CellExecutionError) as e:
+        execute(nb, timeout=120)
+    assert example in str(e.value)
+    assert "is the example value; set it in the first cell" in str(e.value)
 
 
 @pytest.fixture(scope="module")
