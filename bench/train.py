@@ -5,6 +5,7 @@
     python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
     python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
+    python bench/train.py --topology v5e:2x4 --batch 128 --dtype bfloat16 --attention auto,splash
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -13,6 +14,10 @@ MFU. ``--attention`` with several kernels (comma-separated) times each on the sa
 weights and batch and prints their speeds relative to the first. On the CPU it also
 times the PyTorch reference training step on the same weights (tests/models/torch_vit.py)
 and prints PyTorch time / JAX time (min of repeats), JAX's time being the first kernel's.
+
+``--topology`` (e.g. ``v5e:2x4``, a v5e-8) compiles the step for a TPU slice that is not
+here, with JAX's TPU compiler (``pip install 'jax[tpu]'``; any host, no TPU needed), and
+prints its memory as ``--memory`` does: whether a batch fits before a TPU is rented.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from flax import nnx  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
-from signnet_jax.models import vit  # noqa: E402
-from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
+from signnet_jax.models import splash, vit  # noqa: E402
+from signnet_jax.models.flops import peak_flops, tpu_memory_bytes, train_flops  # noqa: E402
 
 
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
@@ -72,6 +77,9 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
     """XLA's memory analysis of the compiled step (nothing runs), or None when the compiler
     says it does not fit the device."""
     cfg = setup.model_cfg
+    platform = mesh.devices.flat[0].platform
+    if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
+        splash.prepare(cfg.num_heads, cfg.num_patches, platform)
     with jax.set_mesh(mesh):
         state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
         abstract = {
@@ -90,11 +98,49 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
             raise
 
 
+def target_devices(topology: str | None) -> list:
+    """The devices compiled for: this host's, or those of the TPU slice ``topology`` (e.g.
+    ``v5e:2x4``), which need not be here (JAX's TPU compiler runs on any host).
+
+    Raises:
+      ValueError: no TPU compiler installed, or a topology it does not know.
+    """
+    if topology is None:
+        return jax.devices()
+    from jax.experimental.topologies import get_topology_desc
+
+    # a v4 chip is one JAX device (megacore), as on a real v4 slice; later chips have one core
+    extra = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
+    try:  # hosts of up to 2x2 chips (the compiler's default), fewer for a smaller slice
+        dims = [int(d) for d in topology.split(":", 1)[1].split("x")] + [1, 1]
+        extra["chips_per_host_bounds"] = tuple(
+            min(d, b) for d, b in zip(dims[:3], (2, 2, 1), strict=True)
+        )
+    except (IndexError, ValueError):
+        pass  # the compiler names what is wrong with the name
+    try:
+        return list(get_topology_desc(platform="tpu", topology_name=topology, **extra).devices)
+    except RuntimeError as e:  # JaxRuntimeError (a bad name) is a RuntimeError too
+        if "not installed" in str(e):
+            raise ValueError(
+                f"--topology {topology} needs JAX's TPU compiler: pip install 'jax[tpu]' (it "
+                "compiles here; nothing runs on a TPU)"
+            ) from e
+        raise ValueError(
+            f"--topology {topology}: {e} (names look like v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1)"
+        ) from e
+
+
 def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
     """--memory: per-device memory of the step for each kernel, without and with remat."""
-    device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-    per_device = args.batch // jax.device_count()
+    device = mesh.devices.flat[0]
+    if args.topology:
+        limit = tpu_memory_bytes(device.device_kind)
+    else:
+        limit = (
+            (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+        )
+    per_device = args.batch // mesh.size
     gib = 2**30
     for kernel in kernels:
         for remat in (False, True):
@@ -103,10 +149,13 @@ def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
             setup = train.Setup(kcfg, [str(i) for i in range(kcfg.num_classes)], {}, mesh,
                                 graphdef, None, None, "")  # fmt: skip
             mem = step_memory(setup, config, tx, params, args.batch, mesh)
+            ran = vit.attention_implementation(
+                kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
+            )
             head = (
                 f"ViT-{args.preset} {args.frames}x{args.size}, {per_device} clip"
-                f"{'s' * (per_device != 1)} per device, {args.dtype}, attention {kernel}, "
-                f"remat {'on' if remat else 'off'}: "
+                f"{'s' * (per_device != 1)} per device, {args.dtype}, attention {kernel}"
+                f"{f' ({ran})' if ran != kernel else ''}, remat {'on' if remat else 'off'}: "
             )
             if mem is None:
                 print(head + "does not fit (the compiler ran out of device memory)")
@@ -141,14 +190,25 @@ def main() -> None:
         "(XLA's memory analysis; nothing runs, so settings that do not fit are safe to try)",
     )  # fmt: skip
     p.add_argument(
+        "--topology", metavar="NAME",
+        help="compile for this TPU slice instead of this host's devices and print the memory "
+        "(implies --memory; needs pip install 'jax[tpu]', not a TPU): v5e:2x4 is a v5e-8, "
+        "v6e:2x4 a v6e-8, v4:2x2x1 a v4-8, v5p:2x2x1 a v5p-8",
+    )  # fmt: skip
+    p.add_argument(
         "--trace", type=pathlib.Path, metavar="DIR",
         help="after timing, trace two steps of each kernel with jax.profiler into DIR/KERNEL "
         "(view with: xprof --logdir DIR/KERNEL)",
     )  # fmt: skip
     args = p.parse_args()
-    args.batch = args.batch or jax.device_count()
-    if args.batch % jax.device_count():
-        p.error(f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices")
+    try:
+        devices = target_devices(args.topology)
+    except ValueError as e:
+        p.error(str(e))
+    args.memory = args.memory or args.topology is not None
+    args.batch = args.batch or len(devices)
+    if args.batch % len(devices):
+        p.error(f"--batch {args.batch} must be a multiple of the {len(devices)} devices")
     kernels = args.attention.split(",")
     for name in kernels:
         if name not in vit.ATTENTION:
@@ -160,7 +220,7 @@ def main() -> None:
         args.preset, num_classes=classes, num_frames=args.frames, img_size=args.size,
         drop_path_rate=config.model.drop_path_rate, dtype=args.dtype, remat=args.remat,
     )  # fmt: skip
-    mesh = sharding.make_mesh(1)
+    mesh = sharding.make_mesh(1, devices)
     params = vit.params_of(vit.create_model(cfg))
     ocfg = optim.OptimConfig(
         base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-8, total_steps=1000, warmup_steps=100,
@@ -171,9 +231,12 @@ def main() -> None:
     clip = rng.integers(0, 256, (args.batch, args.frames, args.size, args.size, 3), np.uint8)
     labels = rng.integers(0, classes, args.batch).astype(np.int32)
     flops = train_flops(cfg) * args.batch
-    device = jax.devices()[0]
+    device = devices[0]
     peak = peak_flops(device.device_kind)
-    print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
+    print(
+        f"jax {jax.__version__} on {len(devices)} x {device.device_kind}"
+        + (f" (topology {args.topology}: compiled here, nothing runs)" if args.topology else "")
+    )
     if args.memory:
         print_memory(args, cfg, config, tx, params, mesh, kernels)
         return

@@ -39,6 +39,20 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax
     )
 
 
+def mesh_device():
+    """The kind of device a function traced now is compiled for: ``platform``, ``device_kind``
+    (and ``compute_capability`` on GPUs).
+
+    ``jax.devices()[0]``, unless the mesh in context (``jax.set_mesh``) is of another platform:
+    on a CPU host compiling ahead of time for a TPU topology (``bench/train.py --topology``),
+    the TPU's abstract device. Works inside ``jax.jit``.
+    """
+    local = jax.devices()[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    target = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return local if target is None or target.platform == local.platform else target
+
+
 def logical_to_spec(names: Sequence[str | None] | None, rules: dict[str, str | None]):
     """PartitionSpec of a parameter from its logical axis names and the rules table."""
     if not names:

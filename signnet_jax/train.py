@@ -321,13 +321,14 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         label_smoothing=config.loss.label_smoothing,
         group_size=config.loss.mixup_group_size,
     )
-    base_key = jax.random.key(config.seed)
+    seed = config.seed
     graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
     ema_decay = config.optim.ema_decay
     accum = config.optim.grad_accum
 
     def train_step(state, batch, micro_step):
-        key = jax.random.fold_in(base_key, micro_step)
+        # made inside the step: no array is created before it is compiled for its devices
+        key = jax.random.fold_in(jax.random.key(seed), micro_step)
         k_drop, k_mix, k_erase = jax.random.split(key, 3)
         x = device.normalize_and_erase(batch["clip"], batch["erase_box"], k_erase)
         x, targets = optim.mixup_cutmix(k_mix, x, batch["label"], num_classes, mix)

@@ -62,6 +62,16 @@ def test_train_bench_memory_compiles_only():
     assert "step " not in r.stdout  # nothing was timed
 
 
+def test_train_bench_topology_needs_the_tpu_compiler():
+    # this machine's JAX has no TPU compiler (libtpu): the flag says how to get it
+    r = _bench("bench/train.py --topology v5e:2x4")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == (
+        "train.py: error: --topology v5e:2x4 needs JAX's TPU compiler: pip install 'jax[tpu]' "
+        "(it compiles here; nothing runs on a TPU)"
+    )
+
+
 def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
     r = _bench(
         "bench/model.py --presets S --frames 4 --size 32 --repeats 1 --no-hf --dtype bfloat16"

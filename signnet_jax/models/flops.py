@@ -47,8 +47,30 @@ PEAK_FLOPS: dict[str, float | None] = {
 }
 
 
+# Memory (HBM) of one JAX device of a TPU kind, nominal (the runtime keeps a little of it), for
+# compiling ahead of time on a host without the TPU (``bench/train.py --topology``); a real
+# device reports its own limit.
+TPU_MEMORY_BYTES: dict[str, int | None] = {
+    "TPU v2": 8 * 2**30,  # per TensorCore
+    "TPU v3": 16 * 2**30,  # per TensorCore
+    "TPU v4": 32 * 2**30,
+    "TPU v4 lite": None,
+    "TPU v5 lite": 16 * 2**30,
+    "TPU v5": 95 * 2**30,
+    "TPU v5p": 95 * 2**30,
+    "TPU v6 lite": 32 * 2**30,
+}
+
+
 def _tokens(name: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def _lookup(table: dict, device_kind: str):
+    """The value of the longest table name whose words are all whole words of ``device_kind``."""
+    kind = _tokens(device_kind)
+    names = [k for k in table if _tokens(k) <= kind]
+    return table[max(names, key=len)] if names else None
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -58,6 +80,9 @@ def peak_flops(device_kind: str) -> float | None:
     matches "NVIDIA A100-SXM4-80GB" but not "NVIDIA RTX A1000", "L4" not "NVIDIA L40S"); the
     longest matching name wins ("TPU v5 lite" before "TPU v5", "H100 PCIe" before "H100").
     """
-    kind = _tokens(device_kind)
-    names = [k for k in PEAK_FLOPS if _tokens(k) <= kind]
-    return PEAK_FLOPS[max(names, key=len)] if names else None
+    return _lookup(PEAK_FLOPS, device_kind)
+
+
+def tpu_memory_bytes(device_kind: str) -> int | None:
+    """Nominal memory of one TPU device of this kind (matched as ``peak_flops``), or None."""
+    return _lookup(TPU_MEMORY_BYTES, device_kind)

@@ -50,6 +50,16 @@ def _kernel(heads: int, tokens: int, interpret: bool):
     return jax.tree.map(np.asarray, kernel)
 
 
+def prepare(num_heads: int, num_tokens: int, platform: str) -> None:
+    """Builds the kernel for this shape now (it is cached), outside any mesh.
+
+    For compiling ahead of time for a TPU topology on a host without one
+    (``bench/train.py --topology``): no array can be made under that topology's mesh, and
+    building the kernel makes some.
+    """
+    _kernel(num_heads, padded_tokens(num_tokens), platform != "tpu")
+
+
 _INTERPRET_WARNED = []
 
 
@@ -58,11 +68,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     Each device runs the kernel on its own examples (``sharding.per_device_batch``).
     """
-    interpret = jax.default_backend() != "tpu"
+    platform = sharding.mesh_device().platform  # the device compiled for
+    interpret = platform != "tpu"
     if interpret and not _INTERPRET_WARNED:
         _INTERPRET_WARNED.append(True)
         warnings.warn(
-            f"model.attention='splash' is a TPU kernel; on {jax.default_backend()} it runs in "
+            f"model.attention='splash' is a TPU kernel; on {platform} it runs in "
             "Pallas' interpreter (slow). Use 'auto' outside TPUs.",
             stacklevel=2,
         )

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from signnet_jax import sharding
 from signnet_jax.models import splash
 
 # name: the ViTConfig fields that make the preset (the giant is VideoMAEv2's patch-14 model)
@@ -266,7 +267,7 @@ class Attention(nnx.Module):
             scale = 1.0
         else:
             scale = self.head_dim**-0.5
-        device = jax.devices()[0]
+        device = sharding.mesh_device()  # the device compiled for
         impl = attention_implementation(
             self.attention, device.platform, self.dtype, getattr(device, "compute_capability", None)
         )

@@ -1,6 +1,7 @@
 """VideoMAEv2 ViT in Flax against the independent PyTorch reference in torch_vit.py."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from signnet_jax import sharding
 from signnet_jax.models import vit
 from tests.models import torch_vit
 from tests.models.helpers import (
@@ -248,6 +250,26 @@ def test_analytic_flops_agree_with_the_compiler():
 )
 def test_auto_attention_picks_the_kernel_per_backend(choice, backend, dtype, capability, expected):
     assert vit.attention_implementation(choice, backend, dtype, capability) == expected
+
+
+def test_auto_attention_follows_the_platform_compiled_for(monkeypatch):
+    cfg = vit.ViTConfig.from_preset("S", num_classes=5, num_frames=4, img_size=32, depth=1)
+    model = vit.create_model(cfg)
+    x = jnp.asarray(random_clip(1, 4, 32, seed=0))
+
+    def kernel_traced():  # the explicit kernel is the only custom_vjp in the forward pass
+        return "explicit" if "custom_vjp" in str(jax.make_jaxpr(model)(x)) else "xla"
+
+    # a mesh of this host's devices: this host's kind
+    with jax.set_mesh(sharding.make_mesh(1, jax.devices()[:1])):
+        assert sharding.mesh_device() is jax.devices()[0]
+        assert kernel_traced() == "explicit"
+    # compiling for a TPU topology from this host (bench/train.py --topology): its mesh says TPU
+    tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+    mesh = types.SimpleNamespace(empty=False, abstract_device=tpu)
+    monkeypatch.setattr(jax.sharding, "get_abstract_mesh", lambda: mesh)
+    assert sharding.mesh_device() is tpu
+    assert kernel_traced() == "xla"
 
 
 def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
