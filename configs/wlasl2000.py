@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 1e-3  # scaled by batch_size / 256, as are min_lr and warmup_lr
     c.optim.min_lr = 1e-6
-    c.optim.warmup_lr = 1e-8
+    # The original warms up from 0: its run_class_finetuning.py scales --warmup_lr (1e-8) but
+    # never passes it to utils.cosine_scheduler, whose start_warmup_value defaults to 0.
+    c.optim.warmup_lr = 0.0
     c.optim.warmup_epochs = 5
     c.optim.epochs = 50
     c.optim.weight_decay = 0.1
