@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_split = "test"
     c.init_from = ""  # a converted or trained checkpoint dir (warm start)
     # Which step to read from a checkpoint folder: init_from's in train mode, the workdir's
-    # (else init_from's) in eval mode. 'latest', 'best' (highest val top-1) or a number.
+    # (else init_from's) in eval mode. 'latest', 'best' (highest val top-1, the earlier step
+    # on a tie) or a number.
     c.load_step = "latest"
     # Start a new head when init_from has other classes (ASL-Citizen -> WLASL). With the
     # same class names in another order the head rows are permuted instead.
