@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_split = "test"
     c.init_from = ""  # a converted or trained checkpoint dir (warm start)
     # Which step to read from a checkpoint folder: init_from's in train mode, the workdir's
-    # (else init_from's) in eval mode. 'latest', 'best' (highest val top-1) or a number.
+    # (else init_from's) in eval mode. 'latest', 'best' (highest val top-1, the earlier step
+    # on a tie) or a number.
     c.load_step = "latest"
     # Start a new head when init_from has other classes (ASL-Citizen -> WLASL). With the
     # same class names in another order the head rows are permuted instead.
@@ -70,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 1e-3  # scaled by batch_size / 256, as are min_lr and warmup_lr
     c.optim.min_lr = 1e-6
-    c.optim.warmup_lr = 1e-8
+    # The original warms up from 0: its run_class_finetuning.py scales --warmup_lr (1e-8) but
+    # never passes it to utils.cosine_scheduler, whose start_warmup_value defaults to 0.
+    c.optim.warmup_lr = 0.0
     c.optim.warmup_epochs = 5
     c.optim.epochs = 50
     c.optim.weight_decay = 0.1

@@ -165,7 +165,8 @@ def select_step(directory: str | os.PathLike, which: int | str | None = "latest"
                     f"{directory}: no step records a validation top-1 (a converted checkpoint, "
                     "or training without val_split); ask for 'latest' or a step number"
                 )
-            return max(scored, key=lambda s: (scored[s], s))
+            # the first step to reach the top, as the original's checkpoint-best
+            return max(scored, key=lambda s: (scored[s], -s))
     if isinstance(which, str) and not which.isdigit():
         raise CheckpointError(f"step {which!r}: use 'latest', 'best' or a step number")
     if int(which) not in steps:
@@ -236,8 +237,14 @@ def load_model(
     return params, meta
 
 
-def _val_top1(metrics: dict[str, float]) -> float:
-    return metrics["val_top1"]
+def _best_rank(metrics: dict[str, float]) -> tuple[float, int]:
+    """Rank of a step's metrics: higher val top-1, then the earlier step, wins.
+
+    The original keeps the first epoch to reach the best validation top-1 as
+    checkpoint-best (it saves only when ``max_accuracy < acc1``). Steps saved before
+    metrics carried their step rank a tie by save order (the later one).
+    """
+    return metrics["val_top1"], -metrics.get("step", 0)
 
 
 class _NoMissingMetricWarning(logging.Filter):
@@ -265,7 +272,7 @@ class TrainCheckpointer:
             [
                 pp.LatestN(n=keep),
                 pp.BestN(
-                    get_metric_fn=_val_top1,
+                    get_metric_fn=_best_rank,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -275,7 +282,7 @@ class TrainCheckpointer:
             preservation_policy=policy,
             # best_fn makes orbax write each step's metrics beside it: the best step
             # survives a restart, and select_step(..., 'best') can read it.
-            best_fn=_val_top1,
+            best_fn=_best_rank,
             best_mode="max",
             cleanup_tmp_directories=True,
             enable_async_checkpointing=True,
@@ -298,6 +305,8 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
         items[DATA] = ocp.args.JsonSave(data_state)
         items[META] = ocp.args.JsonSave(json.loads(json.dumps(meta)))
+        if metrics is not None:  # the step breaks ties between equal val top-1 (_best_rank)
+            metrics = {**metrics, "step": step}
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict, dict]:

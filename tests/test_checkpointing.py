@@ -14,8 +14,10 @@ def _state(value: float) -> dict:
     return {"params": params, "ema": {k: v + 100.0 for k, v in params.items()}}
 
 
-def _train_run(directory, val_top1: dict[int, float | None], ema: bool = True) -> None:
-    ckpt = checkpointing.TrainCheckpointer(directory, keep=len(val_top1))
+def _train_run(
+    directory, val_top1: dict[int, float | None], ema: bool = True, keep: int = 0
+) -> None:
+    ckpt = checkpointing.TrainCheckpointer(directory, keep=keep or len(val_top1))
     for step, top1 in val_top1.items():
         state = _state(float(step))
         if not ema:
@@ -35,9 +37,15 @@ def test_latest_best_and_numbered_steps(tmp_path):
     assert checkpointing.select_step(tmp_path, "2") == 2  # as a config string
 
 
-def test_best_prefers_the_later_step_on_a_tie(tmp_path):
-    _train_run(tmp_path, {1: 0.75, 2: 0.75, 3: 0.25})
-    assert checkpointing.select_step(tmp_path, "best") == 2
+def test_best_is_the_first_step_to_reach_the_top_on_a_tie(tmp_path):
+    # As the original's checkpoint-best, which run_class_finetuning.py rewrites only when
+    # max_accuracy < acc1: a later epoch with the same validation top-1 does not replace it.
+    _train_run(tmp_path / "all", {1: 0.75, 2: 0.75, 3: 0.25})
+    assert checkpointing.select_step(tmp_path / "all", "best") == 1
+    # keeping the latest step only: the tie's earlier step is the one kept as the best
+    _train_run(tmp_path / "one", {1: 0.5, 2: 0.75, 3: 0.75, 4: 0.25}, keep=1)
+    assert checkpointing.checkpoint_steps(tmp_path / "one") == [2, 4]
+    assert checkpointing.select_step(tmp_path / "one", "best") == 2
 
 
 def test_training_steps_load_their_ema_weights(tmp_path, caplog):

@@ -22,6 +22,25 @@ def test_schedule_without_enough_steps_is_an_error():
         optim.lr_schedule(1.0, 0.0, total_steps=3, warmup_steps=3, warmup_lr=0.0)
 
 
+def test_published_recipe_warms_up_from_zero_like_the_original():
+    # VideoMAEv2's run_class_finetuning.py calls utils.cosine_scheduler(args.lr, args.min_lr,
+    # args.epochs, steps, warmup_epochs=..., warmup_steps=...) without start_warmup_value
+    # (default 0): the scaled --warmup_lr is never used. WLASL2000 train (14,289 videos),
+    # batch 64: 223 updates an epoch, 1115 of warmup, peak 1e-3 * 64 / 256 = 2.5e-4.
+    from configs import wlasl2000
+
+    o = wlasl2000.get_config().optim
+    _, total, warmup = optim.steps_for(14289, 64, o.epochs, o.warmup_epochs)
+    lr, min_lr, warmup_lr = optim.scaled_lrs(o.base_lr, o.min_lr, o.warmup_lr, 64)
+    s = optim.lr_schedule(lr, min_lr, total, warmup, warmup_lr)
+    assert (len(s), warmup) == (11150, 1115)
+    assert s[0] == 0.0
+    np.testing.assert_allclose(s[1], 2.5e-4 / 1114, rtol=1e-12)
+    np.testing.assert_allclose(s[1114:1116], [2.5e-4, 2.5e-4], rtol=1e-12)
+    last = 2.5e-7 + 0.5 * (2.5e-4 - 2.5e-7) * (1 + math.cos(math.pi * 10034 / 10035))
+    np.testing.assert_allclose(s[-1], last, rtol=1e-12)
+
+
 def test_learning_rates_scale_with_total_batch():
     assert optim.scaled_lrs(1e-3, 1e-6, 1e-8, 512) == (2e-3, 2e-6, 2e-8)
     assert optim.steps_for(14289, 64, 50, 5) == (223, 11150, 1115)
