@@ -381,14 +381,14 @@ def plot_confused_pairs(
 
 
 def best_point(val_top1: Sequence[tuple[int, float]]) -> tuple[int, float]:
-    """The (step, top-1) of the best validation; the latest of equal values.
+    """The (step, top-1) of the best validation; the earliest of equal values.
 
     The same rule as ``checkpointing.select_step(..., 'best')`` and the checkpoint manager's
     keep-the-best policy, so the step a plot or log names is the step that is kept and loaded.
     """
     if not val_top1:
         raise ValueError("no validation results")
-    step, value = max(val_top1, key=lambda p: (p[1], p[0]))
+    step, value = max(val_top1, key=lambda p: (p[1], -p[0]))
     return int(step), float(value)
 
 
