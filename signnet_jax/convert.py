@@ -544,23 +544,16 @@ def to_torch(params: dict, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line: `gloss` or `index<TAB or space>gloss` (wlasl_class_list.txt)."""
-    names = []
+    """Class names as data_prep.build_records reads its --class-list (the same names on both
+    sides): one gloss a line, or `index gloss` lines like wlasl_class_list.txt."""
+    from data_prep import manifests
+
     if not pathlib.Path(path).is_file():
         raise ConversionError(f"--class-list {path}: no such file")
-    for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split(maxsplit=1)
-        if len(parts) == 2 and parts[0].isdigit():
-            if int(parts[0]) != len(names):
-                raise ConversionError(
-                    f"{path}:{n}: class index {parts[0]} out of order (expected {len(names)})"
-                )
-            names.append(parts[1].strip())
-        else:
-            names.append(line.strip())
-    return names
+    try:
+        return manifests.load_class_list(path)
+    except ValueError as e:  # the message starts with the path
+        raise ConversionError(f"--class-list {e}") from e
 
 
 def convert(

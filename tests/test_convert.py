@@ -485,6 +485,33 @@ def test_class_list_travels_with_the_checkpoint(tmodel, tmp_path, shared_dir):
     assert len(meta["classes"]) == 2000 and meta["classes"][:3] == ["book", "drink", "computer"]
 
 
+def test_class_list_is_read_as_build_records_reads_it(tmodel, tmp_path, capsys):
+    """One reader for --class-list on both sides, or the names differ and init_from drops the
+    trained head as 'other classes'."""
+    from data_prep import manifests
+
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    lists = {
+        # saved by Excel or Notepad: a byte order mark and CRLF line ends
+        "bom.txt": "\ufeffbook\r\ndrink\r\n3 weeks\r\nthank you\r\ncomputer\r\n",
+        "bom_indexed.txt": "\ufeff0\tbook\n1\tdrink\n2\t3 weeks\n3\tthank you\n4\tcomputer\n",
+    }
+    for name, text in lists.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        out = tmp_path / name.replace(".txt", "")
+        assert _convert(tmp_path / "s.pth", out, "S", 4, 5, "--class-list", tmp_path / name) == 0
+        _, meta = checkpointing.load_model(out)
+        assert meta["classes"] == ["book", "drink", "3 weeks", "thank you", "computer"]
+        assert meta["classes"] == manifests.load_class_list(tmp_path / name)
+    (tmp_path / "dup.txt").write_text("a\nb\nc\nd\na\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "d", "S", 4, 5, "--class-list",
+                    tmp_path / "dup.txt") == 1  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --class-list {tmp_path / 'dup.txt'}: duplicate classes ['a']"
+    )
+    assert not (tmp_path / "d").exists()
+
+
 def test_cli_exit_code_from_a_fresh_process(tmp_path):
     r = subprocess.run(
         [
