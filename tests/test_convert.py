@@ -392,6 +392,39 @@ def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, 
     assert "has no step 3; it holds steps [0]" in capsys.readouterr().err
 
 
+def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, capsys):
+    """A .pth holds tensors only; the head rows' names go to NAME.classes.txt, which
+    --class-list reads back, so .pth -> orbax -> .pth -> orbax keeps them."""
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    names = ["thank you", "3 weeks", "book", "drink", "computer"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "a", "S", 4, 5, "--class-list",
+                    tmp_path / "classes.txt") == 0  # fmt: skip
+    capsys.readouterr()
+    assert _run("--to-pytorch", "--input", tmp_path / "a", "--output", tmp_path / "b.pth") == 0
+    side = tmp_path / "b.classes.txt"
+    assert capsys.readouterr().out == (
+        f"wrote 162 tensors to {tmp_path / 'b.pth'} and the 5 class names to {side} "
+        "(give it to --class-list when converting back)\n"
+    )
+    assert side.read_text() == "0\tthank you\n1\t3 weeks\n2\tbook\n3\tdrink\n4\tcomputer\n"
+    assert _convert(tmp_path / "b.pth", tmp_path / "c", "S", 4, 5, "--class-list", side) == 0
+    assert checkpointing.load_meta(tmp_path / "c")["classes"] == names
+    # an existing class list is not overwritten either, and then no .pth is written
+    assert _run("--to-pytorch", "--input", tmp_path / "c", "--output", tmp_path / "b2.pth") == 0
+    before = side.read_bytes()
+    (tmp_path / "b.pth").unlink()
+    assert _run("--to-pytorch", "--input", tmp_path / "c", "--output", tmp_path / "b.pth") == 1
+    assert f"output {side} already exists" in capsys.readouterr().err
+    assert side.read_bytes() == before and not (tmp_path / "b.pth").exists()
+    # a checkpoint without names: the state dict alone, as before
+    assert _convert(tmp_path / "s.pth", tmp_path / "u") == 0
+    capsys.readouterr()
+    assert _run("--to-pytorch", "--input", tmp_path / "u", "--output", tmp_path / "u.pth") == 0
+    assert capsys.readouterr().out == f"wrote 162 tensors to {tmp_path / 'u.pth'}\n"
+    assert not (tmp_path / "u.classes.txt").exists()
+
+
 def test_non_videomae_state_dict(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     out = tmp_path / "ckpt"
