@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from signnet_jax import checkpointing
+from signnet_jax import checkpointing, files
 from signnet_jax.models import vit
 
 TOOL_VERSION = "signnet_jax.convert 1"
@@ -544,23 +544,16 @@ def to_torch(params: dict, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line: `gloss` or `index<TAB or space>gloss` (wlasl_class_list.txt)."""
-    names = []
+    """Class names as data_prep.build_records reads its --class-list (the same names on both
+    sides): one gloss a line, or `index gloss` lines like wlasl_class_list.txt."""
+    from data_prep import manifests
+
     if not pathlib.Path(path).is_file():
         raise ConversionError(f"--class-list {path}: no such file")
-    for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split(maxsplit=1)
-        if len(parts) == 2 and parts[0].isdigit():
-            if int(parts[0]) != len(names):
-                raise ConversionError(
-                    f"{path}:{n}: class index {parts[0]} out of order (expected {len(names)})"
-                )
-            names.append(parts[1].strip())
-        else:
-            names.append(line.strip())
-    return names
+    try:
+        return manifests.load_class_list(path)
+    except ValueError as e:  # the message starts with the path
+        raise ConversionError(f"--class-list {e}") from e
 
 
 def convert(
@@ -603,23 +596,32 @@ def convert(
     return report
 
 
+def class_list_path(output: str | os.PathLike) -> pathlib.Path:
+    """Where --to-pytorch writes the class names of ``output`` (NAME.pth -> NAME.classes.txt)."""
+    return pathlib.Path(output).with_suffix(".classes.txt")
+
+
 def export_pytorch(
     checkpoint: str | os.PathLike, output: str | os.PathLike, step: int | str = "latest"
-) -> int:
+) -> tuple[int, list[str] | None]:
     """Write a signnet_jax checkpoint as a VideoMAEv2-named PyTorch state dict (.pth).
+
+    A state dict holds tensors only, so the class names (which head row is which gloss) go
+    beside it as ``class_list_path(output)``, in the `index<TAB>gloss` lines --class-list reads.
 
     ``step``: 'latest', 'best' (highest validation top-1 of a training run) or a number.
 
     Returns:
-      The number of tensors written.
+      The number of tensors written and the class names (None: the checkpoint has none).
     """
     import torch
 
     output = checkpointing.local_path(output, write=True)
     if output.suffix not in (".pth", ".pt"):
         raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
-    if output.exists():
-        raise ConversionError(f"output {output} already exists; choose a new path or delete it")
+    for path in (output, class_list_path(output)):
+        if path.exists():
+            raise ConversionError(f"output {path} already exists; choose a new path or delete it")
     # a training workdir works as well as its checkpoints folder (as for predict)
     params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint), step)
     cfg = vit.ViTConfig.from_dict(meta["model"])
@@ -631,7 +633,11 @@ def export_pytorch(
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(sd)
+    classes = meta.get("classes")
+    if classes is not None:
+        lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+        files.atomic_write(class_list_path(output), lines.encode("utf-8"))
+    return len(sd), classes
 
 
 def _grid_arg(text: str) -> tuple[int, int, int]:
@@ -677,8 +683,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = _parse(argv)
     try:
         if args.to_pytorch:
-            n = export_pytorch(args.input, args.output, args.step)
-            print(f"wrote {n} tensors to {args.output}")
+            n, classes = export_pytorch(args.input, args.output, args.step)
+            names = (
+                f" and the {len(classes)} class names to "
+                f"{class_list_path(args.output)} (give it to --class-list when converting back)"
+                if classes
+                else ""
+            )
+            print(f"wrote {n} tensors to {args.output}{names}")
             return 0
         names = read_class_list(args.class_list) if args.class_list else None
         report = convert(

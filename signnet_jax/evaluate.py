@@ -198,6 +198,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"nothing to evaluate: {ckpt_dir} holds no checkpoint and config.init_from is empty"
         )
     try:
+        if not checkpointing.checkpoint_steps(source):  # a training workdir: its checkpoints/
+            source = checkpointing.resolve_checkpoint(source)
         step = checkpointing.select_step(source, config.load_step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(f"{e} (config.load_step={config.load_step!r})") from e

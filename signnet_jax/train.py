@@ -114,7 +114,9 @@ def load_init(
       warnings for the log).
     """
     try:
-        params, meta = checkpointing.load_model(config.init_from, config.load_step)
+        # a training workdir stands for its checkpoints/ folder, as in predict
+        source = checkpointing.resolve_checkpoint(config.init_from)
+        params, meta = checkpointing.load_model(source, config.load_step)
     except checkpointing.CheckpointError as e:
         raise TrainingError(f"config.init_from: {e}") from e
     src = vit.ViTConfig.from_dict(meta["model"])
@@ -160,6 +162,13 @@ def load_init(
         params["head"]["kernel"] = head_k[:, order]
         params["head"]["bias"] = params["head"]["bias"][order]
         return cfg, params, note + " (head rows reordered to the records' class order)", []
+    if config.mode == "eval":  # init_reset_head would only test an untrained head
+        raise TrainingError(
+            f"eval mode: checkpoint {config.init_from} has a {head_k.shape[1]}-class head but "
+            f"the records in {config.records_dir} have {len(classes)} classes"
+            + (" with other names" if src_classes and len(src_classes) == len(classes) else "")
+            + "; test it on records of the classes it was trained on (--config.records_dir)"
+        )
     if not config.init_reset_head:
         raise TrainingError(
             f"init checkpoint {config.init_from} has a {head_k.shape[1]}-class head "

@@ -392,6 +392,39 @@ def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, 
     assert "has no step 3; it holds steps [0]" in capsys.readouterr().err
 
 
+def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, capsys):
+    """A .pth holds tensors only; the head rows' names go to NAME.classes.txt, which
+    --class-list reads back, so .pth -> orbax -> .pth -> orbax keeps them."""
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    names = ["thank you", "3 weeks", "book", "drink", "computer"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "a", "S", 4, 5, "--class-list",
+                    tmp_path / "classes.txt") == 0  # fmt: skip
+    capsys.readouterr()
+    assert _run("--to-pytorch", "--input", tmp_path / "a", "--output", tmp_path / "b.pth") == 0
+    side = tmp_path / "b.classes.txt"
+    assert capsys.readouterr().out == (
+        f"wrote 162 tensors to {tmp_path / 'b.pth'} and the 5 class names to {side} "
+        "(give it to --class-list when converting back)\n"
+    )
+    assert side.read_text() == "0\tthank you\n1\t3 weeks\n2\tbook\n3\tdrink\n4\tcomputer\n"
+    assert _convert(tmp_path / "b.pth", tmp_path / "c", "S", 4, 5, "--class-list", side) == 0
+    assert checkpointing.load_meta(tmp_path / "c")["classes"] == names
+    # an existing class list is not overwritten either, and then no .pth is written
+    assert _run("--to-pytorch", "--input", tmp_path / "c", "--output", tmp_path / "b2.pth") == 0
+    before = side.read_bytes()
+    (tmp_path / "b.pth").unlink()
+    assert _run("--to-pytorch", "--input", tmp_path / "c", "--output", tmp_path / "b.pth") == 1
+    assert f"output {side} already exists" in capsys.readouterr().err
+    assert side.read_bytes() == before and not (tmp_path / "b.pth").exists()
+    # a checkpoint without names: the state dict alone, as before
+    assert _convert(tmp_path / "s.pth", tmp_path / "u") == 0
+    capsys.readouterr()
+    assert _run("--to-pytorch", "--input", tmp_path / "u", "--output", tmp_path / "u.pth") == 0
+    assert capsys.readouterr().out == f"wrote 162 tensors to {tmp_path / 'u.pth'}\n"
+    assert not (tmp_path / "u.classes.txt").exists()
+
+
 def test_non_videomae_state_dict(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     out = tmp_path / "ckpt"
@@ -483,6 +516,33 @@ def test_class_list_travels_with_the_checkpoint(tmodel, tmp_path, shared_dir):
     )
     _, meta = checkpointing.load_model(tmp_path / "ckpt")
     assert len(meta["classes"]) == 2000 and meta["classes"][:3] == ["book", "drink", "computer"]
+
+
+def test_class_list_is_read_as_build_records_reads_it(tmodel, tmp_path, capsys):
+    """One reader for --class-list on both sides, or the names differ and init_from drops the
+    trained head as 'other classes'."""
+    from data_prep import manifests
+
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    lists = {
+        # saved by Excel or Notepad: a byte order mark and CRLF line ends
+        "bom.txt": "\ufeffbook\r\ndrink\r\n3 weeks\r\nthank you\r\ncomputer\r\n",
+        "bom_indexed.txt": "\ufeff0\tbook\n1\tdrink\n2\t3 weeks\n3\tthank you\n4\tcomputer\n",
+    }
+    for name, text in lists.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        out = tmp_path / name.replace(".txt", "")
+        assert _convert(tmp_path / "s.pth", out, "S", 4, 5, "--class-list", tmp_path / name) == 0
+        _, meta = checkpointing.load_model(out)
+        assert meta["classes"] == ["book", "drink", "3 weeks", "thank you", "computer"]
+        assert meta["classes"] == manifests.load_class_list(tmp_path / name)
+    (tmp_path / "dup.txt").write_text("a\nb\nc\nd\na\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "d", "S", 4, 5, "--class-list",
+                    tmp_path / "dup.txt") == 1  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --class-list {tmp_path / 'dup.txt'}: duplicate classes ['a']"
+    )
+    assert not (tmp_path / "d").exists()
 
 
 def test_cli_exit_code_from_a_fresh_process(tmp_path):

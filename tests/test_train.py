@@ -756,6 +756,40 @@ def test_classes_not_matching_the_head(records, tmp_path):
     )
 
 
+def test_eval_mode_names_records_of_other_classes_without_the_training_advice(records, tmp_path):
+    # init_reset_head=True would only start an untrained head; eval mode ignores it anyway
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    init = _converted(tmp_path, DIMS, ["x", "y", "z"])
+    with pytest.raises(train.TrainingError) as e:
+        evaluate_mode(tiny_config(records, mode="eval", init_from=str(init)), tmp_path / "w")
+    assert str(e.value) == (
+        f"eval mode: checkpoint {init} has a 3-class head but the records in {records} have "
+        "4 classes; test it on records of the classes it was trained on (--config.records_dir)"
+    )
+    assert not (tmp_path / "w" / "eval").exists()
+
+
+def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path):
+    """As predict and convert --to-pytorch: a run's workdir stands for its checkpoints/."""
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    _converted(tmp_path / "run", DIMS, names[::-1]).rename(tmp_path / "run" / "checkpoints")
+    setup = train.prepare(tiny_config(records, init_from=str(tmp_path / "run")))
+    assert (
+        setup.note
+        == f"warm start from {tmp_path / 'run'} (head rows reordered to the records' class order)"
+    )
+    src, _ = checkpointing.load_model(tmp_path / "run" / "checkpoints")
+    np.testing.assert_array_equal(
+        setup.init_params["head"]["kernel"], src["head"]["kernel"][:, ::-1]
+    )
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    result = evaluate_mode(
+        tiny_config(records, mode="eval", init_from=str(tmp_path / "run")), tmp_path / "w"
+    )
+    assert result["checkpoint"] == str(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["run_step_0_test_3x1"]
+
+
 def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
     def too_big(self, *args, **kwargs):
         raise jax.errors.JaxRuntimeError(
