@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from signnet_jax import checkpointing, metrics, sharding
 from signnet_jax.data import device, pipeline
+from signnet_jax.models import vit
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -172,6 +173,50 @@ def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dic
         )
 
 
+def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: str) -> None:
+    """Refuses to test a checkpoint with another model or other clips than it was trained with.
+
+    The config builds the model and the views; a run trained with overrides (preset, frames,
+    frame size, sampling rate, short side) and tested without them would give other numbers
+    than ``predict`` (which reads these settings from the checkpoint), or fail later with a
+    message about an init checkpoint. The clip settings are checked for training runs'
+    checkpoints (a converted one records only its model); the view counts may differ.
+
+    Raises:
+      TrainingError: naming each setting and the overrides that test the checkpoint as trained.
+    """
+    from signnet_jax import train
+
+    src = vit.ViTConfig.from_dict(meta["model"])
+    trained: dict[str, Any] = {}
+    if any(getattr(src, k) != getattr(train.model_config(config, 1), k) for k in train._ARCH):
+        trained["model.preset"] = src.preset
+        base = vit.PRESETS[src.preset]
+        for k in ("embed_dim", "depth", "num_heads", "mlp_dim"):
+            trained[f"model.{k}"] = 0 if getattr(src, k) == base[k] else getattr(src, k)
+    clips = meta.get("input")
+    if clips is not None:
+        trained |= {
+            "model.num_frames": clips["num_frames"],
+            "model.img_size": clips["img_size"],
+            "data.sampling_rate": clips["sampling_rate"],
+            "data.short_side_size": clips["short_side_size"],
+        }
+    differ = {}
+    for key, value in trained.items():
+        group, field = key.split(".")
+        if config[group][field] != value:
+            differ[key] = (value, config[group][field])
+    if differ:
+        raise train.TrainingError(
+            f"eval mode: {name} was trained with "
+            + ", ".join(f"{k}={v!r} (config: {c!r})" for k, (v, c) in differ.items())
+            + "; add "
+            + " ".join(f"--config.{k}={v}" for k, (v, _) in differ.items())
+            + " to test it as trained"
+        )
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test the checkpoint in ``workdir``, else ``config.init_from`` (step: config.load_step)."""
     from signnet_jax import train
@@ -203,6 +248,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step = checkpointing.select_step(source, config.load_step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(f"{e} (config.load_step={config.load_step!r})") from e
+    try:
+        meta = checkpointing.load_meta(source, step)
+    except checkpointing.CheckpointError as e:
+        raise train.TrainingError(str(e)) from e
+    check_trained_settings(config, meta, f"{source} step {step}")
     train._log(f"evaluating {source} step {step} (load_step {config.load_step})")
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.init_from = str(source)

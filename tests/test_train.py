@@ -672,6 +672,33 @@ def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, c
     assert "warning: init checkpoint" in out and "taken in the records' order" in out
 
 
+def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path):
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    kw = {"train.max_steps": 1, "val_split": "", "test_split": ""}
+    train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "w")
+    # the run's own config, less two overrides: the message gives them back
+    c = tiny_config(records, mode="eval", **{"model.num_frames": 8, "data.sampling_rate": 1})
+    message = (
+        r"eval mode: .*w/checkpoints step 1 was trained with model.num_frames=4 \(config: 8\), "
+        r"data.sampling_rate=2 \(config: 1\); add --config.model.num_frames=4 "
+        r"--config.data.sampling_rate=2 to test it as trained$"
+    )
+    with pytest.raises(train.TrainingError, match=message):
+        evaluate_mode(c, tmp_path / "w")
+    # another model: the preset and the dimensions that differ from it
+    c = tiny_config(records, mode="eval", **{"model.preset": "B", "model.depth": 3})
+    with pytest.raises(train.TrainingError, match=(
+        r"trained with model.preset='S' \(config: 'B'\), model.depth=2 \(config: 3\); add "
+        r"--config.model.preset=S --config.model.depth=2 to"
+    )):  # fmt: skip
+        evaluate_mode(c, tmp_path / "w")
+    assert not (tmp_path / "w" / "eval").exists()
+    # other view counts are a choice of the test, not a mistake
+    c = tiny_config(records, mode="eval", **{"data.test_num_segment": 2})
+    evaluate_mode(c, tmp_path / "w")
+    assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["step_1_test_2x1"]
+
+
 def test_missing_records_folder(tmp_path):
     c = tiny_config(tmp_path / "nowhere", **{"smoke.enabled": False})
     with pytest.raises(train.TrainingError, match="has no dataset_info.json.*build_records"):
