@@ -575,6 +575,13 @@ def convert(
     if class_names is not None and len(class_names) != num_classes:
         raise ConversionError(
             f"the class list has {len(class_names)} names but --num-classes is {num_classes}"
+            + (
+                f"; for a WLASL-{num_classes} model (the first {num_classes} glosses of "
+                f"wlasl_class_list.txt) give a list of those: head -n {num_classes} LIST > "
+                f"classes{num_classes}.txt"
+                if len(class_names) > num_classes
+                else ""
+            )
         )
     out = checkpointing.local_path(output, write=True)  # before reading a large input
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

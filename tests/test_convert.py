@@ -368,6 +368,26 @@ def test_missing_class_list(tmodel, tmp_path, capsys):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_class_list_of_another_size(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    # the whole wlasl_class_list.txt for a smaller WLASL-K head: how to cut it is named
+    (tmp_path / "all.txt").write_text("".join(f"{i}\tgloss{i}\n" for i in range(7)))
+    assert _convert(tmp_path / "s.pth", tmp_path / "c", "S", 4, 5, "--class-list",
+                    tmp_path / "all.txt") == 1  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the class list has 7 names but --num-classes is 5; for a WLASL-5 model (the "
+        "first 5 glosses of wlasl_class_list.txt) give a list of those: head -n 5 LIST > "
+        "classes5.txt"
+    )
+    (tmp_path / "few.txt").write_text("a\nb\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "c", "S", 4, 5, "--class-list",
+                    tmp_path / "few.txt") == 1  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the class list has 2 names but --num-classes is 5"
+    )
+    assert not (tmp_path / "c").exists()
+
+
 def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     assert _convert(tmp_path / "s.pth", tmp_path / "run" / "checkpoints") == 0
