@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.batch_size = 64  # videos per optimizer update, over all devices and processes
+    # videos per optimizer update, over all devices and processes: 16 in SignNet's launch
+    # scripts (2 a GPU on 8 GPUs, 4 a GPU on 4), so the lr is 1e-3 x 16 / 256 = 6.25e-5
+    c.data.batch_size = 16
     c.data.sampling_rate = 2
     c.data.repeated_aug = 2  # augmented clips per video per step
     c.data.crop_scale = (0.08, 1.0)  # random resized crop area range

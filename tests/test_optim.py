@@ -26,18 +26,21 @@ def test_published_recipe_warms_up_from_zero_like_the_original():
     # VideoMAEv2's run_class_finetuning.py calls utils.cosine_scheduler(args.lr, args.min_lr,
     # args.epochs, steps, warmup_epochs=..., warmup_steps=...) without start_warmup_value
     # (default 0): the scaled --warmup_lr is never used. WLASL2000 train (14,289 videos),
-    # batch 64: 223 updates an epoch, 1115 of warmup, peak 1e-3 * 64 / 256 = 2.5e-4.
+    # SignNet's batch of 16 videos: 893 updates an epoch, 4465 of warmup, peak
+    # 1e-3 * 16 / 256 = 6.25e-5, final 1e-6 * 16 / 256 = 6.25e-8.
     from configs import wlasl2000
 
-    o = wlasl2000.get_config().optim
-    _, total, warmup = optim.steps_for(14289, 64, o.epochs, o.warmup_epochs)
-    lr, min_lr, warmup_lr = optim.scaled_lrs(o.base_lr, o.min_lr, o.warmup_lr, 64)
+    c = wlasl2000.get_config()
+    o, batch = c.optim, c.data.batch_size
+    assert batch == 16
+    _, total, warmup = optim.steps_for(14289, batch, o.epochs, o.warmup_epochs)
+    lr, min_lr, warmup_lr = optim.scaled_lrs(o.base_lr, o.min_lr, o.warmup_lr, batch)
     s = optim.lr_schedule(lr, min_lr, total, warmup, warmup_lr)
-    assert (len(s), warmup) == (11150, 1115)
+    assert (len(s), warmup) == (44650, 4465)
     assert s[0] == 0.0
-    np.testing.assert_allclose(s[1], 2.5e-4 / 1114, rtol=1e-12)
-    np.testing.assert_allclose(s[1114:1116], [2.5e-4, 2.5e-4], rtol=1e-12)
-    last = 2.5e-7 + 0.5 * (2.5e-4 - 2.5e-7) * (1 + math.cos(math.pi * 10034 / 10035))
+    np.testing.assert_allclose(s[1], 6.25e-5 / 4464, rtol=1e-12)
+    np.testing.assert_allclose(s[4464:4466], [6.25e-5, 6.25e-5], rtol=1e-12)
+    last = 6.25e-8 + 0.5 * (6.25e-5 - 6.25e-8) * (1 + math.cos(math.pi * 40184 / 40185))
     np.testing.assert_allclose(s[-1], last, rtol=1e-12)
 
 
