@@ -1,4 +1,4 @@
-"""python -m signnet_jax.main --config configs/wlasl100.py --workdir runs/wlasl100 --config.records_dir=records/wlasl100 --config.init_from=ckpt/asl_citizen
+"""python -m signnet_jax.main --config configs/wlasl100.py --workdir runs/wlasl100 --config.records_dir=records/wlasl100 --config.init_from=runs/asl_citizen
 
 SignNet on WLASL100 (the first 100 glosses of WLASL_v0.3.json): the WLASL2000 recipe.
 """

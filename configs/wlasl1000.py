@@ -1,4 +1,4 @@
-"""python -m signnet_jax.main --config configs/wlasl1000.py --workdir runs/wlasl1000 --config.records_dir=records/wlasl1000 --config.init_from=ckpt/asl_citizen
+"""python -m signnet_jax.main --config configs/wlasl1000.py --workdir runs/wlasl1000 --config.records_dir=records/wlasl1000 --config.init_from=runs/asl_citizen
 
 SignNet on WLASL1000 (the first 1000 glosses of WLASL_v0.3.json): the WLASL2000 recipe.
 """

@@ -1,4 +1,4 @@
-"""python -m signnet_jax.main --config configs/wlasl2000.py --workdir runs/wlasl2000 --config.records_dir=records/wlasl2000 --config.init_from=ckpt/asl_citizen
+"""python -m signnet_jax.main --config configs/wlasl2000.py --workdir runs/wlasl2000 --config.records_dir=records/wlasl2000 --config.init_from=runs/asl_citizen
 
 SignNet on WLASL2000: the published recipe (VideoMAEv2 ViT-B, 32 frames, sampling
 rate 2, 224 px), warm-started from a model fine-tuned on ASL-Citizen. Every

@@ -1,4 +1,4 @@
-"""python -m signnet_jax.main --config configs/wlasl300.py --workdir runs/wlasl300 --config.records_dir=records/wlasl300 --config.init_from=ckpt/asl_citizen
+"""python -m signnet_jax.main --config configs/wlasl300.py --workdir runs/wlasl300 --config.records_dir=records/wlasl300 --config.init_from=runs/asl_citizen
 
 SignNet on WLASL300 (the first 300 glosses of WLASL_v0.3.json): the WLASL2000 recipe.
 """
