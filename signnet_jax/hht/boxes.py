@@ -80,7 +80,8 @@ def compute_boxes(
       width: source frame width in pixels.
       height: source frame height in pixels.
       settings: margins, fallback and temporal settings; `faithful` selects the
-        original's boxes (landmark extent plus a pixel margin, nothing else).
+        original's boxes (landmark extent plus a pixel margin, nothing else, and none in
+        a frame without a pose).
 
     Returns:
       boxes (N, 3, 4) float32 normalized xyxy of head, right hand, left hand (-1 where
@@ -126,6 +127,9 @@ def _raw_boxes(
     faces_px = lm.faces[..., :4] * np.tile(scale, 2)
     hands_px = lm.hands * scale
     for t in range(n):
+        if settings.faithful and not has_pose[t]:
+            # The original's Holistic finds the face and hands in regions its pose gives.
+            continue
         face = _pick_face(faces_px[t], lm.faces[t, :, 4], pose_px[t] if has_pose[t] else None)
         if face is not None:
             raw[t, 0], source[t, 0] = face, LANDMARK

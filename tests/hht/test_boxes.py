@@ -216,8 +216,24 @@ def test_faithful_boxes_are_landmark_extent_plus_pixels_and_nothing_else():
 
 def test_faithful_margin_is_clipped_at_the_frame_edge():
     lm = landmarks(1)
+    lm.pose[:] = pose(moves={16: (4, 126)})
     lm.hands[0, 0] = hand((4, 126))
-    lm.hand_label[0, 0] = 1
     boxes, _ = compute_boxes(lm, W, H, HHTSettings(faithful=True))
     # extent x -4..12, y 102..126 -> int() truncation, minus/plus 10, clipped
     np.testing.assert_allclose(px(boxes[0, 1]), [0, 92, 22, 128], atol=1e-4)
+
+
+def test_faithful_finds_no_head_or_hands_in_a_frame_without_pose():
+    # The original's Holistic crops the face and both hands from regions its pose
+    # landmarks give, so in a frame without a pose all three cells stay black.
+    lm = landmarks(2)
+    lm.pose[1] = pose()
+    for t in range(2):
+        lm.hands[t, 0] = hand((64, 96))
+        lm.hand_label[t, 0] = 1
+        lm.faces[t, 0] = np.array([112, 24, 144, 56, 0.9]) / [W, H, W, H, 1]
+    boxes, source = compute_boxes(lm, W, H, HHTSettings(faithful=True))
+    assert source.tolist() == [[0, 0, 0], [1, 1, 0]]
+    assert np.all(boxes[0] == -1)
+    np.testing.assert_allclose(px(boxes[1, 1]), [46, 62, 82, 106], atol=1e-4)
+    np.testing.assert_allclose(px(boxes[1, 0]), [102, 14, 154, 66], atol=1e-4)
