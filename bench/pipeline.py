@@ -209,7 +209,10 @@ def main() -> None:
                 next(it_w)
             steady = {"w": (lambda: [next(it_w) for _ in range(3 * batches)], 3 * batches * 8)}
             name = f"train clips/s, grain, {args.workers} workers (whole machine)"
-            rates[name] = best_rates(steady, args.repeats)["w"]
+            try:
+                rates[name] = best_rates(steady, args.repeats)["w"]
+            finally:
+                it_w.close()  # stops the workers, frees the batches they prefetched
         names = list(jobs)
         ratio = rates[names[0]] / rates[names[1]]
         print(f"clip {CLIP_LEN}x{CROP}x{CROP} from 256x256 JPEG q90, sampling rate 2, "

@@ -51,7 +51,7 @@ def _eval_fn(setup):
 def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):
     """Per-video probabilities of a split: (video_probs (N, K), labels (N,))."""
     cfg = setup.model_cfg
-    it, info = pipeline.eval_dataset(
+    ds, info = pipeline.eval_dataset(
         config.records_dir,
         split,
         mode=mode,
@@ -68,19 +68,23 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     )
     fn = _eval_fn(setup)
     probs, index, valid, labels = [], [], [], []
-    for batch in it:
-        gb = sharding.global_batch(
-            {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
-        )
-        p = fn(params, gb["clip"])
-        p, vi, va, la = (
-            multihost_utils.process_allgather(x, tiled=True)
-            for x in (p, gb["video_index"], gb["valid"], gb["label"])
-        )
-        probs.append(np.asarray(p))
-        index.append(np.asarray(vi))
-        valid.append(np.asarray(va))
-        labels.append(np.asarray(la))
+    batches = iter(ds)
+    try:
+        for batch in batches:
+            gb = sharding.global_batch(
+                {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
+            )
+            p = fn(params, gb["clip"])
+            p, vi, va, la = (
+                multihost_utils.process_allgather(x, tiled=True)
+                for x in (p, gb["video_index"], gb["valid"], gb["label"])
+            )
+            probs.append(np.asarray(p))
+            index.append(np.asarray(vi))
+            valid.append(np.asarray(va))
+            labels.append(np.asarray(la))
+    finally:
+        pipeline.release(batches, config.data.num_workers)
     probs, index, valid, labels = (np.concatenate(x) for x in (probs, index, valid, labels))
     video_probs = metrics.merge_views(probs, index, valid, info.num_videos)
     video_labels = np.zeros(info.num_videos, np.int64)

@@ -778,12 +778,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             while step < last_step:
                 trace.before(step)
                 for a in range(accum):
-                    local = next(train_iter)
-                    local = {k: local[k] for k in spec if k != "stop"}
-                    if multi_host:
-                        local["stop"] = np.full(len(local["label"]), preempt.requested)
-                    gb = sharding.global_batch(local, mesh)
-                    state, metrics = compiled(state, gb, jnp.int32(step * accum + a))
+                    stop_flag = preempt.requested if multi_host else None
+                    state, metrics = _step_on_next_batch(
+                        compiled, state, train_iter, spec, mesh, stop_flag, step * accum + a
+                    )
                     loss_sum = loss_sum + metrics["loss"]
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
@@ -880,6 +878,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         evaluate.write_json(workdir_path / "metrics.json", final)
         return final
+
+
+def _step_on_next_batch(compiled, state, train_iter, spec: dict, mesh, stop, index: int):
+    """``compiled(state, batch, index)`` on the next training batch (with the ``stop`` rows
+    when given, several hosts).
+
+    The batch lives only in this frame: with grain worker processes the host arrays are shared
+    memory blocks, unlinked when the last reference to them goes, and on the CPU backend the
+    device arrays alias them (no copy). So neither may stay in the training loop's frame,
+    which can outlive the run: a module that keeps an exception from an import made during
+    the run keeps every frame that was on the stack (mediapipe's audio_record keeps
+    sounddevice's OSError when PortAudio is missing, and the smoke dataset imports mediapipe
+    from inside train_and_evaluate). A batch held there is never unlinked, and Python's
+    resource tracker reports it at exit as "leaked shared_memory objects".
+    """
+    local = next(train_iter)
+    local = {k: local[k] for k in spec if k != "stop"}
+    if stop is not None:
+        local["stop"] = np.full(len(local["label"]), stop)
+    return compiled(state, sharding.global_batch(local, mesh), jnp.int32(index))
 
 
 # The loop's clock for throughput and ETA (a test replaces it with a fake one).
