@@ -177,48 +177,58 @@ def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dic
         )
 
 
-def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: str) -> None:
-    """Refuses to test a checkpoint with another model or other clips than it was trained with.
+def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: str) -> list[str]:
+    """Compares the model and clips a checkpoint was trained with to the config's.
 
-    The config builds the model and the views; a run trained with overrides (preset, frames,
-    frame size, sampling rate, short side) and tested without them would give other numbers
-    than ``predict`` (which reads these settings from the checkpoint), or fail later with a
-    message about an init checkpoint. The clip settings are checked for training runs'
-    checkpoints (a converted one records only its model); the view counts may differ.
+    The config builds the model and the views, so a run trained with overrides and tested
+    without them gets another model (refused: the preset and dimensions, the clip length and
+    frame size) or views it never saw (a warning: another sampling rate or short side may be a
+    test-time choice, but without one the numbers differ from ``predict``'s, which reads these
+    settings from the checkpoint). Clip settings are known for training runs' checkpoints (a
+    converted one records only its model); the view counts are the test's own choice.
+
+    Returns:
+      Warnings for the log.
 
     Raises:
-      TrainingError: naming each setting and the overrides that test the checkpoint as trained.
+      TrainingError: naming each model setting and the overrides that test it as trained.
     """
     from signnet_jax import train
 
     src = vit.ViTConfig.from_dict(meta["model"])
-    trained: dict[str, Any] = {}
+    model: dict[str, Any] = {}
     if any(getattr(src, k) != getattr(train.model_config(config, 1), k) for k in train._ARCH):
-        trained["model.preset"] = src.preset
+        model["model.preset"] = src.preset
         base = vit.PRESETS[src.preset]
         for k in ("embed_dim", "depth", "num_heads", "mlp_dim"):
-            trained[f"model.{k}"] = 0 if getattr(src, k) == base[k] else getattr(src, k)
-    clips = meta.get("input")
-    if clips is not None:
-        trained |= {
-            "model.num_frames": clips["num_frames"],
-            "model.img_size": clips["img_size"],
-            "data.sampling_rate": clips["sampling_rate"],
-            "data.short_side_size": clips["short_side_size"],
-        }
-    differ = {}
-    for key, value in trained.items():
-        group, field = key.split(".")
-        if config[group][field] != value:
-            differ[key] = (value, config[group][field])
-    if differ:
-        raise train.TrainingError(
-            f"eval mode: {name} was trained with "
-            + ", ".join(f"{k}={v!r} (config: {c!r})" for k, (v, c) in differ.items())
-            + "; add "
-            + " ".join(f"--config.{k}={v}" for k, (v, _) in differ.items())
-            + " to test it as trained"
+            model[f"model.{k}"] = 0 if getattr(src, k) == base[k] else getattr(src, k)
+    clips = meta.get("input") or {}
+    views: dict[str, Any] = {}
+    if clips:
+        model |= {"model.num_frames": clips["num_frames"], "model.img_size": clips["img_size"]}
+        views = {f"data.{k}": clips[k] for k in ("sampling_rate", "short_side_size")}
+
+    def differing(trained: dict[str, Any]) -> tuple[str, str]:
+        differ = {}
+        for key, value in trained.items():
+            group, field = key.split(".")
+            if config[group][field] != value:
+                differ[key] = (value, config[group][field])
+        return (
+            ", ".join(f"{k}={v!r} (config: {c!r})" for k, (v, c) in differ.items()),
+            " ".join(f"--config.{k}={v}" for k, (v, _) in differ.items()),
         )
+
+    have, add = differing(model)
+    if have:
+        raise train.TrainingError(
+            f"eval mode: {name} was trained with {have}; add {add} to test it as trained"
+        )
+    have, add = differing(views)
+    if have:
+        return [f"{name} was trained with {have}: testing the config's views; {add} tests it "
+                "as trained"]  # fmt: skip
+    return []
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -256,7 +266,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta = checkpointing.load_meta(source, step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(str(e)) from e
-    check_trained_settings(config, meta, f"{source} step {step}")
+    for warning in check_trained_settings(config, meta, f"{source} step {step}"):
+        train._log(f"warning: {warning}")
     train._log(f"evaluating {source} step {step} (load_step {config.load_step})")
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.init_from = str(source)

@@ -672,16 +672,16 @@ def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, c
     assert "warning: init checkpoint" in out and "taken in the records' order" in out
 
 
-def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path):
+def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path, capsys):
     evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
     kw = {"train.max_steps": 1, "val_split": "", "test_split": ""}
     train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "w")
-    # the run's own config, less two overrides: the message gives them back
-    c = tiny_config(records, mode="eval", **{"model.num_frames": 8, "data.sampling_rate": 1})
+    # the run's own config, less two overrides of its model: the message gives them back
+    c = tiny_config(records, mode="eval", **{"model.num_frames": 8, "model.img_size": 64})
     message = (
         r"eval mode: .*w/checkpoints step 1 was trained with model.num_frames=4 \(config: 8\), "
-        r"data.sampling_rate=2 \(config: 1\); add --config.model.num_frames=4 "
-        r"--config.data.sampling_rate=2 to test it as trained$"
+        r"model.img_size=32 \(config: 64\); add --config.model.num_frames=4 "
+        r"--config.model.img_size=32 to test it as trained$"
     )
     with pytest.raises(train.TrainingError, match=message):
         evaluate_mode(c, tmp_path / "w")
@@ -693,10 +693,15 @@ def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path):
     )):  # fmt: skip
         evaluate_mode(c, tmp_path / "w")
     assert not (tmp_path / "w" / "eval").exists()
-    # other view counts are a choice of the test, not a mistake
-    c = tiny_config(records, mode="eval", **{"data.test_num_segment": 2})
+    # other views may be the test's choice: tested, with a warning for the sampling and size
+    capsys.readouterr()
+    c = tiny_config(records, mode="eval", **{"data.sampling_rate": 1, "data.test_num_segment": 2})
     evaluate_mode(c, tmp_path / "w")
     assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["step_1_test_2x1"]
+    assert (
+        "checkpoints step 1 was trained with data.sampling_rate=2 (config: 1): testing the "
+        "config's views; --config.data.sampling_rate=2 tests it as trained"
+    ) in capsys.readouterr().out
 
 
 def test_missing_records_folder(tmp_path):
