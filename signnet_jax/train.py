@@ -616,7 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir_path / "checkpoints", config.train.keep_checkpoints
     )
     shapes = vit.abstract_params(cfg)  # outside the mesh: logical names are not mesh axes
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.ExitStack() as on_exit:
         abstract_params = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             shapes,
@@ -716,6 +716,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
 
         writer = _summary_writer(workdir_path)
+        if writer is not None:  # closed (its last scalars written) also when training stops
+            on_exit.callback(writer.close)
         meta = checkpoint_meta(setup, config)
         every_ckpt = config.train.checkpoint_every_steps or per_epoch
         val_every = max(1, config.train.val_every_epochs) * per_epoch
@@ -873,8 +875,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             final["protocol"], final["test"] = evaluate.protocol(config), report
             _log(evaluate.summary_line(report))
             _scalars(writer, step, {"test/top1": report["per_instance"]["top1"]})
-        if writer is not None:
-            writer.close()
         ckpt.close()
         evaluate.write_json(workdir_path / "metrics.json", final)
         return final

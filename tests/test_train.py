@@ -281,6 +281,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(records, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_run_stopped_by_an_error_keeps_its_tensorboard_scalars(records, tmp_path, monkeypatch):
+    real = train.make_train_step
+
+    def non_finite_from_step_3(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(state, batch, micro_step):
+            new, metrics = step_fn(state, batch, micro_step)
+            metrics["ok"] = metrics["ok"] & (micro_step < 2)
+            return new, metrics
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", non_finite_from_step_3)
+    c = tiny_config(records, **{"train.max_steps": 6, "val_split": "", "test_split": ""})
+    with pytest.raises(train.TrainingError, match="non-finite loss or gradients at step 3"):
+        train.train_and_evaluate(c, tmp_path)
+    # the event file was closed on the way out: the steps logged before the stop are in it
+    assert sorted(_tensorboard_scalars(tmp_path)["train/loss"]) == [1, 2]
+
+
 def test_a_non_finite_step_between_logs_is_caught_before_the_next_save(
     records, tmp_path, monkeypatch
 ):
