@@ -552,6 +552,10 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         raise ConversionError(f"--class-list {path}: no such file")
     try:
         return manifests.load_class_list(path)
+    except UnicodeDecodeError as e:  # a ValueError whose message does not name the file
+        raise ConversionError(
+            f"--class-list {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from e
     except ValueError as e:  # the message starts with the path
         raise ConversionError(f"--class-list {e}") from e
 

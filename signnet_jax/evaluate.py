@@ -196,8 +196,12 @@ def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: 
     from signnet_jax import train
 
     src = vit.ViTConfig.from_dict(meta["model"])
+    try:
+        cfg = train.model_config(config, 1)
+    except ValueError as e:  # a bad preset, dtype, attention or clip size, named as prepare does
+        raise train.TrainingError(f"config.model: {e}") from e
     model: dict[str, Any] = {}
-    if any(getattr(src, k) != getattr(train.model_config(config, 1), k) for k in train._ARCH):
+    if any(getattr(src, k) != getattr(cfg, k) for k in train._ARCH):
         model["model.preset"] = src.preset
         base = vit.PRESETS[src.preset]
         for k in ("embed_dim", "depth", "num_heads", "mlp_dim"):

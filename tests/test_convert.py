@@ -368,6 +368,18 @@ def test_missing_class_list(tmodel, tmp_path, capsys):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_class_list_that_is_not_utf8_is_named(tmp_path):
+    # saved in a legacy code page (Latin-1 'café'): the file is named, as for other bad lists
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café\nbook\n".encode("latin-1"))
+    with pytest.raises(convert.ConversionError) as e:
+        convert.read_class_list(path)
+    assert str(e.value) == (
+        f"--class-list {path}: not UTF-8 text (invalid continuation byte at byte 3); "
+        "save it as UTF-8"
+    )
+
+
 def test_class_list_of_another_size(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     # the whole wlasl_class_list.txt for a smaller WLASL-K head: how to cut it is named

@@ -809,6 +809,21 @@ def test_classes_not_matching_the_head(records, tmp_path):
     )
 
 
+def test_eval_mode_names_bad_model_values_as_training_does(records, tmp_path):
+    # the trained-settings check builds the config's model before prepare does: the same
+    # one-line error, not a ValueError from the model config
+    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    init = _converted(tmp_path, DIMS, ["x", "y", "z", "w"])
+    for key, value, message in [
+        ("model.dtype", "float16", "config.model: dtype must be 'float32' or 'bfloat16'"),
+        ("model.preset", "XL", "config.model: unknown model preset 'XL'"),
+    ]:
+        c = tiny_config(records, mode="eval", init_from=str(init), **{key: value})
+        with pytest.raises(train.TrainingError, match=message):
+            evaluate_mode(c, tmp_path / "w")
+    assert not (tmp_path / "w" / "eval").exists()
+
+
 def test_eval_mode_names_records_of_other_classes_without_the_training_advice(records, tmp_path):
     # init_reset_head=True would only start an untrained head; eval mode ignores it anyway
     evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
