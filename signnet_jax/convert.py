@@ -638,16 +638,20 @@ def export_pytorch(
     cfg = vit.ViTConfig.from_dict(meta["model"])
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
+    classes, names = meta.get("classes"), class_list_path(output)
+    if classes is not None:  # the names first, so a .pth is never left without them
+        lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+        files.atomic_write(names, lines.encode("utf-8"))
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         torch.save(sd, tmp)
         os.replace(tmp, output)
+    except BaseException:
+        if classes is not None:  # nothing of a failed export stays (a rerun would refuse it)
+            names.unlink(missing_ok=True)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
-    classes = meta.get("classes")
-    if classes is not None:
-        lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-        files.atomic_write(class_list_path(output), lines.encode("utf-8"))
     return len(sd), classes
 
 

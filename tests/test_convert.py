@@ -457,6 +457,28 @@ def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, c
     assert not (tmp_path / "u.classes.txt").exists()
 
 
+def test_a_failed_export_leaves_neither_file(tmodel, tmp_path, monkeypatch):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\ne\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "a", "S", 4, 5, "--class-list",
+                    tmp_path / "classes.txt") == 0  # fmt: skip
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    # the class names cannot be written: no .pth without them is left
+    with monkeypatch.context() as m:
+        m.setattr(convert.files, "atomic_write", lambda path, data: full_disk(data, path))
+        with pytest.raises(OSError, match="No space left on device"):
+            convert.export_pytorch(tmp_path / "a", tmp_path / "out" / "b.pth")
+    assert list((tmp_path / "out").iterdir()) == []  # a rerun is not refused
+    # the state dict cannot be written: its names are removed again
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        convert.export_pytorch(tmp_path / "a", tmp_path / "out" / "b.pth")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_non_videomae_state_dict(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     out = tmp_path / "ckpt"
