@@ -62,9 +62,13 @@ def test_train_bench_memory_compiles_only():
     assert "step " not in r.stdout  # nothing was timed
 
 
+# Runs a script as where JAX's TPU compiler (the libtpu package) is not installed.
+WITHOUT_LIBTPU = WITHOUT_TORCH.replace("'torch'", "'libtpu'")
+
+
 def test_train_bench_topology_needs_the_tpu_compiler():
-    # this machine's JAX has no TPU compiler (libtpu): the flag says how to get it
-    r = _bench("bench/train.py --topology v5e:2x4")
+    # without JAX's TPU compiler (libtpu) the flag says how to get it
+    r = _bench("bench/train.py --topology v5e:2x4", python=("-c", WITHOUT_LIBTPU))
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1] == (
         "train.py: error: --topology v5e:2x4 needs JAX's TPU compiler: pip install 'jax[tpu]' "
