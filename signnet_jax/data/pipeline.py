@@ -301,12 +301,16 @@ def release(iterator, num_workers: int) -> None:
     ``err`` it holds as a local) whose traceback holds the thread's frame and in it the
     worker's last batch. Its shared memory is only unlinked once the cyclic garbage collector
     runs; uncollected at exit it is reported by Python's resource tracker as "leaked
-    shared_memory objects". So collect the cycles here (a full collection, some 0.2 s), while
-    grain's deletion thread still runs.
+    shared_memory objects". So collect the cycles here (a full collection, some 0.2 s), and
+    wait for grain's deletion thread (one thread, first in first out) to unlink what was freed:
+    a process that exits right after a pass (eval mode) would otherwise stop it mid-queue.
     """
     iterator.close()
     if num_workers > 0:
         gc.collect()
+        deletions = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+        if deletions is not None:  # grain 0.2.18's; without it, blocks are unlinked at once
+            deletions.apply(int)  # returns after every deletion queued before it
 
 
 def steps_per_epoch(num_videos: int, global_batch_size: int) -> int:
