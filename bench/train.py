@@ -5,7 +5,7 @@
     python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
     python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
-    python bench/train.py --topology v5e:2x4 --batch 128 --dtype bfloat16 --attention auto,splash
+    python bench/train.py --topology v5e:2x4 --batch 32 --dtype bfloat16 --attention auto,splash
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
