@@ -241,8 +241,9 @@ def _best_rank(metrics: dict[str, float]) -> tuple[float, int]:
     """Rank of a step's metrics: higher val top-1, then the earlier step, wins.
 
     The original keeps the first epoch to reach the best validation top-1 as
-    checkpoint-best (it saves only when ``max_accuracy < acc1``). Steps saved before
-    metrics carried their step rank a tie by save order (the later one).
+    checkpoint-best (it saves only when ``max_accuracy < acc1``). Steps saved before their
+    metrics carried the step count as step 0, so a tie among them goes by save order (the
+    later one).
     """
     return metrics["val_top1"], -metrics.get("step", 0)
 
