@@ -3,7 +3,10 @@ reuse and what the H&HT frames show."""
 
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import threading
 
 import cv2
@@ -13,6 +16,8 @@ import pytest
 from data_prep import build_records, synthetic
 from signnet_jax.data import pipeline, records
 from signnet_jax.hht import HHTSettings
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SMALL = dict(
     classes=4, train_per_class=3, val_per_class=2, test_per_class=1, frames=8, size=32, seed=3
@@ -366,3 +371,30 @@ def test_input_pipeline_reads_every_test_view(small_dir):
                 seen.setdefault(int(v), []).append(int(label))
     assert info.num_videos == len(source) == 8
     assert seen == {i: [int(source[i]["label"][0])] * 2 for i in range(len(source))}
+
+
+def test_building_leaves_the_caller_collectable_and_mediapipe_unloaded(tmp_path):
+    # The trainer builds the smoke dataset inside its run. MediaPipe keeps an import-time
+    # exception whose traceback holds every frame on the stack at its first import, so if the
+    # build imported it, a notebook's finished run would keep its model and optimizer alive.
+    code = f"""
+import gc, sys, weakref
+
+class Model:
+    pass
+
+def run():
+    model = Model()
+    from data_prep import synthetic
+    synthetic.ensure_smoke_dataset({str(tmp_path / "records")!r}, **{SMALL!r})
+    return weakref.ref(model)
+
+ref = run()
+gc.collect()
+print(ref() is None, "mediapipe" in sys.modules)
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "False"]
