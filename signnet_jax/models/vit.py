@@ -296,10 +296,12 @@ def attention_implementation(
 
     'auto' picks cuDNN's flash attention on NVIDIA GPUs of compute capability 8.0 or newer
     (Ampere, Ada, Hopper: A100, L4, H100) in bfloat16 (it never builds the tokens x tokens
-    score matrix: 3136 tokens at 32 frames); XLA's attention through
-    ``jax.nn.dot_product_attention`` on TPUs, on older GPUs (T4 7.5, V100 7.0: cuDNN's kernel
-    needs 8.0 and would fail to compile) and in float32 on GPUs; and the explicit form with a
-    hand-written backward on CPUs. Other choices are taken as they are.
+    score matrix: 3136 tokens at 32 frames); the explicit form with a hand-written backward on
+    CPUs and, in bfloat16, on older NVIDIA GPUs (T4 7.5, V100 7.0), where cuDNN's kernel needs
+    8.0 and XLA's attention fails to compile (it asks for a bfloat16 dot with float32 results,
+    which their compiler rejects as ALG_DOT_BF16_BF16_F32); XLA's attention through
+    ``jax.nn.dot_product_attention`` everywhere else: TPUs, GPUs in float32, GPUs of unknown
+    capability. Other choices are taken as they are.
 
     Args:
       choice: the config's ``attention``.
@@ -312,12 +314,9 @@ def attention_implementation(
         return choice
     if backend == "cpu":
         return "explicit"
-    if (
-        backend in ("gpu", "cuda")
-        and jnp.dtype(dtype) == jnp.bfloat16
-        and _capability(compute_capability) >= (8, 0)
-    ):
-        return "cudnn"
+    capability = _capability(compute_capability)
+    if backend in ("gpu", "cuda") and jnp.dtype(dtype) == jnp.bfloat16 and capability > (0, 0):
+        return "cudnn" if capability >= (8, 0) else "explicit"
     return "dot_product_attention"
 
 
