@@ -6,6 +6,7 @@
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
     python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
     python bench/train.py --topology v5e:2x4 --batch 32 --dtype bfloat16 --attention auto,splash
+    python bench/train.py --topology h100 --batch 32 --dtype bfloat16  # one H100: fits?
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -15,9 +16,10 @@ weights and batch and prints their speeds relative to the first. On the CPU it a
 times the PyTorch reference training step on the same weights (tests/models/torch_vit.py)
 and prints PyTorch time / JAX time (min of repeats), JAX's time being the first kernel's.
 
-``--topology`` (e.g. ``v5e:2x4``, a v5e-8) compiles the step for a TPU slice that is not
-here, with JAX's TPU compiler (``pip install 'jax[tpu]'``; any host, no TPU needed), and
-prints its memory as ``--memory`` does: whether a batch fits before a TPU is rented.
+``--topology`` compiles the step for devices that are not here: a TPU slice (``v5e:2x4``, a
+v5e-8) with JAX's TPU compiler (``pip install 'jax[tpu]'``) or a GPU node (``h100:8``) with
+JAX's CUDA plugin (``pip install 'jax[cuda12]'``), on any host, no TPU or GPU needed; it prints
+the memory as ``--memory`` does: whether a batch fits before the hardware is rented.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.timing import best_of  # noqa: E402
+from bench.topology import GPU_EXAMPLES, TPU_EXAMPLES, memory_limit, target_devices  # noqa: E402
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
 from signnet_jax.models import splash, vit  # noqa: E402
-from signnet_jax.models.flops import peak_flops, tpu_memory_bytes, train_flops  # noqa: E402
+from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
 
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
@@ -74,8 +77,8 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
 
 
 def step_memory(setup, config, tx, params, batch: int, mesh):
-    """XLA's memory analysis of the compiled step (nothing runs), or None when the compiler
-    says it does not fit the device."""
+    """XLA's memory analysis of the compiled step (nothing runs), or why there is none: the
+    compiler says it does not fit the device, or cannot compile it for the device."""
     cfg = setup.model_cfg
     platform = mesh.devices.flat[0].platform
     if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
@@ -92,54 +95,16 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
         try:
             lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
             return lowered.compile().memory_analysis()
-        except jax.errors.JaxRuntimeError as e:
-            if train.is_out_of_memory(e):
-                return None
-            raise
-
-
-def target_devices(topology: str | None) -> list:
-    """The devices compiled for: this host's, or those of the TPU slice ``topology`` (e.g.
-    ``v5e:2x4``), which need not be here (JAX's TPU compiler runs on any host).
-
-    Raises:
-      ValueError: no TPU compiler installed, or a topology it does not know.
-    """
-    if topology is None:
-        return jax.devices()
-    from jax.experimental.topologies import get_topology_desc
-
-    # a v4 chip is one JAX device (megacore), as on a real v4 slice; later chips have one core
-    extra = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
-    try:  # hosts of up to 2x2 chips (the compiler's default), fewer for a smaller slice
-        dims = [int(d) for d in topology.split(":", 1)[1].split("x")] + [1, 1]
-        extra["chips_per_host_bounds"] = tuple(
-            min(d, b) for d, b in zip(dims[:3], (2, 2, 1), strict=True)
-        )
-    except (IndexError, ValueError):
-        pass  # the compiler names what is wrong with the name
-    try:
-        return list(get_topology_desc(platform="tpu", topology_name=topology, **extra).devices)
-    except RuntimeError as e:  # JaxRuntimeError (a bad name) is a RuntimeError too
-        if "not installed" in str(e):
-            raise ValueError(
-                f"--topology {topology} needs JAX's TPU compiler: pip install 'jax[tpu]' (it "
-                "compiles here; nothing runs on a TPU)"
-            ) from e
-        raise ValueError(
-            f"--topology {topology}: {e} (names look like v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1)"
-        ) from e
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # JaxRuntimeError too
+            if isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e):
+                return "does not fit (the compiler ran out of device memory)"
+            return f"does not compile for this device: {str(e).strip().splitlines()[0]}"
 
 
 def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
     """--memory: per-device memory of the step for each kernel, without and with remat."""
     device = mesh.devices.flat[0]
-    if args.topology:
-        limit = tpu_memory_bytes(device.device_kind)
-    else:
-        limit = (
-            (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-        )
+    limit, limit_name = memory_limit(device) or (None, None)
     per_device = args.batch // mesh.size
     gib = 2**30
     for kernel in kernels:
@@ -157,14 +122,19 @@ def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
                 f"{'s' * (per_device != 1)} per device, {args.dtype}, attention {kernel}"
                 f"{f' ({ran})' if ran != kernel else ''}, remat {'on' if remat else 'off'}: "
             )
-            if mem is None:
-                print(head + "does not fit (the compiler ran out of device memory)")
+            if isinstance(mem, str):
+                print(head + mem)
                 continue
             total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+            share = (
+                f" ({total / limit:.0%} of {limit / gib:.1f} GiB, {limit_name}"
+                + ("; does not fit)" if total > limit else ")")
+                if limit
+                else ""
+            )
             print(
                 head + f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
-                f"{mem.temp_size_in_bytes / gib:.2f} GiB per device"
-                + (f" ({total / limit:.0%} of {limit / gib:.1f} GiB)" if limit else "")
+                f"{mem.temp_size_in_bytes / gib:.2f} GiB per device" + share
             )
 
 
@@ -191,9 +161,10 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument(
         "--topology", metavar="NAME",
-        help="compile for this TPU slice instead of this host's devices and print the memory "
-        "(implies --memory; needs pip install 'jax[tpu]', not a TPU): v5e:2x4 is a v5e-8, "
-        "v6e:2x4 a v6e-8, v4:2x2x1 a v4-8, v5p:2x2x1 a v5p-8",
+        help="compile for this TPU slice or GPU node instead of this host's devices and print "
+        "the memory (implies --memory; needs pip install 'jax[tpu]' or 'jax[cuda12]', not the "
+        f"device): TPU slices {TPU_EXAMPLES} (v5e:2x4 is a v5e-8); GPUs {GPU_EXAMPLES} "
+        "(h100:8 is one node of 8 H100s, h100:2x8 two)",
     )  # fmt: skip
     p.add_argument(
         "--trace", type=pathlib.Path, metavar="DIR",

@@ -39,18 +39,34 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax
     )
 
 
+# Devices of topologies compiled for ahead of time (not attached), by (platform, device_kind).
+_REMEMBERED: dict[tuple[str, str], jax.Device] = {}
+
+
+def remember_devices(devices: list) -> list:
+    """Makes ``mesh_device`` give these devices, of a topology that is not attached
+    (``jax.experimental.topologies``), in full: a mesh only carries an abstract device, which
+    lacks a GPU's ``compute_capability``. Returns ``devices``."""
+    for d in devices:
+        _REMEMBERED.setdefault((d.platform, d.device_kind), d)
+    return devices
+
+
 def mesh_device():
     """The kind of device a function traced now is compiled for: ``platform``, ``device_kind``
     (and ``compute_capability`` on GPUs).
 
     ``jax.devices()[0]``, unless the mesh in context (``jax.set_mesh``) is of another platform:
-    on a CPU host compiling ahead of time for a TPU topology (``bench/train.py --topology``),
-    the TPU's abstract device. Works inside ``jax.jit``.
+    on a CPU host compiling ahead of time for a TPU slice or a GPU node
+    (``bench/train.py --topology``), that device as ``remember_devices`` was given it, else the
+    mesh's abstract device. Works inside ``jax.jit``.
     """
     local = jax.devices()[0]
     mesh = jax.sharding.get_abstract_mesh()
     target = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return local if target is None or target.platform == local.platform else target
+    if target is None or target.platform == local.platform:
+        return local
+    return _REMEMBERED.get((target.platform, target.device_kind), target)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: dict[str, str | None]):

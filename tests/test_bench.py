@@ -60,6 +60,19 @@ def test_train_bench_memory_compiles_only():
     assert [m[1] for m in matches] == ["off", "on"]
     assert float(matches[0][2]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
     assert "step " not in r.stdout  # nothing was timed
+    # a kernel the device cannot run is reported, and the others are still compiled
+    both = _bench(
+        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --dtype bfloat16 "
+        "--attention cudnn,explicit"
+    )
+    assert both.returncode == 0, both.stderr[-3000:]
+    lines = [line for line in both.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    assert lines[:2] == [
+        f"ViT-S 4x32, 2 clips per device, bfloat16, attention cudnn, remat {remat}: does not "
+        "compile for this device: cuDNN is not detected."
+        for remat in ("off", "on")
+    ]
+    assert len(lines) == 4 and all(" arguments " in line for line in lines[2:])
 
 
 # Runs a script as where JAX's TPU compiler (the libtpu package) is not installed.
@@ -74,6 +87,91 @@ def test_train_bench_topology_needs_the_tpu_compiler():
         "train.py: error: --topology v5e:2x4 needs JAX's TPU compiler: pip install 'jax[tpu]' "
         "(it compiles here; nothing runs on a TPU)"
     )
+
+
+# Runs a script as where no JAX plugin (the CUDA one included) is installed.
+WITHOUT_CUDA = WITHOUT_TORCH.replace("'torch'", "'jax_plugins'")
+
+
+def test_train_bench_gpu_topology_needs_the_cuda_plugin_and_a_known_name():
+    r = _bench("bench/train.py --topology h100:8", python=("-c", WITHOUT_CUDA))
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == (
+        "train.py: error: --topology h100:8 needs JAX's CUDA compiler: pip install "
+        "'jax[cuda12]' (it compiles here; nothing runs on a GPU)"
+    )
+    bad = _bench("bench/train.py --topology h100:0")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == (
+        "train.py: error: --topology h100:0: after 'h100:' give the GPUs per node, or "
+        "NODESxGPUS (e.g. h100:8 or h100:2x8)"
+    )
+    unknown = _bench("bench/train.py --topology b300:8")
+    assert unknown.returncode == 2
+    assert unknown.stderr.splitlines()[-1] == (
+        "train.py: error: --topology b300:8: not a GPU known here (h100, a100, a100-40gb, l4, "
+        "t4) nor a TPU slice (like v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1)"
+    )
+
+
+def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
+    from bench import topology
+    from signnet_jax.models import vit
+    from signnet_jax.models.flops import peak_flops
+
+    gpus = topology.GPUS
+    # JAX's topology string: slices x hosts x GPUs per host
+    assert topology.parse_gpu("h100") == (gpus["h100"], "1x1x1")
+    assert topology.parse_gpu("H100:8") == (gpus["h100"], "1x1x8")
+    assert topology.parse_gpu("a100-40gb:2x8") == (gpus["a100-40gb"], "1x2x8")
+    assert topology.parse_gpu("v5e:2x4") is None
+    # the device kinds are the driver's names, which the peak-FLOPs table and the attention
+    # choice read: cuDNN flash attention from compute capability 8.0, the explicit kernel below
+    expected = {
+        "h100": (989e12, "cudnn"),
+        "a100": (312e12, "cudnn"),
+        "a100-40gb": (312e12, "cudnn"),
+        "l4": (121e12, "cudnn"),
+        "t4": (None, "explicit"),
+    }
+    for name, gpu in gpus.items():
+        capability = "{}.{}".format(*gpu.capability)
+        got = vit.attention_implementation("auto", "gpu", "bfloat16", capability)
+        assert (peak_flops(gpu.device_kind), got) == expected[name], name
+        config = topology.target_config(gpu)
+        assert f'device_description_str: "{gpu.device_kind}"' in config
+        assert f"device_memory_size: {gpu.memory}\n" in config
+        assert "cuda_compute_capability {{ major: {} minor: {} }}".format(*gpu.capability) in (
+            config
+        )
+
+
+def test_memory_limit_per_kind_of_device():
+    import types
+
+    import jax
+
+    from bench.topology import memory_limit
+
+    def device(platform, kind, stats=None):
+        def memory_stats():
+            if stats is None:  # as a topology's compile-only device answers
+                raise jax.errors.JaxRuntimeError("MemoryStats is only supported for addressable")
+            return stats
+
+        return types.SimpleNamespace(platform=platform, device_kind=kind, memory_stats=memory_stats)
+
+    assert memory_limit(device("cpu", "cpu", {})) is None
+    # compiled for, not attached: a GPU's default allocator share, a TPU's HBM
+    assert memory_limit(device("gpu", "NVIDIA L4")) == (
+        int(23034 * 2**20 * 0.75),
+        "JAX's default 75% of 22.5 GiB",
+    )
+    assert memory_limit(device("tpu", "TPU v5 lite")) == (16 * 2**30, "HBM")
+    assert memory_limit(device("gpu", "NVIDIA RTX 9999")) is None
+    # attached: the allocator's own limit
+    attached = device("gpu", "NVIDIA L4", {"bytes_limit": 123})
+    assert memory_limit(attached) == (123, "the allocator's limit")
 
 
 def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():

@@ -275,6 +275,30 @@ def test_auto_attention_follows_the_platform_compiled_for(monkeypatch):
     assert kernel_traced() == "xla"
 
 
+def test_auto_attention_takes_cudnn_for_a_gpu_node_compiled_for(monkeypatch):
+    # compiling for GPUs that are not here (bench/train.py --topology h100:8): the mesh's
+    # abstract device has no compute capability, the topology's own devices do
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=5, num_frames=4, img_size=32, depth=1, dtype="bfloat16"
+    )
+    model = vit.create_model(cfg)
+    x = jnp.asarray(random_clip(1, 4, 32, seed=0))
+    kind = "NVIDIA H100 80GB HBM3"
+    abstract = types.SimpleNamespace(platform="gpu", device_kind=kind, num_cores=132)
+    mesh = types.SimpleNamespace(empty=False, abstract_device=abstract)
+    monkeypatch.setattr(jax.sharding, "get_abstract_mesh", lambda: mesh)
+    monkeypatch.setattr(sharding, "_REMEMBERED", {})
+    assert sharding.mesh_device() is abstract  # nothing remembered: no cuDNN without a capability
+    h100 = types.SimpleNamespace(platform="gpu", device_kind=kind, compute_capability="9.0")
+    other = types.SimpleNamespace(platform="gpu", device_kind="Tesla T4", compute_capability="7.5")
+    assert sharding.remember_devices([h100, other]) == [h100, other]
+    assert sharding.mesh_device() is h100
+    # cuDNN is asked for (and, on this CPU, falls back to XLA's attention with its warning)
+    monkeypatch.setattr(vit, "_CUDNN_WARNED", [])
+    with pytest.warns(UserWarning, match="cuDNN flash attention is not available"):
+        jax.make_jaxpr(model)(x)
+
+
 def test_cudnn_attention_falls_back_to_xla_with_one_warning(monkeypatch):
     cfg = vit.ViTConfig.from_preset(
         "S", num_classes=5, num_frames=4, img_size=32, depth=2, dtype="bfloat16"
