@@ -6,7 +6,11 @@ import pathlib
 import jax
 import pytest
 
-# Mesh tests need 8 devices; must be set before any backend is initialised.
+# The suite runs on the CPU wherever it is run (a GPU box, a TPU VM): mesh tests need 8
+# devices, and numbers are compared at CPU float32 tolerances. Set before any backend starts,
+# and in the environment for the subprocesses the tests start.
+jax.config.update("jax_platforms", "cpu")
+os.environ["JAX_PLATFORMS"] = "cpu"
 jax.config.update("jax_num_cpu_devices", 8)
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
