@@ -7,6 +7,7 @@
     python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
     python bench/train.py --topology v5e:2x4 --batch 32 --dtype bfloat16 --attention auto,splash
     python bench/train.py --topology h100 --batch 32 --dtype bfloat16  # one H100: fits?
+    python bench/train.py --topology h100:8 --preset L --batch 32 --dtype bfloat16 --fsdp 8
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -34,7 +35,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from bench.timing import best_of  # noqa: E402
 from bench.topology import GPU_EXAMPLES, TPU_EXAMPLES, memory_limit, target_devices  # noqa: E402
@@ -44,21 +44,37 @@ from signnet_jax.models import splash, vit  # noqa: E402
 from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
 
+def trainer_setup(cfg, config, mesh) -> train.Setup:
+    """What the trainer's step needs of its setup: the model, and its parameters laid out on
+    ``mesh`` by the config's rules (replicated, or sharded over the ``fsdp`` axis)."""
+    graphdef, param_sh, _ = train.parameter_shardings(cfg, config, mesh)
+    classes = [str(i) for i in range(cfg.num_classes)]
+    return train.Setup(cfg, classes, {}, mesh, graphdef, param_sh, None, "")
+
+
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
     """Best-of-``repeats`` seconds of one training step (compiled before timing).
 
     With ``trace_dir``, two more steps run afterwards under a jax.profiler trace written there.
     """
+    abstract = train.sharded_params(vit.abstract_params(setup.model_cfg), setup.param_sh)
+    state_sh, _ = train.train_state_layout(abstract, tx, mesh, ema=False)
     with jax.set_mesh(mesh):
         batch = sharding.global_batch(
             {"clip": clip, "erase_box": np.zeros((len(clip), 4), np.int32), "label": labels},
             mesh,
         )
-        # built by jit, so the state has the types and placement the step returns (a host
-        # state would make the second call compile again)
-        state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p)})(params)
+        # laid out as the trainer lays it out, and the step keeps that layout
+        state = jax.jit(
+            lambda p: {"params": p, "opt_state": tx.init(p)},
+            in_shardings=(state_sh["params"],),
+            out_shardings=state_sh,
+        )(params)
+        batch_sh = jax.tree.map(lambda a: a.sharding, batch)
         step_fn = jax.jit(
             train.make_train_step(setup, config, tx, setup.model_cfg.num_classes),
+            in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+            out_shardings=(state_sh, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
         box = {"state": state, "i": 0}
@@ -83,8 +99,10 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
     platform = mesh.devices.flat[0].platform
     if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
         splash.prepare(cfg.num_heads, cfg.num_patches, platform)
+    # outside the mesh: a topology's devices cannot hold the arrays the layout is traced with
+    abstract_params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
+    _, state = train.train_state_layout(abstract_params, tx, mesh, ema=False)
     with jax.set_mesh(mesh):
-        state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, params)
         abstract = {
             k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
             for k, (shape, dt) in train.batch_spec(batch, cfg).items()
@@ -110,9 +128,7 @@ def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
     for kernel in kernels:
         for remat in (False, True):
             kcfg = dataclasses.replace(cfg, attention=kernel, remat=remat)
-            graphdef = nnx.graphdef(vit.model_from_params(kcfg, params))
-            setup = train.Setup(kcfg, [str(i) for i in range(kcfg.num_classes)], {}, mesh,
-                                graphdef, None, None, "")  # fmt: skip
+            setup = trainer_setup(kcfg, config, mesh)
             mem = step_memory(setup, config, tx, params, args.batch, mesh)
             ran = vit.attention_implementation(
                 kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
@@ -148,6 +164,11 @@ def main() -> None:
     )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--fsdp", type=int, default=1, metavar="N",
+        help="shard parameters and optimizer state over N devices, as --config.mesh.fsdp=N "
+        "(default 1: data parallel)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument(
@@ -180,6 +201,8 @@ def main() -> None:
     args.batch = args.batch or len(devices)
     if args.batch % len(devices):
         p.error(f"--batch {args.batch} must be a multiple of the {len(devices)} devices")
+    if args.fsdp < 1 or len(devices) % args.fsdp:
+        p.error(f"--fsdp {args.fsdp} must divide the {len(devices)} devices")
     kernels = args.attention.split(",")
     for name in kernels:
         if name not in vit.ATTENTION:
@@ -191,7 +214,8 @@ def main() -> None:
         args.preset, num_classes=classes, num_frames=args.frames, img_size=args.size,
         drop_path_rate=config.model.drop_path_rate, dtype=args.dtype, remat=args.remat,
     )  # fmt: skip
-    mesh = sharding.make_mesh(1, devices)
+    config.mesh.fsdp = args.fsdp
+    mesh = sharding.make_mesh(args.fsdp, devices)
     params = vit.params_of(vit.create_model(cfg))
     ocfg = optim.OptimConfig(
         base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-8, total_steps=1000, warmup_steps=100,
@@ -207,6 +231,7 @@ def main() -> None:
     print(
         f"jax {jax.__version__} on {len(devices)} x {device.device_kind}"
         + (f" (topology {args.topology}: compiled here, nothing runs)" if args.topology else "")
+        + (f"; parameters and optimizer state sharded over {args.fsdp}" if args.fsdp > 1 else "")
     )
     if args.memory:
         print_memory(args, cfg, config, tx, params, mesh, kernels)
@@ -214,10 +239,7 @@ def main() -> None:
     times = {}
     for kernel in kernels:
         kcfg = dataclasses.replace(cfg, attention=kernel)
-        graphdef = nnx.graphdef(vit.model_from_params(kcfg, params))
-        setup = train.Setup(
-            kcfg, [str(i) for i in range(classes)], {}, mesh, graphdef, None, None, ""
-        )
+        setup = trainer_setup(kcfg, config, mesh)
         trace = args.trace / kernel if args.trace else None
         times[kernel] = t = time_step(
             setup, config, tx, params, clip, labels, mesh, args.repeats, trace

@@ -202,6 +202,59 @@ def _resumed_model(resume: pathlib.Path, cfg: vit.ViTConfig, classes: list[str])
     )
 
 
+def parameter_shardings(cfg: vit.ViTConfig, config: ml_collections.ConfigDict, mesh):
+    """``(graphdef, shardings, dropped)`` of the model's parameters on ``mesh`` by the config's
+    rules table (``config.mesh.rules``); ``dropped`` as ``sharding.param_shardings``."""
+    abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
+    graphdef, abstract_state = nnx.split(abstract, nnx.Param)
+    rules = {k: (v or None) for k, v in config.mesh.rules.items()}
+    shardings, dropped = sharding.param_shardings(abstract_state, mesh, rules)
+    return graphdef, nnx.to_pure_dict(shardings), dropped
+
+
+def sharded_params(shapes, param_sh):
+    """The parameters' ShapeDtypeStructs (``vit.abstract_params``) carrying their shardings."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh
+    )
+
+
+def train_state_layout(abstract_params, tx, mesh, ema: bool):
+    """How the training state lies on the mesh, without allocating it.
+
+    The optimizer state is sharded like the parameters it tracks (its step counters
+    replicated) and the EMA weights, when kept, like the parameters. Needs no mesh in context;
+    traces the optimizer's init on the default device (so it also serves a topology compiled
+    for ahead of time, outside its mesh).
+
+    Args:
+      abstract_params: the parameters as ShapeDtypeStructs with shardings (``sharded_params``).
+      tx: the optimizer.
+      mesh: the mesh.
+      ema: whether the state keeps an exponential moving average of the parameters.
+
+    Returns:
+      ``(shardings, abstract state)``: pytrees ``{"params", "opt_state"[, "ema"]}``.
+    """
+    param_sh = jax.tree.map(lambda a: a.sharding, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract_opt,
+        param_sh,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+    )
+    state_sh = {"params": param_sh, "opt_state": opt_sh} | ({"ema": param_sh} if ema else {})
+    abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        {"params": abstract_params, "opt_state": abstract_opt}
+        | ({"ema": abstract_params} if ema else {}),
+        state_sh,
+    )
+    return state_sh, abstract_state
+
+
 @dataclasses.dataclass
 class Setup:
     model_cfg: vit.ViTConfig
@@ -241,11 +294,7 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
         mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    abstract = nnx.eval_shape(lambda: vit.create_model(cfg))
-    graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-    rules = {k: (v or None) for k, v in config.mesh.rules.items()}
-    shardings, dropped = sharding.param_shardings(abstract_state, mesh, rules)
-    param_sh = nnx.to_pure_dict(shardings)
+    graphdef, param_sh, dropped = parameter_shardings(cfg, config, mesh)
     check_view_sizes(config, cfg)
     setup = Setup(cfg, classes, info, mesh, graphdef, param_sh, init_params, note)
     setup.warnings += init_warnings
@@ -617,29 +666,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     shapes = vit.abstract_params(cfg)  # outside the mesh: logical names are not mesh axes
     with jax.set_mesh(mesh), contextlib.ExitStack() as on_exit:
-        abstract_params = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            shapes,
-            setup.param_sh,
-        )
+        abstract_params = sharded_params(shapes, setup.param_sh)
         tx = optim.make_optimizer(ocfg, abstract_params, cfg.depth)
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        opt_sh = optax.tree_map_params(
-            tx,
-            lambda _, sh: sh,
-            abstract_opt,
-            setup.param_sh,
-            transform_non_params=lambda _: sharding.replicated(mesh),
+        state_sh, abstract_state = train_state_layout(
+            abstract_params, tx, mesh, ema=config.optim.ema_decay > 0
         )
-        state_sh = {"params": setup.param_sh, "opt_state": opt_sh}
-        if config.optim.ema_decay > 0:
-            state_sh["ema"] = setup.param_sh
-        abstract_state = jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-            {"params": abstract_params, "opt_state": abstract_opt}
-            | ({"ema": abstract_params} if "ema" in state_sh else {}),
-            state_sh,
-        )
+        opt_sh = state_sh["opt_state"]
 
         start = ckpt.latest_step()
         data_state = None

@@ -75,6 +75,37 @@ def test_train_bench_memory_compiles_only():
     assert len(lines) == 4 and all(" arguments " in line for line in lines[2:])
 
 
+def test_train_bench_fsdp_shards_the_state():
+    eight = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    tiny = "bench/train.py --preset S --frames 4 --size 32 --batch 8 --memory --attention explicit"
+    args = {}
+    for fsdp in (1, 4):
+        r = _bench(f"{tiny} --fsdp {fsdp}", env=eight)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.splitlines()[0].endswith(
+            "; parameters and optimizer state sharded over 4" if fsdp == 4 else " x cpu"
+        )
+        args[fsdp] = [float(m[1]) for m in re.finditer(r"arguments (\d+\.\d\d) GiB", r.stdout)]
+    # ViT-S with its AdamW state, a quarter of it on each device (the batch is the same)
+    assert len(args[1]) == len(args[4]) == 2
+    assert all(0.2 < a < 0.3 for a in args[1])
+    assert all(abs(q - a / 4) <= 0.015 for q, a in zip(args[4], args[1], strict=True))
+    # the timed step runs sharded too
+    two = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    timed = _bench(
+        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --repeats 1 --no-torch "
+        "--attention explicit --fsdp 2",
+        env=two,
+    )
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    assert re.search(
+        r"ViT-S 4x32, batch 2, float32, attention explicit \(explicit\): step ", timed.stdout
+    )
+    bad = _bench("bench/train.py --fsdp 3", env=two)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == "train.py: error: --fsdp 3 must divide the 2 devices"
+
+
 # Runs a script as where JAX's TPU compiler (the libtpu package) is not installed.
 WITHOUT_LIBTPU = WITHOUT_TORCH.replace("'torch'", "'libtpu'")
 
