@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 
 import jax
@@ -23,7 +24,7 @@ class Gpu:
 
     device_kind: str  # as the CUDA driver names it, so peak_flops and attention 'auto' match
     capability: tuple[int, int]
-    memory: int  # bytes, as nvidia-smi reports the total
+    memory: int  # bytes: the total CUDA reports to programs (see GPUS)
     sms: int
     fp32_per_sm: int
     threads_per_sm: int
@@ -34,25 +35,30 @@ class Gpu:
     clock_ghz: float
 
 
-MIB = 2**20
+MIB, GIB = 2**20, 2**30
+# The memory is the total CUDA reports to a program (cuMemGetInfo, as in PyTorch's "total
+# capacity"), which XLA sizes against and JAX takes its share of: 1-4% under nvidia-smi's
+# figure, and it varies a little with the driver.
 GPUS = {
-    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 81559 * MIB, 132, 128, 2048,
+    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 84_929_347_584, 132, 128, 2048,
                 228 * 1024, 227 * 1024, 50 * MIB, 3.35e12, 1.98),
-    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 81920 * MIB, 108, 64, 2048,
+    "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), int(79.15 * GIB), 108, 64, 2048,
                 164 * 1024, 163 * 1024, 40 * MIB, 2.039e12, 1.41),
-    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", (8, 0), 40960 * MIB, 108, 64, 2048,
+    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", (8, 0), int(39.49 * GIB), 108, 64, 2048,
                      164 * 1024, 163 * 1024, 40 * MIB, 1.555e12, 1.41),
-    "l4": Gpu("NVIDIA L4", (8, 9), 23034 * MIB, 58, 128, 1536,
+    "l4": Gpu("NVIDIA L4", (8, 9), int(22.03 * GIB), 58, 128, 1536,
               100 * 1024, 99 * 1024, 48 * MIB, 300e9, 2.04),
-    "t4": Gpu("Tesla T4", (7, 5), 15360 * MIB, 40, 64, 1024,
+    "t4": Gpu("Tesla T4", (7, 5), int(14.74 * GIB), 40, 64, 1024,
               64 * 1024, 64 * 1024, 4 * MIB, 320e9, 1.59),
+    "v100": Gpu("Tesla V100-SXM2-16GB", (7, 0), int(15.77 * GIB), 80, 64, 2048,
+                96 * 1024, 96 * 1024, 6 * MIB, 900e9, 1.53),
 }  # fmt: skip
 
-# The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+# The share of a GPU's memory JAX's allocator takes unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
 JAX_GPU_MEMORY_FRACTION = 0.75
 
 TPU_EXAMPLES = "v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1"
-GPU_EXAMPLES = "h100:8, a100:8, a100-40gb, l4, t4"
+GPU_EXAMPLES = "h100:8, a100:8, a100-40gb, l4, t4, v100"
 
 
 def target_config(gpu: Gpu) -> str:
@@ -142,7 +148,7 @@ def target_devices(topology: str | None) -> list:
         )
         return sharding.remember_devices(list(desc.devices))
 
-    if not re.match(r"(v\d|tpu)", topology, re.IGNORECASE):
+    if not re.match(r"(v\d+[a-z]*|tpu\w*):", topology, re.IGNORECASE):
         raise ValueError(
             f"--topology {topology}: not a GPU known here ({', '.join(GPUS)}) nor a TPU slice "
             f"(like {TPU_EXAMPLES})"
@@ -189,7 +195,9 @@ def memory_limit(device) -> tuple[int, str] | None:
     spec = next((g for g in GPUS.values() if g.device_kind == device.device_kind), None)
     if spec is None:
         return None
-    return (
-        int(spec.memory * JAX_GPU_MEMORY_FRACTION),
-        f"JAX's default {JAX_GPU_MEMORY_FRACTION:.0%} of {spec.memory / 2**30:.1f} GiB",
-    )
+    try:
+        fraction = float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+        whose = "XLA_PYTHON_CLIENT_MEM_FRACTION's"
+    except (KeyError, ValueError):
+        fraction, whose = JAX_GPU_MEMORY_FRACTION, "JAX's default"
+    return int(spec.memory * fraction), f"{whose} {fraction:.0%} of {spec.memory / GIB:.1f} GiB"

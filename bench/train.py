@@ -52,30 +52,43 @@ def trainer_setup(cfg, config, mesh) -> train.Setup:
     return train.Setup(cfg, classes, {}, mesh, graphdef, param_sh, None, "")
 
 
+def state_layout(setup, tx, mesh):
+    """``(shardings, abstract state)`` of the training state as the trainer lays it out.
+
+    Made outside the mesh: a topology's devices cannot hold the arrays it is traced with.
+    """
+    abstract = train.sharded_params(vit.abstract_params(setup.model_cfg), setup.param_sh)
+    return train.train_state_layout(abstract, tx, mesh, ema=False)
+
+
+def jit_step(setup, config, tx, mesh, state_sh, batch_sh):
+    """The trainer's step, jitted as the trainer jits it: the state keeps its layout."""
+    return jax.jit(
+        train.make_train_step(setup, config, tx, setup.model_cfg.num_classes),
+        in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
     """Best-of-``repeats`` seconds of one training step (compiled before timing).
 
     With ``trace_dir``, two more steps run afterwards under a jax.profiler trace written there.
     """
-    abstract = train.sharded_params(vit.abstract_params(setup.model_cfg), setup.param_sh)
-    state_sh, _ = train.train_state_layout(abstract, tx, mesh, ema=False)
+    state_sh, _ = state_layout(setup, tx, mesh)
     with jax.set_mesh(mesh):
         batch = sharding.global_batch(
             {"clip": clip, "erase_box": np.zeros((len(clip), 4), np.int32), "label": labels},
             mesh,
         )
-        # laid out as the trainer lays it out, and the step keeps that layout
         state = jax.jit(
             lambda p: {"params": p, "opt_state": tx.init(p)},
             in_shardings=(state_sh["params"],),
             out_shardings=state_sh,
         )(params)
-        batch_sh = jax.tree.map(lambda a: a.sharding, batch)
-        step_fn = jax.jit(
-            train.make_train_step(setup, config, tx, setup.model_cfg.num_classes),
-            in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-            out_shardings=(state_sh, sharding.replicated(mesh)),
-            donate_argnums=(0,),
+        step_fn = jit_step(
+            setup, config, tx, mesh, state_sh, jax.tree.map(lambda a: a.sharding, batch)
         )
         box = {"state": state, "i": 0}
 
@@ -99,24 +112,26 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
     platform = mesh.devices.flat[0].platform
     if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
         splash.prepare(cfg.num_heads, cfg.num_patches, platform)
-    # outside the mesh: a topology's devices cannot hold the arrays the layout is traced with
-    abstract_params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
-    _, state = train.train_state_layout(abstract_params, tx, mesh, ema=False)
+    state_sh, state = state_layout(setup, tx, mesh)
     with jax.set_mesh(mesh):
+        batch_sh = {
+            k: sharding.batch_sharding(mesh, len(shape))
+            for k, (shape, _) in train.batch_spec(batch, cfg).items()
+        }
         abstract = {
-            k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+            k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
             for k, (shape, dt) in train.batch_spec(batch, cfg).items()
         }
-        step_fn = jax.jit(
-            train.make_train_step(setup, config, tx, cfg.num_classes), donate_argnums=(0,)
-        )
+        step_fn = jit_step(setup, config, tx, mesh, state_sh, batch_sh)
         try:
             lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
             return lowered.compile().memory_analysis()
+        # a kernel the device cannot run: XLA's compile error, or cuDNN's or Pallas' own
         except (RuntimeError, ValueError, NotImplementedError) as e:  # JaxRuntimeError too
             if isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e):
                 return "does not fit (the compiler ran out of device memory)"
-            return f"does not compile for this device: {str(e).strip().splitlines()[0]}"
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"does not compile for this device: {type(e).__name__}: {first}".rstrip(": ")
 
 
 def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:

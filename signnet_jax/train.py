@@ -921,9 +921,10 @@ def _step_on_next_batch(compiled, state, train_iter, spec: dict, mesh, stop, ind
     device arrays alias them (no copy). So neither may stay in the training loop's frame,
     which can outlive the run: a module that keeps an exception from an import made during
     the run keeps every frame that was on the stack (mediapipe's audio_record keeps
-    sounddevice's OSError when PortAudio is missing, and the smoke dataset imports mediapipe
-    from inside train_and_evaluate). A batch held there is never unlinked, and Python's
-    resource tracker reports it at exit as "leaked shared_memory objects".
+    sounddevice's OSError when PortAudio is missing; ``signnet_jax.hht`` now imports mediapipe
+    only for its Tunneller, but any such import inside a run would do). A batch held there is
+    never unlinked, and Python's resource tracker reports it at exit as "leaked shared_memory
+    objects".
     """
     local = next(train_iter)
     local = {k: local[k] for k in spec if k != "stop"}

@@ -69,7 +69,7 @@ def test_train_bench_memory_compiles_only():
     lines = [line for line in both.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     assert lines[:2] == [
         f"ViT-S 4x32, 2 clips per device, bfloat16, attention cudnn, remat {remat}: does not "
-        "compile for this device: cuDNN is not detected."
+        "compile for this device: RuntimeError: cuDNN is not detected."
         for remat in ("off", "on")
     ]
     assert len(lines) == 4 and all(" arguments " in line for line in lines[2:])
@@ -139,12 +139,17 @@ def test_train_bench_gpu_topology_needs_the_cuda_plugin_and_a_known_name():
         "train.py: error: --topology h100:0: after 'h100:' give the GPUs per node, or "
         "NODESxGPUS (e.g. h100:8 or h100:2x8)"
     )
-    unknown = _bench("bench/train.py --topology b300:8")
-    assert unknown.returncode == 2
-    assert unknown.stderr.splitlines()[-1] == (
-        "train.py: error: --topology b300:8: not a GPU known here (h100, a100, a100-40gb, l4, "
-        "t4) nor a TPU slice (like v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1)"
-    )
+    # a GPU whose name looks like a TPU generation is still a GPU
+    v100 = _bench("bench/train.py --topology v100", python=("-c", WITHOUT_CUDA))
+    assert v100.returncode == 2
+    assert "--topology v100 needs JAX's CUDA compiler" in v100.stderr.splitlines()[-1]
+    for name in ("b300:8", "v5e"):  # an unknown GPU; a TPU generation without its slice
+        unknown = _bench(f"bench/train.py --topology {name}")
+        assert unknown.returncode == 2
+        assert unknown.stderr.splitlines()[-1] == (
+            f"train.py: error: --topology {name}: not a GPU known here (h100, a100, a100-40gb, "
+            "l4, t4, v100) nor a TPU slice (like v5e:2x4, v6e:2x4, v4:2x2x1, v5p:2x2x1)"
+        )
 
 
 def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
@@ -166,6 +171,7 @@ def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
         "a100-40gb": (312e12, "cudnn"),
         "l4": (121e12, "cudnn"),
         "t4": (None, "explicit"),
+        "v100": (None, "explicit"),  # its tensor cores are float16 only
     }
     for name, gpu in gpus.items():
         capability = "{}.{}".format(*gpu.capability)
@@ -179,7 +185,7 @@ def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
         )
 
 
-def test_memory_limit_per_kind_of_device():
+def test_memory_limit_per_kind_of_device(monkeypatch):
     import types
 
     import jax
@@ -194,11 +200,18 @@ def test_memory_limit_per_kind_of_device():
 
         return types.SimpleNamespace(platform=platform, device_kind=kind, memory_stats=memory_stats)
 
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     assert memory_limit(device("cpu", "cpu", {})) is None
     # compiled for, not attached: a GPU's default allocator share, a TPU's HBM
+    l4 = int(22.03 * 2**30)  # what CUDA reports of an L4's 24 GB
     assert memory_limit(device("gpu", "NVIDIA L4")) == (
-        int(23034 * 2**20 * 0.75),
-        "JAX's default 75% of 22.5 GiB",
+        int(l4 * 0.75),
+        "JAX's default 75% of 22.0 GiB",
+    )
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")  # as JAX reads it
+    assert memory_limit(device("gpu", "NVIDIA L4")) == (
+        int(l4 * 0.9),
+        "XLA_PYTHON_CLIENT_MEM_FRACTION's 90% of 22.0 GiB",
     )
     assert memory_limit(device("tpu", "TPU v5 lite")) == (16 * 2**30, "HBM")
     assert memory_limit(device("gpu", "NVIDIA RTX 9999")) is None

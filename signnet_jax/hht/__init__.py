@@ -23,6 +23,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_TUNNEL_NAMES))
+
+
 __all__ = [
     "HHTResult",
     "HHTSettings",
