@@ -61,16 +61,6 @@ def state_layout(setup, tx, mesh):
     return train.train_state_layout(abstract, tx, mesh, ema=False)
 
 
-def jit_step(setup, config, tx, mesh, state_sh, batch_sh):
-    """The trainer's step, jitted as the trainer jits it: the state keeps its layout."""
-    return jax.jit(
-        train.make_train_step(setup, config, tx, setup.model_cfg.num_classes),
-        in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
     """Best-of-``repeats`` seconds of one training step (compiled before timing).
 
@@ -87,8 +77,8 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
             in_shardings=(state_sh["params"],),
             out_shardings=state_sh,
         )(params)
-        step_fn = jit_step(
-            setup, config, tx, mesh, state_sh, jax.tree.map(lambda a: a.sharding, batch)
+        step_fn, _ = train.jit_train_step(
+            setup, config, tx, state_sh, train.batch_spec(len(clip), setup.model_cfg)
         )
         box = {"state": state, "i": 0}
 
@@ -105,7 +95,7 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
         return best  # the state is freed on return
 
 
-def step_memory(setup, config, tx, params, batch: int, mesh):
+def step_memory(setup, config, tx, batch: int, mesh):
     """XLA's memory analysis of the compiled step (nothing runs), or why there is none: the
     compiler says it does not fit the device, or cannot compile it for the device."""
     cfg = setup.model_cfg
@@ -114,15 +104,9 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
         splash.prepare(cfg.num_heads, cfg.num_patches, platform)
     state_sh, state = state_layout(setup, tx, mesh)
     with jax.set_mesh(mesh):
-        batch_sh = {
-            k: sharding.batch_sharding(mesh, len(shape))
-            for k, (shape, _) in train.batch_spec(batch, cfg).items()
-        }
-        abstract = {
-            k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
-            for k, (shape, dt) in train.batch_spec(batch, cfg).items()
-        }
-        step_fn = jit_step(setup, config, tx, mesh, state_sh, batch_sh)
+        step_fn, abstract = train.jit_train_step(
+            setup, config, tx, state_sh, train.batch_spec(batch, cfg)
+        )
         try:
             lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
             return lowered.compile().memory_analysis()
@@ -134,7 +118,7 @@ def step_memory(setup, config, tx, params, batch: int, mesh):
             return f"does not compile for this device: {type(e).__name__}: {first}".rstrip(": ")
 
 
-def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
+def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
     """--memory: per-device memory of the step for each kernel, without and with remat."""
     device = mesh.devices.flat[0]
     limit, limit_name = memory_limit(device) or (None, None)
@@ -144,7 +128,7 @@ def print_memory(args, cfg, config, tx, params, mesh, kernels) -> None:
         for remat in (False, True):
             kcfg = dataclasses.replace(cfg, attention=kernel, remat=remat)
             setup = trainer_setup(kcfg, config, mesh)
-            mem = step_memory(setup, config, tx, params, args.batch, mesh)
+            mem = step_memory(setup, config, tx, args.batch, mesh)
             ran = vit.attention_implementation(
                 kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
             )
@@ -249,7 +233,7 @@ def main() -> None:
         + (f"; parameters and optimizer state sharded over {args.fsdp}" if args.fsdp > 1 else "")
     )
     if args.memory:
-        print_memory(args, cfg, config, tx, params, mesh, kernels)
+        print_memory(args, cfg, config, tx, mesh, kernels)
         return
     times = {}
     for kernel in kernels:

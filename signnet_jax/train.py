@@ -370,6 +370,31 @@ def place_params(setup: Setup, seed: int) -> dict:
 # --- the step -----------------------------------------------------------------------
 
 
+def jit_train_step(setup: Setup, config, tx, state_sh, spec: dict):
+    """The training step, jitted so that the state keeps its layout (``state_sh``) from step to
+    step and the batch is split over the mesh's batch axes.
+
+    Args:
+      spec: the batch's fields, ``(shape, dtype)`` each (``batch_spec``).
+
+    Returns:
+      ``(step_fn, abstract batch)``: ``step_fn(state, batch, step)``, and the batch as
+      ShapeDtypeStructs with their shardings (for ``step_fn.lower``).
+    """
+    mesh = setup.mesh
+    batch_sh = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
+    step_fn = jax.jit(
+        make_train_step(setup, config, tx, len(setup.classes)),
+        in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    abstract = {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k]) for k, (shape, dt) in spec.items()
+    }
+    return step_fn, abstract
+
+
 def make_train_step(setup: Setup, config, tx, num_classes: int):
     mix = optim.MixupConfig(
         mixup=config.loss.mixup,
@@ -722,22 +747,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         multi_host = jax.process_count() > 1
         if multi_host:
             spec["stop"] = ((clips,), jnp.bool_)
-        batch_sh = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
-        step_fn = jax.jit(
-            make_train_step(setup, config, tx, len(setup.classes)),
-            in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
-            out_shardings=(state_sh, sharding.replicated(mesh)),
-            donate_argnums=(0,),
-        )
+        step_fn, abstract_batch = jit_train_step(setup, config, tx, state_sh, spec)
         per_device = clips // mesh.size
         with _memory_advice(per_device):
             compiled = step_fn.lower(
-                abstract_state,
-                {
-                    k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k])
-                    for k, (shape, dt) in spec.items()
-                },
-                jax.ShapeDtypeStruct((), jnp.int32),
+                abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.int32)
             ).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
