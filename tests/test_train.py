@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from signnet_jax import checkpointing, optim, train
+from signnet_jax import checkpointing, evaluate, optim, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(classes=4, train_per_class=8, val_per_class=2, test_per_class=2, frames=8, size=32)
@@ -124,7 +124,7 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     # eval mode reproduces the test numbers from the checkpoint, in a folder of its own
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     c = tiny_config(records, mode="eval")
-    again = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(c, str(tmp_path))
+    again = evaluate.evaluate(c, str(tmp_path))
     assert again["test"]["per_instance"] == test["per_instance"]
     out = tmp_path / "eval" / "step_12_test_3x1"  # 3 clips x 1 crop per video
     saved = json.loads((out / "metrics.json").read_text())
@@ -138,7 +138,7 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     # another view count is another result, beside the first
     one = tiny_config(records, mode="eval", **{"data.test_num_segment": 1})
-    __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(one, str(tmp_path))
+    evaluate.evaluate(one, str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         "step_12_test_1x1",
         "step_12_test_3x1",
@@ -150,14 +150,12 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
         r"eval/step_12_test_3x1 holds the result of checkpoint .*checkpoints step 12 with "
         r"protocol .*'sampling_rate': 2.* move it away or give another --workdir"
     )):  # fmt: skip
-        __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate(other, str(tmp_path))
+        evaluate.evaluate(other, str(tmp_path))
     assert json.loads((out / "metrics.json").read_text()) == saved
 
 
 def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
     import orbax.checkpoint as ocp
-
-    from signnet_jax import evaluate
 
     c = tiny_config(records, **{"optim.ema_decay": 0.9, "train.keep_checkpoints": 1})
     result = train.train_and_evaluate(c, tmp_path)
@@ -227,7 +225,7 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
 
 
 def test_throughput_leaves_validation_time_out(records, tmp_path, monkeypatch):
-    from signnet_jax import evaluate, sharding
+    from signnet_jax import sharding
 
     # a fake clock: each step takes 1 s, each validation 10 s
     now = [0.0]
@@ -592,7 +590,7 @@ def test_batch_and_schedule_mistakes_stop_before_training(records, tmp_path):
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path, DIMS, names)
     c = tiny_config(records, mode="eval", init_from=str(init), **{"data.eval_batch_size": 12})
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     with pytest.raises(train.TrainingError, match="data.eval_batch_size 12 does not split"):
         evaluate_mode(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
@@ -625,7 +623,7 @@ def test_view_size_and_split_mistakes_stop_before_training(records, tmp_path):
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path, DIMS, names)
     c = tiny_config(records, mode="eval", init_from=str(init), **{"data.short_side_size": 40})
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     with pytest.raises(train.TrainingError, match="test views are 40-pixel squares"):
         evaluate_mode(c, tmp_path / "w")
     # a larger short side that the patches divide is allowed, with a warning that says what
@@ -638,7 +636,7 @@ def test_view_size_and_split_mistakes_stop_before_training(records, tmp_path):
 
 
 def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     for name in ("a", "b"):  # two converted checkpoints, both step 0
         init = _converted(tmp_path / name, DIMS, names)
@@ -658,7 +656,7 @@ def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
 
 
 def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, capsys):
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path / "named", DIMS, names)
     _converted(tmp_path / "w", DIMS, names).rename(tmp_path / "w" / "checkpoints")  # a run's
@@ -694,7 +692,7 @@ def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, c
 
 
 def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path, capsys):
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     kw = {"train.max_steps": 1, "val_split": "", "test_split": ""}
     train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "w")
     # the run's own config, less two overrides of its model: the message gives them back
@@ -812,7 +810,7 @@ def test_classes_not_matching_the_head(records, tmp_path):
 def test_eval_mode_names_bad_model_values_as_training_does(records, tmp_path):
     # the trained-settings check builds the config's model before prepare does: the same
     # one-line error, not a ValueError from the model config
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     init = _converted(tmp_path, DIMS, ["x", "y", "z", "w"])
     for key, value, message in [
         ("model.dtype", "float16", "config.model: dtype must be 'float32' or 'bfloat16'"),
@@ -826,7 +824,7 @@ def test_eval_mode_names_bad_model_values_as_training_does(records, tmp_path):
 
 def test_eval_mode_names_records_of_other_classes_without_the_training_advice(records, tmp_path):
     # init_reset_head=True would only start an untrained head; eval mode ignores it anyway
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     init = _converted(tmp_path, DIMS, ["x", "y", "z"])
     with pytest.raises(train.TrainingError) as e:
         evaluate_mode(tiny_config(records, mode="eval", init_from=str(init)), tmp_path / "w")
@@ -850,7 +848,7 @@ def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path):
     np.testing.assert_array_equal(
         setup.init_params["head"]["kernel"], src["head"]["kernel"][:, ::-1]
     )
-    evaluate_mode = __import__("signnet_jax.evaluate", fromlist=["x"]).evaluate
+    evaluate_mode = evaluate.evaluate
     result = evaluate_mode(
         tiny_config(records, mode="eval", init_from=str(tmp_path / "run")), tmp_path / "w"
     )
