@@ -8,6 +8,7 @@
     python bench/train.py --topology v5e:2x4 --batch 32 --dtype bfloat16 --attention auto,splash
     python bench/train.py --topology h100 --batch 32 --dtype bfloat16  # one H100: fits?
     python bench/train.py --topology h100:8 --preset L --batch 32 --dtype bfloat16 --fsdp 8
+    python bench/train.py --topology t4 --batch 1 --dtype float16  # Colab's T4: float16
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -58,7 +59,8 @@ def state_layout(setup, tx, mesh):
     Made outside the mesh: a topology's devices cannot hold the arrays it is traced with.
     """
     abstract = train.sharded_params(vit.abstract_params(setup.model_cfg), setup.param_sh)
-    return train.train_state_layout(abstract, tx, mesh, ema=False)
+    scaled = setup.model_cfg.dtype == "float16"  # the trainer's loss scale (train.loss_scaling)
+    return train.train_state_layout(abstract, tx, mesh, ema=False, loss_scale=scaled)
 
 
 def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=None) -> float:
@@ -72,11 +74,8 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
             {"clip": clip, "erase_box": np.zeros((len(clip), 4), np.int32), "label": labels},
             mesh,
         )
-        state = jax.jit(
-            lambda p: {"params": p, "opt_state": tx.init(p)},
-            in_shardings=(state_sh["params"],),
-            out_shardings=state_sh,
-        )(params)
+        scaling = train.loss_scaling(config, setup.model_cfg)
+        state = train.init_state(params, tx, state_sh, scaling, donate=False)
         step_fn, _ = train.jit_train_step(
             setup, config, tx, state_sh, train.batch_spec(len(clip), setup.model_cfg)
         )
@@ -161,7 +160,7 @@ def main() -> None:
     p.add_argument(
         "--batch", type=int, help="global batch (clips per step; default: one per device)"
     )
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=vit.DTYPES)
     p.add_argument("--remat", action="store_true")
     p.add_argument(
         "--fsdp", type=int, default=1, metavar="N",

@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.3
     c.model.head_drop_rate = 0.0
     c.model.init_scale = 0.001
-    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    # compute dtype; parameters stay float32. float16 (with loss scaling, optim.loss_scale)
+    # for GPUs whose tensor cores have no bfloat16: T4, V100
+    c.model.dtype = "bfloat16"
     c.model.remat = False
     # attention kernel: auto (per backend) | dot_product_attention | cudnn | splash | explicit
     c.model.attention = "auto"
@@ -86,6 +88,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.clip_grad = 0.0  # 0: no clipping
     c.optim.grad_accum = 1  # micro-batches per update (batch_size must divide)
     c.optim.ema_decay = 0.0  # 0: no EMA of the weights
+    # model.dtype float16 only: dynamic loss scaling as DeepSpeed's, with VideoMAEv2's fp16
+    # settings (SignNet's runs). An update whose gradients overflow is skipped; the scale
+    # starts at loss_scale, halves when an overflow finds no hysteresis allowance left (each
+    # overflow spends one; minimum 1), doubles (the allowance restored) every window updates
+    # after the last overflow.
+    c.optim.loss_scale = 128.0  # 2 ** initial_scale_power
+    c.optim.loss_scale_window = 128
+    c.optim.loss_scale_hysteresis = 2
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.1

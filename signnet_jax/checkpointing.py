@@ -310,6 +310,11 @@ class TrainCheckpointer:
             metrics = {**metrics, "step": step}
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
+    def saved_items(self, step: int) -> set[str]:
+        """Names of the state trees saved at ``step`` (params, opt_state, ...)."""
+        folder = self.directory / str(step)
+        return {p.name for p in folder.iterdir() if p.is_dir()} - {DATA, META}
+
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict, dict]:
         """Restore ``(state, data_state, meta)``; arrays land with the abstract tree's shardings."""
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}

@@ -4,7 +4,8 @@ AdamW with layer-wise learning-rate decay and no weight decay on 1-D parameters
 (biases, norms, q/v biases, layer scale) or the position table; the per-step
 schedule of the original (linear warmup, then cosine); soft-target cross
 entropy with label smoothing; batch-mode mixup / cutmix on the device with one
-cutmix box for every frame of every clip.
+cutmix box for every frame of every clip; dynamic loss scaling for float16 compute, as
+DeepSpeed's loss scaler does it.
 """
 
 from __future__ import annotations
@@ -251,3 +252,95 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 def is_finite(*trees: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+# --- dynamic loss scaling (float16) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaleConfig:
+    """Dynamic loss scaling by DeepSpeed's rule, with the settings of VideoMAEv2's DeepSpeed
+    config (``fp16``: ``initial_scale_power`` 7, ``loss_scale_window`` 128, DeepSpeed's
+    default ``hysteresis`` 2 and ``min_loss_scale`` 1), under which SignNet trained.
+
+    The loss is multiplied by ``scale`` before the backward pass so that small float16
+    gradients do not flush to zero, and the gradients divided by it again. An update whose
+    gradients overflow is skipped; the scale halves on an overflow once ``hysteresis``
+    overflows have used up their allowance (each overflow before that only spends one), and
+    doubles, restoring the allowance, every ``window`` updates after the last overflow.
+    torch's GradScaler is the same rule with hysteresis 1 (init 65536, window 2000).
+    """
+
+    init: float = 2.0**7
+    window: int = 128
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    factor: float = 2.0
+
+    def __post_init__(self):
+        if not (np.isfinite(self.init) and self.init >= self.min_scale):
+            raise ValueError(
+                f"optim.loss_scale must be a finite number >= {self.min_scale:g}, got {self.init}"
+            )
+        if self.window < 1 or self.hysteresis < 1:
+            raise ValueError(
+                "optim.loss_scale_window and optim.loss_scale_hysteresis must be >= 1, got "
+                f"{self.window} and {self.hysteresis}"
+            )
+
+
+def loss_scale_init(cfg: LossScaleConfig) -> dict[str, jax.Array]:
+    """The scale, the overflows it still allows before halving, and the updates since the
+    last overflow modulo the window (DeepSpeed's ``cur_iter - last_overflow_iter``)."""
+    return {
+        "scale": jnp.float32(cfg.init),
+        "hysteresis": jnp.int32(cfg.hysteresis),
+        "since_overflow": jnp.int32(1 % cfg.window),
+    }
+
+
+def loss_scale_update(
+    state: dict[str, jax.Array], overflow: jax.Array, cfg: LossScaleConfig
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """DeepSpeed's ``DynamicLossScaler.update_scale`` after one update.
+
+    Returns:
+      ``(new state, at_minimum)``: ``at_minimum`` where the gradients overflowed with the
+      scale already at ``min_scale`` and no allowance left (DeepSpeed stops the run there).
+    """
+    scale, hyst, since = state["scale"], state["hysteresis"], state["since_overflow"]
+    shrink = overflow & ((cfg.hysteresis == 1) | (hyst == 1))
+    grow = ~overflow & (since == 0)
+    new_scale = jnp.where(
+        shrink,
+        jnp.maximum(scale / jnp.float32(cfg.factor), jnp.float32(cfg.min_scale)),
+        jnp.where(grow, scale * jnp.float32(cfg.factor), scale),
+    )
+    new_hyst = jnp.where(
+        overflow & ~shrink, hyst - 1, jnp.where(grow, jnp.int32(cfg.hysteresis), hyst)
+    )
+    new_since = jnp.where(overflow, 1 % cfg.window, (since + 1) % cfg.window)
+    new = {"scale": new_scale, "hysteresis": new_hyst, "since_overflow": new_since}
+    return new, shrink & (scale <= cfg.min_scale)
+
+
+def skipped_update(old: Any, new: Any) -> Any:
+    """The optimizer state after an update skipped for overflow.
+
+    Adam's moments and step count stay as they were, as when DeepSpeed skips the optimizer's
+    step; the learning-rate schedule moves on one step, as the original's per-iteration
+    schedule does. With gradient accumulation the counters move on (``new``'s)
+    and the accumulator starts empty, as after any update (``new``'s would be 0 x inf).
+    """
+    if isinstance(new, optax.MultiStepsState):
+        return new._replace(
+            inner_opt_state=skipped_update(old.inner_opt_state, None),
+            acc_grads=jax.tree.map(jnp.zeros_like, new.acc_grads),
+        )
+
+    def advance(s):
+        if isinstance(s, optax.ScaleByScheduleState):
+            return s._replace(count=optax.safe_increment(s.count))
+        return s
+
+    return jax.tree.map(advance, old, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))

@@ -219,7 +219,7 @@ def sharded_params(shapes, param_sh):
     )
 
 
-def train_state_layout(abstract_params, tx, mesh, ema: bool):
+def train_state_layout(abstract_params, tx, mesh, ema: bool, loss_scale: bool = False):
     """How the training state lies on the mesh, without allocating it.
 
     The optimizer state is sharded like the parameters it tracks (its step counters
@@ -232,27 +232,67 @@ def train_state_layout(abstract_params, tx, mesh, ema: bool):
       tx: the optimizer.
       mesh: the mesh.
       ema: whether the state keeps an exponential moving average of the parameters.
+      loss_scale: whether it keeps a dynamic loss scale (float16, replicated).
 
     Returns:
-      ``(shardings, abstract state)``: pytrees ``{"params", "opt_state"[, "ema"]}``.
+      ``(shardings, abstract state)``: pytrees ``{"params", "opt_state"[, "ema"]
+      [, "loss_scale"]}``.
     """
     param_sh = jax.tree.map(lambda a: a.sharding, abstract_params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        abstract_opt,
-        param_sh,
-        transform_non_params=lambda _: sharding.replicated(mesh),
+        tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
+    abstract = {"params": abstract_params, "opt_state": abstract_opt}
+    if ema:
+        abstract["ema"] = abstract_params
+    if loss_scale:
+        abstract["loss_scale"] = jax.eval_shape(
+            lambda: optim.loss_scale_init(optim.LossScaleConfig())
+        )
     state_sh = {"params": param_sh, "opt_state": opt_sh} | ({"ema": param_sh} if ema else {})
+    if loss_scale:
+        state_sh["loss_scale"] = jax.tree.map(lambda _: replicated, abstract["loss_scale"])
     abstract_state = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        {"params": abstract_params, "opt_state": abstract_opt}
-        | ({"ema": abstract_params} if ema else {}),
-        state_sh,
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh
     )
     return state_sh, abstract_state
+
+
+def loss_scaling(config: ml_collections.ConfigDict, cfg: vit.ViTConfig):
+    """The dynamic loss scaling a run uses: float16 compute only (None otherwise). Its
+    settings are checked whatever the dtype."""
+    try:
+        scaling = optim.LossScaleConfig(
+            init=float(config.optim.loss_scale),
+            window=int(config.optim.loss_scale_window),
+            hysteresis=int(config.optim.loss_scale_hysteresis),
+        )
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    return scaling if jnp.dtype(cfg.dtype) == jnp.float16 else None
+
+
+def init_state(params, tx, state_sh, scaling, donate: bool = True) -> dict:
+    """The training state at step 0 around ``params`` (donated unless ``donate`` is False):
+    the optimizer's, the EMA weights when ``state_sh`` keeps them, and the loss scale when
+    ``scaling`` (``loss_scaling``) is given."""
+
+    def make(p):
+        state = {"params": p, "opt_state": tx.init(p)}
+        if "ema" in state_sh:
+            state["ema"] = jax.tree.map(jnp.copy, p)
+        if scaling is not None:
+            state["loss_scale"] = optim.loss_scale_init(scaling)
+        return state
+
+    return jax.jit(
+        make,
+        in_shardings=(state_sh["params"],),
+        out_shardings=state_sh,
+        donate_argnums=(0,) if donate else (),
+    )(params)
 
 
 @dataclasses.dataclass
@@ -408,6 +448,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
     graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
     ema_decay = config.optim.ema_decay
     accum = config.optim.grad_accum
+    scaling = loss_scaling(config, setup.model_cfg)
 
     def train_step(state, batch, micro_step):
         # made inside the step: no array is created before it is compiled for its devices
@@ -416,19 +457,27 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
         x = device.normalize_and_erase(batch["clip"], batch["erase_box"], k_erase)
         x, targets = optim.mixup_cutmix(k_mix, x, batch["label"], num_classes, mix)
         x = x.astype(dtype)
+        scale = state["loss_scale"]["scale"] if scaling else None
 
         def loss_fn(params):
             logits = nnx.merge(graphdef, params)(x, train=True, rngs=nnx.Rngs(dropout=k_drop))
-            return optim.soft_target_cross_entropy(logits, targets)
+            loss = optim.soft_target_cross_entropy(logits, targets)
+            return (loss if scale is None else loss * scale), loss
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if scale is not None:  # unscaled as DeepSpeed does: times the reciprocal
+            inv = 1.0 / scale
+            grads = jax.tree.map(lambda g: g * inv.astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
+        old_opt = state["opt_state"]
+        # whether this micro-step ends an update: the step that applies the accumulated mean
+        last_micro = old_opt.mini_step == accum - 1 if accum > 1 else jnp.asarray(True)
         if accum > 1:  # the norm of the running mean that the update on the last micro-step uses
-            acc, n = state["opt_state"].acc_grads, state["opt_state"].mini_step
+            acc, n = old_opt.acc_grads, old_opt.mini_step
             grad_norm = optax.tree.norm(
                 jax.tree.map(lambda g, a: a + (g - a) / (n + 1).astype(a.dtype), grads, acc)
             )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates, opt_state = tx.update(grads, old_opt, state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
         if "ema" in state:
             ema = optim.ema_update(state["ema"], new["params"], ema_decay)
@@ -436,10 +485,37 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
                 applied = opt_state.mini_step == 0
                 ema = jax.tree.map(lambda e, o: jnp.where(applied, e, o), ema, state["ema"])
             new["ema"] = ema
-        ok = optim.is_finite(loss, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if scaling is None:
+            ok = optim.is_finite(loss, grads)
+        else:
+            # Float16 gradients that overflow skip the update (the accumulated one with
+            # gradient accumulation: an overflow in any micro-batch spoils the mean) and
+            # lower the scale, as DeepSpeed does; a non-finite loss still stops, and so does
+            # an overflow with the scale at its minimum (DeepSpeed raises there).
+            finite = optim.is_finite(grads)
+            if accum > 1:
+                finite = finite & optim.is_finite(old_opt.acc_grads)
+            overflow = last_micro & ~finite
+            # the parameters move on the last micro-step only (before it, optax's MultiSteps
+            # adds 0 x its update, which an overflowing micro-batch makes 0 x inf = nan)
+            keep = overflow | ~last_micro
+            for k in ("params", "ema"):
+                if k in state:
+                    new[k] = jax.tree.map(lambda n, o: jnp.where(keep, o, n), new[k], state[k])
+            skipped = optim.skipped_update(old_opt, opt_state)
+            new["opt_state"] = jax.tree.map(
+                lambda s, n: jnp.where(overflow, s, n), skipped, opt_state
+            )
+            updated, at_minimum = optim.loss_scale_update(state["loss_scale"], overflow, scaling)
+            new["loss_scale"] = jax.tree.map(
+                lambda u, o: jnp.where(last_micro, u, o), updated, state["loss_scale"]
+            )
+            ok = jnp.isfinite(loss) & ~at_minimum
+            metrics |= {"loss_scale": scale, "skipped": overflow}
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {"loss": loss, "ok": ok, "grad_norm": grad_norm}
+        metrics["ok"] = ok
         if "stop" in batch:  # each host's SIGTERM flag in its rows: any host asks, all stop
             metrics["stop"] = jnp.any(batch["stop"])
         return new, metrics
@@ -681,6 +757,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError as e:  # warmup as long as the run
         raise TrainingError(str(e)) from e
     last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
+    scaling = loss_scaling(config, cfg)
     if config.train.profile_steps < 0 or config.train.profile_start < 0:
         raise TrainingError("train.profile_steps and train.profile_start must be >= 0")
 
@@ -694,26 +771,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         abstract_params = sharded_params(shapes, setup.param_sh)
         tx = optim.make_optimizer(ocfg, abstract_params, cfg.depth)
         state_sh, abstract_state = train_state_layout(
-            abstract_params, tx, mesh, ema=config.optim.ema_decay > 0
+            abstract_params, tx, mesh, ema=config.optim.ema_decay > 0, loss_scale=bool(scaling)
         )
-        opt_sh = state_sh["opt_state"]
 
         start = ckpt.latest_step()
         data_state = None
         if start is not None:
-            state, data_state, saved_meta = ckpt.restore(start, abstract_state)
+            state, data_state, saved_meta = _restore(ckpt, start, abstract_state, scaling)
             run = saved_meta.get("run", {})
             _log(f"resuming from step {start} in {ckpt.directory}")
         else:
             start, run = 0, {}
             params = place_params(setup, config.seed)
             setup.init_params = None  # the host copy of the warm start is not needed any more
-            state = {
-                "params": params,
-                "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-            }
-            if "ema" in state_sh:
-                state["ema"] = jax.tree.map(jnp.copy, params)
+            state = init_state(params, tx, state_sh, scaling)
+            del params  # donated
             _log(setup.note)
 
         train_iter = pipeline.train_dataset(
@@ -790,6 +862,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_last, n_last = _clock(), start
         step = start
         loss_sum = jnp.zeros(())
+        # float16: updates skipped for overflow in the whole run (on the device), and by the
+        # last log
+        skipped_at_log = run.get("skipped_updates", 0)
+        skipped = jnp.int32(skipped_at_log)
         # First step whose update was non-finite (-1: none), kept on the device so no step
         # waits for it; read wherever the loop syncs anyway, and always before a save.
         first_bad = jnp.int32(-1)
@@ -802,6 +878,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"and training stopped at step {step}; the last good checkpoint in "
                     f"{ckpt.directory} is intact; lower optim.base_lr or enable "
                     "optim.clip_grad"
+                    + (
+                        " (in float16, also when the gradients overflow at the smallest loss "
+                        "scale, 1: then train in bfloat16 or float32)"
+                        if scaling
+                        else ""
+                    )
                 )
 
         stop_pending = None
@@ -831,6 +913,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         compiled, state, train_iter, spec, mesh, stop_flag, step * accum + a
                     )
                     loss_sum = loss_sum + metrics["loss"]
+                    if scaling:
+                        skipped = skipped + metrics["skipped"]
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
                 trace.done(step, metrics)
@@ -848,9 +932,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     eta = (last_step - step) * dt / n
                     lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
                     flops_s = clips_s * clip_flops
+                    grad_norm = float(metrics["grad_norm"])
+                    scale_note, scale_scalars = "", {}
+                    if scaling:  # the scale the last update ran with; skips since the last log
+                        recent = int(skipped) - skipped_at_log
+                        skipped_at_log += recent
+                        scale_note = f"loss scale {float(metrics['loss_scale']):g} " + (
+                            f"({recent} skipped for overflow) " if recent else ""
+                        )
+                        scale_scalars = {
+                            "train/loss_scale": float(metrics["loss_scale"]),
+                            "train/skipped_updates": recent,
+                        }
                     _log(
                         f"step {step}/{last_step} epoch {step / per_epoch:.2f} loss {loss:.4f} "
-                        f"lr {lr_now:.3g} {clips_s:.1f} clips/s {dt / n:.3f} s/step "
+                        f"lr {lr_now:.3g} {scale_note}{clips_s:.1f} clips/s {dt / n:.3f} s/step "
                         + (f"MFU {flops_s / peak:.1%} " if peak else "")
                         + f"ETA {_fmt_time(eta)}"
                     )
@@ -863,9 +959,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "train/clips_per_s": clips_s,
                             "train/step_time_s": dt / n,
                             "train/tflops_per_s": flops_s / 1e12,
-                            "train/grad_norm": float(metrics["grad_norm"]),
                         }
-                        | ({"train/mfu": flops_s / peak} if peak else {}),
+                        # a float16 update skipped for overflow has no finite norm
+                        | ({"train/grad_norm": grad_norm} if np.isfinite(grad_norm) else {})
+                        | ({"train/mfu": flops_s / peak} if peak else {})
+                        | scale_scalars,
                     )
                     t_last, n_last, loss_sum = _clock(), step, jnp.zeros(())
                 val_metrics = None
@@ -894,6 +992,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t_last += _clock() - t_val  # throughput counts steps only
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
                 run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
+                if scaling:
+                    run["skipped_updates"] = skipped
                 if saved:
                     check_finite()
                     _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
@@ -913,7 +1013,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "best_val_top1": best_val,
             "train_loss": loss_log,
             "val_top1": val_log,
-        }
+        } | ({"skipped_updates": int(skipped)} if scaling else {})
         if config.test_split:
             report = evaluate.evaluate_split(
                 setup, config, _eval_params(state), config.test_split, "test", workdir_path
@@ -960,7 +1060,31 @@ def _eval_params(state: dict) -> dict:
     return state.get("ema", state["params"])
 
 
+def _restore(ckpt, step: int, abstract_state: dict, scaling) -> tuple[dict, dict, dict]:
+    """``(state, data state, meta)`` of a run being resumed.
+
+    A run started in another dtype may lack the float16 loss scale: it starts afresh (it finds
+    its level again within a few updates). EMA weights the run did not keep cannot be made up.
+    """
+    saved = ckpt.saved_items(step)
+    if "ema" in abstract_state and "ema" not in saved:
+        raise TrainingError(
+            f"the run in {ckpt.directory} kept no EMA weights (optim.ema_decay was 0 when it "
+            "started); resume it with --config.optim.ema_decay=0, or give a new --workdir"
+        )
+    wanted = {k: v for k, v in abstract_state.items() if k in saved or k != "loss_scale"}
+    state, data_state, meta = ckpt.restore(step, wanted)
+    if "loss_scale" in abstract_state and "loss_scale" not in state:
+        _log(f"the run was not in float16: its loss scale starts at {scaling.init:g}")
+        state["loss_scale"] = jax.device_put(
+            optim.loss_scale_init(scaling), abstract_state["loss_scale"]["scale"].sharding
+        )
+    return state, data_state, meta
+
+
 def _save(ckpt, step, state, train_iter, meta, metrics):
+    # device scalars in the run record (the float16 skip count) are read now, not every step
+    meta = jax.tree.map(lambda x: x.item() if isinstance(x, jax.Array) else x, meta)
     ckpt.save(step, state, train_iter.get_state(), meta, metrics)
 
 

@@ -75,6 +75,18 @@ def test_train_bench_memory_compiles_only():
     assert len(lines) == 4 and all(" arguments " in line for line in lines[2:])
 
 
+def test_train_bench_runs_float16_with_the_trainers_loss_scale():
+    r = _bench(
+        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --repeats 1 --no-torch "
+        "--dtype float16"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^ViT-S 4x32, batch 2, float16, attention auto \(explicit\): step ", r.stdout,
+                     re.M)  # fmt: skip
+    bad = _bench("bench/train.py --dtype float64")
+    assert bad.returncode == 2 and "argument --dtype: invalid choice: 'float64'" in bad.stderr
+
+
 def test_train_bench_fsdp_shards_the_state():
     eight = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     tiny = "bench/train.py --preset S --frames 4 --size 32 --batch 8 --memory --attention explicit"

@@ -201,3 +201,131 @@ def test_soft_target_cross_entropy():
     assert float(
         optim.soft_target_cross_entropy(logits, jnp.array([[1.0, 0, 0]]))
     ) == pytest.approx(math.log(2))
+
+
+# --- float16 loss scaling --------------------------------------------------------------
+
+
+class DeepSpeedScaler:
+    """DeepSpeed's DynamicLossScaler.update_scale, written out in plain Python (consecutive
+    hysteresis off, raise at the minimum scale: its defaults)."""
+
+    def __init__(self, init, window, hysteresis, min_scale=1.0):
+        self.scale, self.window, self.shift, self.min = init, window, hysteresis, min_scale
+        self.hysteresis, self.iter, self.last_overflow = hysteresis, 0, -1
+
+    def update(self, overflow):
+        """The next scale and hysteresis; 'stop' where DeepSpeed raises."""
+        if overflow:
+            if self.shift == 1 or self.hysteresis == 1:
+                if self.scale == self.min:
+                    return "stop"
+                self.scale = max(self.scale / 2, self.min)
+            else:
+                self.hysteresis -= 1
+            self.last_overflow = self.iter
+        elif (self.iter - self.last_overflow) % self.window == 0:
+            self.hysteresis = self.shift
+            self.scale *= 2
+        self.iter += 1
+        return self.scale, self.hysteresis
+
+
+def _jax_scaler(cfg, overflows):
+    update = jax.jit(lambda s, o: optim.loss_scale_update(s, o, cfg))
+    state, out = optim.loss_scale_init(cfg), []
+    for o in overflows:
+        state, at_min = update(state, jnp.asarray(o))
+        if bool(at_min):
+            out.append("stop")
+            break
+        out.append((float(state["scale"]), int(state["hysteresis"])))
+    return out
+
+
+def test_loss_scale_by_hand_with_videomaes_settings():
+    """2**7, window 128, hysteresis 2: the first overflow spends the allowance, the second
+    halves; 128 clean updates after the last overflow double it and restore the allowance."""
+    cfg = optim.LossScaleConfig()
+    assert (cfg.init, cfg.window, cfg.hysteresis, cfg.min_scale) == (128.0, 128, 2, 1.0)
+    got = _jax_scaler(cfg, [True, True] + [False] * 127 + [False, True, False])
+    assert got[0] == (128.0, 1)  # allowance spent, scale kept
+    assert got[1] == (64.0, 1)  # halved
+    assert got[2:129] == [(64.0, 1)] * 127  # 127 clean updates: not yet
+    assert got[129] == (128.0, 2)  # the 128th after the overflow doubles it
+    assert got[130] == (128.0, 1)  # an overflow spends the allowance again
+    assert got[131] == (128.0, 1)
+
+
+@pytest.mark.parametrize(("window", "hysteresis"), [(3, 2), (4, 1), (2, 3), (5, 3)])
+def test_loss_scale_follows_deepspeeds_rule(window, hysteresis):
+    rng = np.random.default_rng(window * 10 + hysteresis)
+    overflows = list(rng.random(300) < 0.3)
+    ref = DeepSpeedScaler(2.0**12, window, hysteresis)
+    want = []
+    for o in overflows:
+        want.append(ref.update(o))
+        if want[-1] == "stop":
+            break
+    cfg = optim.LossScaleConfig(init=2.0**12, window=window, hysteresis=hysteresis)
+    assert _jax_scaler(cfg, overflows) == want
+    assert len({w for w in want if w != "stop"}) > 3  # the scale really moved both ways
+
+
+def test_loss_scale_stops_where_deepspeed_gives_up():
+    cfg = optim.LossScaleConfig(init=2.0, window=100, hysteresis=1)
+    assert _jax_scaler(cfg, [True, True, True]) == [(1.0, 1), "stop"]
+    with pytest.raises(ValueError, match="optim.loss_scale must be a finite number >= 1"):
+        optim.LossScaleConfig(init=0.5)
+    with pytest.raises(ValueError, match="optim.loss_scale_window and"):
+        optim.LossScaleConfig(window=0)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_skipped_update_keeps_adam_and_moves_the_schedule(accum):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+    cfg = optim.OptimConfig(
+        base_lr=1.0, min_lr=0.0, warmup_lr=0.0, total_steps=10, warmup_steps=2,
+        weight_decay=0.1, layer_decay=1.0, grad_accum=accum,
+    )  # fmt: skip
+    tx = optim.make_optimizer(cfg, params, depth=0)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    state = tx.init(params)
+    for _ in range(accum):  # one real update
+        _, state = tx.update(grads, state, params)
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.inf), grads)
+    mid = state  # the last micro-step's state before the update (accum - 1 micro-steps on)
+    for _ in range(accum - 1):
+        _, mid = tx.update(bad, mid, params)
+    _, after = tx.update(bad, mid, params)
+    skipped = optim.skipped_update(mid, after)
+
+    def parts(s):
+        inner = s.inner_opt_state if accum > 1 else s
+        counts = [x.count for x in jax.tree.leaves(inner, is_leaf=_is_schedule)
+                  if _is_schedule(x)]  # fmt: skip
+        adam = [x for x in jax.tree.leaves(inner, is_leaf=_is_adam) if _is_adam(x)]
+        return counts, adam
+
+    (count_before,), (adam_before,) = parts(state)
+    (count_after,), (adam_after,) = parts(skipped)
+    assert int(count_after) == int(count_before) + 1 == 2
+    assert int(adam_after.count) == int(adam_before.count) == 1
+    for a, b in zip(jax.tree.leaves(adam_after), jax.tree.leaves(adam_before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    if accum > 1:  # the accumulator starts empty (the inf would make it 0 x inf = nan)
+        assert int(skipped.mini_step) == 0
+        for a in jax.tree.leaves(skipped.acc_grads):
+            np.testing.assert_array_equal(a, 0.0)
+
+
+def _is_schedule(x):
+    import optax
+
+    return isinstance(x, optax.ScaleByScheduleState)
+
+
+def _is_adam(x):
+    import optax
+
+    return isinstance(x, optax.ScaleByAdamState)

@@ -537,6 +537,173 @@ def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
     assert float(jnp.abs(head).max()) > 1e-3
 
 
+def _tiny_setup(dtype="float32"):
+    """A one-block ViT on one device and its parameters, for driving the step directly."""
+    from flax import nnx
+
+    from signnet_jax import sharding
+    from signnet_jax.models import vit
+
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, embed_dim=32, depth=1, num_heads=2,
+        mlp_dim=64, dtype=dtype,
+    )  # fmt: skip
+    graphdef, params = nnx.split(vit.create_model(cfg), nnx.Param)
+    setup = train.Setup(cfg, list("abcd"), {}, sharding.make_mesh(1, jax.devices()[:1]),
+                        graphdef, None, None, "")  # fmt: skip
+    return setup, nnx.to_pure_dict(params)
+
+
+def _tiny_batch(n=4):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    return {
+        "clip": jnp.asarray(rng.integers(0, 256, (n, 4, 32, 32, 3), dtype=np.uint8)),
+        "erase_box": jnp.zeros((n, 4), jnp.int32),
+        "label": jnp.arange(n, dtype=jnp.int32) % 4,
+    }
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
+    """An overflowing float16 update leaves parameters, EMA and Adam as they were, moves the
+    schedule on and lowers the scale (DeepSpeed's hysteresis first); a scale that fits gives
+    the float32 update."""
+    import jax.numpy as jnp
+
+    c = smoke.get_config()
+    c.loss.mixup = c.loss.cutmix = 0.0
+    c.optim.ema_decay, c.optim.grad_accum = 0.9, accum
+    c.optim.loss_scale, c.optim.loss_scale_hysteresis = 2.0**40, 2
+    ocfg = optim.OptimConfig(
+        base_lr=1e-2, min_lr=1e-3, warmup_lr=1e-2, total_steps=10, warmup_steps=0,
+        weight_decay=0.05, layer_decay=1.0, grad_accum=accum,
+    )  # fmt: skip
+    setup16, params = _tiny_setup("float16")
+    setup32, _ = _tiny_setup("float32")
+    tx = optim.make_optimizer(ocfg, params, 1)
+    batch = _tiny_batch()
+    step16 = jax.jit(train.make_train_step(setup16, c, tx, 4))
+    step32 = jax.jit(train.make_train_step(setup32, c, tx, 4))
+    scaling = train.loss_scaling(c, setup16.model_cfg)
+    assert train.loss_scaling(c, setup32.model_cfg) is None
+    start = {"params": params, "opt_state": tx.init(params), "ema": params}
+    state = start | {"loss_scale": optim.loss_scale_init(scaling)}
+
+    def update(step, state):  # one optimizer update: accum micro-batches of the four clips
+        for a in range(accum):
+            micro = {k: v[a * 4 // accum : (a + 1) * 4 // accum] for k, v in batch.items()}
+            state, metrics = step(state, micro, jnp.int32(0))
+        return state, metrics
+
+    def schedule_count(opt_state):
+        inner = opt_state.inner_opt_state if accum > 1 else opt_state
+        return int(inner[-1].count)  # scale_by_schedule, last in the chain
+
+    scales = []
+    for expected_count in (1, 2):
+        state, metrics = update(step16, state)
+        assert bool(metrics["skipped"]) and bool(metrics["ok"])
+        for key in ("params", "ema"):
+            for a, b in zip(jax.tree.leaves(state[key]), jax.tree.leaves(start[key]), strict=True):
+                np.testing.assert_array_equal(a, b)
+        assert schedule_count(state["opt_state"]) == expected_count
+        adam = state["opt_state"].inner_opt_state[0] if accum > 1 else state["opt_state"][0]
+        assert int(adam.count) == 0
+        for leaf in jax.tree.leaves(adam.mu):
+            np.testing.assert_array_equal(leaf, 0.0)
+        scales.append((float(state["loss_scale"]["scale"]), int(state["loss_scale"]["hysteresis"])))
+    assert scales == [(2.0**40, 1), (2.0**39, 1)]  # the allowance, then a halving
+
+    # a scale that fits: the float32 update of the same state (schedule two steps on)
+    state["loss_scale"]["scale"] = jnp.float32(2.0**10)
+    new16, m16 = update(step16, state)
+    new32, m32 = update(step32, {k: v for k, v in state.items() if k != "loss_scale"})
+    assert not bool(m16["skipped"])
+    assert schedule_count(new16["opt_state"]) == schedule_count(new32["opt_state"]) == 3
+    # the unscaled gradient, and the update Adam makes of it (about lr x its sign, which
+    # float16 rounding flips for a few near-zero entries)
+    np.testing.assert_allclose(float(m16["grad_norm"]), float(m32["grad_norm"]), rtol=2e-3)
+    leaves = [jax.tree.leaves(t) for t in (new16["params"], new32["params"], params)]
+    d16 = np.concatenate([np.ravel(a - p) for a, _, p in zip(*leaves, strict=True)])
+    d32 = np.concatenate([np.ravel(b - p) for _, b, p in zip(*leaves, strict=True)])
+    assert np.linalg.norm(d16 - d32) <= 2e-2 * np.linalg.norm(d32)
+    assert np.abs(d32).max() > 5e-3  # a real update (lr 1e-2)
+
+
+def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path):
+    kw = {"train.max_steps": 6, "val_split": "", "test_split": ""}
+    f32 = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "f32")
+    f16 = train.train_and_evaluate(
+        tiny_config(records, **{"model.dtype": "float16"}, **kw), tmp_path / "f16"
+    )
+    np.testing.assert_allclose(_losses(f16), _losses(f32), atol=2e-3, rtol=0)
+    assert f16["skipped_updates"] == 0 and "skipped_updates" not in f32
+
+    # a scale far too large: the first updates overflow; stopped after 3 and resumed, the run
+    # ends where an uninterrupted one does, loss scale included
+    big = {"model.dtype": "float16", "optim.loss_scale": 2.0**30}
+    straight = train.train_and_evaluate(tiny_config(records, **big, **kw), tmp_path / "straight")
+    assert straight["skipped_updates"] > 3
+    train.train_and_evaluate(
+        tiny_config(records, **big, **(kw | {"train.max_steps": 3})), tmp_path / "resumed"
+    )
+    resumed = train.train_and_evaluate(tiny_config(records, **big, **kw), tmp_path / "resumed")
+    assert resumed["skipped_updates"] == straight["skipped_updates"]
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert a["train_loss"] == b["train_loss"]
+    for name in ("straight", "resumed"):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["skipped_updates"] > 3
+    import orbax.checkpoint as ocp
+
+    saved = {}
+    for name in ("straight", "resumed"):
+        with ocp.CheckpointManager(tmp_path / name / "checkpoints") as mgr:
+            items = {k: ocp.args.StandardRestore() for k in ("params", "opt_state", "loss_scale")}
+            saved[name] = dict(mgr.restore(6, args=ocp.args.Composite(**items)))
+    assert saved["resumed"]["loss_scale"]["scale"] < 2.0**30  # it came down
+    for x, y in zip(jax.tree.leaves(saved["straight"]), jax.tree.leaves(saved["resumed"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(x, y)
+
+
+def test_float16_overflow_at_the_smallest_scale_stops(records, tmp_path, monkeypatch):
+    original = optim.soft_target_cross_entropy
+    # gradients of about 1e8 / clips at the logits: float16 cannot hold them at any scale; the
+    # loss stays finite
+    monkeypatch.setattr(
+        optim, "soft_target_cross_entropy", lambda logits, t: original(logits * 1e8, t)
+    )
+    c = tiny_config(
+        records, **{"train.max_steps": 4, "val_split": "", "test_split": "",
+                    "model.dtype": "float16", "optim.loss_scale": 2.0},
+    )  # fmt: skip
+    # 2: allowance spent (skipped), 1: halved (skipped), then nothing left: stop at step 3
+    with pytest.raises(
+        train.TrainingError,
+        match=r"non-finite loss or gradients at step 3: .* overflow at the smallest loss scale",
+    ):
+        train.train_and_evaluate(c, tmp_path)
+
+
+def test_resume_in_float16_starts_the_scale_and_refuses_missing_ema(records, tmp_path, capsys):
+    kw = {"train.max_steps": 2, "val_split": "", "test_split": ""}
+    train.train_and_evaluate(tiny_config(records, **kw), tmp_path)
+    more = kw | {"train.max_steps": 4}
+    with pytest.raises(train.TrainingError, match="kept no EMA weights .*optim.ema_decay=0"):
+        train.train_and_evaluate(tiny_config(records, **{"optim.ema_decay": 0.9}, **more), tmp_path)
+    r = train.train_and_evaluate(
+        tiny_config(records, **{"model.dtype": "float16"}, **more), tmp_path
+    )
+    assert r["skipped_updates"] == 0 and len(r["train_loss"]) == 4
+    assert "its loss scale starts at 128" in capsys.readouterr().out
+    # and back: a float16 run's loss scale is left in its checkpoint
+    r = train.train_and_evaluate(tiny_config(records, **(kw | {"train.max_steps": 5})), tmp_path)
+    assert len(r["train_loss"]) == 5 and "skipped_updates" not in r
+
+
 def test_bad_model_and_mesh_values_are_named(records, tmp_path):
     r = _run(_main_args(records, tmp_path / "w", "--config.model.attention=flash"))
     assert r.returncode == 1
@@ -544,7 +711,8 @@ def test_bad_model_and_mesh_values_are_named(records, tmp_path):
     assert "splash" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "w").exists()
     for key, value, message in [
-        ("model.dtype", "float16", "config.model: dtype must be 'float32' or 'bfloat16'"),
+        ("model.dtype", "float64", r"config.model: dtype must be one of \('float32', "),
+        ("optim.loss_scale", 0.5, "optim.loss_scale must be a finite number >= 1, got 0.5"),
         ("mesh.fsdp", 3, "mesh.fsdp=3 must divide the number of devices .8.; set --config"),
     ]:
         with pytest.raises(train.TrainingError, match=message):
@@ -813,7 +981,7 @@ def test_eval_mode_names_bad_model_values_as_training_does(records, tmp_path):
     evaluate_mode = evaluate.evaluate
     init = _converted(tmp_path, DIMS, ["x", "y", "z", "w"])
     for key, value, message in [
-        ("model.dtype", "float16", "config.model: dtype must be 'float32' or 'bfloat16'"),
+        ("model.dtype", "float64", r"config.model: dtype must be one of \('float32', "),
         ("model.preset", "XL", "config.model: unknown model preset 'XL'"),
     ]:
         c = tiny_config(records, mode="eval", init_from=str(init), **{key: value})

@@ -43,6 +43,9 @@ PRESET_ALIASES = {
 
 LN_EPS = 1e-6
 ATTENTION = ("auto", "dot_product_attention", "cudnn", "splash", "explicit")
+# compute dtypes: float16 is for GPUs whose tensor cores have no bfloat16 (T4, V100); training
+# in it scales the loss (optim.LossScaleConfig)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_preset(name: str) -> str:
@@ -79,8 +82,8 @@ class ViTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
     # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
-    # bfloat16, XLA's attention on TPUs and older GPUs, the explicit form with a hand-written
-    # backward on CPUs).
+    # bfloat16 or float16, XLA's attention on TPUs and older GPUs, the explicit form with a
+    # hand-written backward on CPUs).
     attention: str = "auto"
 
     def __post_init__(self):
@@ -94,8 +97,8 @@ class ViTConfig:
             )
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} not divisible by heads={self.num_heads}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
 
@@ -295,13 +298,14 @@ def attention_implementation(
     """The attention kernel a config's ``attention`` runs on ``backend``.
 
     'auto' picks cuDNN's flash attention on NVIDIA GPUs of compute capability 8.0 or newer
-    (Ampere, Ada, Hopper: A100, L4, H100) in bfloat16 (it never builds the tokens x tokens
-    score matrix: 3136 tokens at 32 frames); the explicit form with a hand-written backward on
-    CPUs and, in bfloat16, on older NVIDIA GPUs (T4 7.5, V100 7.0), where cuDNN's kernel needs
-    8.0 and XLA's attention fails to compile (it asks for a bfloat16 dot with float32 results,
-    which their compiler rejects as ALG_DOT_BF16_BF16_F32); XLA's attention through
-    ``jax.nn.dot_product_attention`` everywhere else: TPUs, GPUs in float32, GPUs of unknown
-    capability. Other choices are taken as they are.
+    (Ampere, Ada, Hopper: A100, L4, H100) in bfloat16 or float16 (it never builds the tokens x
+    tokens score matrix: 3136 tokens at 32 frames); the explicit form with a hand-written
+    backward on CPUs and, in bfloat16, on older NVIDIA GPUs (T4 7.5, V100 7.0), where cuDNN's
+    kernel needs 8.0 and XLA's attention fails to compile (it asks for a bfloat16 dot with
+    float32 results, which their compiler rejects as ALG_DOT_BF16_BF16_F32); XLA's attention
+    through ``jax.nn.dot_product_attention`` everywhere else: TPUs, GPUs in float32, older
+    GPUs in float16 (their tensor cores' type), GPUs of unknown capability. Other choices are
+    taken as they are.
 
     Args:
       choice: the config's ``attention``.
@@ -315,8 +319,12 @@ def attention_implementation(
     if backend == "cpu":
         return "explicit"
     capability = _capability(compute_capability)
-    if backend in ("gpu", "cuda") and jnp.dtype(dtype) == jnp.bfloat16 and capability > (0, 0):
-        return "cudnn" if capability >= (8, 0) else "explicit"
+    if backend in ("gpu", "cuda") and capability > (0, 0):
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        if half and capability >= (8, 0):
+            return "cudnn"
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            return "explicit"
     return "dot_product_attention"
 
 

@@ -55,10 +55,14 @@ def assert_attention_kernels_agree(attention: str, reference: str, dtype: str) -
     fast = vit.model_from_params(config(attention), vit.params_of(ref))
     x = jnp.asarray(random_clip(2, 4, 32, seed=9))
 
-    def grads(m):
-        return jax.tree.leaves(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
+    # float16 gradients this small flush to zero unless the loss is scaled, as training does
+    scale = 2.0**16 if dtype == "float16" else 1.0
 
-    tol = 1e-5 if dtype == "float32" else 2e-2
+    def grads(m):
+        g = nnx.grad(lambda m: scale * jnp.sum(m(x).astype(jnp.float32) ** 2))(m)
+        return [leaf / scale for leaf in jax.tree.leaves(g)]
+
+    tol, grad_tol = {"float32": (1e-5, 1e-4), "float16": (2e-3, 1e-2)}.get(dtype, (2e-2, 5e-2))
     assert rel_err(fast(x), ref(x)) <= tol
     for a, b in zip(grads(fast), grads(ref), strict=True):
-        assert rel_err(a, b) <= (1e-4 if dtype == "float32" else 5e-2)
+        assert rel_err(a, b) <= grad_tol

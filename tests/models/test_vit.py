@@ -137,7 +137,7 @@ def test_fresh_head_is_scaled_like_the_original():
     [
         (dict(num_frames=15), "num_frames=15 is not divisible by tubelet_size=2"),
         (dict(img_size=100), "img_size=100 is not divisible by patch_size=16"),
-        (dict(dtype="float16"), "dtype must be 'float32' or 'bfloat16'"),
+        (dict(dtype="float64"), r"dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
     ],
 )
 def test_bad_config_is_named(kwargs, message):
@@ -198,7 +198,7 @@ def test_analytic_flops_of_the_giant_use_patch_14():
     assert forward_flops(cfg) == expected
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_explicit_attention_matches_dot_product_attention(dtype):
     assert_attention_kernels_agree("explicit", "dot_product_attention", dtype)
     with pytest.raises(ValueError, match="attention must be one of"):
@@ -241,6 +241,12 @@ def test_analytic_flops_agree_with_the_compiler():
         ("auto", "gpu", "bfloat16", "7.5", "explicit"),
         ("auto", "gpu", "bfloat16", "7.0", "explicit"),
         ("auto", "gpu", "float32", "7.5", "dot_product_attention"),
+        # float16: cuDNN from Ampere on; on a T4 / V100 XLA's attention (a float16 dot with
+        # float32 results, which their tensor cores run)
+        ("auto", "gpu", "float16", "8.0", "cudnn"),
+        ("auto", "gpu", "float16", "7.5", "dot_product_attention"),
+        ("auto", "gpu", "float16", "7.0", "dot_product_attention"),
+        ("auto", "cpu", "float16", None, "explicit"),
         ("auto", "gpu", "bfloat16", None, "dot_product_attention"),  # unknown
         ("auto", "gpu", "bfloat16", "gfx90a", "dot_product_attention"),  # not CUDA
         ("auto", "gpu", "float32", "9.0", "dot_product_attention"),
