@@ -12,7 +12,8 @@ time (above 1 means JAX is faster). Also prints analytic FLOPs per clip and,
 on an accelerator, MFU.
 
 ``--dtype`` is the JAX model's compute dtype (parameters stay float32, as in training);
-MFU divides by the device's dense bfloat16 peak, so measure it with ``--dtype bfloat16``.
+MFU divides by the device's dense peak in that dtype (float16 on a T4 or V100) and float32 by
+the bfloat16 peak, so measure it with ``--dtype bfloat16`` (float16 on a T4 or V100).
 PyTorch always runs float32 on the CPU, so with bfloat16 the ratio compares unlike runs.
 ``--presets`` takes only presets the PyTorch reference has (S, B); any other is an argparse
 error (exit 2): the comparison is the point of this benchmark, and bench/train.py times any
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.timing import best_of  # noqa: E402
+from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
 from tests.models import torch_vit  # noqa: E402
 from tests.models.helpers import flax_twin  # noqa: E402
@@ -147,8 +149,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", type=_presets, default="S,B", help="comma-separated: S, B")
     p.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
-        help="JAX compute dtype (MFU is against the bfloat16 peak)",
+        "--dtype", choices=vit.DTYPES, default="float32",
+        help="JAX compute dtype (MFU is against its peak; float32 against bfloat16's)",
     )  # fmt: skip
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
@@ -159,7 +161,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = jax.devices()[0]
-    peak = peak_flops(device.device_kind)
+    peak = peak_flops(device.device_kind, args.dtype)
     print(
         f"jax {jax.__version__} on {device.device_kind} ({jax.device_count()} devices), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads"

@@ -225,7 +225,7 @@ def main() -> None:
     labels = rng.integers(0, classes, args.batch).astype(np.int32)
     flops = train_flops(cfg) * args.batch
     device = devices[0]
-    peak = peak_flops(device.device_kind)
+    peak = peak_flops(device.device_kind, args.dtype)
     print(
         f"jax {jax.__version__} on {len(devices)} x {device.device_kind}"
         + (f" (topology {args.topology}: compiled here, nothing runs)" if args.topology else "")

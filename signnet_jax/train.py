@@ -844,9 +844,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"classes: {num_train} videos, batch {batch}, {per_epoch} steps/epoch, "
             f"steps {start} -> {last_step} of {total}, mesh {dict(mesh.shape)}"
         )
-        # model FLOPs utilisation against the devices' bfloat16 peak, where it is known
+        # model FLOPs utilisation against the devices' bfloat16 (float16) peak, where known
         clip_flops = train_flops(cfg)
-        device_peak = peak_flops(mesh.devices.flat[0].device_kind)
+        device_peak = peak_flops(mesh.devices.flat[0].device_kind, cfg.dtype)
         peak = device_peak * mesh.size if device_peak else None
         # the best validation top-1 and the curves survive restarts (saved with each step)
         best_val = run.get("best_val_top1")

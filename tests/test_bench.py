@@ -185,10 +185,13 @@ def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
         "t4": (None, "explicit"),
         "v100": (None, "explicit"),  # its tensor cores are float16 only
     }
+    float16_peaks = dict(h100=989e12, a100=312e12, l4=121e12, t4=65e12, v100=125e12)
+    float16_peaks["a100-40gb"] = 312e12
     for name, gpu in gpus.items():
         capability = "{}.{}".format(*gpu.capability)
         got = vit.attention_implementation("auto", "gpu", "bfloat16", capability)
         assert (peak_flops(gpu.device_kind), got) == expected[name], name
+        assert peak_flops(gpu.device_kind, "float16") == float16_peaks[name], name
         config = topology.target_config(gpu)
         assert f'device_description_str: "{gpu.device_kind}"' in config
         assert f"device_memory_size: {gpu.memory}\n" in config

@@ -207,7 +207,10 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
     from signnet_jax.models.flops import train_flops
 
     peak_per_device = 1e9
-    monkeypatch.setattr(train, "peak_flops", lambda kind: peak_per_device)
+    # the peak of the run's compute dtype (the tiny config's float32: bfloat16's by convention)
+    monkeypatch.setattr(
+        train, "peak_flops", lambda kind, dtype: peak_per_device if dtype == "float32" else None
+    )
     c = tiny_config(records, **{"train.max_steps": 3, "val_split": "", "test_split": ""})
     train.train_and_evaluate(c, tmp_path)
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]

@@ -47,6 +47,15 @@ PEAK_FLOPS: dict[str, float | None] = {
 }
 
 
+# Dense float16 tensor-core peak FLOP/s of GPUs whose tensor cores have no bfloat16 (float16
+# runs there: model.dtype=float16). Newer GPUs' float16 peak equals their bfloat16 one.
+FLOAT16_PEAK_FLOPS: dict[str, float | None] = {
+    "T4": 65e12,
+    "V100": 125e12,  # SXM2
+    "V100 PCIE": 112e12,
+}
+
+
 # Memory (HBM) of one JAX device of a TPU kind, nominal (the runtime keeps a little of it), for
 # compiling ahead of time on a host without the TPU (``bench/train.py --topology``); a real
 # device reports its own limit.
@@ -73,14 +82,19 @@ def _lookup(table: dict, device_kind: str):
     return table[max(names, key=len)] if names else None
 
 
-def peak_flops(device_kind: str) -> float | None:
-    """Peak bfloat16 FLOP/s of one device of this kind, or None where it is not known.
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """Peak FLOP/s of one device of this kind, or None where it is not known: the dense
+    bfloat16 peak, or for a float16 run the float16 one (GPUs only: the T4 and V100 have one
+    too).
 
     A table name matches when each of its words is a whole word of ``device_kind`` (so "A100"
     matches "NVIDIA A100-SXM4-80GB" but not "NVIDIA RTX A1000", "L4" not "NVIDIA L40S"); the
     longest matching name wins ("TPU v5 lite" before "TPU v5", "H100 PCIe" before "H100").
     """
-    return _lookup(PEAK_FLOPS, device_kind)
+    if dtype != "float16":
+        return _lookup(PEAK_FLOPS, device_kind)
+    gpus = {k: v for k, v in PEAK_FLOPS.items() if not k.startswith("TPU")}
+    return _lookup(gpus | FLOAT16_PEAK_FLOPS, device_kind)
 
 
 def tpu_memory_bytes(device_kind: str) -> int | None:

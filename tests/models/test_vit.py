@@ -339,6 +339,15 @@ def test_device_peaks_for_mfu():
     assert peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("NVIDIA L40S") is None
     assert peak_flops("Tesla T4") is None  # no bfloat16 tensor cores
+    # float16 runs: the float16 tensor-core peak, which the T4 and V100 have too
+    assert peak_flops("Tesla T4", "float16") == 65e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "float16") == 125e12
+    assert peak_flops("Tesla V100-PCIE-32GB", "float16") == 112e12
+    assert peak_flops("Tesla V100-SXM2-16GB") is None
+    assert peak_flops("NVIDIA H100 80GB HBM3", "float16") == 989e12
+    assert peak_flops("NVIDIA L4", "float16") == 121e12
+    assert peak_flops("TPU v5 lite", "float16") is None
+    assert peak_flops("NVIDIA H100 80GB HBM3", "float32") == 989e12  # against bfloat16's
     assert peak_flops("TPU v5 lite") == 197e12  # v5e, not v5p
     assert peak_flops("TPU v5") == 459e12
     assert peak_flops("TPU v5p") == 459e12
