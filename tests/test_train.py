@@ -672,6 +672,24 @@ def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path)
         np.testing.assert_array_equal(x, y)
 
 
+def test_float16_with_fsdp_follows_the_single_device_run(records, tmp_path):
+    """The replicated loss scale and the overflow check over sharded gradients."""
+    kw = {"train.max_steps": 5, "val_split": "", "test_split": "", "model.dtype": "float16"}
+    runs = {}
+    for name, over in {
+        "one": {"mesh.num_devices": 1},
+        "fsdp": {"mesh.fsdp": 4},
+        "one_big": {"mesh.num_devices": 1, "optim.loss_scale": 2.0**30},
+        "fsdp_big": {"mesh.fsdp": 4, "optim.loss_scale": 2.0**30},
+    }.items():
+        runs[name] = train.train_and_evaluate(tiny_config(records, **over, **kw), tmp_path / name)
+    np.testing.assert_allclose(_losses(runs["fsdp"]), _losses(runs["one"]), atol=1e-3, rtol=0)
+    assert runs["one"]["skipped_updates"] == runs["fsdp"]["skipped_updates"] == 0
+    # every update overflows at 2**30 (halving from the second on): 5 skipped, on both meshes
+    assert runs["one_big"]["skipped_updates"] == runs["fsdp_big"]["skipped_updates"] == 5
+    np.testing.assert_allclose(_losses(runs["fsdp_big"]), _losses(runs["one_big"]), atol=1e-3)
+
+
 def test_float16_overflow_at_the_smallest_scale_stops(records, tmp_path, monkeypatch):
     original = optim.soft_target_cross_entropy
     # gradients of about 1e8 / clips at the logits: float16 cannot hold them at any scale; the
