@@ -120,6 +120,11 @@ def _cuda_plugin_installed() -> bool:
     return False
 
 
+def is_tpu_slice(topology: str) -> bool:
+    """Whether ``topology`` names a TPU slice (``v5e:2x4``, ``TPU v4:2x2x1``)."""
+    return bool(re.match(r"(v\d+[a-z]*|tpu\w*):", topology, re.IGNORECASE))
+
+
 def target_devices(topology: str | None) -> list:
     """The devices compiled for: this host's, or those of ``topology``: a TPU slice in the TPU
     compiler's names (``v5e:2x4``) or a GPU node (``h100:8``, see GPUS), which need not be here.
@@ -148,7 +153,7 @@ def target_devices(topology: str | None) -> list:
         )
         return sharding.remember_devices(list(desc.devices))
 
-    if not re.match(r"(v\d+[a-z]*|tpu\w*):", topology, re.IGNORECASE):
+    if not is_tpu_slice(topology):
         raise ValueError(
             f"--topology {topology}: not a GPU known here ({', '.join(GPUS)}) nor a TPU slice "
             f"(like {TPU_EXAMPLES})"

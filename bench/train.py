@@ -38,7 +38,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.timing import best_of  # noqa: E402
-from bench.topology import GPU_EXAMPLES, TPU_EXAMPLES, memory_limit, target_devices  # noqa: E402
+from bench.topology import (  # noqa: E402
+    GPU_EXAMPLES,
+    TPU_EXAMPLES,
+    is_tpu_slice,
+    memory_limit,
+    target_devices,
+)
 from configs import wlasl2000  # noqa: E402
 from signnet_jax import optim, sharding, train  # noqa: E402
 from signnet_jax.models import splash, vit  # noqa: E402
@@ -191,10 +197,19 @@ def main() -> None:
         "(view with: xprof --logdir DIR/KERNEL)",
     )  # fmt: skip
     args = p.parse_args()
+
+    def check_dtype(platform: str) -> None:
+        why = vit.unsupported_dtype(args.dtype, platform)
+        if why:
+            p.error(f"--dtype {args.dtype}: {why}; use --dtype bfloat16")
+
+    if args.topology and is_tpu_slice(args.topology):
+        check_dtype("tpu")  # before the TPU compiler is looked for
     try:
         devices = target_devices(args.topology)
     except ValueError as e:
         p.error(str(e))
+    check_dtype(devices[0].platform)
     args.memory = args.memory or args.topology is not None
     args.batch = args.batch or len(devices)
     if args.batch % len(devices):

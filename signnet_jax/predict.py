@@ -321,6 +321,16 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
+def model_for_platform(cfg: vit.ViTConfig, platform: str) -> tuple[vit.ViTConfig, str | None]:
+    """A checkpoint's model as this machine runs it, and a note where that differs: a model
+    trained in float16 (on a T4 or V100) computes in bfloat16 where float16 does not run
+    (TPUs)."""
+    if vit.unsupported_dtype(cfg.dtype, platform):
+        note = f"the checkpoint computes in {cfg.dtype}, which does not run here: bfloat16 instead"
+        return dataclasses.replace(cfg, dtype="bfloat16"), note
+    return cfg, None
+
+
 class Predictor:
     """A loaded, compiled model plus an H&HT tunneller, ready to predict many videos.
 
@@ -364,7 +374,12 @@ class Predictor:
         self.notes: list[str] = []
         try:
             # the attention kernel is this machine's choice, not the training machine's
-            self.model_cfg = vit.ViTConfig.from_dict({**meta["model"], "attention": "auto"})
+            # the attention kernel is this machine's choice, not the training machine's
+            self.model_cfg, note = model_for_platform(
+                vit.ViTConfig.from_dict({**meta["model"], "attention": "auto"}),
+                jax.devices()[0].platform,
+            )
+            self.notes += [note] if note else []
             self.input_settings = InputSettings.from_meta(meta.get("input"), self.model_cfg)
             hht = meta.get("hht")
             self.hht_settings = HHTSettings() if hht is None else HHTSettings.from_dict(hht)

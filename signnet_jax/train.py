@@ -330,6 +330,9 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     elif config.init_from:
         cfg, init_params, note, init_warnings = load_init(config, cfg, classes)
     devices = jax.devices()[: config.mesh.num_devices or None]
+    why = vit.unsupported_dtype(cfg.dtype, devices[0].platform)
+    if why:
+        raise TrainingError(f"config.model.dtype: {why}; set --config.model.dtype=bfloat16")
     try:
         mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     except ValueError as e:

@@ -85,6 +85,11 @@ def test_train_bench_runs_float16_with_the_trainers_loss_scale():
                      re.M)  # fmt: skip
     bad = _bench("bench/train.py --dtype float64")
     assert bad.returncode == 2 and "argument --dtype: invalid choice: 'float64'" in bad.stderr
+    # refused before the TPU compiler is looked for (not installed here)
+    tpu = _bench("bench/train.py --topology v5e:2x4 --dtype float16")
+    assert tpu.returncode == 2
+    assert "--dtype float16: float16 does not run on TPUs" in tpu.stderr
+    assert "use --dtype bfloat16" in tpu.stderr
 
 
 def test_train_bench_fsdp_shards_the_state():

@@ -198,6 +198,21 @@ def test_the_training_machines_attention_kernel_is_not_reused(tmp_path, tiny_run
     np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
 
 
+def test_a_float16_checkpoint_predicts_in_its_dtype_or_bfloat16_on_a_tpu(tmp_path, tiny_run):
+    # trained on a T4 in float16: this CPU runs float16 as trained, a TPU bfloat16 (with a note)
+    cfg, _ = _tiny_model()
+    f16 = vit.ViTConfig.from_dict({**cfg.to_dict(), "dtype": "float16"})
+    assert predict.model_for_platform(f16, "gpu") == (f16, None)
+    on_tpu, note = predict.model_for_platform(f16, "tpu")
+    assert on_tpu == vit.ViTConfig.from_dict({**f16.to_dict(), "dtype": "bfloat16"})
+    assert note == "the checkpoint computes in float16, which does not run here: bfloat16 instead"
+    ckpt = _save_tiny(tmp_path / "t4_run", model=f16.to_dict())
+    with predict.Predictor(ckpt) as p:
+        assert p.model_cfg.dtype == "float16" and not p.notes
+        probs = p._average_probabilities(tiny_run.views)
+    np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=0, atol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def smoke_workdir(tmp_path_factory):
     """A real (tiny) training run: configs/smoke.py for a few steps."""

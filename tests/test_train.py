@@ -690,6 +690,20 @@ def test_float16_with_fsdp_follows_the_single_device_run(records, tmp_path):
     np.testing.assert_allclose(_losses(runs["fsdp_big"]), _losses(runs["one_big"]), atol=1e-3)
 
 
+def test_float16_on_a_tpu_is_refused_before_anything_is_written(records, tmp_path, monkeypatch):
+    import types
+
+    tpus = [types.SimpleNamespace(platform="tpu", id=i) for i in range(8)]
+    monkeypatch.setattr(train.jax, "devices", lambda: tpus)
+    c = tiny_config(records, **{"model.dtype": "float16"})
+    with pytest.raises(
+        train.TrainingError,
+        match=r"config.model.dtype: float16 does not run on TPUs .*--config.model.dtype=bfloat16",
+    ):
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_float16_overflow_at_the_smallest_scale_stops(records, tmp_path, monkeypatch):
     original = optim.soft_target_cross_entropy
     # gradients of about 1e8 / clips at the logits: float16 cannot hold them at any scale; the

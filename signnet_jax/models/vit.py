@@ -328,6 +328,20 @@ def attention_implementation(
     return "dot_product_attention"
 
 
+def unsupported_dtype(dtype: Any, platform: str) -> str | None:
+    """Why the compute ``dtype`` cannot run on ``platform``, or None where it can.
+
+    Float16 does not compile for TPUs: their compiler has no float16 dot with float32 results
+    (``ALG_DOT_F16_F16_F32``, which the attention's scores use) nor a float16 splash kernel.
+    """
+    if platform == "tpu" and jnp.dtype(dtype) == jnp.float16:
+        return (
+            "float16 does not run on TPUs (their compiler has no float16 dot with float32 "
+            "results, ALG_DOT_F16_F16_F32); TPUs compute in bfloat16"
+        )
+    return None
+
+
 def _capability(text: str | None) -> tuple[int, int]:
     """(major, minor) of a CUDA compute capability string; (0, 0) for anything else."""
     m = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(text))

@@ -227,6 +227,14 @@ def test_analytic_flops_agree_with_the_compiler():
     assert 2.8 <= xla_flops(jax.grad(loss)) / analytic <= 3.05
 
 
+def test_float16_is_refused_on_tpus_only():
+    why = vit.unsupported_dtype("float16", "tpu")
+    assert why.startswith("float16 does not run on TPUs") and "ALG_DOT_F16_F16_F32" in why
+    for dtype, platform in [("bfloat16", "tpu"), ("float32", "tpu"), ("float16", "gpu"),
+                            ("float16", "cpu")]:  # fmt: skip
+        assert vit.unsupported_dtype(dtype, platform) is None
+
+
 @pytest.mark.parametrize(
     ("choice", "backend", "dtype", "capability", "expected"),
     [
