@@ -268,7 +268,8 @@ class LossScaleConfig:
     gradients overflow is skipped; the scale halves on an overflow once ``hysteresis``
     overflows have used up their allowance (each overflow before that only spends one), and
     doubles, restoring the allowance, every ``window`` updates after the last overflow.
-    torch's GradScaler is the same rule with hysteresis 1 (init 65536, window 2000).
+    torch's GradScaler is the same rule with hysteresis 1 (init 65536, window 2000), except
+    that it has no minimum scale and never stops.
     """
 
     init: float = 2.0**7

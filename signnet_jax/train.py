@@ -503,9 +503,14 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             # the parameters move on the last micro-step only (before it, optax's MultiSteps
             # adds 0 x its update, which an overflowing micro-batch makes 0 x inf = nan)
             keep = overflow | ~last_micro
-            for k in ("params", "ema"):
-                if k in state:
-                    new[k] = jax.tree.map(lambda n, o: jnp.where(keep, o, n), new[k], state[k])
+            new["params"] = jax.tree.map(
+                lambda n, o: jnp.where(keep, o, n), new["params"], state["params"]
+            )
+            if "ema" in state:  # moves at every update, a skipped one too, as VideoMAEv2's
+                ema = optim.ema_update(state["ema"], new["params"], ema_decay)
+                new["ema"] = jax.tree.map(
+                    lambda e, o: jnp.where(last_micro, e, o), ema, state["ema"]
+                )
             skipped = optim.skipped_update(old_opt, opt_state)
             new["opt_state"] = jax.tree.map(
                 lambda s, n: jnp.where(overflow, s, n), skipped, opt_state
@@ -882,8 +887,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"{ckpt.directory} is intact; lower optim.base_lr or enable "
                     "optim.clip_grad"
                     + (
-                        " (in float16, also when the gradients overflow at the smallest loss "
-                        "scale, 1: then train in bfloat16 or float32)"
+                        " (in float16 it may also be the forward pass overflowing, values over "
+                        "65504, or the gradients overflowing at the smallest loss scale, 1: "
+                        "then train in bfloat16 or float32)"
                         if scaling
                         else ""
                     )

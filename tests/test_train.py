@@ -568,11 +568,10 @@ def _tiny_batch(n=4):
     }
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
-    """An overflowing float16 update leaves parameters, EMA and Adam as they were, moves the
-    schedule on and lowers the scale (DeepSpeed's hysteresis first); a scale that fits gives
-    the float32 update."""
+def _float16_steps(accum):
+    """A float16 step and a float32 one of the tiny ViT on the same optimizer, and the float16
+    state at step 0 with a loss scale of 2**40 (every update overflows) and EMA weights at
+    half the parameters (so an EMA step shows)."""
     import jax.numpy as jnp
 
     c = smoke.get_config()
@@ -586,18 +585,45 @@ def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
     setup16, params = _tiny_setup("float16")
     setup32, _ = _tiny_setup("float32")
     tx = optim.make_optimizer(ocfg, params, 1)
-    batch = _tiny_batch()
     step16 = jax.jit(train.make_train_step(setup16, c, tx, 4))
     step32 = jax.jit(train.make_train_step(setup32, c, tx, 4))
     scaling = train.loss_scaling(c, setup16.model_cfg)
     assert train.loss_scaling(c, setup32.model_cfg) is None
-    start = {"params": params, "opt_state": tx.init(params), "ema": params}
-    state = start | {"loss_scale": optim.loss_scale_init(scaling)}
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "ema": jax.tree.map(lambda p: p * 0.5, params),
+        "loss_scale": optim.loss_scale_init(scaling),
+    }
+
+    def micro_batch(a):
+        return {k: v[a * 4 // accum : (a + 1) * 4 // accum] for k, v in _tiny_batch().items()}
+
+    def run(step, state, a):
+        return step(state, micro_batch(a), jnp.int32(0))
+
+    return state, step16, step32, run
+
+
+def _assert_tree_equal(x, y):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
+    """An overflowing float16 update leaves parameters and Adam as they were, moves the
+    schedule on, lets the EMA take its step toward the unchanged parameters (as VideoMAEv2's
+    does) and lowers the scale (DeepSpeed's hysteresis first); a scale that fits gives the
+    float32 update."""
+    import jax.numpy as jnp
+
+    start, step16, step32, run = _float16_steps(accum)
+    state, params = start, start["params"]
 
     def update(step, state):  # one optimizer update: accum micro-batches of the four clips
         for a in range(accum):
-            micro = {k: v[a * 4 // accum : (a + 1) * 4 // accum] for k, v in batch.items()}
-            state, metrics = step(state, micro, jnp.int32(0))
+            state, metrics = run(step, state, a)
         return state, metrics
 
     def schedule_count(opt_state):
@@ -605,12 +631,12 @@ def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
         return int(inner[-1].count)  # scale_by_schedule, last in the chain
 
     scales = []
-    for expected_count in (1, 2):
+    for expected_count, ema_share in ((1, 0.55), (2, 0.595)):  # 0.9 x ema + 0.1 x params
         state, metrics = update(step16, state)
         assert bool(metrics["skipped"]) and bool(metrics["ok"])
-        for key in ("params", "ema"):
-            for a, b in zip(jax.tree.leaves(state[key]), jax.tree.leaves(start[key]), strict=True):
-                np.testing.assert_array_equal(a, b)
+        _assert_tree_equal(state["params"], params)
+        for e, p in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(params), strict=True):
+            np.testing.assert_allclose(e, p * ema_share, rtol=1e-5, atol=1e-7)
         assert schedule_count(state["opt_state"]) == expected_count
         adam = state["opt_state"].inner_opt_state[0] if accum > 1 else state["opt_state"][0]
         assert int(adam.count) == 0
@@ -633,6 +659,30 @@ def test_float16_overflow_skips_the_update_and_lowers_the_scale(accum):
     d32 = np.concatenate([np.ravel(b - p) for _, b, p in zip(*leaves, strict=True)])
     assert np.linalg.norm(d16 - d32) <= 2e-2 * np.linalg.norm(d32)
     assert np.abs(d32).max() > 5e-3  # a real update (lr 1e-2)
+
+
+def test_float16_overflow_in_an_early_micro_batch_skips_the_whole_update():
+    """With gradient accumulation, an overflow in the first micro-batch spoils the mean: the
+    update on the last (clean) micro-batch is skipped, nothing non-finite stays behind, and the
+    scale moves once, at the update."""
+    import jax.numpy as jnp
+
+    start, step16, _, run = _float16_steps(accum=2)
+    first, m = run(step16, start, 0)  # overflows at 2**40
+    assert not bool(m["skipped"]) and bool(m["ok"])  # not the update's micro-step yet
+    _assert_tree_equal(first["loss_scale"], start["loss_scale"])
+    _assert_tree_equal(first["params"], start["params"])
+    first["loss_scale"]["scale"] = jnp.float32(2.0**4)  # the last micro-batch would fit
+    last, m = run(step16, first, 1)
+    assert bool(m["skipped"]) and bool(m["ok"])
+    _assert_tree_equal(last["params"], start["params"])
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(last))
+    assert int(last["opt_state"].mini_step) == 0
+    for leaf in jax.tree.leaves(last["opt_state"].acc_grads):
+        np.testing.assert_array_equal(leaf, 0.0)
+    adam = last["opt_state"].inner_opt_state[0]
+    assert int(adam.count) == 0
+    assert (float(last["loss_scale"]["scale"]), int(last["loss_scale"]["hysteresis"])) == (16.0, 1)
 
 
 def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path):
@@ -718,7 +768,7 @@ def test_float16_overflow_at_the_smallest_scale_stops(records, tmp_path, monkeyp
     # 2: allowance spent (skipped), 1: halved (skipped), then nothing left: stop at step 3
     with pytest.raises(
         train.TrainingError,
-        match=r"non-finite loss or gradients at step 3: .* overflow at the smallest loss scale",
+        match=r"non-finite loss or gradients at step 3: .* overflowing at the smallest loss scale",
     ):
         train.train_and_evaluate(c, tmp_path)
 
