@@ -50,6 +50,8 @@ def _eval_fn(setup):
 
 def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):
     """Per-video probabilities of a split: (video_probs (N, K), labels (N,))."""
+    from signnet_jax import train
+
     cfg = setup.model_cfg
     ds, info = pipeline.eval_dataset(
         config.records_dir,
@@ -69,20 +71,27 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     fn = _eval_fn(setup)
     probs, index, valid, labels = [], [], [], []
     batches = iter(ds)
+    size, devices = config.data.eval_batch_size, setup.mesh.size
+    advice = train.memory_advice(
+        f"evaluating the {split} split",
+        f"with {size // devices} view{'s' * (size // devices != 1)} per device, try a smaller "
+        f"--config.data.eval_batch_size (now {size}; a multiple of the {devices} devices)",
+    )
     try:
-        for batch in batches:
-            gb = sharding.global_batch(
-                {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
-            )
-            p = fn(params, gb["clip"])
-            p, vi, va, la = (
-                multihost_utils.process_allgather(x, tiled=True)
-                for x in (p, gb["video_index"], gb["valid"], gb["label"])
-            )
-            probs.append(np.asarray(p))
-            index.append(np.asarray(vi))
-            valid.append(np.asarray(va))
-            labels.append(np.asarray(la))
+        with advice:
+            for batch in batches:
+                gb = sharding.global_batch(
+                    {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
+                )
+                p = fn(params, gb["clip"])
+                p, vi, va, la = (
+                    multihost_utils.process_allgather(x, tiled=True)
+                    for x in (p, gb["video_index"], gb["valid"], gb["label"])
+                )
+                probs.append(np.asarray(p))
+                index.append(np.asarray(vi))
+                valid.append(np.asarray(va))
+                labels.append(np.asarray(la))
     finally:
         pipeline.release(batches, config.data.num_workers)
     probs, index, valid, labels = (np.concatenate(x) for x in (probs, index, valid, labels))

@@ -610,22 +610,27 @@ def batch_spec(clips: int, cfg: vit.ViTConfig) -> dict[str, tuple[tuple[int, ...
 
 
 @contextlib.contextmanager
-def _memory_advice(clips_per_device: int):
-    """Device out-of-memory errors become a TrainingError saying which settings help."""
+def memory_advice(what: str, advice: str):
+    """Device out-of-memory errors become a TrainingError: ``what`` needs more device memory
+    than there is (XLA's first line), then ``advice``: which settings help."""
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        text = str(e)
-        first = text.strip().splitlines()[0][:300]
+        first = str(e).strip().splitlines()[0][:300]
         raise TrainingError(
-            f"the training step needs more device memory than there is ({first}); with "
-            f"{clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
-            "--config.optim.grad_accum=2 or more "
-            "(smaller micro-batches, the same update), --config.model.remat=True, or on TPUs "
-            "--config.model.attention=splash"
+            f"{what} needs more device memory than there is ({first}); {advice}"
         ) from e
+
+
+def _memory_advice(clips_per_device: int):
+    return memory_advice(
+        "the training step",
+        f"with {clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
+        "--config.optim.grad_accum=2 or more (smaller micro-batches, the same update), "
+        "--config.model.remat=True, or on TPUs --config.model.attention=splash",
+    )
 
 
 def _log(msg: str) -> None:

@@ -1135,6 +1135,25 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
         train.train_and_evaluate(c, tmp_path)
 
 
+def test_evaluation_out_of_memory_names_the_eval_batch(records, tmp_path, monkeypatch):
+    def too_big(setup):
+        def fn(params, clip):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43GiB")
+
+        return fn
+
+    monkeypatch.setattr(evaluate, "_eval_fn", too_big)
+    # validation during training: the eval batch's advice, not the training step's
+    c = tiny_config(records, **{"train.max_steps": 1, "test_split": ""})
+    message = (
+        r"evaluating the val split needs more device memory than there is \(RESOURCE_EXHAUSTED: "
+        r"Out of memory allocating 43GiB\); with 1 view per device, try a smaller "
+        r"--config.data.eval_batch_size \(now 8; a multiple of the 8 devices\)$"
+    )
+    with pytest.raises(train.TrainingError, match=message):
+        train.train_and_evaluate(c, tmp_path / "w")
+
+
 def test_step_compiles_once(records, tmp_path, monkeypatch):
     compiles = []
     real = jax.stages.Lowered.compile
