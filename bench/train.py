@@ -21,7 +21,9 @@ and prints PyTorch time / JAX time (min of repeats), JAX's time being the first 
 ``--topology`` compiles the step for devices that are not here: a TPU slice (``v5e:2x4``, a
 v5e-8) with JAX's TPU compiler (``pip install 'jax[tpu]'``) or a GPU node (``h100:8``) with
 JAX's CUDA plugin (``pip install 'jax[cuda12]'``), on any host, no TPU or GPU needed; it prints
-the memory as ``--memory`` does: whether a batch fits before the hardware is rented.
+the memory as ``--memory`` does: whether a batch fits before the hardware is rented. With
+``--memory`` the evaluation step (``--eval-batch`` views, the config's ``data.eval_batch_size``)
+is compiled too: the training run's validation and test need it to fit as well.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from bench.topology import (  # noqa: E402
     target_devices,
 )
 from configs import wlasl2000  # noqa: E402
-from signnet_jax import optim, sharding, train  # noqa: E402
+from signnet_jax import evaluate, optim, sharding, train  # noqa: E402
 from signnet_jax.models import splash, vit  # noqa: E402
 from signnet_jax.models.flops import peak_flops, train_flops  # noqa: E402
 
@@ -112,15 +114,35 @@ def step_memory(setup, config, tx, batch: int, mesh):
         step_fn, abstract = train.jit_train_step(
             setup, config, tx, state_sh, train.batch_spec(batch, cfg)
         )
-        try:
-            lowered = step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
-            return lowered.compile().memory_analysis()
-        # a kernel the device cannot run: XLA's compile error, or cuDNN's or Pallas' own
-        except (RuntimeError, ValueError, NotImplementedError) as e:  # JaxRuntimeError too
-            if isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e):
-                return "does not fit (the compiler ran out of device memory)"
-            first = (str(e).strip().splitlines() or [""])[0]
-            return f"does not compile for this device: {type(e).__name__}: {first}".rstrip(": ")
+        return _memory_of(
+            lambda: step_fn.lower(state, abstract, jax.ShapeDtypeStruct((), jnp.int32))
+        )
+
+
+def eval_memory(setup, views: int, mesh):
+    """XLA's memory analysis of the evaluation step on ``views`` views (``data.eval_batch_size``:
+    the training run's validation and test), or why there is none, as ``step_memory``."""
+    cfg = setup.model_cfg
+    params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
+    clips = jax.ShapeDtypeStruct(
+        (views, cfg.num_frames, cfg.img_size, cfg.img_size, 3),
+        jnp.uint8,
+        sharding=sharding.batch_sharding(mesh, 5),
+    )
+    with jax.set_mesh(mesh):
+        return _memory_of(lambda: evaluate.eval_step(setup).lower(params, clips))
+
+
+def _memory_of(lower):
+    """The compiled memory analysis of ``lower()``, or a line saying why there is none."""
+    try:
+        return lower().compile().memory_analysis()
+    # a kernel the device cannot run: XLA's compile error, or cuDNN's or Pallas' own
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # JaxRuntimeError too
+        if isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e):
+            return "does not fit (the compiler ran out of device memory)"
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"does not compile for this device: {type(e).__name__}: {first}".rstrip(": ")
 
 
 def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
@@ -129,33 +151,42 @@ def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
     limit, limit_name = memory_limit(device) or (None, None)
     per_device = args.batch // mesh.size
     gib = 2**30
+    views = args.eval_batch // mesh.size
+
+    def report(head, mem):
+        if isinstance(mem, str):
+            print(head + mem)
+            return
+        total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+        share = (
+            f" ({total / limit:.0%} of {limit / gib:.1f} GiB, {limit_name}"
+            + ("; does not fit)" if total > limit else ")")
+            if limit
+            else ""
+        )
+        print(
+            head + f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+            f"{mem.temp_size_in_bytes / gib:.2f} GiB per device" + share
+        )
+
     for kernel in kernels:
+        ran = vit.attention_implementation(
+            kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
+        )
+        model = (
+            f"ViT-{args.preset} {args.frames}x{args.size}, {{}} per device, {args.dtype}, "
+            f"attention {kernel}{f' ({ran})' if ran != kernel else ''}, "
+        )
+        clips = f"{per_device} clip{'s' * (per_device != 1)}"
         for remat in (False, True):
-            kcfg = dataclasses.replace(cfg, attention=kernel, remat=remat)
-            setup = trainer_setup(kcfg, config, mesh)
+            setup = trainer_setup(
+                dataclasses.replace(cfg, attention=kernel, remat=remat), config, mesh
+            )
             mem = step_memory(setup, config, tx, args.batch, mesh)
-            ran = vit.attention_implementation(
-                kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
-            )
-            head = (
-                f"ViT-{args.preset} {args.frames}x{args.size}, {per_device} clip"
-                f"{'s' * (per_device != 1)} per device, {args.dtype}, attention {kernel}"
-                f"{f' ({ran})' if ran != kernel else ''}, remat {'on' if remat else 'off'}: "
-            )
-            if isinstance(mem, str):
-                print(head + mem)
-                continue
-            total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
-            share = (
-                f" ({total / limit:.0%} of {limit / gib:.1f} GiB, {limit_name}"
-                + ("; does not fit)" if total > limit else ")")
-                if limit
-                else ""
-            )
-            print(
-                head + f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
-                f"{mem.temp_size_in_bytes / gib:.2f} GiB per device" + share
-            )
+            report(model.format(clips) + f"remat {'on' if remat else 'off'}: ", mem)
+        setup = trainer_setup(dataclasses.replace(cfg, attention=kernel), config, mesh)
+        mem = eval_memory(setup, args.eval_batch, mesh)
+        report(model.format(f"{views} view{'s' * (views != 1)}") + "evaluation: ", mem)
 
 
 def main() -> None:
@@ -183,6 +214,11 @@ def main() -> None:
         "--memory", action="store_true",
         help="compile only and print each kernel's per-device memory without and with remat "
         "(XLA's memory analysis; nothing runs, so settings that do not fit are safe to try)",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval-batch", type=int, metavar="N",
+        help="views per evaluation step over all devices, as --config.data.eval_batch_size "
+        "(default: the recipe's 64), whose memory --memory also prints",
     )  # fmt: skip
     p.add_argument(
         "--topology", metavar="NAME",
@@ -214,6 +250,10 @@ def main() -> None:
     args.batch = args.batch or len(devices)
     if args.batch % len(devices):
         p.error(f"--batch {args.batch} must be a multiple of the {len(devices)} devices")
+    if args.eval_batch is None:
+        args.eval_batch = wlasl2000.get_config().data.eval_batch_size
+    if args.eval_batch < 1 or args.eval_batch % len(devices):
+        p.error(f"--eval-batch {args.eval_batch} must be a multiple of the {len(devices)} devices")
     if args.fsdp < 1 or len(devices) % args.fsdp:
         p.error(f"--fsdp {args.fsdp} must divide the {len(devices)} devices")
     kernels = args.attention.split(",")

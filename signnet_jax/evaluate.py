@@ -31,8 +31,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         metrics.write_metrics_json(path, obj)
 
 
-def _eval_fn(setup):
-    """Jitted probabilities of a batch of uint8 views, built once per set-up."""
+def eval_step(setup):
+    """The evaluation step: ``(params, views) -> probabilities`` of a batch of uint8 views
+    (``(B, T, S, S, 3)``, split over the mesh), jitted once per set-up."""
     if setup.eval_fn is None:
         graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
 
@@ -68,7 +69,7 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
         num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
     )
-    fn = _eval_fn(setup)
+    fn = eval_step(setup)
     probs, index, valid, labels = [], [], [], []
     batches = iter(ds)
     size, devices = config.data.eval_batch_size, setup.mesh.size

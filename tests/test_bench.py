@@ -47,19 +47,27 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
 
 def test_train_bench_memory_compiles_only():
     r = _bench(
-        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --attention explicit"
+        "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --attention explicit "
+        "--eval-batch 4"
     )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     pattern = (
-        r"ViT-S 4x32, 2 clips per device, float32, attention explicit, remat (off|on): "
+        r"ViT-S 4x32, (2 clips|4 views) per device, float32, attention explicit, "
+        r"(remat off|remat on|evaluation): "
         r"arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device$"
     )
     matches = [re.match(pattern, line) for line in lines]
-    assert len(lines) == 2 and all(matches), lines
-    assert [m[1] for m in matches] == ["off", "on"]
-    assert float(matches[0][2]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
+    assert len(lines) == 3 and all(matches), lines
+    assert [m[2] for m in matches] == ["remat off", "remat on", "evaluation"]
+    assert [m[1] for m in matches] == ["2 clips", "2 clips", "4 views"]
+    assert float(matches[0][3]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
+    assert 0.07 < float(matches[2][3]) < 0.1  # evaluation: the float32 parameters alone
     assert "step " not in r.stdout  # nothing was timed
+    odd = _bench("bench/train.py --memory --eval-batch 0")
+    assert (
+        odd.returncode == 2 and "--eval-batch 0 must be a multiple of the 1 devices" in odd.stderr
+    )
     # a kernel the device cannot run is reported, and the others are still compiled
     both = _bench(
         "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --dtype bfloat16 "
@@ -67,12 +75,13 @@ def test_train_bench_memory_compiles_only():
     )
     assert both.returncode == 0, both.stderr[-3000:]
     lines = [line for line in both.stdout.splitlines() if line.startswith("ViT-S 4x32")]
-    assert lines[:2] == [
-        f"ViT-S 4x32, 2 clips per device, bfloat16, attention cudnn, remat {remat}: does not "
+    assert lines[:3] == [
+        f"ViT-S 4x32, {what} per device, bfloat16, attention cudnn, {step}: does not "
         "compile for this device: RuntimeError: cuDNN is not detected."
-        for remat in ("off", "on")
-    ]
-    assert len(lines) == 4 and all(" arguments " in line for line in lines[2:])
+        for what, step in (("2 clips", "remat off"), ("2 clips", "remat on"),
+                           ("64 views", "evaluation"))
+    ]  # fmt: skip
+    assert len(lines) == 6 and all(" arguments " in line for line in lines[3:])
 
 
 def test_train_bench_runs_float16_with_the_trainers_loss_scale():
@@ -103,9 +112,10 @@ def test_train_bench_fsdp_shards_the_state():
             "; parameters and optimizer state sharded over 4" if fsdp == 4 else " x cpu"
         )
         args[fsdp] = [float(m[1]) for m in re.finditer(r"arguments (\d+\.\d\d) GiB", r.stdout)]
-    # ViT-S with its AdamW state, a quarter of it on each device (the batch is the same)
-    assert len(args[1]) == len(args[4]) == 2
-    assert all(0.2 < a < 0.3 for a in args[1])
+    # ViT-S with its AdamW state, a quarter of it on each device (the batch is the same); the
+    # evaluation's parameters too
+    assert len(args[1]) == len(args[4]) == 3
+    assert all(0.2 < a < 0.3 for a in args[1][:2]) and 0.07 < args[1][2] < 0.1
     assert all(abs(q - a / 4) <= 0.015 for q, a in zip(args[4], args[1], strict=True))
     # the timed step runs sharded too
     two = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

@@ -1142,7 +1142,7 @@ def test_evaluation_out_of_memory_names_the_eval_batch(records, tmp_path, monkey
 
         return fn
 
-    monkeypatch.setattr(evaluate, "_eval_fn", too_big)
+    monkeypatch.setattr(evaluate, "eval_step", too_big)
     # validation during training: the eval batch's advice, not the training step's
     c = tiny_config(records, **{"train.max_steps": 1, "test_split": ""})
     message = (
