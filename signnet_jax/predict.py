@@ -374,7 +374,6 @@ class Predictor:
         self.notes: list[str] = []
         try:
             # the attention kernel is this machine's choice, not the training machine's
-            # the attention kernel is this machine's choice, not the training machine's
             self.model_cfg, note = model_for_platform(
                 vit.ViTConfig.from_dict({**meta["model"], "attention": "auto"}),
                 jax.devices()[0].platform,
