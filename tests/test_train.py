@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -1245,6 +1246,20 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     summary = [line for line in one.stdout.splitlines() if line.startswith("test (test, ")]
     assert len(summary) == 1 and summary[0] in outs[0][0]
     assert "test (test, " not in outs[1][0] and "evaluating " not in outs[1][0]
+
+    # float16 with overflows: the skip count, a device value, is read and saved on two hosts
+    f16 = ["--config.train.max_steps=3", "--config.optim.epochs=3", "--config.model.dtype=float16"]
+    f16 += ["--config.optim.loss_scale=1073741824"]  # 2**30: every update overflows
+    one = subprocess.run(_main_args(records, tmp_path / "one16", *f16), cwd=REPO, env=env(8),
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    shutil.rmtree(tmp_path / "two")
+    two_processes(*f16)
+    for name in ("one16", "two"):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["skipped_updates"] == 3
+    np.testing.assert_allclose(
+        losses(tmp_path / "two"), losses(tmp_path / "one16"), atol=1e-3, rtol=0
+    )
 
 
 @pytest.mark.heavy
