@@ -482,12 +482,6 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             )
         updates, opt_state = tx.update(grads, old_opt, state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-        if "ema" in state:
-            ema = optim.ema_update(state["ema"], new["params"], ema_decay)
-            if accum > 1:  # the parameters move on the last micro-step only: so does the EMA
-                applied = opt_state.mini_step == 0
-                ema = jax.tree.map(lambda e, o: jnp.where(applied, e, o), ema, state["ema"])
-            new["ema"] = ema
         metrics = {"loss": loss, "grad_norm": grad_norm}
         if scaling is None:
             ok = optim.is_finite(loss, grads)
@@ -506,11 +500,6 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             new["params"] = jax.tree.map(
                 lambda n, o: jnp.where(keep, o, n), new["params"], state["params"]
             )
-            if "ema" in state:  # moves at every update, a skipped one too, as VideoMAEv2's
-                ema = optim.ema_update(state["ema"], new["params"], ema_decay)
-                new["ema"] = jax.tree.map(
-                    lambda e, o: jnp.where(last_micro, e, o), ema, state["ema"]
-                )
             skipped = optim.skipped_update(old_opt, opt_state)
             new["opt_state"] = jax.tree.map(
                 lambda s, n: jnp.where(overflow, s, n), skipped, opt_state
@@ -521,6 +510,10 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             )
             ok = jnp.isfinite(loss) & ~at_minimum
             metrics |= {"loss_scale": scale, "skipped": overflow}
+        if "ema" in state:  # one step per update, on its last micro-step (as the parameters),
+            # and for a float16 update skipped for overflow too, as VideoMAEv2's EMA
+            ema = optim.ema_update(state["ema"], new["params"], ema_decay)
+            new["ema"] = jax.tree.map(lambda e, o: jnp.where(last_micro, e, o), ema, state["ema"])
         # A non-finite step changes nothing: the state stays the last good one.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
         metrics["ok"] = ok
