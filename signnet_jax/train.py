@@ -245,15 +245,13 @@ def train_state_layout(abstract_params, tx, mesh, ema: bool, loss_scale: bool = 
         tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
     abstract = {"params": abstract_params, "opt_state": abstract_opt}
+    state_sh = {"params": param_sh, "opt_state": opt_sh}
     if ema:
-        abstract["ema"] = abstract_params
+        abstract["ema"], state_sh["ema"] = abstract_params, param_sh
     if loss_scale:
-        abstract["loss_scale"] = jax.eval_shape(
-            lambda: optim.loss_scale_init(optim.LossScaleConfig())
-        )
-    state_sh = {"params": param_sh, "opt_state": opt_sh} | ({"ema": param_sh} if ema else {})
-    if loss_scale:
-        state_sh["loss_scale"] = jax.tree.map(lambda _: replicated, abstract["loss_scale"])
+        scale = jax.eval_shape(lambda: optim.loss_scale_init(optim.LossScaleConfig()))
+        abstract["loss_scale"] = scale
+        state_sh["loss_scale"] = jax.tree.map(lambda _: replicated, scale)
     abstract_state = jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh
     )
