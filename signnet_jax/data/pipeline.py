@@ -27,6 +27,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import cv2
@@ -272,6 +276,19 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     # Workers already use every core between them; OpenCV's own thread pool in each
     # would oversubscribe the machine.
     cv2.setNumThreads(1)
+    # A preemption (SLURM, systemd, a TPU VM's shutdown) sends SIGTERM to the whole process
+    # group: the trainer saves and closes its pipelines, so a worker must not die first
+    # (grain would raise on the next batch). Closing stops workers with an event, then SIGKILL.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A trainer killed outright (kill -9, the OOM killer) cannot close its workers, and grain's
+    # would wait for it forever, holding their memory: they leave when it is gone.
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int, prefetch: int):

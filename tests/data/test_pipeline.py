@@ -1,7 +1,12 @@
 """grain pipeline over small TFRecord folders: determinism, restore, sharding, errors."""
 
 import json
+import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -167,6 +172,62 @@ def test_worker_processes_give_the_same_batches_and_restore(records_dir):
     restored = iter(_train(records_dir, num_workers=2))
     restored.set_state(state)
     _assert_same(_take(restored, 3), reference[3:])
+
+
+def test_worker_processes_outlive_a_sigterm_to_the_process_group(records_dir):
+    # a preemption signals every process of the group; the trainer must still get the batch
+    # it is waiting for, save, and close the workers itself
+    reference = _take(iter(_train(records_dir)), 4)
+    before = set(multiprocessing.active_children())
+    it = iter(_train(records_dir, num_workers=2))
+    _assert_same(_take(it, 2), reference[:2])  # one batch from each worker: both started
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2
+    for p in workers:
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(p.is_alive() for p in workers)
+    _assert_same(_take(it, 2), reference[2:])
+    pipeline.release(it, 2)
+    for p in workers:
+        p.join(timeout=30)
+    assert not any(p.is_alive() for p in workers)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_processes_leave_with_a_trainer_killed_outright(records_dir, tmp_path):
+    # kill -9 or the OOM killer: the trainer cannot close its workers, which must not stay
+    # behind holding their memory
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from signnet_jax.data import augment, pipeline\n"
+        "if __name__ == '__main__':\n"
+        f"    it = iter(pipeline.train_dataset({records_dir!r}, global_batch_size=4, seed=7,\n"
+        "        clip_len=4, augment_options=augment.AugmentOptions(crop_size=16),\n"
+        "        process_index=0, process_count=1, num_workers=2))\n"
+        "    next(it), next(it)\n"
+        "    print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2 and all(map(_running, workers))
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_running, workers))
 
 
 @pytest.mark.parametrize("repeated_aug", [1, 2])
