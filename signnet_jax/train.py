@@ -679,6 +679,25 @@ def check_workdir(workdir: str | os.PathLike) -> None:
         ) from e
 
 
+# train.* settings that count something, and their least values
+_TRAIN_MINIMA = {
+    "log_every": 1,
+    "keep_checkpoints": 1,  # 0 would delete every checkpoint but the best one
+    "checkpoint_every_steps": 0,
+    "val_every_epochs": 0,
+    "max_steps": 0,
+    "profile_steps": 0,
+    "profile_start": 0,
+}
+
+
+def check_train_settings(train: ml_collections.ConfigDict) -> None:
+    """Refuses a train.* count below its least value, before anything is compiled or written."""
+    low = [f"train.{k}={train[k]} (least {m})" for k, m in _TRAIN_MINIMA.items() if train[k] < m]
+    if low:
+        raise TrainingError(f"{', '.join(low)}: set {'them' if len(low) > 1 else 'it'} higher")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train, validate periodically, test with the multi-view protocol; resume if possible.
 
@@ -762,8 +781,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise TrainingError(str(e)) from e
     last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
     scaling = loss_scaling(config, cfg)
-    if config.train.profile_steps < 0 or config.train.profile_start < 0:
-        raise TrainingError("train.profile_steps and train.profile_start must be >= 0")
+    check_train_settings(config.train)
 
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)

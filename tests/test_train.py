@@ -1366,11 +1366,24 @@ def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
         "warning: train.profile_steps: no step to trace after step 10 (this run ends at step 4)"
         in capsys.readouterr().out
     )
-    with pytest.raises(train.TrainingError, match="train.profile_steps and train.profile_start"):
+    with pytest.raises(train.TrainingError, match=r"^train.profile_steps=-1 \(least 0\): set it"):
         train.train_and_evaluate(
             tiny_config(records, **kw, **{"train.profile_steps": -1}), tmp_path / "bad"
         )
     assert not (tmp_path / "bad").exists()
+
+
+def test_counts_below_their_least_value_are_refused_before_anything_is_written(records, tmp_path):
+    # keep_checkpoints=0 would delete every checkpoint it saved (a preemption's included);
+    # log_every=0 failed with a ZeroDivisionError after the first step
+    bad = {"train.log_every": 0, "train.keep_checkpoints": 0, "train.checkpoint_every_steps": -2}
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(tiny_config(records, **bad), tmp_path / "w")
+    assert str(e.value) == (
+        "train.log_every=0 (least 1), train.keep_checkpoints=0 (least 1), "
+        "train.checkpoint_every_steps=-2 (least 0): set them higher"
+    )
+    assert not (tmp_path / "w").exists()
 
 
 def test_bucket_workdir_is_refused_before_anything_is_written(records):
