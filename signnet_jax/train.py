@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -183,19 +184,70 @@ def load_init(
     return cfg, params, note + f" (new {len(classes)}-class head)", []
 
 
-def _resumed_model(resume: pathlib.Path, cfg: vit.ViTConfig, classes: list[str]) -> vit.ViTConfig:
+# Settings a run may be resumed with other values of: where data and checkpoints are, how the
+# work is spread and fed, what is logged and evaluated, and how the same update is computed
+# (accumulation, dtype, kernels). Every other setting shapes the run's trajectory.
+_RESUMABLE_WITH_CHANGES = (
+    "mode", "records_dir", "val_split", "test_split", "init_from", "load_step",
+    "init_reset_head", "model.dtype", "model.remat", "model.attention", "model.init_scale",
+    "data.test_num_segment", "data.test_num_crop", "data.eval_batch_size", "data.num_workers",
+    "data.num_threads", "data.prefetch", "optim.grad_accum", "optim.loss_scale",
+    "optim.loss_scale_window", "optim.loss_scale_hysteresis", "mesh.", "train.", "distributed.",
+)  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """``KEY=SAVED (config: NOW)`` for each setting that shapes the run and differs from the
+    run's own (settings the run's version did not have are not compared)."""
+    saved = _flat(saved)
+    return [
+        f"{k}={saved[k]!r} (config: {v!r})"
+        for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+        if k in saved and saved[k] != v and not k.startswith(_RESUMABLE_WITH_CHANGES)
+    ]
+
+
+def _resumed_model(
+    resume: pathlib.Path, cfg: vit.ViTConfig, classes: list[str], config: ml_collections.ConfigDict
+) -> vit.ViTConfig:
     """The model config of a run being resumed, checked against what the config asks for."""
     try:
         meta = checkpointing.load_meta(resume)
     except checkpointing.CheckpointError as e:
         raise TrainingError(f"cannot resume: {e}") from e
+    workdir = resume.parent
     src = vit.ViTConfig.from_dict(meta["model"])
     differ = [k for k in _ARCH + ("num_frames", "img_size") if getattr(src, k) != getattr(cfg, k)]
-    if differ or meta.get("classes") != classes:
+    if differ:
         what = ", ".join(f"{k} {getattr(src, k)} (config: {getattr(cfg, k)})" for k in differ)
         raise TrainingError(
-            f"the run in {resume} has {what or 'other classes than the records'}; resume it "
-            "with the config it was started with, or give a new --workdir"
+            f"the run in {workdir} has {what}; resume it with the config it was started with, "
+            "or give a new --workdir"
+        )
+    saved_classes = meta.get("classes") or []
+    if saved_classes != classes:
+        other = " with other names or in another order" * (len(saved_classes) == len(classes))
+        raise TrainingError(
+            f"the run in {workdir} was trained on {len(saved_classes)} classes, but the records "
+            f"in {config.records_dir} have {len(classes)}{other}; give the records it was "
+            "trained on (--config.records_dir), or a new --workdir"
+        )
+    changed = _changed_settings(meta.get("config", {}), config)
+    if changed:
+        raise TrainingError(
+            f"the run in {workdir} was started with other settings: {', '.join(changed)}; "
+            "resume it with the settings it was started with, or give a new --workdir "
+            f"(--config.init_from={workdir} starts from its weights)"
         )
     return dataclasses.replace(
         cfg, init_values=src.init_values, cos_attn=src.cos_attn, learned_pos_emb=src.learned_pos_emb
@@ -323,7 +375,7 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     init_params, note = None, f"random init (seed {config.seed})"
     init_warnings: list[str] = []
     if resume is not None:
-        cfg = _resumed_model(resume, cfg, classes)
+        cfg = _resumed_model(resume, cfg, classes, config)
         note = f"resuming {resume}"
     elif config.init_from:
         cfg, init_params, note, init_warnings = load_init(config, cfg, classes)
@@ -797,9 +849,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
 
         start = ckpt.latest_step()
-        data_state = None
+        videos_done = 0  # training videos used so far (all processes)
         if start is not None:
-            state, data_state, saved_meta = _restore(ckpt, start, abstract_state, scaling)
+            change = _accumulation_change(ckpt, start, ocfg, abstract_params, tx, mesh, cfg.depth)
+            state, data_state, saved_meta = _restore(ckpt, start, abstract_state, scaling, change)
+            videos_done = data_state.get("videos", start * batch)  # older runs: grain's state
             run = saved_meta.get("run", {})
             _log(f"resuming from step {start} in {ckpt.directory}")
         else:
@@ -829,10 +883,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             num_workers=config.data.num_workers,
             num_threads=config.data.num_threads,
             prefetch=config.data.prefetch,
+            # the stream goes on where the run stopped, whatever the worker, process and
+            # micro-batch counts were then
+            start_batch=videos_done // micro,
         )
         train_iter = iter(train_iter)
-        if data_state is not None:
-            train_iter.set_state(data_state)
 
         clips = micro * config.data.repeated_aug
         spec = batch_spec(clips, cfg)
@@ -1019,11 +1074,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     run["skipped_updates"] = skipped
                 if saved:
                     check_finite()
-                    _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
+                    _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
                 if stop if multi_host else preempt.requested:  # one host: as late as possible
                     if not saved:  # a step is saved once; orbax refuses a second save
                         check_finite()
-                        _save(ckpt, step, state, train_iter, meta | {"run": run}, val_metrics)
+                        _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
                     ckpt.wait()
                     _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
                     return {"preempted_at": step}
@@ -1083,20 +1138,46 @@ def _eval_params(state: dict) -> dict:
     return state.get("ema", state["params"])
 
 
-def _restore(ckpt, step: int, abstract_state: dict, scaling) -> tuple[dict, dict, dict]:
+def _accumulation_change(ckpt, step: int, ocfg, abstract_params, tx, mesh, depth: int):
+    """``(saved optimizer-state layout, conversion)`` when a run is resumed with gradient
+    accumulation switched on or off (optax.MultiSteps wraps the optimizer state), else None.
+
+    Steps are saved at update boundaries (nothing accumulated), so the state converts exactly:
+    Adam's moments and count are the wrapped state, and the accumulator starts at zero.
+    """
+    saved_accum = checkpointing.load_meta(ckpt.directory, step).get("config", {})
+    saved_accum = saved_accum.get("optim", {}).get("grad_accum", 1)
+    if (saved_accum > 1) == (ocfg.grad_accum > 1):  # same layout (MultiSteps' k is no state)
+        return None
+    saved_tx = optim.make_optimizer(
+        dataclasses.replace(ocfg, grad_accum=saved_accum), abstract_params, depth
+    )
+    saved_layout = train_state_layout(abstract_params, saved_tx, mesh, ema=False)[1]["opt_state"]
+    if saved_accum > 1:
+        return saved_layout, lambda opt_state, params: opt_state.inner_opt_state
+    layout = train_state_layout(abstract_params, tx, mesh, ema=False)[0]["opt_state"]
+
+    @functools.partial(jax.jit, out_shardings=layout, donate_argnums=1)
+    def wrap(params, inner):  # the accumulator and counters of tx.init; its inner state unused
+        return tx.init(params)._replace(inner_opt_state=inner, gradient_step=jnp.int32(step))
+
+    return saved_layout, lambda opt_state, params: wrap(params, opt_state)
+
+
+def _restore(ckpt, step: int, abstract_state: dict, scaling, accumulation=None):
     """``(state, data state, meta)`` of a run being resumed.
 
     A run started in another dtype may lack the float16 loss scale: it starts afresh (it finds
-    its level again within a few updates). EMA weights the run did not keep cannot be made up.
+    its level again within a few updates. ``accumulation``: ``_accumulation_change``'s, when
+    the optimizer state changes layout.
     """
     saved = ckpt.saved_items(step)
-    if "ema" in abstract_state and "ema" not in saved:
-        raise TrainingError(
-            f"the run in {ckpt.directory} kept no EMA weights (optim.ema_decay was 0 when it "
-            "started); resume it with --config.optim.ema_decay=0, or give a new --workdir"
-        )
     wanted = {k: v for k, v in abstract_state.items() if k in saved or k != "loss_scale"}
+    if accumulation is not None:
+        wanted["opt_state"] = accumulation[0]
     state, data_state, meta = ckpt.restore(step, wanted)
+    if accumulation is not None:
+        state["opt_state"] = accumulation[1](state["opt_state"], state["params"])
     if "loss_scale" in abstract_state and "loss_scale" not in state:
         _log(f"the run was not in float16: its loss scale starts at {scaling.init:g}")
         state["loss_scale"] = jax.device_put(
@@ -1105,10 +1186,10 @@ def _restore(ckpt, step: int, abstract_state: dict, scaling) -> tuple[dict, dict
     return state, data_state, meta
 
 
-def _save(ckpt, step, state, train_iter, meta, metrics):
+def _save(ckpt, step, state, videos, meta, metrics):
     # device scalars in the run record (the float16 skip count) are read now, not every step
     meta = jax.tree.map(lambda x: x.item() if isinstance(x, jax.Array) else x, meta)
-    ckpt.save(step, state, train_iter.get_state(), meta, metrics)
+    ckpt.save(step, state, {"videos": videos}, meta, metrics)
 
 
 def _summary_writer(workdir: pathlib.Path):

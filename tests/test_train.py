@@ -723,6 +723,52 @@ def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path)
         np.testing.assert_array_equal(x, y)
 
 
+def test_resume_with_other_workers_and_accumulation_follows_the_run(records, tmp_path):
+    # a preempted run resumed on a smaller machine: another worker count (grain's iterator
+    # state differs in structure), accumulation switched on (optax.MultiSteps wraps the
+    # optimizer state) and off again. Without random device-side parts (mixup, erasing, drop
+    # path) two micro-batches are one batch, so the run follows the uninterrupted one.
+    kw = {
+        "val_split": "", "test_split": "", "mesh.num_devices": 4, "train.checkpoint_every_steps": 2,
+        "loss.mixup": 0.0, "loss.cutmix": 0.0, "data.reprob": 0.0, "model.drop_path_rate": 0.0,
+    }  # fmt: skip
+    ref = train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 6}), tmp_path)
+    run = tmp_path / "run"
+    for over in (
+        {"train.max_steps": 2},
+        {"train.max_steps": 4, "data.num_workers": 2, "optim.grad_accum": 2},
+        {"train.max_steps": 6},
+    ):
+        done = train.train_and_evaluate(tiny_config(records, **kw, **over), run)
+    np.testing.assert_allclose(_losses(done), _losses(ref), rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(_final_params(tmp_path)), jax.tree.leaves(_final_params(run)),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_resume_with_settings_that_shape_the_run_is_refused(records, tmp_path):
+    kw = {"val_split": "", "test_split": "", "train.max_steps": 2}
+    train.train_and_evaluate(tiny_config(records, **kw), tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    over = {"data.batch_size": 16, "seed": 3, "optim.base_lr": 0.002, "train.max_steps": 4}
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(tiny_config(records, **kw | over), tmp_path)
+    assert str(e.value).startswith(
+        f"the run in {tmp_path} was started with other settings: seed=0 (config: 3), "
+        "data.batch_size=8 (config: 16), optim.base_lr=0.016 (config: 0.002); resume it"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    # records of other classes (a forgotten --config.records_dir): both folders' counts
+    other = tmp_path / "three"
+    train.ensure_smoke(tiny_config(other, **{"smoke.classes": 3}))
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(tiny_config(other, **kw, **{"smoke.classes": 3}), tmp_path)
+    assert str(e.value) == (
+        f"the run in {tmp_path} was trained on 4 classes, but the records in {other} have 3; "
+        "give the records it was trained on (--config.records_dir), or a new --workdir"
+    )
+
+
 def test_float16_with_fsdp_follows_the_single_device_run(records, tmp_path):
     """The replicated loss scale and the overflow check over sharded gradients."""
     kw = {"train.max_steps": 5, "val_split": "", "test_split": "", "model.dtype": "float16"}
@@ -774,12 +820,17 @@ def test_float16_overflow_at_the_smallest_scale_stops(records, tmp_path, monkeyp
         train.train_and_evaluate(c, tmp_path)
 
 
-def test_resume_in_float16_starts_the_scale_and_refuses_missing_ema(records, tmp_path, capsys):
+def test_resume_in_float16_starts_the_scale_and_refuses_other_settings(records, tmp_path, capsys):
     kw = {"train.max_steps": 2, "val_split": "", "test_split": ""}
     train.train_and_evaluate(tiny_config(records, **kw), tmp_path)
     more = kw | {"train.max_steps": 4}
-    with pytest.raises(train.TrainingError, match="kept no EMA weights .*optim.ema_decay=0"):
+    with pytest.raises(train.TrainingError) as e:  # EMA weights the run did not keep
         train.train_and_evaluate(tiny_config(records, **{"optim.ema_decay": 0.9}, **more), tmp_path)
+    assert str(e.value) == (
+        f"the run in {tmp_path} was started with other settings: optim.ema_decay=0.0 "
+        "(config: 0.9); resume it with the settings it was started with, or give a new "
+        f"--workdir (--config.init_from={tmp_path} starts from its weights)"
+    )
     r = train.train_and_evaluate(
         tiny_config(records, **{"model.dtype": "float16"}, **more), tmp_path
     )

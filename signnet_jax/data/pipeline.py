@@ -351,6 +351,7 @@ def train_dataset(
     num_threads: int = 2,
     prefetch: int = 2,
     epoch_batch_size: int | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """Endless training stream of this process's batches.
 
@@ -370,6 +371,9 @@ def train_dataset(
       epoch_batch_size: videos per optimizer update when it is several batches (gradient
         accumulation); each epoch uses its whole updates' worth of videos (default:
         global_batch_size).
+      start_batch: batches already used (a resumed run: its videos so far /
+        global_batch_size); the stream starts after them. Unlike an iterator state, this
+        holds for any worker or process count.
 
     Returns:
       IterDataset of dicts, B = global_batch_size / process_count * repeated_aug:
@@ -406,7 +410,10 @@ def train_dataset(
     # process order (the order of the mesh's devices here) are the one-process batch, and the
     # device-side randomness indexed by batch row (erasing noise, drop path) meets the same
     # videos whatever the process count.
-    ds = ds.batch(per_process, drop_remainder=True)[pi::pc].map(_flatten_repeats)
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    ds = ds.batch(per_process, drop_remainder=True)[pi::pc][start_batch:]
+    ds = ds.map(_flatten_repeats)
     return _to_iter(ds, num_workers, num_threads, prefetch)
 
 

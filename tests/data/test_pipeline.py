@@ -174,6 +174,23 @@ def test_worker_processes_give_the_same_batches_and_restore(records_dir):
     _assert_same(_take(restored, 3), reference[3:])
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_stream_started_after_used_batches_gives_the_following_ones(records_dir, num_workers):
+    # how a resumed run finds its place, whatever the worker, process or micro-batch count;
+    # 11 records make epochs of 2 batches of 4: batches 3 and 4 are in the 2nd and 3rd epochs
+    reference = _take(iter(_train(records_dir)), 5)
+    later = iter(_train(records_dir, start_batch=3, num_workers=num_workers))
+    _assert_same(_take(later, 2), reference[3:])
+    pipeline.release(later, num_workers)
+    # process 1 of 2 from its batch 3: the second halves of global batches 3 and 4
+    half = _take(iter(_train(records_dir, start_batch=3, process_index=1, process_count=2)), 2)
+    for got, want in zip(half, reference[3:], strict=True):
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k][2:])
+    with pytest.raises(ValueError, match="start_batch must be >= 0, got -1"):
+        _train(records_dir, start_batch=-1)
+
+
 def test_worker_processes_outlive_a_sigterm_to_the_process_group(records_dir):
     # a preemption signals every process of the group; the trainer must still get the batch
     # it is waiting for, save, and close the workers itself
