@@ -148,20 +148,30 @@ def protocol(config: ml_collections.ConfigDict) -> dict:
     }
 
 
+# how a view setting other than the trained one shows in an eval folder's name
+_VIEW_SUFFIX = {"data.sampling_rate": "rate", "data.short_side_size": "side"}
+
+
 def eval_folder_name(
-    source: str | os.PathLike, step: int, own: bool, config: ml_collections.ConfigDict
+    source: str | os.PathLike,
+    step: int,
+    own: bool,
+    config: ml_collections.ConfigDict,
+    other_views: dict[str, Any] | None = None,
 ) -> str:
     """``step_N_SPLIT_SxC`` (S clips x C crops per video), after the checkpoint's name for
-    init_from.
+    init_from, and ``_rateR`` / ``_sideS`` for views sampled unlike training.
 
-    A folder of its own per checkpoint, step, split and view count, so a training run's
+    A folder of its own per checkpoint, step, split and views, so a training run's
     metrics.json, CSV and PNG and other results are not overwritten (``evaluate`` also
     refuses a folder holding another checkpoint's or protocol's result). An init_from
     checkpoint adds its folder's name (converted checkpoints all hold step 0), or its run's
-    name for a run's ``checkpoints`` folder.
+    name for a run's ``checkpoints`` folder. ``other_views``: ``{key: config value}`` of
+    ``_view_changes``.
     """
     views = f"{config.data.test_num_segment}x{config.data.test_num_crop}"
     name = f"step_{step}_{config.test_split}_{views}"
+    name += "".join(f"_{_VIEW_SUFFIX[k]}{v}" for k, v in (other_views or {}).items())
     if own:
         return name
     path = pathlib.Path(source).absolute()
@@ -183,22 +193,24 @@ def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dic
         raise train.TrainingError(
             f"{path.parent} holds the result of checkpoint {before[0]} step {before[1]} with "
             f"protocol {before[2]}, not of {source} step {step} with {settings}; move it "
-            "away or give another --workdir"
+            f"away, or give another --workdir with --config.init_from={source}"
         )
 
 
-def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: str) -> list[str]:
+def check_trained_settings(
+    config: ml_collections.ConfigDict, meta: dict, name: str
+) -> tuple[list[str], dict[str, Any]]:
     """Compares the model and clips a checkpoint was trained with to the config's.
 
     The config builds the model and the views, so a run trained with overrides and tested
     without them gets another model (refused: the preset and dimensions, the clip length and
-    frame size) or views it never saw (a warning: another sampling rate or short side may be a
-    test-time choice, but without one the numbers differ from ``predict``'s, which reads these
-    settings from the checkpoint). Clip settings are known for training runs' checkpoints (a
-    converted one records only its model); the view counts are the test's own choice.
+    frame size, which a converted checkpoint records with its model) or views it never saw (a
+    warning: another sampling rate or short side may be a test-time choice, but without one
+    the numbers differ from ``predict``'s, which reads these settings from a training run's
+    checkpoint). The view counts are the test's own choice.
 
     Returns:
-      Warnings for the log.
+      ``(warnings for the log, {view setting: config value} where it differs from training)``.
 
     Raises:
       TrainingError: naming each model setting and the overrides that test it as trained.
@@ -216,33 +228,34 @@ def check_trained_settings(config: ml_collections.ConfigDict, meta: dict, name: 
         base = vit.PRESETS[src.preset]
         for k in ("embed_dim", "depth", "num_heads", "mlp_dim"):
             model[f"model.{k}"] = 0 if getattr(src, k) == base[k] else getattr(src, k)
+    model |= {"model.num_frames": src.num_frames, "model.img_size": src.img_size}
     clips = meta.get("input") or {}
-    views: dict[str, Any] = {}
-    if clips:
-        model |= {"model.num_frames": clips["num_frames"], "model.img_size": clips["img_size"]}
-        views = {f"data.{k}": clips[k] for k in ("sampling_rate", "short_side_size")}
+    views = {f"data.{k}": clips[k] for k in ("sampling_rate", "short_side_size") if clips}
 
-    def differing(trained: dict[str, Any]) -> tuple[str, str]:
-        differ = {}
-        for key, value in trained.items():
-            group, field = key.split(".")
-            if config[group][field] != value:
-                differ[key] = (value, config[group][field])
+    def differing(trained: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{key: (trained value, config value)}`` where they differ."""
+        now = {key: config[key.split(".")[0]][key.split(".")[1]] for key in trained}
+        return {k: (v, now[k]) for k, v in trained.items() if now[k] != v}
+
+    def listed(differ: dict[str, tuple[Any, Any]]) -> tuple[str, str]:
         return (
             ", ".join(f"{k}={v!r} (config: {c!r})" for k, (v, c) in differ.items()),
             " ".join(f"--config.{k}={v}" for k, (v, _) in differ.items()),
         )
 
-    have, add = differing(model)
-    if have:
+    differ = differing(model)
+    if differ:
+        have, add = listed(differ)
         raise train.TrainingError(
             f"eval mode: {name} was trained with {have}; add {add} to test it as trained"
         )
-    have, add = differing(views)
-    if have:
-        return [f"{name} was trained with {have}: testing the config's views; {add} tests it "
-                "as trained"]  # fmt: skip
-    return []
+    differ = differing(views)
+    if not differ:
+        return [], {}
+    have, add = listed(differ)
+    warning = f"{name} was trained with {have}: testing the config's views; {add} tests it "
+    warning += "as trained"
+    return [warning], {k: c for k, (_, c) in differ.items()}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -280,7 +293,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta = checkpointing.load_meta(source, step)
     except checkpointing.CheckpointError as e:
         raise train.TrainingError(str(e)) from e
-    for warning in check_trained_settings(config, meta, f"{source} step {step}"):
+    warnings, other_views = check_trained_settings(config, meta, f"{source} step {step}")
+    for warning in warnings:
         train._log(f"warning: {warning}")
     train._log(f"evaluating {source} step {step} (load_step {config.load_step})")
     eval_config = ml_collections.ConfigDict(config.to_dict())
@@ -291,7 +305,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for warning in setup.warnings:
         train._log(f"warning: {warning}")
     train.check_eval_batch(eval_config, setup.mesh)
-    out = workdir_path / "eval" / eval_folder_name(source, step, own, config)
+    out = workdir_path / "eval" / eval_folder_name(source, step, own, config, other_views)
     _check_same_result(out / "metrics.json", str(source), step, protocol(config))
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)

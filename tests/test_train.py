@@ -145,14 +145,24 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
         "step_12_test_3x1",
     ]
     assert json.loads((out / "metrics.json").read_text()) == saved
-    # the same folder name for another protocol (frames, sampling): refused, not overwritten
-    other = tiny_config(records, mode="eval", **{"data.sampling_rate": 1})
-    with pytest.raises(train.TrainingError, match=(
-        r"eval/step_12_test_3x1 holds the result of checkpoint .*checkpoints step 12 with "
-        r"protocol .*'sampling_rate': 2.* move it away or give another --workdir"
-    )):  # fmt: skip
-        evaluate.evaluate(other, str(tmp_path))
+    # views sampled unlike training (with a warning): another result, beside the others
+    evaluate.evaluate(tiny_config(records, mode="eval", **{"data.sampling_rate": 1}), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "step_12_test_1x1",
+        "step_12_test_3x1",
+        "step_12_test_3x1_rate1",
+    ]
     assert json.loads((out / "metrics.json").read_text()) == saved
+    # a folder of the same name holding another protocol's result: refused, not overwritten
+    old = out.parent / "step_12_test_1x1" / "metrics.json"
+    old.write_text(json.dumps(json.loads(old.read_text()) | {"protocol": {"num_frames": 8}}))
+    with pytest.raises(train.TrainingError, match=(
+        r"eval/step_12_test_1x1 holds the result of checkpoint .*checkpoints step 12 with "
+        r"protocol \{'num_frames': 8\}, not of .* move it away, or give another --workdir "
+        r"with --config.init_from=.*checkpoints$"
+    )):  # fmt: skip
+        evaluate.evaluate(one, str(tmp_path))
+    assert json.loads(old.read_text())["protocol"] == {"num_frames": 8}
 
 
 def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
@@ -960,6 +970,19 @@ def test_eval_of_warm_start_checkpoints_keeps_each_result(records, tmp_path):
     ]
 
 
+def test_eval_mode_tests_a_converted_checkpoint_at_its_own_clip_size(records, tmp_path):
+    # a converted checkpoint records its frames and size with its model (4 x 32 px here)
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    c = tiny_config(records, mode="eval", init_from=str(init), **{"model.num_frames": 2})
+    with pytest.raises(train.TrainingError, match=(
+        r"eval mode: .*init step 0 was trained with model.num_frames=4 \(config: 2\); add "
+        r"--config.model.num_frames=4 to test it as trained"
+    )):  # fmt: skip
+        evaluate.evaluate(c, tmp_path / "w")
+    assert not (tmp_path / "w" / "eval").exists()
+
+
 def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, capsys):
     evaluate_mode = evaluate.evaluate
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
@@ -1021,7 +1044,7 @@ def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path, ca
     capsys.readouterr()
     c = tiny_config(records, mode="eval", **{"data.sampling_rate": 1, "data.test_num_segment": 2})
     evaluate_mode(c, tmp_path / "w")
-    assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["step_1_test_2x1"]
+    assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["step_1_test_2x1_rate1"]
     assert (
         "checkpoints step 1 was trained with data.sampling_rate=2 (config: 1): testing the "
         "config's views; --config.data.sampling_rate=2 tests it as trained"
