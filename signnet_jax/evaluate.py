@@ -224,10 +224,7 @@ def check_trained_settings(
         raise train.TrainingError(f"config.model: {e}") from e
     model: dict[str, Any] = {}
     if any(getattr(src, k) != getattr(cfg, k) for k in train._ARCH):
-        model["model.preset"] = src.preset
-        base = vit.PRESETS[src.preset]
-        for k in ("embed_dim", "depth", "num_heads", "mlp_dim"):
-            model[f"model.{k}"] = 0 if getattr(src, k) == base[k] else getattr(src, k)
+        model |= train.arch_overrides(src)
     model |= {"model.num_frames": src.num_frames, "model.img_size": src.img_size}
     clips = meta.get("input") or {}
     views = {f"data.{k}": clips[k] for k in ("sampling_rate", "short_side_size") if clips}

@@ -74,12 +74,28 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
 
 def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     """Generate the synthetic smoke dataset into records_dir unless it is there."""
-    from data_prep.synthetic import ensure_smoke_dataset
+    from data_prep.synthetic import SmokeDatasetError, ensure_smoke_dataset
 
     opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
+    try:
+        ensure_smoke_dataset(config.records_dir, **opts)
+    except SmokeDatasetError as e:
+        raise TrainingError(
+            f"config.smoke: {e} (the smoke config makes its synthetic records in "
+            "config.records_dir; for records of your own add --config.smoke.enabled=False)"
+        ) from e
     if jax.process_index() == 0:
         print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)
-    ensure_smoke_dataset(config.records_dir, **opts)
+
+
+def arch_overrides(src: vit.ViTConfig) -> dict[str, Any]:
+    """The ``model.*`` config values that build the architecture of ``src``: its preset, and
+    each dimension that differs from the preset's (0: the preset's own)."""
+    base = vit.PRESETS[src.preset]
+    dims = ("embed_dim", "depth", "num_heads", "mlp_dim")
+    return {"model.preset": src.preset} | {
+        f"model.{k}": 0 if getattr(src, k) == base[k] else getattr(src, k) for k in dims
+    }
 
 
 def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViTConfig:
@@ -123,11 +139,13 @@ def load_init(
     src = vit.ViTConfig.from_dict(meta["model"])
     differ = [k for k in _ARCH if getattr(src, k) != getattr(cfg, k)]
     if differ:
+        fix = {k: v for k, v in arch_overrides(src).items() if config.model[k[6:]] != v}
         raise TrainingError(
             f"init checkpoint {config.init_from} is a ViT-{src.preset} "
             f"({', '.join(f'{k}={getattr(src, k)}' for k in differ)}) but the config asks for "
             f"ViT-{cfg.preset} ({', '.join(f'{k}={getattr(cfg, k)}' for k in differ)}); "
-            "set --config.model.preset to match, or convert a checkpoint of this preset"
+            f"set {' '.join(f'--config.{k}={v}' for k, v in fix.items())} to match, or convert "
+            "a checkpoint of the config's model"
         )
     # Structural options (layer scale, cosine attention, learned positions) come with the weights.
     cfg = dataclasses.replace(

@@ -1108,8 +1108,33 @@ def test_resume_needs_neither_the_init_checkpoint_nor_a_second_read_of_it(record
 def test_init_checkpoint_of_another_preset(records, tmp_path):
     init = _converted(tmp_path, dict(DIMS, embed_dim=64), ["a", "b", "c", "d"])
     c = tiny_config(records, init_from=str(init))
-    with pytest.raises(train.TrainingError, match="embed_dim=64.*embed_dim=32.*model.preset"):
+    with pytest.raises(train.TrainingError) as e:
         train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value) == (  # the overrides that build it, not the preset it already has
+        f"init checkpoint {init} is a ViT-S (embed_dim=64) but the config asks for ViT-S "
+        "(embed_dim=32); set --config.model.embed_dim=64 to match, or convert a checkpoint of "
+        "the config's model"
+    )
+    # a checkpoint of the preset's own size, for a config with smaller dimensions
+    full = _converted(tmp_path / "full", {}, ["a", "b", "c", "d"])
+    with pytest.raises(train.TrainingError, match=(
+        r"set --config.model.embed_dim=0 --config.model.depth=0 --config.model.num_heads=0 "
+        r"--config.model.mlp_dim=0 to match"
+    )):  # fmt: skip
+        train.train_and_evaluate(tiny_config(records, init_from=str(full)), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_smoke_records_of_other_options_are_named_with_the_way_out(records, tmp_path, capsys):
+    c = tiny_config(records, **{"smoke.frames": 16})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value).startswith(f"config.smoke: {records} holds a smoke dataset built with ")
+    assert str(e.value).endswith(
+        "(the smoke config makes its synthetic records in config.records_dir; for records of "
+        "your own add --config.smoke.enabled=False)"
+    )
+    assert "smoke dataset in" not in capsys.readouterr().out
     assert not (tmp_path / "w").exists()
 
 
