@@ -56,6 +56,8 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
             f"records folder {config.records_dir} has no dataset_info.json ({e}); build it with "
             "python -m data_prep.build_records, or fix --config.records_dir"
         ) from e
+    except ImportError as e:
+        raise TrainingError(f"config.records_dir: {e}") from e
     classes = list(info["classes"])
     try:
         augment.check_flip_layout(config.data.flip, info.get("hht_settings"), config.records_dir)
@@ -742,11 +744,13 @@ def checkpoint_meta(setup: Setup, config) -> dict:
 def check_workdir(workdir: str | os.PathLike) -> None:
     """A workdir must be a local (or mounted) folder: a bucket URL is refused up front."""
     try:
-        checkpointing.local_path(workdir, write=True)
+        path = checkpointing.local_path(workdir, write=True)
     except checkpointing.CheckpointError as e:
         raise TrainingError(
             f"--workdir {e} (or mount the bucket with gcsfuse and give its folder)"
         ) from e
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"--workdir {workdir} is a file; give a folder (new or a run's)")
 
 
 # train.* settings that count something, and their least values

@@ -1058,6 +1058,37 @@ def test_missing_records_folder(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_file_for_a_folder_and_a_bucket_without_its_package_are_named(
+    records, tmp_path, monkeypatch
+):
+    shard = next(records.glob("train-*.tfrecord"))
+    c = tiny_config(shard, **{"smoke.enabled": False})
+    with pytest.raises(train.TrainingError, match=(
+        f"records folder {shard} has no dataset_info.json \\({shard} is a file, not a records "
+        "folder: give the folder that `python -m data_prep.build_records` wrote\\)"
+    )):  # fmt: skip
+        train.train_and_evaluate(c, tmp_path / "w")
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(tiny_config(records), tmp_path / "metrics.json")
+    assert str(e.value) == (
+        f"--workdir {tmp_path / 'metrics.json'} is a file; give a folder (new or a run's)"
+    )
+
+    def no_gcsfs(*args, **kwargs):  # fsspec without gcsfs (no bucket is reached in tests)
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    monkeypatch.setattr("signnet_jax.data.records.fsspec.open", no_gcsfs)
+    c = tiny_config("gs://bucket/records", **{"smoke.enabled": False})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value) == (
+        "config.records_dir: reading gs://bucket/records: Please install gcsfs to access Google "
+        "Storage (pip install -e '.[gcs]')"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_split_without_records_is_named_with_the_counts(records, tmp_path):
     c = tiny_config(records, val_split="dev")
     message = (

@@ -483,11 +483,18 @@ def load_dataset_info(records_dir: str | os.PathLike) -> dict:
     try:
         with fsspec.open(path, "rt") as f:
             return json.load(f)
+    except NotADirectoryError as e:
+        raise FileNotFoundError(
+            f"{records_dir} is a file, not a records folder: give the folder that "
+            "`python -m data_prep.build_records` wrote"
+        ) from e
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{path} not found: {records_dir} is not a records folder built by "
             "`python -m data_prep.build_records` (or the build did not finish)"
         ) from e
+    except ImportError as e:  # fsspec's protocol for a URL is not installed
+        raise ImportError(f"reading {records_dir}: {e} (pip install -e '.[gcs]')") from e
 
 
 class RecordSource:
