@@ -70,7 +70,8 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
         prefetch=config.data.prefetch,
     )
     fn = eval_step(setup)
-    probs, index, valid, labels = [], [], [], []
+    merged = metrics.ViewMerger(info.num_videos, len(setup.classes))
+    video_labels = np.zeros(info.num_videos, np.int64)
     batches = iter(ds)
     size, devices = config.data.eval_batch_size, setup.mesh.size
     advice = train.memory_advice(
@@ -79,27 +80,34 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
         f"--config.data.eval_batch_size (now {size}; a multiple of the {devices} devices)",
     )
     try:
-        with advice:
+        with advice, train.damaged_records(config.records_dir):
             for batch in batches:
                 gb = sharding.global_batch(
                     {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
                 )
                 p = fn(params, gb["clip"])
                 p, vi, va, la = (
-                    multihost_utils.process_allgather(x, tiled=True)
+                    np.asarray(multihost_utils.process_allgather(x, tiled=True))
                     for x in (p, gb["video_index"], gb["valid"], gb["label"])
                 )
-                probs.append(np.asarray(p))
-                index.append(np.asarray(vi))
-                valid.append(np.asarray(va))
-                labels.append(np.asarray(la))
+                bad = va & ~np.isfinite(p).all(axis=1)
+                if bad.any():
+                    raise train.TrainingError(non_finite_message(split, vi[bad][0], config))
+                merged.add(p, vi, va)
+                video_labels[vi[va]] = la[va]
     finally:
         pipeline.release(batches, config.data.num_workers)
-    probs, index, valid, labels = (np.concatenate(x) for x in (probs, index, valid, labels))
-    video_probs = metrics.merge_views(probs, index, valid, info.num_videos)
-    video_labels = np.zeros(info.num_videos, np.int64)
-    video_labels[index[valid]] = labels[valid]
-    return video_probs, video_labels
+    return merged.result(), video_labels
+
+
+def non_finite_message(split: str, video: int, config: ml_collections.ConfigDict) -> str:
+    why = (
+        "; in float16 the forward pass overflowed: evaluate with --config.model.dtype=float32 "
+        "(or bfloat16)"
+        if config.model.dtype == "float16"
+        else "; the weights may hold non-finite values"
+    )
+    return f"the model gave non-finite probabilities for video {video} of the {split} split{why}"
 
 
 def evaluate_split(
@@ -117,6 +125,7 @@ def evaluate_split(
     if mode == "test":
         report["views_per_video"] = config.data.test_num_segment * config.data.test_num_crop
     if workdir is not None and jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)  # made once there is a result to put in it
         metrics.write_per_class_csv(
             workdir / f"{split}_per_class.csv", video_probs, labels, setup.classes
         )
@@ -306,7 +315,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_same_result(out / "metrics.json", str(source), step, protocol(config))
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
-        out.mkdir(parents=True, exist_ok=True)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)
     train._log(summary_line(report))
     result = {"checkpoint": str(source), "step": step, "protocol": protocol(config), "test": report}

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from signnet_jax import checkpointing, evaluate, optim, sharding
-from signnet_jax.data import augment, device, pipeline
+from signnet_jax.data import augment, device, pipeline, records
 from signnet_jax.data.records import load_dataset_info
 from signnet_jax.metrics import plot_training_curves
 from signnet_jax.models import vit
@@ -673,6 +673,19 @@ def batch_spec(clips: int, cfg: vit.ViTConfig) -> dict[str, tuple[tuple[int, ...
 
 
 @contextlib.contextmanager
+def damaged_records(records_dir: str):
+    """A record that fails its checksum (a damaged disk or copy) stops training or evaluation
+    with the way out, not a traceback from the input pipeline's worker."""
+    try:
+        yield
+    except records.CorruptRecordError as e:
+        raise TrainingError(
+            f"{e}: the records in {records_dir} are damaged; restore the file from a good copy, "
+            "or build the records again (python -m data_prep.build_records)"
+        ) from e
+
+
+@contextlib.contextmanager
 def memory_advice(what: str, advice: str):
     """Device out-of-memory errors become a TrainingError: ``what`` needs more device memory
     than there is (XLA's first line), then ``advice``: which settings help."""
@@ -1002,6 +1015,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with (
             _Preemption() as preempt,
             _memory_advice(per_device),
+            damaged_records(config.records_dir),
             trace,
             contextlib.closing(train_iter),
         ):

@@ -32,6 +32,23 @@ def test_merge_three_views_per_video_ignores_padding():
     assert merged.dtype == np.float64
 
 
+def test_merging_a_batch_at_a_time_gives_the_same_bits():
+    # evaluation adds each batch as it comes instead of holding every view
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(7), size=40)
+    index = np.concatenate([rng.permutation(10) for _ in range(4)])
+    valid = rng.random(40) < 0.9
+    valid[:10] = True  # every video keeps a view
+    merger = metrics.ViewMerger(10, 7)
+    for part in np.array_split(np.arange(40), 3):
+        merger.add(probs[part].astype(np.float32), index[part], valid[part])
+    whole = metrics.merge_views(probs.astype(np.float32), index, valid, 10)
+    np.testing.assert_array_equal(merger.result(), whole)
+    np.testing.assert_allclose(whole.sum(axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="probs has 3 classes, the merger 7"):
+        merger.add(np.ones((1, 3)), [0], np.ones(1, bool))
+
+
 def test_merge_video_without_views_is_named():
     probs = np.full((3, 2), 0.5)
     with pytest.raises(

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -981,6 +982,55 @@ def test_eval_mode_tests_a_converted_checkpoint_at_its_own_clip_size(records, tm
     )):  # fmt: skip
         evaluate.evaluate(c, tmp_path / "w")
     assert not (tmp_path / "w" / "eval").exists()
+
+
+def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
+    records, tmp_path, monkeypatch
+):
+    import jax.numpy as jnp
+
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    shard = copy / "test-00000-of-00001.tfrecord"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF  # inside the first record's data
+    shard.write_bytes(bytes(damaged))
+    c = tiny_config(copy, mode="eval", init_from=str(init), **{"data.num_workers": 2})
+    with pytest.raises(train.TrainingError) as e:
+        evaluate.evaluate(c, tmp_path / "w")
+    assert str(e.value) == (
+        f"{shard}: record 0: data CRC mismatch (corrupted record): the records in {copy} are "
+        "damaged; restore the file from a good copy, or build the records again "
+        "(python -m data_prep.build_records)"
+    )
+    assert not (tmp_path / "w" / "eval").exists()  # no empty result folder
+    # training reads a damaged training shard the same way
+    shard = copy / "train-00000-of-00001.tfrecord"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(train.TrainingError, match=r"data CRC mismatch .* are damaged; restore"):
+        train.train_and_evaluate(tiny_config(copy, val_split="", test_split=""), tmp_path / "t")
+
+    # a forward pass that overflows (float16) or weights gone bad: named, no traceback
+    real = evaluate.eval_step
+    monkeypatch.setattr(
+        evaluate, "eval_step", lambda setup: lambda p, x: real(setup)(p, x) * jnp.nan
+    )
+    for dtype, why in (
+        ("float16", "in float16 the forward pass overflowed: evaluate with "
+                    "--config.model.dtype=float32 (or bfloat16)"),
+        ("float32", "the weights may hold non-finite values"),
+    ):  # fmt: skip
+        c = tiny_config(records, mode="eval", init_from=str(init), **{"model.dtype": dtype})
+        with pytest.raises(train.TrainingError, match=(
+            rf"^the model gave non-finite probabilities for video \d+ of the test split; "
+            rf"{re.escape(why)}$"
+        )):  # fmt: skip
+            evaluate.evaluate(c, tmp_path / dtype)
+        assert not (tmp_path / dtype / "eval").exists()
 
 
 def test_eval_mode_refuses_ambiguous_or_unnamed_checkpoints(records, tmp_path, capsys):
