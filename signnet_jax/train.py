@@ -973,7 +973,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         t_last, n_last = _clock(), start
         step = start
-        loss_sum = jnp.zeros(())
+        # the loss averaged over the steps since the last log line (of the log_every cadence);
+        # a run resumed between two goes on with the saved part, so its curve is the
+        # uninterrupted run's
+        window = run.get("loss_window", {"since": start, "sum": 0.0})
+        loss_since, loss_sum = window["since"], jnp.float32(window["sum"])
         # float16: updates skipped for overflow in the whole run (on the device), and by the
         # last log
         skipped_at_log = run.get("skipped_updates", 0)
@@ -1040,7 +1044,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     check_finite()
                     n = step - n_last
                     dt = _clock() - t_last
-                    loss = float(loss_sum) / (n * accum)
+                    loss = float(loss_sum) / ((step - loss_since) * accum)
                     loss_log.append((step, loss))
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
@@ -1079,7 +1083,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         | ({"train/mfu": flops_s / peak} if peak else {})
                         | scale_scalars,
                     )
-                    t_last, n_last, loss_sum = _clock(), step, jnp.zeros(())
+                    t_last, n_last = _clock(), step
+                    if step % config.train.log_every == 0:  # not the last step's extra line
+                        loss_since, loss_sum = step, jnp.float32(0)
                 val_metrics = None
                 if config.val_split and (step % val_every == 0 or step == last_step):
                     check_finite()
@@ -1106,6 +1112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t_last += _clock() - t_val  # throughput counts steps only
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
                 run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
+                run["loss_window"] = {"since": loss_since, "sum": loss_sum}  # read when saved
                 if scaling:
                     run["skipped_updates"] = skipped
                 if saved:

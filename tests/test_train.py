@@ -757,6 +757,22 @@ def test_resume_with_other_workers_and_accumulation_follows_the_run(records, tmp
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_a_run_resumed_between_log_lines_logs_the_uninterrupted_loss_curve(records, tmp_path):
+    kw = {"val_split": "", "test_split": "", "train.log_every": 3}
+    straight = train.train_and_evaluate(
+        tiny_config(records, **kw, **{"train.max_steps": 6}), tmp_path / "straight"
+    )
+    train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 2}), tmp_path / "r")
+    resumed = train.train_and_evaluate(
+        tiny_config(records, **kw, **{"train.max_steps": 6}), tmp_path / "r"
+    )
+    # step 2 ended the first run (a log line there too); the line at step 3 averages steps
+    # 1-3 as the uninterrupted run's does, not step 3 alone
+    assert [s for s, _ in straight["train_loss"]] == [3, 6]
+    assert [s for s, _ in resumed["train_loss"]] == [2, 3, 6]
+    assert resumed["train_loss"][1:] == straight["train_loss"]
+
+
 def test_resume_with_settings_that_shape_the_run_is_refused(records, tmp_path):
     kw = {"val_split": "", "test_split": "", "train.max_steps": 2}
     train.train_and_evaluate(tiny_config(records, **kw), tmp_path)
