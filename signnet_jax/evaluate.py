@@ -227,10 +227,7 @@ def check_trained_settings(
     from signnet_jax import train
 
     src = vit.ViTConfig.from_dict(meta["model"])
-    try:
-        cfg = train.model_config(config, 1)
-    except ValueError as e:  # a bad preset, dtype, attention or clip size, named as prepare does
-        raise train.TrainingError(f"config.model: {e}") from e
+    cfg = train.model_config(config, 1)
     model: dict[str, Any] = {}
     if any(getattr(src, k) != getattr(cfg, k) for k in train._ARCH):
         model |= train.arch_overrides(src)

@@ -75,9 +75,11 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
 
 
 def ensure_smoke(config: ml_collections.ConfigDict) -> None:
-    """Generate the synthetic smoke dataset into records_dir unless it is there."""
+    """Generate the synthetic smoke dataset into records_dir unless it is there (the model
+    settings are checked first: generating takes a while)."""
     from data_prep.synthetic import SmokeDatasetError, ensure_smoke_dataset
 
+    model_config(config, config.smoke.classes)
     opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
     try:
         ensure_smoke_dataset(config.records_dir, **opts)
@@ -101,23 +103,27 @@ def arch_overrides(src: vit.ViTConfig) -> dict[str, Any]:
 
 
 def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViTConfig:
+    """The model of ``config.model``; a bad preset, dtype, attention or clip size is named."""
     m = config.model
     overrides = {
         k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads", "mlp_dim") if getattr(m, k)
     }
-    return vit.ViTConfig.from_preset(
-        m.preset,
-        num_classes=num_classes,
-        num_frames=m.num_frames,
-        img_size=m.img_size,
-        drop_path_rate=m.drop_path_rate,
-        head_drop_rate=m.head_drop_rate,
-        init_scale=m.init_scale,
-        dtype=m.dtype,
-        remat=m.remat,
-        attention=m.attention,
-        **overrides,
-    )
+    try:
+        return vit.ViTConfig.from_preset(
+            m.preset,
+            num_classes=num_classes,
+            num_frames=m.num_frames,
+            img_size=m.img_size,
+            drop_path_rate=m.drop_path_rate,
+            head_drop_rate=m.head_drop_rate,
+            init_scale=m.init_scale,
+            dtype=m.dtype,
+            remat=m.remat,
+            attention=m.attention,
+            **overrides,
+        )
+    except ValueError as e:
+        raise TrainingError(f"config.model: {e}") from e
 
 
 _ARCH = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "tubelet_size", "in_chans")
@@ -388,10 +394,7 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
         model's structural options, and ``init_from`` is not read again (it may be gone).
     """
     classes, info = dataset_classes(config)
-    try:
-        cfg = model_config(config, len(classes))
-    except ValueError as e:  # a bad preset, dtype, attention or clip size
-        raise TrainingError(f"config.model: {e}") from e
+    cfg = model_config(config, len(classes))
     init_params, note = None, f"random init (seed {config.seed})"
     init_warnings: list[str] = []
     if resume is not None:
@@ -802,6 +805,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "checkpoint would be selected on the test split; give a validation split of its "
             "own (or --config.val_split='' to train without validation)"
         )
+    check_train_settings(config.train)
     if config.smoke.enabled:
         ensure_smoke(config)
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
@@ -868,7 +872,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise TrainingError(str(e)) from e
     last_step = min(total, config.train.max_steps) if config.train.max_steps > 0 else total
     scaling = loss_scaling(config, cfg)
-    check_train_settings(config.train)
 
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)

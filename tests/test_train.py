@@ -1222,6 +1222,20 @@ def test_init_checkpoint_of_another_preset(records, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_bad_settings_stop_before_the_smoke_dataset_is_generated(tmp_path):
+    # generating the smoke dataset takes a while: a typo is named first, nothing is written
+    new = tmp_path / "records"
+    for over, message in (
+        ({"model.dtype": "fp16"}, "config.model: "),
+        ({"train.log_every": 0}, "train.log_every=0 (least 1)"),
+    ):
+        with pytest.raises(train.TrainingError, match=re.escape(message)):
+            train.train_and_evaluate(tiny_config(new, **over), tmp_path / "w")
+    with pytest.raises(train.TrainingError, match="config.model: "):
+        evaluate.evaluate(tiny_config(new, mode="eval", **{"model.dtype": "fp16"}), tmp_path / "w")
+    assert not new.exists() and not (tmp_path / "w").exists()
+
+
 def test_smoke_records_of_other_options_are_named_with_the_way_out(records, tmp_path, capsys):
     c = tiny_config(records, **{"smoke.frames": 16})
     with pytest.raises(train.TrainingError) as e:
