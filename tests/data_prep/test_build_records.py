@@ -811,3 +811,21 @@ def test_cache_keys_of_whole_file_entries_are_those_of_earlier_builds(tmp_path):
     }  # fmt: skip
     key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:32]
     assert build_records.cache_key(entry, str(tmp_path / "none.mp4"), {"size": 224}, 90) == key
+
+
+def test_an_empty_split_file_stops_the_build_before_anything_is_written(dataset, tmp_path, capsys):
+    (tmp_path / "classes.txt").write_text("apple\nbook\n")
+    (tmp_path / "train.csv").write_text("00001.mp4 1\n00002.mp4 0\n")
+    (tmp_path / "val.csv").write_text("00003.mp4 0\n")
+    (tmp_path / "test.csv").write_bytes(b"")
+    out = tmp_path / "records"
+    args = ["--dataset", "csv", "--videos", str(dataset / "videos"), "--output", str(out)]
+    args += ["--split-file", *(str(tmp_path / f"{s}.csv") for s in ("train", "val", "test"))]
+    args += ["--class-list", str(tmp_path / "classes.txt")]
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: split file {tmp_path / 'test.csv'} is empty; every --split-file must list at "
+        "least one video: give the right file, or leave this one out\n"
+    )
+    assert not out.exists()
