@@ -725,20 +725,6 @@ def _hht_settings_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(HHTSettings))
 
 
-def _flag_type(default: Any) -> Callable[[str], Any]:
-    if isinstance(default, tuple):
-
-        def parse_flags(text: str) -> tuple:
-            words = [w.strip().lower() for w in text.split(",")]
-            bad = [w for w in words if w not in ("1", "0", "true", "false")]
-            if bad:
-                raise argparse.ArgumentTypeError(f"expected comma-separated 1/0, got {text!r}")
-            return tuple(w in ("1", "true") for w in words)
-
-        return parse_flags
-    return type(default)
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The command-line interface (H&HT options come from HHTSettings' fields)."""
     p = argparse.ArgumentParser(
@@ -787,16 +773,22 @@ def make_parser() -> argparse.ArgumentParser:
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, dest=field.name
             )
-        else:
-            shown = (
-                ",".join(str(int(v)) for v in default) if isinstance(default, tuple) else default
-            )
+        elif field.name == "quadrants":  # parsed in main by parse_quadrants, as data_prep.hht
+            shown = "".join(str(int(v)) for v in default)
             group.add_argument(
                 flag,
-                type=_flag_type(default),
+                default=shown,
+                dest=field.name,
+                help="four 0/1 flags for frame, head, right hand, left hand, e.g. 1011 or "
+                f"1,0,1,1 (default {shown})",
+            )
+        else:
+            group.add_argument(
+                flag,
+                type=type(default),
                 default=default,
                 dest=field.name,
-                help=f"default {shown}",
+                help=f"default {default}",
             )
     return p
 
@@ -850,6 +842,7 @@ def main(
       Exit status: 0, 1 when failures pass --max-failure-fraction, 2 on bad input.
     """
     from signnet_jax.hht import HHTSettings
+    from signnet_jax.hht.settings import parse_quadrants
 
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -877,7 +870,9 @@ def main(
                 "give a new or empty folder, or one an earlier build_records wrote"
             )
     try:
-        settings = HHTSettings(**{f.name: getattr(args, f.name) for f in _hht_settings_fields()})
+        values = {f.name: getattr(args, f.name) for f in _hht_settings_fields()}
+        values["quadrants"] = parse_quadrants(args.quadrants)
+        settings = HHTSettings(**values)
         manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
+from signnet_jax.hht.settings import parse_quadrants
 from signnet_jax.hht.video import check_writable, decode_video
 
 
@@ -82,14 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace) -> HHTSettings:
-    # "1011" or, as build_records writes it, "1,0,1,1"
-    q = args.quadrants.replace(",", "")
-    if len(q) != 4 or set(q) - {"0", "1"}:
-        raise ValueError(f"--quadrants takes four 0/1 flags like 1011, got {args.quadrants!r}")
     return HHTSettings(
         layout=args.layout,
         size=args.size,
-        quadrants=tuple(c == "1" for c in q),
+        quadrants=parse_quadrants(args.quadrants),
         faithful=args.faithful,
         detect_size=args.detect_size,
         min_confidence=args.min_confidence,

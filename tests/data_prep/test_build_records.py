@@ -829,3 +829,25 @@ def test_an_empty_split_file_stops_the_build_before_anything_is_written(dataset,
         "least one video: give the right file, or leave this one out\n"
     )
     assert not out.exists()
+
+
+def test_quadrants_take_both_forms_like_data_prep_hht(dataset, tmp_path, capsys):
+    from data_prep import hht
+
+    for i, text in enumerate(("1011", "1,0,1,1")):
+        out = tmp_path / f"records{i}"
+        args = _cli(dataset, out, "--quadrants", text)
+        assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+        assert records.load_dataset_info(out)["hht_settings"]["quadrants"] == [1, 0, 1, 1]
+    capsys.readouterr()
+    # a bad value: the same message from both command lines (one parser)
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--quadrants", "11x1")) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --quadrants takes four 0/1 flags for frame, head, right hand, left hand, like "
+        "1011 or 1,0,1,1; got '11x1'\n"
+    )
+    argv = ["--video", "v.mp4", "--output", str(tmp_path / "o.mp4"), "--quadrants", "11x1"]
+    assert hht.main(argv) == 2
+    assert capsys.readouterr().err == err
+    assert not (tmp_path / "o").exists()

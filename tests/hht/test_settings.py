@@ -42,3 +42,17 @@ def test_unknown_key_is_named():
 def test_invalid_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HHTSettings(**kwargs)
+
+
+def test_parse_quadrants_takes_both_command_line_forms():
+    from signnet_jax.hht.settings import parse_quadrants
+
+    for text in ("1011", "1,0,1,1", " 1, 0, 1, 1 ", "true,False,1,1"):
+        assert parse_quadrants(text) == (True, False, True, True), text
+    for text in ("101", "10111", "1,0,1", "11x1", "1 0 1 1", "", "yes,no,yes,yes"):
+        with pytest.raises(ValueError) as e:
+            parse_quadrants(text)
+        assert str(e.value) == (
+            "--quadrants takes four 0/1 flags for frame, head, right hand, left hand, like 1011 "
+            f"or 1,0,1,1; got {text!r}"
+        )
