@@ -719,6 +719,17 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_workers(text: str) -> int:
+    """--workers: a number of worker processes, >= 0."""
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 runs in this process), got {workers}")
+    return workers
+
+
 def _hht_settings_fields() -> list[dataclasses.Field]:
     from signnet_jax.hht import HHTSettings
 
@@ -747,7 +758,7 @@ def make_parser() -> argparse.ArgumentParser:
         "gloss a line); required for csv, default for nslt: wlasl_class_list.txt beside it",
     )
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1,
+        "--workers", type=parse_workers, default=os.cpu_count() or 1,
         help="worker processes (default: every core; 0 runs in-process, for debugging)",
     )  # fmt: skip
     p.add_argument(

@@ -851,3 +851,17 @@ def test_quadrants_take_both_forms_like_data_prep_hht(dataset, tmp_path, capsys)
     assert hht.main(argv) == 2
     assert capsys.readouterr().err == err
     assert not (tmp_path / "o").exists()
+
+
+def test_negative_workers_are_refused(dataset, tmp_path, capsys):
+    for value, message in [
+        ("-1", "argument --workers: must be >= 0 (0 runs in this process), got -1"),
+        ("two", "argument --workers: not a whole number: 'two'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            build_records.main(
+                _cli(dataset, tmp_path / "o", "--workers", value), tunneller_factory=FakeTunneller
+            )
+        assert e.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert not (tmp_path / "o").exists()
