@@ -94,6 +94,11 @@ class HHTSettings:
             problems.append(f"size must be an even integer >= 16, got {self.size!r}")
         if len(self.quadrants) != 4:
             problems.append(f"quadrants needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
+        elif not any(self.quadrants):
+            problems.append(
+                "quadrants are all off, which makes every frame black; switch on at least one "
+                f"of {', '.join(PARTS)}"
+            )
         for name in ("head_margin", "hand_margin", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

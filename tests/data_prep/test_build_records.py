@@ -865,3 +865,13 @@ def test_negative_workers_are_refused(dataset, tmp_path, capsys):
         assert e.value.code == 2
         assert capsys.readouterr().err.endswith(f"error: {message}\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_all_quadrants_off_is_refused(dataset, tmp_path, capsys):
+    args = _cli(dataset, tmp_path / "o", "--quadrants", "0,0,0,0")
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
+        "switch on at least one of frame, head, right_hand, left_hand\n"
+    )
+    assert not (tmp_path / "o").exists()

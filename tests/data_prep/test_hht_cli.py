@@ -110,6 +110,11 @@ def test_noise_video_is_written_with_a_warning(tmp_path, capsys):
     "args, message",
     [
         (["--quadrants", "11x1"], "--quadrants takes four 0/1 flags"),
+        (
+            ["--quadrants", "0000"],
+            "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
+            "switch on at least one of frame, head, right_hand, left_hand\n",
+        ),
         (["--size", "255"], "size must be an even integer"),
         (["--output", "o.avi"], "must end in .mp4"),
         (["--min-confidence", "2"], "min_confidence must be in [0, 1], got 2.0"),

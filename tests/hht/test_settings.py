@@ -32,6 +32,11 @@ def test_unknown_key_is_named():
         ({"size": 255}, "size must be an even integer"),
         ({"size": 8}, "size must be an even integer"),
         ({"quadrants": (True, True, True)}, "quadrants needs 4 flags"),
+        (
+            {"quadrants": (False,) * 4},
+            r"quadrants are all off, which makes every frame black; switch on at least one of "
+            r"frame, head, right_hand, left_hand$",
+        ),
         ({"head_margin": -0.1}, "head_margin must be >= 0"),
         ({"max_gap": -1}, "max_gap must be an integer >= 0"),
         ({"wrist_visibility": 1.5}, r"wrist_visibility must be in \[0, 1\]"),
