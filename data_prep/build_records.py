@@ -742,24 +742,35 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.build_records",
         description="Turn raw videos plus a split manifest into H&HT TFRecord shards.",
     )
-    p.add_argument("--dataset", required=True, choices=manifests.DATASETS)
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=manifests.DATASETS,
+        help="format of the split files: wlasl (WLASL_v0.3.json or nslt_K.json), csv (the "
+        "published SignNet splits) or asl_citizen (ASL-Citizen CSVs) (required)",
+    )
     p.add_argument(
         "--split-file",
         required=True,
         nargs="+",
         help="wlasl: WLASL_v0.3.json or nslt_K.json; csv / asl_citizen: one or more CSVs, "
-        "the split named by the file stem (train.csv -> train)",
+        "the split named by the file stem (train.csv -> train) (required)",
     )
-    p.add_argument("--videos", required=True, help="folder the manifest's video paths are in")
-    p.add_argument("--output", required=True, help="records folder (created)")
+    p.add_argument(
+        "--videos", required=True, help="folder the manifest's video paths are in (required)"
+    )
+    p.add_argument("--output", required=True, help="records folder, created (required)")
     p.add_argument(
         "--class-list",
         help="class names, line i = label i ('i gloss' lines as wlasl_class_list.txt, or one "
-        "gloss a line); required for csv, default for nslt: wlasl_class_list.txt beside it",
+        "gloss a line); required for csv (default: for nslt files the wlasl_class_list.txt "
+        "beside them, for asl_citizen the sorted glosses of train.csv)",
     )
+    cores = os.cpu_count() or 1
     p.add_argument(
-        "--workers", type=parse_workers, default=os.cpu_count() or 1,
-        help="worker processes (default: every core; 0 runs in-process, for debugging)",
+        "--workers", type=parse_workers, default=cores,
+        help=f"worker processes (default: every core, {cores} here; 0 runs in-process, for "
+        "debugging)",
     )  # fmt: skip
     p.add_argument(
         "--max-failure-fraction", type=float, default=0.05,
@@ -782,7 +793,11 @@ def make_parser() -> argparse.ArgumentParser:
         default = field.default
         if isinstance(default, bool):
             group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, dest=field.name
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                dest=field.name,
+                help=f"default {'on' if default else 'off'}",
             )
         elif field.name == "quadrants":  # parsed in main by parse_quadrants, as data_prep.hht
             shown = "".join(str(int(v)) for v in default)

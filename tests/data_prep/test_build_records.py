@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -875,3 +876,24 @@ def test_all_quadrants_off_is_refused(dataset, tmp_path, capsys):
         "switch on at least one of frame, head, right_hand, left_hand\n"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_help_states_every_options_default():
+    import argparse
+
+    parser = build_records.make_parser()
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert len(options) == 10 + len(dataclasses.fields(HHTSettings))
+    for action in options:
+        name = action.option_strings[0]
+        if action.required:
+            assert action.help and action.help.endswith("(required)"), name
+        else:
+            assert action.help and re.search(r"\bdefault\b", action.help), (name, action.help)
+    text = " ".join(parser.format_help().split())
+    assert "--dataset {wlasl,csv,asl_citizen} format of the split files: wlasl" in text
+    assert "--faithful, --no-faithful default off" in text
+    assert "--gate-hands, --no-gate-hands default on" in text
+    assert "--size SIZE default 256" in text
+    assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
+    assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text
