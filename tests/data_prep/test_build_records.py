@@ -693,6 +693,11 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     # the real Tunneller's model folder is checked once, before any video
     assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
     assert f"--models {tmp_path} lacks" in capsys.readouterr().err
+    nowhere = tmp_path / "nowhere"
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(nowhere))) == 2
+    assert f"error: --models {nowhere}: no such folder; give the folder that holds" in (
+        capsys.readouterr().err
+    )
     empty = tmp_path / "no_videos"
     empty.mkdir()
     assert build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(empty))) == 2
