@@ -159,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="frame", desc="detecting", file=sys.stderr, leave=False)
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+        # The bar starts with the first frame detected, once the models have loaded: a model
+        # error must not come after a progress line.
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="frame", desc="detecting", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
 
     start = time.perf_counter()
     try:
