@@ -573,7 +573,11 @@ def build(
                 file=sys.stderr,
             )
         bar = tqdm(
-            total=len(todo), unit="video", desc="H&HT", disable=not progress, dynamic_ncols=True
+            total=len(todo),
+            unit="video",
+            desc="H&HT",
+            disable=not progress or not todo,  # all cached: the line above says so
+            dynamic_ncols=True,
         )
         with bar, _outcomes(todo, tunneller_factory, workers, work, jpeg_quality) as outcomes:
             for out in outcomes:
@@ -584,7 +588,10 @@ def build(
                     errors[out.index] = out
                     first = out.detail.splitlines()[0]
                     bar.write(f"error on {tasks[out.index].video_path}: {first}", file=sys.stderr)
-                bar.update(1)
+                if bar.n + 1 < bar.total:
+                    bar.update(1)
+                else:  # the last video: closing the bar draws its final line, update() would too
+                    bar.n += 1
 
         t_shards = time.perf_counter()
         # The shards about to be written may disagree with an earlier build's description

@@ -902,3 +902,19 @@ def test_help_states_every_options_default():
     assert "--size SIZE default 256" in text
     assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
     assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text
+
+
+def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # every update draws, the last one too
+    out = tmp_path / "records"
+    for workers in ("0", "2"):
+        shutil.rmtree(out, ignore_errors=True)
+        args = _cli(dataset, out, "--workers", workers)
+        assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+        err = capsys.readouterr().err
+        assert err.count("H&HT: 100%|") == 1, err
+        assert err.count("7/7 [") == 1, err
+    # everything cached: no bar of zero videos, the summary says it
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    err = capsys.readouterr().err
+    assert "H&HT:" not in err and "7 of 7 videos already done" in err
