@@ -509,6 +509,73 @@ def _write_split(
     return shards, fps_summary(rates)
 
 
+def _describe(dataset: Any, split_files: Sequence[str] | None, num_classes: int) -> str:
+    """'wlasl from nslt_100.json, 100 classes': what a records folder holds, for messages."""
+    what = str(dataset or "an unnamed dataset")
+    if split_files:
+        what += f" from {', '.join(sorted(split_files))}"
+    return f"{what}, {num_classes} class{'' if num_classes == 1 else 'es'}"
+
+
+def check_output(output: str, classes: Sequence[str], info: dict | None) -> None:
+    """Refuses an output folder that holds another dataset's records (it is left untouched).
+
+    The same dataset is the same format (`dataset`), the same split file names and the same
+    classes in the same order: building it again, with any H&HT settings, JPEG quality or
+    shard size, resumes or replaces its own records. A folder without dataset_info.json is
+    new or an unfinished build, and is resumed.
+
+    Args:
+      output: the records folder.
+      classes: the class list of the build.
+      info: the build's extra dataset_info.json fields (`dataset`, `split_files`).
+
+    Raises:
+      BuildError: the folder holds a synthetic smoke dataset or another dataset's records.
+    """
+    from data_prep.synthetic import LOCK
+
+    fix = f"give another --output, or delete {output} to build this dataset there"
+    if os.path.exists(os.path.join(output, LOCK)):
+        raise BuildError(
+            f"--output {output} holds a synthetic smoke dataset (made by data_prep.synthetic: "
+            f"{LOCK}); {fix}"
+        )
+    try:
+        with open(os.path.join(output, records.DATASET_INFO)) as f:
+            there = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise BuildError(
+            f"--output {output}: cannot read {records.DATASET_INFO} ({e}); {fix}"
+        ) from e
+    info = info or {}
+    old = _describe(there.get("dataset"), there.get("split_files"), len(there.get("classes", [])))
+    tool = there.get("tool", {}).get("name")
+    if tool != TOOL:
+        raise BuildError(
+            f"--output {output} holds records written by {tool or 'an unknown tool'} ({old}); {fix}"
+        )
+    new = _describe(info.get("dataset"), info.get("split_files"), len(classes))
+    same = (
+        there.get("dataset") == info.get("dataset")
+        and sorted(there.get("split_files") or []) == sorted(info.get("split_files") or [])
+        and there.get("classes") == list(classes)
+    )
+    if not same:
+        if old == new:  # as many classes, other names or order: name the first that differs
+            i, a, b = next(
+                (i, a, b)
+                for i, (a, b) in enumerate(zip(there["classes"], classes, strict=True))
+                if a != b
+            )
+            new += f", but label {i} is {a!r} there and {b!r} here"
+        raise BuildError(
+            f"--output {output} holds another dataset ({old}; this build: {new}); {fix}"
+        )
+
+
 def build(
     manifest: manifests.Manifest,
     videos_dir: str | os.PathLike,
@@ -546,6 +613,7 @@ def build(
 
     t_start = time.perf_counter()
     output = os.fspath(output_dir)
+    check_output(output, manifest.classes, info)
     work = os.path.join(output, WORK)
     os.makedirs(work, exist_ok=True)
     lock = open(os.path.join(work, ".lock"), "w")  # noqa: SIM115 - held for the whole build

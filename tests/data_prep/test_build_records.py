@@ -520,12 +520,10 @@ class _Interrupted(Exception):
 def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_path, monkeypatch):
     out = tmp_path / "records"
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
-    assert records.load_dataset_info(out)["classes"] == ["hello", "world"]
-    # the same videos under another class order, interrupted once the shards are written
-    other = tmp_path / "WLASL_v0.3.json"
-    other.write_text(json.dumps(_manifest_json()[::-1]))
-    args = _cli(dataset, out)
-    args[args.index("--split-file") + 1] = str(other)
+    assert records.load_dataset_info(out)["jpeg_quality"] == 90
+    # the same dataset with other frames (JPEG quality 50), interrupted once the shards are
+    # written
+    args = _cli(dataset, out, "--jpeg-quality", "50")
     original = build_records.atomic_write
 
     def interrupt_at_failures(path, data, **kwargs):
@@ -536,16 +534,17 @@ def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_pat
     monkeypatch.setattr(build_records, "atomic_write", interrupt_at_failures)
     with pytest.raises(_Interrupted):
         build_records.main(args, tunneller_factory=FakeTunneller)
-    # the new shards hold the new labels: the old dataset_info.json (old classes) must not
-    # describe them; the folder reads as an unfinished build instead
+    # the new shards hold other frames: the old dataset_info.json (quality 90, old shard
+    # sizes) must not describe them; the folder reads as an unfinished build instead
     with pytest.raises(FileNotFoundError, match="did not finish"):
         records.RecordSource(out, "train")
     monkeypatch.setattr(build_records, "atomic_write", original)
     assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
-    src = records.RecordSource(out, "train")
-    assert src.classes == ["world", "hello"]
-    for i in range(len(src)):
-        assert src.classes[int(src[i]["label"][0])] == src[i]["gloss"][0].decode()
+    info = records.load_dataset_info(out)
+    assert info["jpeg_quality"] == 50
+    for split, s in info["splits"].items():
+        for shard in s["shards"]:
+            assert (out / shard["file"]).stat().st_size == shard["num_bytes"], split
 
 
 class CrashingTunneller(FakeTunneller):
@@ -918,3 +917,75 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
     err = capsys.readouterr().err
     assert "H&HT:" not in err and "7 of 7 videos already done" in err
+
+
+def _everything(folder):
+    """Every file under folder (the work cache and hidden files included), path -> bytes."""
+    root = pathlib.Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+FOLDER_FIX = "give another --output, or delete {} to build this dataset there"
+
+
+def test_an_output_holding_another_dataset_is_refused_untouched(dataset, tmp_path, capsys):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    capsys.readouterr()
+    before = _everything(out)
+    fix = FOLDER_FIX.format(out)
+    there = "wlasl from WLASL_v0.3.json, 2 classes"
+    # another dataset format, split files and classes
+    (tmp_path / "classes.txt").write_text("apple\nbook\ncat\n")
+    (tmp_path / "train.csv").write_text("00001.mp4 1\n")
+    (tmp_path / "test.csv").write_text("00002.mp4 0\n")
+    csv = ["--dataset", "csv", "--videos", str(dataset / "videos"), "--output", str(out)]
+    csv += ["--split-file", str(tmp_path / "train.csv"), str(tmp_path / "test.csv")]
+    csv += ["--class-list", str(tmp_path / "classes.txt")]
+    assert build_records.main(csv, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out} holds another dataset ({there}; this build: csv from "
+        f"test.csv, train.csv, 3 classes); {fix}\n"
+    )
+    # the same format and split file name, other classes (here: the same glosses in
+    # another order, which gives every video another label)
+    other = tmp_path / "other" / "WLASL_v0.3.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(_manifest_json()[::-1]))
+    args = _cli(dataset, out)
+    args[args.index("--split-file") + 1] = str(other)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out} holds another dataset ({there}; this build: {there}, but "
+        f"label 0 is 'hello' there and 'world' here); {fix}\n"
+    )
+    assert _everything(out) == before
+    # the same dataset built again with other settings is a rebuild, not another dataset
+    assert (
+        build_records.main(_cli(dataset, out, "--size", "128"), tunneller_factory=FakeTunneller)
+        == 0
+    )
+
+
+def test_an_output_holding_the_smoke_dataset_is_refused_untouched(dataset, tmp_path, capsys):
+    from data_prep import synthetic
+
+    smoke = tmp_path / "smoke"
+    small = dict(classes=2, train_per_class=1, val_per_class=1, test_per_class=1, frames=2)
+    synthetic.ensure_smoke_dataset(smoke, size=16, **small)
+    before = _everything(smoke)
+    assert ".synthetic.lock" in before
+    assert build_records.main(_cli(dataset, smoke), tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {smoke} holds a synthetic smoke dataset (made by data_prep.synthetic: "
+        f".synthetic.lock); {FOLDER_FIX.format(smoke)}\n"
+    )
+    # its description alone (the lock file gone) says so too
+    (smoke / ".synthetic.lock").unlink()
+    del before[".synthetic.lock"]
+    assert build_records.main(_cli(dataset, smoke), tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {smoke} holds records written by data_prep.synthetic (smoke, "
+        f"2 classes); {FOLDER_FIX.format(smoke)}\n"
+    )
+    assert _everything(smoke) == before
