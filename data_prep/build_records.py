@@ -509,6 +509,73 @@ def _write_split(
     return shards, fps_summary(rates)
 
 
+def _describe(dataset: Any, split_files: Sequence[str] | None, num_classes: int) -> str:
+    """'wlasl from nslt_100.json, 100 classes': what a records folder holds, for messages."""
+    what = str(dataset or "an unnamed dataset")
+    if split_files:
+        what += f" from {', '.join(sorted(split_files))}"
+    return f"{what}, {num_classes} class{'' if num_classes == 1 else 'es'}"
+
+
+def check_output(output: str, classes: Sequence[str], info: dict | None) -> None:
+    """Refuses an output folder that holds another dataset's records (it is left untouched).
+
+    The same dataset is the same format (`dataset`), the same split file names and the same
+    classes in the same order: building it again, with any H&HT settings, JPEG quality or
+    shard size, resumes or replaces its own records. A folder without dataset_info.json is
+    new or an unfinished build, and is resumed.
+
+    Args:
+      output: the records folder.
+      classes: the class list of the build.
+      info: the build's extra dataset_info.json fields (`dataset`, `split_files`).
+
+    Raises:
+      BuildError: the folder holds a synthetic smoke dataset or another dataset's records.
+    """
+    from data_prep.synthetic import LOCK
+
+    fix = f"give another --output, or delete {output} to build this dataset there"
+    if os.path.exists(os.path.join(output, LOCK)):
+        raise BuildError(
+            f"--output {output} holds a synthetic smoke dataset (made by data_prep.synthetic: "
+            f"{LOCK}); {fix}"
+        )
+    try:
+        with open(os.path.join(output, records.DATASET_INFO)) as f:
+            there = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise BuildError(
+            f"--output {output}: cannot read {records.DATASET_INFO} ({e}); {fix}"
+        ) from e
+    info = info or {}
+    old = _describe(there.get("dataset"), there.get("split_files"), len(there.get("classes", [])))
+    tool = there.get("tool", {}).get("name")
+    if tool != TOOL:
+        raise BuildError(
+            f"--output {output} holds records written by {tool or 'an unknown tool'} ({old}); {fix}"
+        )
+    new = _describe(info.get("dataset"), info.get("split_files"), len(classes))
+    same = (
+        there.get("dataset") == info.get("dataset")
+        and sorted(there.get("split_files") or []) == sorted(info.get("split_files") or [])
+        and there.get("classes") == list(classes)
+    )
+    if not same:
+        if old == new:  # as many classes, other names or order: name the first that differs
+            i, a, b = next(
+                (i, a, b)
+                for i, (a, b) in enumerate(zip(there["classes"], classes, strict=True))
+                if a != b
+            )
+            new += f", but label {i} is {a!r} there and {b!r} here"
+        raise BuildError(
+            f"--output {output} holds another dataset ({old}; this build: {new}); {fix}"
+        )
+
+
 def build(
     manifest: manifests.Manifest,
     videos_dir: str | os.PathLike,
@@ -546,6 +613,7 @@ def build(
 
     t_start = time.perf_counter()
     output = os.fspath(output_dir)
+    check_output(output, manifest.classes, info)
     work = os.path.join(output, WORK)
     os.makedirs(work, exist_ok=True)
     lock = open(os.path.join(work, ".lock"), "w")  # noqa: SIM115 - held for the whole build
@@ -573,7 +641,11 @@ def build(
                 file=sys.stderr,
             )
         bar = tqdm(
-            total=len(todo), unit="video", desc="H&HT", disable=not progress, dynamic_ncols=True
+            total=len(todo),
+            unit="video",
+            desc="H&HT",
+            disable=not progress or not todo,  # all cached: the line above says so
+            dynamic_ncols=True,
         )
         with bar, _outcomes(todo, tunneller_factory, workers, work, jpeg_quality) as outcomes:
             for out in outcomes:
@@ -584,7 +656,10 @@ def build(
                     errors[out.index] = out
                     first = out.detail.splitlines()[0]
                     bar.write(f"error on {tasks[out.index].video_path}: {first}", file=sys.stderr)
-                bar.update(1)
+                if bar.n + 1 < bar.total:
+                    bar.update(1)
+                else:  # the last video: closing the bar draws its final line, update() would too
+                    bar.n += 1
 
         t_shards = time.perf_counter()
         # The shards about to be written may disagree with an earlier build's description
@@ -719,24 +794,21 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_workers(text: str) -> int:
+    """--workers: a number of worker processes, >= 0."""
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 runs in this process), got {workers}")
+    return workers
+
+
 def _hht_settings_fields() -> list[dataclasses.Field]:
     from signnet_jax.hht import HHTSettings
 
     return list(dataclasses.fields(HHTSettings))
-
-
-def _flag_type(default: Any) -> Callable[[str], Any]:
-    if isinstance(default, tuple):
-
-        def parse_flags(text: str) -> tuple:
-            words = [w.strip().lower() for w in text.split(",")]
-            bad = [w for w in words if w not in ("1", "0", "true", "false")]
-            if bad:
-                raise argparse.ArgumentTypeError(f"expected comma-separated 1/0, got {text!r}")
-            return tuple(w in ("1", "true") for w in words)
-
-        return parse_flags
-    return type(default)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -745,24 +817,35 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.build_records",
         description="Turn raw videos plus a split manifest into H&HT TFRecord shards.",
     )
-    p.add_argument("--dataset", required=True, choices=manifests.DATASETS)
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=manifests.DATASETS,
+        help="format of the split files: wlasl (WLASL_v0.3.json or nslt_K.json), csv (the "
+        "published SignNet splits) or asl_citizen (ASL-Citizen CSVs) (required)",
+    )
     p.add_argument(
         "--split-file",
         required=True,
         nargs="+",
         help="wlasl: WLASL_v0.3.json or nslt_K.json; csv / asl_citizen: one or more CSVs, "
-        "the split named by the file stem (train.csv -> train)",
+        "the split named by the file stem (train.csv -> train) (required)",
     )
-    p.add_argument("--videos", required=True, help="folder the manifest's video paths are in")
-    p.add_argument("--output", required=True, help="records folder (created)")
+    p.add_argument(
+        "--videos", required=True, help="folder the manifest's video paths are in (required)"
+    )
+    p.add_argument("--output", required=True, help="records folder, created (required)")
     p.add_argument(
         "--class-list",
         help="class names, line i = label i ('i gloss' lines as wlasl_class_list.txt, or one "
-        "gloss a line); required for csv, default for nslt: wlasl_class_list.txt beside it",
+        "gloss a line); required for csv (default: for nslt files the wlasl_class_list.txt "
+        "beside them, for asl_citizen the sorted glosses of train.csv)",
     )
+    cores = os.cpu_count() or 1
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1,
-        help="worker processes (default: every core; 0 runs in-process, for debugging)",
+        "--workers", type=parse_workers, default=cores,
+        help=f"worker processes (default: every core, {cores} here; 0 runs in-process, for "
+        "debugging)",
     )  # fmt: skip
     p.add_argument(
         "--max-failure-fraction", type=float, default=0.05,
@@ -785,18 +868,28 @@ def make_parser() -> argparse.ArgumentParser:
         default = field.default
         if isinstance(default, bool):
             group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, dest=field.name
-            )
-        else:
-            shown = (
-                ",".join(str(int(v)) for v in default) if isinstance(default, tuple) else default
-            )
-            group.add_argument(
                 flag,
-                type=_flag_type(default),
+                action=argparse.BooleanOptionalAction,
                 default=default,
                 dest=field.name,
-                help=f"default {shown}",
+                help=f"default {'on' if default else 'off'}",
+            )
+        elif field.name == "quadrants":  # parsed in main by parse_quadrants, as data_prep.hht
+            shown = "".join(str(int(v)) for v in default)
+            group.add_argument(
+                flag,
+                default=shown,
+                dest=field.name,
+                help="four 0/1 flags for frame, head, right hand, left hand, e.g. 1011 or "
+                f"1,0,1,1 (default {shown})",
+            )
+        else:
+            group.add_argument(
+                flag,
+                type=type(default),
+                default=default,
+                dest=field.name,
+                help=f"default {default}",
             )
     return p
 
@@ -850,6 +943,7 @@ def main(
       Exit status: 0, 1 when failures pass --max-failure-fraction, 2 on bad input.
     """
     from signnet_jax.hht import HHTSettings
+    from signnet_jax.hht.settings import parse_quadrants
 
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -877,7 +971,9 @@ def main(
                 "give a new or empty folder, or one an earlier build_records wrote"
             )
     try:
-        settings = HHTSettings(**{f.name: getattr(args, f.name) for f in _hht_settings_fields()})
+        values = {f.name: getattr(args, f.name) for f in _hht_settings_fields()}
+        values["quadrants"] = parse_quadrants(args.quadrants)
+        settings = HHTSettings(**values)
         manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
+from signnet_jax.hht.settings import parse_quadrants
 from signnet_jax.hht.video import check_writable, decode_video
 
 
@@ -82,14 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace) -> HHTSettings:
-    # "1011" or, as build_records writes it, "1,0,1,1"
-    q = args.quadrants.replace(",", "")
-    if len(q) != 4 or set(q) - {"0", "1"}:
-        raise ValueError(f"--quadrants takes four 0/1 flags like 1011, got {args.quadrants!r}")
     return HHTSettings(
         layout=args.layout,
         size=args.size,
-        quadrants=tuple(c == "1" for c in q),
+        quadrants=parse_quadrants(args.quadrants),
         faithful=args.faithful,
         detect_size=args.detect_size,
         min_confidence=args.min_confidence,
@@ -162,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="frame", desc="detecting", file=sys.stderr, leave=False)
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+        # The bar starts with the first frame detected, once the models have loaded: a model
+        # error must not come after a progress line.
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="frame", desc="detecting", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
 
     start = time.perf_counter()
     try:

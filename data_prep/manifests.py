@@ -34,6 +34,10 @@ DATASETS = ("wlasl", "csv", "asl_citizen")
 # Text files saved by Excel or Windows Notepad start with a byte order mark; "utf-8-sig" drops
 # it (and reads plain UTF-8 alike), where "utf-8" would glue it to the first name or path.
 ENCODING = "utf-8-sig"
+# What to do about a split file that lists no video (an empty split would be dropped silently).
+SPLIT_FIX = (
+    "every --split-file must list at least one video: give the right file, or leave this one out"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +299,8 @@ def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
             if not video or not gloss:
                 raise ValueError(f"{path}:{lineno}: empty 'Video file' or 'Gloss'")
             rows.append((lineno, video, gloss))
+    if not rows:
+        raise ValueError(f"split file {path} has a header but no rows; {SPLIT_FIX}")
     return rows
 
 
@@ -335,6 +341,15 @@ def load_asl_citizen(
     return Manifest(classes, entries)
 
 
+def _blank(path: str | os.PathLike) -> bool:
+    """True for a file holding nothing but whitespace (0 bytes, blank lines, a byte order mark)."""
+    with open(path, encoding=ENCODING) as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def load_manifest(
     dataset: str,
     split_files: Sequence[str | os.PathLike],
@@ -353,6 +368,8 @@ def load_manifest(
     for p in split_files:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"split file {p} not found")
+        if _blank(p):
+            raise ValueError(f"split file {p} is empty; {SPLIT_FIX}")
     if dataset == "wlasl":
         if len(split_files) != 1:
             raise ValueError(
@@ -365,8 +382,8 @@ def load_manifest(
         manifest = load_asl_citizen(split_files, class_list)
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if not manifest.entries:
-        raise ValueError(f"{', '.join(map(str, split_files))}: no entries")
+    if not manifest.entries:  # CSVs are checked one by one as they are read; wlasl has one file
+        raise ValueError(f"split file {split_files[0]} lists no videos; {SPLIT_FIX}")
     # An entry listed twice (a repeated row, a split file given twice) would become two
     # records: twice the weight in training, counted twice by the test metrics.
     repeated = [e for e, n in collections.Counter(manifest.entries).items() if n > 1]

@@ -99,6 +99,15 @@ def find_models(models_dir: str | os.PathLike | None = None, download: bool = Tr
     for label, candidate in (("--models", models_dir), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
         if candidate:
             directory = pathlib.Path(candidate).expanduser()
+            if not directory.is_dir():  # else reported as lacking every file
+                state = "a file" if directory.exists() else "no such folder"
+                names = ", ".join(MODEL_URLS)
+                if label == "--models":
+                    fix = f"give the folder that holds {names}"
+                else:
+                    fix = f"point it at the folder that holds {names}, or unset it to use the "
+                    fix += "download cache"
+                raise FileNotFoundError(f"{label} {directory}: {state}; {fix}")
             missing = _missing(directory)
             if missing:
                 raise FileNotFoundError(

@@ -8,6 +8,29 @@ from typing import Any
 LAYOUTS = ("grid2x2", "strip")
 # Cell order everywhere in this package: whole frame, head, right hand, left hand (body sides).
 PARTS = ("frame", "head", "right_hand", "left_hand")
+_FLAGS = {"1": True, "0": False, "true": True, "false": False}
+
+
+def parse_quadrants(text: str) -> tuple[bool, bool, bool, bool]:
+    """Parses the command lines' --quadrants: '1011', or comma-separated '1,0,1,1' / 'true,...'.
+
+    Args:
+      text: four flags in PARTS order.
+
+    Returns:
+      The four flags, for HHTSettings.quadrants.
+
+    Raises:
+      ValueError: not four 0/1 flags (the message names --quadrants and both forms).
+    """
+    words = text.split(",") if "," in text else list(text.strip())
+    words = [w.strip().lower() for w in words]
+    if len(words) != 4 or any(w not in _FLAGS for w in words):
+        raise ValueError(
+            "--quadrants takes four 0/1 flags for frame, head, right hand, left hand, like 1011 "
+            f"or 1,0,1,1; got {text!r}"
+        )
+    return tuple(_FLAGS[w] for w in words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +94,11 @@ class HHTSettings:
             problems.append(f"size must be an even integer >= 16, got {self.size!r}")
         if len(self.quadrants) != 4:
             problems.append(f"quadrants needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
+        elif not any(self.quadrants):
+            problems.append(
+                "quadrants are all off, which makes every frame black; switch on at least one "
+                f"of {', '.join(PARTS)}"
+            )
         for name in ("head_margin", "hand_margin", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -519,12 +520,10 @@ class _Interrupted(Exception):
 def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_path, monkeypatch):
     out = tmp_path / "records"
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
-    assert records.load_dataset_info(out)["classes"] == ["hello", "world"]
-    # the same videos under another class order, interrupted once the shards are written
-    other = tmp_path / "WLASL_v0.3.json"
-    other.write_text(json.dumps(_manifest_json()[::-1]))
-    args = _cli(dataset, out)
-    args[args.index("--split-file") + 1] = str(other)
+    assert records.load_dataset_info(out)["jpeg_quality"] == 90
+    # the same dataset with other frames (JPEG quality 50), interrupted once the shards are
+    # written
+    args = _cli(dataset, out, "--jpeg-quality", "50")
     original = build_records.atomic_write
 
     def interrupt_at_failures(path, data, **kwargs):
@@ -535,16 +534,17 @@ def test_interrupted_rebuild_does_not_leave_the_old_description(dataset, tmp_pat
     monkeypatch.setattr(build_records, "atomic_write", interrupt_at_failures)
     with pytest.raises(_Interrupted):
         build_records.main(args, tunneller_factory=FakeTunneller)
-    # the new shards hold the new labels: the old dataset_info.json (old classes) must not
-    # describe them; the folder reads as an unfinished build instead
+    # the new shards hold other frames: the old dataset_info.json (quality 90, old shard
+    # sizes) must not describe them; the folder reads as an unfinished build instead
     with pytest.raises(FileNotFoundError, match="did not finish"):
         records.RecordSource(out, "train")
     monkeypatch.setattr(build_records, "atomic_write", original)
     assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
-    src = records.RecordSource(out, "train")
-    assert src.classes == ["world", "hello"]
-    for i in range(len(src)):
-        assert src.classes[int(src[i]["label"][0])] == src[i]["gloss"][0].decode()
+    info = records.load_dataset_info(out)
+    assert info["jpeg_quality"] == 50
+    for split, s in info["splits"].items():
+        for shard in s["shards"]:
+            assert (out / shard["file"]).stat().st_size == shard["num_bytes"], split
 
 
 class CrashingTunneller(FakeTunneller):
@@ -692,6 +692,11 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     # the real Tunneller's model folder is checked once, before any video
     assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
     assert f"--models {tmp_path} lacks" in capsys.readouterr().err
+    nowhere = tmp_path / "nowhere"
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(nowhere))) == 2
+    assert f"error: --models {nowhere}: no such folder; give the folder that holds" in (
+        capsys.readouterr().err
+    )
     empty = tmp_path / "no_videos"
     empty.mkdir()
     assert build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(empty))) == 2
@@ -811,3 +816,176 @@ def test_cache_keys_of_whole_file_entries_are_those_of_earlier_builds(tmp_path):
     }  # fmt: skip
     key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:32]
     assert build_records.cache_key(entry, str(tmp_path / "none.mp4"), {"size": 224}, 90) == key
+
+
+def test_an_empty_split_file_stops_the_build_before_anything_is_written(dataset, tmp_path, capsys):
+    (tmp_path / "classes.txt").write_text("apple\nbook\n")
+    (tmp_path / "train.csv").write_text("00001.mp4 1\n00002.mp4 0\n")
+    (tmp_path / "val.csv").write_text("00003.mp4 0\n")
+    (tmp_path / "test.csv").write_bytes(b"")
+    out = tmp_path / "records"
+    args = ["--dataset", "csv", "--videos", str(dataset / "videos"), "--output", str(out)]
+    args += ["--split-file", *(str(tmp_path / f"{s}.csv") for s in ("train", "val", "test"))]
+    args += ["--class-list", str(tmp_path / "classes.txt")]
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: split file {tmp_path / 'test.csv'} is empty; every --split-file must list at "
+        "least one video: give the right file, or leave this one out\n"
+    )
+    assert not out.exists()
+
+
+def test_quadrants_take_both_forms_like_data_prep_hht(dataset, tmp_path, capsys):
+    from data_prep import hht
+
+    for i, text in enumerate(("1011", "1,0,1,1")):
+        out = tmp_path / f"records{i}"
+        args = _cli(dataset, out, "--quadrants", text)
+        assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+        assert records.load_dataset_info(out)["hht_settings"]["quadrants"] == [1, 0, 1, 1]
+    capsys.readouterr()
+    # a bad value: the same message from both command lines (one parser)
+    assert build_records.main(_cli(dataset, tmp_path / "o", "--quadrants", "11x1")) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --quadrants takes four 0/1 flags for frame, head, right hand, left hand, like "
+        "1011 or 1,0,1,1; got '11x1'\n"
+    )
+    argv = ["--video", "v.mp4", "--output", str(tmp_path / "o.mp4"), "--quadrants", "11x1"]
+    assert hht.main(argv) == 2
+    assert capsys.readouterr().err == err
+    assert not (tmp_path / "o").exists()
+
+
+def test_negative_workers_are_refused(dataset, tmp_path, capsys):
+    for value, message in [
+        ("-1", "argument --workers: must be >= 0 (0 runs in this process), got -1"),
+        ("two", "argument --workers: not a whole number: 'two'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            build_records.main(
+                _cli(dataset, tmp_path / "o", "--workers", value), tunneller_factory=FakeTunneller
+            )
+        assert e.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_all_quadrants_off_is_refused(dataset, tmp_path, capsys):
+    args = _cli(dataset, tmp_path / "o", "--quadrants", "0,0,0,0")
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
+        "switch on at least one of frame, head, right_hand, left_hand\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_states_every_options_default():
+    import argparse
+
+    parser = build_records.make_parser()
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert len(options) == 10 + len(dataclasses.fields(HHTSettings))
+    for action in options:
+        name = action.option_strings[0]
+        if action.required:
+            assert action.help and action.help.endswith("(required)"), name
+        else:
+            assert action.help and re.search(r"\bdefault\b", action.help), (name, action.help)
+    text = " ".join(parser.format_help().split())
+    assert "--dataset {wlasl,csv,asl_citizen} format of the split files: wlasl" in text
+    assert "--faithful, --no-faithful default off" in text
+    assert "--gate-hands, --no-gate-hands default on" in text
+    assert "--size SIZE default 256" in text
+    assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
+    assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text
+
+
+def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # every update draws, the last one too
+    out = tmp_path / "records"
+    for workers in ("0", "2"):
+        shutil.rmtree(out, ignore_errors=True)
+        args = _cli(dataset, out, "--workers", workers)
+        assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+        err = capsys.readouterr().err
+        assert err.count("H&HT: 100%|") == 1, err
+        assert err.count("7/7 [") == 1, err
+    # everything cached: no bar of zero videos, the summary says it
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    err = capsys.readouterr().err
+    assert "H&HT:" not in err and "7 of 7 videos already done" in err
+
+
+def _everything(folder):
+    """Every file under folder (the work cache and hidden files included), path -> bytes."""
+    root = pathlib.Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+FOLDER_FIX = "give another --output, or delete {} to build this dataset there"
+
+
+def test_an_output_holding_another_dataset_is_refused_untouched(dataset, tmp_path, capsys):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    capsys.readouterr()
+    before = _everything(out)
+    fix = FOLDER_FIX.format(out)
+    there = "wlasl from WLASL_v0.3.json, 2 classes"
+    # another dataset format, split files and classes
+    (tmp_path / "classes.txt").write_text("apple\nbook\ncat\n")
+    (tmp_path / "train.csv").write_text("00001.mp4 1\n")
+    (tmp_path / "test.csv").write_text("00002.mp4 0\n")
+    csv = ["--dataset", "csv", "--videos", str(dataset / "videos"), "--output", str(out)]
+    csv += ["--split-file", str(tmp_path / "train.csv"), str(tmp_path / "test.csv")]
+    csv += ["--class-list", str(tmp_path / "classes.txt")]
+    assert build_records.main(csv, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out} holds another dataset ({there}; this build: csv from "
+        f"test.csv, train.csv, 3 classes); {fix}\n"
+    )
+    # the same format and split file name, other classes (here: the same glosses in
+    # another order, which gives every video another label)
+    other = tmp_path / "other" / "WLASL_v0.3.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(_manifest_json()[::-1]))
+    args = _cli(dataset, out)
+    args[args.index("--split-file") + 1] = str(other)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out} holds another dataset ({there}; this build: {there}, but "
+        f"label 0 is 'hello' there and 'world' here); {fix}\n"
+    )
+    assert _everything(out) == before
+    # the same dataset built again with other settings is a rebuild, not another dataset
+    assert (
+        build_records.main(_cli(dataset, out, "--size", "128"), tunneller_factory=FakeTunneller)
+        == 0
+    )
+
+
+def test_an_output_holding_the_smoke_dataset_is_refused_untouched(dataset, tmp_path, capsys):
+    from data_prep import synthetic
+
+    smoke = tmp_path / "smoke"
+    small = dict(classes=2, train_per_class=1, val_per_class=1, test_per_class=1, frames=2)
+    synthetic.ensure_smoke_dataset(smoke, size=16, **small)
+    before = _everything(smoke)
+    assert ".synthetic.lock" in before
+    assert build_records.main(_cli(dataset, smoke), tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {smoke} holds a synthetic smoke dataset (made by data_prep.synthetic: "
+        f".synthetic.lock); {FOLDER_FIX.format(smoke)}\n"
+    )
+    # its description alone (the lock file gone) says so too
+    (smoke / ".synthetic.lock").unlink()
+    del before[".synthetic.lock"]
+    assert build_records.main(_cli(dataset, smoke), tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {smoke} holds records written by data_prep.synthetic (smoke, "
+        f"2 classes); {FOLDER_FIX.format(smoke)}\n"
+    )
+    assert _everything(smoke) == before

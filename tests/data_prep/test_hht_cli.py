@@ -110,6 +110,11 @@ def test_noise_video_is_written_with_a_warning(tmp_path, capsys):
     "args, message",
     [
         (["--quadrants", "11x1"], "--quadrants takes four 0/1 flags"),
+        (
+            ["--quadrants", "0000"],
+            "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
+            "switch on at least one of frame, head, right_hand, left_hand\n",
+        ),
         (["--size", "255"], "size must be an even integer"),
         (["--output", "o.avi"], "must end in .mp4"),
         (["--min-confidence", "2"], "min_confidence must be in [0, 1], got 2.0"),
@@ -218,3 +223,19 @@ def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_pa
         code, _, err = run(capsys, "--video", clip, "--output", same)
         assert code == 1 and f"--output {same} is the input video" in err
     assert clip.read_bytes() == sign_sample.read_bytes()
+
+
+def test_a_models_folder_that_does_not_exist_is_named_before_any_progress(
+    sign_sample, tmp_path, capsys
+):
+    for models, message in [
+        (tmp_path / "nonexistent", f"--models {tmp_path / 'nonexistent'}: no such folder; "),
+        (tmp_path, f"--models {tmp_path} lacks hand_landmarker.task"),  # exists, incomplete
+    ]:
+        # no --quiet: the progress bar is on, and must not start before the models load
+        argv = ["--video", sign_sample, "--output", tmp_path / "o.mp4", "--models", models]
+        code = cli.main(list(map(str, argv)))
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"error: {message}"), err
+        assert "detecting" not in err
+    assert not (tmp_path / "o.mp4").exists()

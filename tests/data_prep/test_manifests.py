@@ -297,3 +297,35 @@ def test_an_entry_listed_twice_is_an_error(tmp_path):
     (tmp_path / "test.csv").write_text(HEADER + "P1,111-ZEBRA.mp4,ZEBRA,A_01\n")
     m = manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "test.csv"])
     assert m.split_counts() == {"train": 2, "test": 1}
+
+
+FIX = "every --split-file must list at least one video: give the right file, or leave this one out"
+
+
+def test_a_split_file_without_entries_is_named_not_dropped(tmp_path):
+    (tmp_path / "classes.txt").write_text("apple\nbook\n")
+    (tmp_path / "train.csv").write_text("a.mp4 0\nb.mp4 1\n")
+    for content in ("", "\n  \n", BOM):  # 0 bytes, blank lines, a byte order mark only
+        (tmp_path / "test.csv").write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError) as e:
+            manifests.load_manifest(
+                "csv", [tmp_path / "train.csv", tmp_path / "test.csv"], tmp_path / "classes.txt"
+            )
+        assert str(e.value) == f"split file {tmp_path / 'test.csv'} is empty; {FIX}"
+    # ASL-Citizen: an empty file is empty (not a file 'missing columns'), a header alone no rows
+    (tmp_path / "train.csv").write_text(HEADER + "P1,a.mp4,ZEBRA,A_01\n")
+    (tmp_path / "val.csv").write_text("")
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
+    assert str(e.value) == f"split file {tmp_path / 'val.csv'} is empty; {FIX}"
+    (tmp_path / "val.csv").write_text(HEADER)
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("asl_citizen", [tmp_path / "train.csv", tmp_path / "val.csv"])
+    assert str(e.value) == f"split file {tmp_path / 'val.csv'} has a header but no rows; {FIX}"
+    # WLASL: one file, empty or listing no video
+    for name, content in (("WLASL_v0.3.json", ""), ("WLASL_v0.3.json", "[]")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError) as e:
+            manifests.load_manifest("wlasl", [tmp_path / name])
+        what = "is empty" if not content else "lists no videos"
+        assert str(e.value) == f"split file {tmp_path / name} {what}; {FIX}"

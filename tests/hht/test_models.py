@@ -98,3 +98,19 @@ def test_a_failed_download_explains_the_offline_route(cache, monkeypatch):
     with pytest.raises(FileNotFoundError, match="network unreachable.*--models DIR"):
         find_models()
     assert os.listdir(cache) == []
+
+
+def test_a_folder_that_does_not_exist_is_said_to_be_missing(tmp_path, monkeypatch):
+    names = "hand_landmarker.task, pose_landmarker_full.task, blaze_face_short_range.tflite"
+    (tmp_path / "file").write_text("x")
+    for path, state in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "file", "a file")):
+        with pytest.raises(FileNotFoundError) as e:
+            find_models(path)
+        assert str(e.value) == f"--models {path}: {state}; give the folder that holds {names}"
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as e:
+        find_models(None)
+    assert str(e.value) == (
+        f"${ENV_VAR} {tmp_path / 'nowhere'}: no such folder; point it at the folder that holds "
+        f"{names}, or unset it to use the download cache"
+    )

@@ -32,6 +32,11 @@ def test_unknown_key_is_named():
         ({"size": 255}, "size must be an even integer"),
         ({"size": 8}, "size must be an even integer"),
         ({"quadrants": (True, True, True)}, "quadrants needs 4 flags"),
+        (
+            {"quadrants": (False,) * 4},
+            r"quadrants are all off, which makes every frame black; switch on at least one of "
+            r"frame, head, right_hand, left_hand$",
+        ),
         ({"head_margin": -0.1}, "head_margin must be >= 0"),
         ({"max_gap": -1}, "max_gap must be an integer >= 0"),
         ({"wrist_visibility": 1.5}, r"wrist_visibility must be in \[0, 1\]"),
@@ -42,3 +47,17 @@ def test_unknown_key_is_named():
 def test_invalid_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HHTSettings(**kwargs)
+
+
+def test_parse_quadrants_takes_both_command_line_forms():
+    from signnet_jax.hht.settings import parse_quadrants
+
+    for text in ("1011", "1,0,1,1", " 1, 0, 1, 1 ", "true,False,1,1"):
+        assert parse_quadrants(text) == (True, False, True, True), text
+    for text in ("101", "10111", "1,0,1", "11x1", "1 0 1 1", "", "yes,no,yes,yes"):
+        with pytest.raises(ValueError) as e:
+            parse_quadrants(text)
+        assert str(e.value) == (
+            "--quadrants takes four 0/1 flags for frame, head, right hand, left hand, like 1011 "
+            f"or 1,0,1,1; got {text!r}"
+        )
