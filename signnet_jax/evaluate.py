@@ -137,8 +137,10 @@ def evaluate_split(
 
 def summary_line(report: dict) -> str:
     pi = report["per_instance"]
+    views = report.get("views_per_video", 1)  # validation: one view
     return (
-        f"{report['split']} ({report['mode']}, {report['num_videos']} videos): "
+        f"{report['split']} split ({views} view{'s' * (views > 1)} per video, "
+        f"{report['num_videos']} videos): "
         f"P-I top-1 {pi['top1']:.2%} top-5 {pi['top5']:.2%} | "
         f"P-C (SignNet) top-1 {report['per_class_signnet']['top1']:.2%} | "
         f"P-C (NLA-SLR) top-1 {report['per_class_nla']['top1']:.2%}"

@@ -33,4 +33,4 @@ def test_smoke_config_reaches_90_percent(tmp_path):
     assert metrics["steps"] == 1200
     assert metrics["test"]["num_videos"] == 60
     assert metrics["test"]["per_instance"]["top1"] >= 0.9
-    assert "test (test, 60 videos): P-I top-1" in r.stdout
+    assert "test split (3 views per video, 60 videos): P-I top-1" in r.stdout

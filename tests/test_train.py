@@ -1453,9 +1453,13 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
         return json.loads(path.read_text())["test"]
 
     assert evaluated(tmp_path / "two") == evaluated(tmp_path / "one")
-    summary = [line for line in one.stdout.splitlines() if line.startswith("test (test, ")]
+    summary = [
+        line
+        for line in one.stdout.splitlines()
+        if line.startswith("test split (3 views per video, ")
+    ]
     assert len(summary) == 1 and summary[0] in outs[0][0]
-    assert "test (test, " not in outs[1][0] and "evaluating " not in outs[1][0]
+    assert "test split (3 views per video, " not in outs[1][0] and "evaluating " not in outs[1][0]
 
     # float16 with overflows: the skip count, a device value, is read and saved on two hosts
     f16 = ["--config.train.max_steps=3", "--config.optim.epochs=3", "--config.model.dtype=float16"]
