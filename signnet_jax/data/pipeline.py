@@ -16,10 +16,11 @@ of the global batch and dealt round-robin to the processes, so every view is
 produced exactly once across processes and every process runs
 ``EvalInfo.num_steps`` steps.
 
-The iterators are grain ``DatasetIterator``s: ``get_state()`` returns a small
-JSON-able dict to store with the model checkpoint, ``set_state(state)`` on a
-freshly built iterator with the same arguments continues with exactly the
-batches an uninterrupted run would have produced.
+A resumed run builds its stream with ``start_batch`` (the batches it already used),
+which continues with exactly the batches an uninterrupted run would have produced,
+whatever the worker and process counts. The iterators are grain
+``DatasetIterator``s: their ``get_state()`` / ``set_state()`` do the same for an
+iterator built with the same arguments.
 """
 
 from __future__ import annotations
