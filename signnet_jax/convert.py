@@ -639,15 +639,17 @@ def export_pytorch(
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     classes, names = meta.get("classes"), class_list_path(output)
-    if classes is not None:  # the names first, so a .pth is never left without them
-        lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-        files.atomic_write(names, lines.encode("utf-8"))
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        if classes is not None:  # the names first, so a .pth is never left without them
+            lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+            files.atomic_write(names, lines.encode("utf-8"))
         torch.save(sd, tmp)
         os.replace(tmp, output)
-    except BaseException:
-        if classes is not None:  # nothing of a failed export stays (a rerun would refuse it)
+    except BaseException:  # Ctrl-C too
+        # nothing of a failed export stays (a rerun would refuse it); a Ctrl-C right after the
+        # rename leaves the whole export
+        if classes is not None and not output.exists():
             names.unlink(missing_ok=True)
         raise
     finally:
@@ -778,32 +780,40 @@ def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = _parse(argv)
+    output = pathlib.Path(args.output).expanduser()
+    before = files.stamp(output)
     try:
         if args.to_pytorch:
             n, classes = export_pytorch(args.input, args.output, args.step)
-            names = (
-                f" and the {len(classes)} class names to "
-                f"{class_list_path(args.output)} (give it to --class-list when converting back)"
-                if classes
-                else ""
+        else:
+            names = read_class_list(args.class_list) if args.class_list else None
+            report = convert(
+                args.input,
+                args.output,
+                args.model,
+                args.num_frames,
+                args.num_classes,
+                args.img_size,
+                names,
+                args.seed,
+                args.pos_grid,
             )
-            print(f"wrote {n} tensors to {args.output}{names}")
-            return 0
-        names = read_class_list(args.class_list) if args.class_list else None
-        report = convert(
-            args.input,
-            args.output,
-            args.model,
-            args.num_frames,
-            args.num_classes,
-            args.img_size,
-            names,
-            args.seed,
-            args.pos_grid,
-        )
     except (ConversionError, checkpointing.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # both directions write under a temporary name, then rename
+        if files.stamp(output) != before:  # Ctrl-C came right after the rename
+            return files.interrupted(f"after {args.output} was written")
+        return files.interrupted(f"nothing written at {args.output}")
+    if args.to_pytorch:
+        names = (
+            f" and the {len(classes)} class names to "
+            f"{class_list_path(args.output)} (give it to --class-list when converting back)"
+            if classes
+            else ""
+        )
+        print(f"wrote {n} tensors to {args.output}{names}")
+        return 0
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if report.dropped:

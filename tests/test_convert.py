@@ -13,6 +13,7 @@ import torch
 
 from signnet_jax import checkpointing, convert
 from signnet_jax.models import vit
+from tests.helpers import interrupt_after
 from tests.models import torch_vit
 from tests.models.helpers import random_clip, rel_err, torch_logits, torch_state
 
@@ -737,3 +738,52 @@ def test_options_of_the_other_direction_are_refused(tmodel, tmp_path, capsys):
     )
     assert not (tmp_path / "c.pth").exists()
     assert convert._parse(map(str, export)).step == "latest"
+
+
+# --- Ctrl-C: one line, exit 130, nothing at --output ------------------------------------
+
+
+def _interrupt_after(target: str, *args) -> subprocess.CompletedProcess:
+    return interrupt_after(target, "signnet_jax.convert:main", *args)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        # the step is being written (orbax saves asynchronously) / written, not yet renamed
+        "orbax.checkpoint:CheckpointManager.save",
+        "orbax.checkpoint:CheckpointManager.wait_until_finished",
+        "os:replace",  # just renamed into place: the checkpoint is whole
+    ],
+)
+def test_ctrl_c_while_converting_is_one_line_and_leaves_nothing(tmodel, tmp_path, target):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    sizes = ["--model", "S", "--num-frames", FRAMES, "--num-classes", CLASSES]
+    out = tmp_path / "ckpt"
+    r = _interrupt_after(target, "--input", tmp_path / "s.pth", "--output", out, *sizes)
+    renamed = target == "os:replace"
+    left = f"after {out} was written" if renamed else f"nothing written at {out}"
+    assert (r.returncode, r.stderr, r.stdout) == (130, f"interrupted: {left}\n", "")
+    # no temporary either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "s.pth"][not renamed :]
+    if renamed:
+        assert checkpointing.load_meta(out)["model"]["num_classes"] == CLASSES
+
+
+def test_ctrl_c_while_exporting_is_one_line_and_leaves_neither_file(tmodel, tmp_path):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\ne\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "a", "S", 4, 5, "--class-list",
+                    tmp_path / "classes.txt") == 0  # fmt: skip
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "b.pth"
+    for target in ("signnet_jax.files:atomic_write", "torch:save"):  # the class names, the .pth
+        r = _interrupt_after(target, "--to-pytorch", "--input", tmp_path / "a", "--output", out)
+        assert (r.returncode, r.stderr) == (130, f"interrupted: nothing written at {out}\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # right after the .pth's rename into place (the class names' is the first): the export is
+    # whole, and the message says so
+    r = _interrupt_after("os:replace#2", "--to-pytorch", "--input", tmp_path / "a", "--output", out)
+    assert (r.returncode, r.stderr) == (130, f"interrupted: after {out} was written\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "b.pth", "b.classes.txt"])
+    assert set(torch.load(out, weights_only=True)) == set(tmodel.state_dict())
