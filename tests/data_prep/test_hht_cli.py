@@ -12,6 +12,7 @@ import pytest
 
 from data_prep import hht as cli
 from signnet_jax.hht import read_video, write_video
+from tests.helpers import interrupt_after
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -218,3 +219,21 @@ def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_pa
         code, _, err = run(capsys, "--video", clip, "--output", same)
         assert code == 1 and f"--output {same} is the input video" in err
     assert clip.read_bytes() == sign_sample.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "target, left",
+    [
+        ("signnet_jax.hht:Tunneller.process_frames", "nothing written at {out} or {preview}"),
+        ("data_prep.hht:write_video", "wrote {out}, not {preview}"),
+    ],
+)
+def test_ctrl_c_is_one_line_saying_what_was_written(target, left, sign_sample, tmp_path):
+    out, preview = tmp_path / "o.mp4", tmp_path / "sheet.png"
+    r = interrupt_after(
+        target, "data_prep.hht:main", "--video", sign_sample, "--output", out, "--preview",
+        preview, "--quiet",
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (130, "")
+    assert r.stderr == f"interrupted: {left.format(out=out, preview=preview)}\n"
+    assert [p.name for p in tmp_path.iterdir()] == (["o.mp4"] if "wrote" in left else [])
