@@ -26,8 +26,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.options import positive  # noqa: E402
 from signnet_jax.hht import HHTSettings, Tunneller, coverage, write_video  # noqa: E402
-from signnet_jax.hht.video import decode_video  # noqa: E402
+from signnet_jax.hht.video import VideoError, decode_video  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("SIGNNET_SHARED", REPO.parent / "shared"))
@@ -98,28 +99,56 @@ def startup_costs(models, video, repeats):
     return min(create), min(reset)
 
 
+def _variants(text: str) -> list[int]:
+    """argparse type of --variants: 1-based numbers in, indices into VARIANTS out."""
+    numbers = [v.strip() for v in text.split(",")]
+    if not all(v.isdigit() and 1 <= int(v) <= len(VARIANTS) for v in numbers):
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated variant numbers from 1 to {len(VARIANTS)}, not {text!r}"
+        )
+    return [int(v) - 1 for v in numbers]
+
+
+def _size(text: str) -> tuple[int, int]:
+    """argparse type of --upscale: WxH, both even (H.264 4:2:0)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 and int(v) % 2 == 0 for v in parts):
+        raise argparse.ArgumentTypeError(
+            f"give WIDTHxHEIGHT, both even pixel counts, e.g. 1280x720, not {text!r}"
+        )
+    return int(parts[0]), int(parts[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--video", default=str(SHARED / "assets" / "sign_sample.mp4"),
         help="video to tunnel (default: the shared sign_sample.mp4)",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=5, help="timed runs, best kept (default 5)")
+    p.add_argument(
+        "--repeats", type=positive, metavar="N", default=5, help="timed runs, best kept (default 5)"
+    )
     p.add_argument("--models", default=None, help="default: $SIGNNET_MEDIAPIPE_MODELS / cache")
-    p.add_argument("--upscale", default=None, help="WxH, e.g. 1280x720")
-    p.add_argument("--variants", default=None, help="comma-separated variant numbers (1-based)")
+    p.add_argument(
+        "--upscale", type=_size, default=None, metavar="WxH",
+        help="time an HD copy of the video instead, e.g. 1280x720 (even sizes)",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants", type=_variants, default=None,
+        help=f"comma-separated variant numbers 1-{len(VARIANTS)} (default: all)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.models is None and "SIGNNET_MEDIAPIPE_MODELS" not in os.environ:
         os.environ["SIGNNET_MEDIAPIPE_MODELS"] = str(SHARED / "mediapipe_models")
-    chosen = range(len(VARIANTS))
-    if args.variants:
-        chosen = [int(v) - 1 for v in args.variants.split(",")]
+    chosen = args.variants or range(len(VARIANTS))
     with tempfile.TemporaryDirectory() as tmp:
         video = pathlib.Path(args.video)
-        if args.upscale:
-            width, height = map(int, args.upscale.lower().split("x"))
-            video = upscaled_copy(video, width, height, tmp)
-        frames, fps, _ = decode_video(video)
+        try:
+            if args.upscale:
+                video = upscaled_copy(video, *args.upscale, tmp)
+            frames, fps, _ = decode_video(video)
+        except VideoError as e:  # the message starts with the path
+            p.error(f"--video {e}")
         print(
             f"{video.name}: {len(frames)} frames {frames.shape[2]}x{frames.shape[1]} @ {fps:g} "
             f"fps; 1 core (cpu {sorted(os.sched_getaffinity(0))}); min of {args.repeats} runs"

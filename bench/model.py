@@ -35,6 +35,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.options import check_clip, positive  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
@@ -147,18 +148,33 @@ def _presets(text: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", type=_presets, default="S,B", help="comma-separated: S, B")
+    p.add_argument(
+        "--presets", type=_presets, default="S,B", help="comma-separated: S, B (default S,B)"
+    )
     p.add_argument(
         "--dtype", choices=vit.DTYPES, default="float32",
         help="JAX compute dtype (MFU is against its peak; float32 against bfloat16's)",
     )  # fmt: skip
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--frames", type=int, metavar="N", default=16,
+        help="frames per clip, a multiple of 2 (default 16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=int, metavar="PX", default=224,
+        help="frame size in pixels, a multiple of 16 (default 224)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch", type=positive, metavar="N", default=1, help="clips per pass (default 1)"
+    )
+    p.add_argument(
+        "--repeats", type=positive, metavar="N", default=5,
+        help="timed runs, the fastest kept (default 5)",
+    )  # fmt: skip
     p.add_argument("--no-train", action="store_true", help="forward passes only")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
     args = p.parse_args()
+    for preset in args.presets:
+        check_clip(p, preset, args.frames, args.size)
 
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, args.dtype)

@@ -124,9 +124,12 @@ def main() -> None:
         "--workers", type=int, default=0, help="builder worker processes (default 0: in-process)"
     )
     p.add_argument("--reads", type=int, default=2000, help="records read per timing (default 2000)")
+    shared = os.environ.get("SIGNNET_SHARED", str(REPO.parent / "shared"))
     p.add_argument(
-        "--shared", default=os.environ.get("SIGNNET_SHARED", str(REPO.parent / "shared"))
-    )
+        "--shared", default=shared,
+        help="folder with assets/sign_sample.mp4 and mediapipe_models/ (default: "
+        f"$SIGNNET_SHARED, else the repository's sibling shared/; here {shared})",
+    )  # fmt: skip
     args = p.parse_args()
     shared = pathlib.Path(args.shared)
     os.environ.setdefault("SIGNNET_MEDIAPIPE_MODELS", str(shared / "mediapipe_models"))

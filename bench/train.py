@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.options import check_clip, positive  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 from bench.topology import (  # noqa: E402
     GPU_EXAMPLES,
@@ -189,23 +190,51 @@ def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
         report(model.format(f"{views} view{'s' * (views != 1)}") + "evaluation: ", mem)
 
 
+def _flop(n: float) -> str:
+    """A FLOP count in the unit that shows it: TFLOP, GFLOP for a small model, or MFLOP."""
+    for unit, scale in (("T", 1e12), ("G", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}FLOP"
+    return f"{n / 1e6:.2f} MFLOP"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="B")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--size", type=int, default=224)
     p.add_argument(
-        "--batch", type=int, help="global batch (clips per step; default: one per device)"
+        "--preset", default="B", help="model preset: S, B, L, H, g (default B, the published one)"
     )
-    p.add_argument("--dtype", default="float32", choices=vit.DTYPES)
-    p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--frames", type=int, metavar="N", default=32,
+        help="frames per clip, a multiple of 2 (default 32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=int, metavar="PX", default=224,
+        help="frame size in pixels, a multiple of the patch size (default 224)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch", type=positive, metavar="N",
+        help="global batch (clips per step; default: one per device)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default="float32", choices=vit.DTYPES, help="compute dtype (default float32)"
+    )
+    p.add_argument(
+        "--remat", action="store_true",
+        help="model.remat: recompute each block in the backward pass (less memory)",
+    )  # fmt: skip
     p.add_argument(
         "--fsdp", type=int, default=1, metavar="N",
         help="shard parameters and optimizer state over N devices, as --config.mesh.fsdp=N "
         "(default 1: data parallel)",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-torch", action="store_true")
+    p.add_argument(
+        "--repeats", type=positive, metavar="N", default=3,
+        help="timed steps, the fastest kept (default 3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-torch", action="store_true",
+        help="do not time the PyTorch reference step (it runs on a CPU only)",
+    )  # fmt: skip
     p.add_argument(
         "--attention", default="auto",
         help=f"model.attention, or several comma-separated to compare ({', '.join(vit.ATTENTION)})",
@@ -233,6 +262,7 @@ def main() -> None:
         "(view with: xprof --logdir DIR/KERNEL)",
     )  # fmt: skip
     args = p.parse_args()
+    args.preset = check_clip(p, args.preset, args.frames, args.size)
 
     def check_dtype(platform: str) -> None:
         why = vit.unsupported_dtype(args.dtype, platform)
@@ -303,7 +333,7 @@ def main() -> None:
         print(
             f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
             f"attention {kernel} ({ran}): step {t:.3f} s, {args.batch / t:.2f} clips/s, "
-            f"{flops / 1e12:.2f} TFLOP/step ({flops / args.batch / 1e12:.2f} per clip)"
+            f"{_flop(flops)}/step ({_flop(flops / args.batch)} per clip)"
             + (f", MFU {flops / t / (peak * jax.device_count()):.1%}" if peak else "")
             + (
                 f"; {times[kernels[0]] / t:.2f}x the speed of {kernels[0]}"

@@ -39,7 +39,7 @@ import numpy as np
 
 from data_prep import manifests
 from signnet_jax.data import records
-from signnet_jax.files import RemotePathError, atomic_write, local_path
+from signnet_jax.files import RemotePathError, atomic_write, interrupted, local_path
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
@@ -1019,12 +1019,10 @@ def main(
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: the videos finished so far are cached in "
-            f"{os.path.join(args.output, WORK)}; run the same command again to go on",
-            file=sys.stderr,
+        return interrupted(
+            f"the videos finished so far are cached in {os.path.join(args.output, WORK)}; run "
+            "the same command again to go on"
         )
-        return 130
     print(_summary(result, args.output), file=sys.stderr)
     if result.exceeded:
         print(

@@ -4,7 +4,8 @@
 
 Writes the tunnelled video (H.264 MP4) and, on request, a contact sheet PNG; prints
 progress and, at the end, how many frames have a head / right hand / left hand box,
-by source. Exit status 1 on a bad input, with nothing written.
+by source. Exit status 1 on a bad input, with nothing written; 130 on Ctrl-C, with one
+line saying what was written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import warnings
 import cv2
 import numpy as np
 
-from signnet_jax.files import atomic_write
+from signnet_jax.files import atomic_write, interrupted, stamp
 from signnet_jax.hht import (
     HHTSettings,
     Tunneller,
@@ -119,8 +120,22 @@ def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status."""
+    """Runs the CLI; returns the exit status (130 on Ctrl-C)."""
     args = parse_args(argv)
+    wanted = {p: stamp(p) for p in (args.output, args.preview) if p}
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # each output is written under a temporary name, then renamed
+        written = [p for p, before in wanted.items() if stamp(p) != before]
+        if not written:
+            return interrupted(f"nothing written at {' or '.join(wanted)}")
+        missing = [p for p in wanted if p not in written]
+        left = f"wrote {' and '.join(written)}"
+        return interrupted(left + (f", not {missing[0]}" if missing else ""))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``main`` after the options are parsed."""
     try:
         settings = _settings(args)
     except ValueError as e:

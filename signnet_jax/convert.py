@@ -639,15 +639,17 @@ def export_pytorch(
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     classes, names = meta.get("classes"), class_list_path(output)
-    if classes is not None:  # the names first, so a .pth is never left without them
-        lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-        files.atomic_write(names, lines.encode("utf-8"))
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        if classes is not None:  # the names first, so a .pth is never left without them
+            lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+            files.atomic_write(names, lines.encode("utf-8"))
         torch.save(sd, tmp)
         os.replace(tmp, output)
-    except BaseException:
-        if classes is not None:  # nothing of a failed export stays (a rerun would refuse it)
+    except BaseException:  # Ctrl-C too
+        # nothing of a failed export stays (a rerun would refuse it); a Ctrl-C right after the
+        # rename leaves the whole export
+        if classes is not None and not output.exists():
             names.unlink(missing_ok=True)
         raise
     finally:
@@ -662,66 +664,156 @@ def _grid_arg(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
+# The options of each direction; each is refused in the other, where it would be ignored.
+_TO_FLAX = ("model", "num_frames", "num_classes", "img_size", "class_list", "seed", "pos_grid")
+_TO_TORCH = ("step",)
+_DEFAULTS = {"img_size": 224, "seed": 0, "step": "latest"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _multiple(value: int, of: int) -> int:
+    """The positive multiple of ``of`` nearest to ``value`` (rounding halves up)."""
+    return max(of, (value + of // 2) // of * of)
+
+
 def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
+    prog = "python -m signnet_jax.convert"
     p = argparse.ArgumentParser(
-        prog="python -m signnet_jax.convert",
+        prog=prog,
+        usage=f"\n  {prog} --input FILE --output DIR\n"
+        "      --model PRESET --num-frames N --num-classes N\n"
+        "      [--img-size N] [--class-list FILE] [--seed N] [--pos-grid T,H,W]\n"
+        f"  {prog} --to-pytorch --input DIR --output FILE.pth [--step STEP]",
         description="Convert VideoMAEv2 (.pth, DeepSpeed .pt) or Hugging Face VideoMAE "
         "(.safetensors, .bin) weights to a signnet_jax orbax checkpoint, or back with "
         "--to-pytorch.",
     )
-    p.add_argument("--input", required=True, help="checkpoint file (or, with --to-pytorch, dir)")
-    p.add_argument("--output", required=True, help="new checkpoint dir (or .pth file)")
-    p.add_argument("--model", help="preset: S, B, L, H, g (or a VideoMAEv2 model name)")
-    p.add_argument("--num-frames", type=int, help="clip length the model will see, e.g. 16 or 32")
-    p.add_argument("--num-classes", type=int, help="classes of the head (re-initialised if new)")
-    p.add_argument("--img-size", type=int, default=224, help="frame size (default 224)")
-    p.add_argument("--class-list", help="class names, one per line (wlasl_class_list.txt works)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
     p.add_argument(
+        "--input", required=True, metavar="PATH",
+        help="checkpoint file (or, with --to-pytorch, checkpoint dir or training workdir)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", required=True, metavar="PATH", help="new checkpoint dir (or .pth file)"
+    )
+    to_flax = p.add_argument_group("to a signnet_jax checkpoint (the default)")
+    to_flax.add_argument(
+        "--model", metavar="PRESET",
+        help="required: preset S, B, L, H, g (or a VideoMAEv2 model name)",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--num-frames", type=int, metavar="N",
+        help="required: clip length the model will see, a multiple of 2, e.g. 16 or 32",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--num-classes", type=int, metavar="N",
+        help="required: classes of the head (re-initialised if new)",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--img-size", type=int, metavar="N",
+        help="frame size, a multiple of the patch size (default 224)",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--class-list", metavar="FILE",
+        help="class names, one per line (wlasl_class_list.txt works)",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--seed", type=int, metavar="N", help="seed of a freshly initialised head (default 0)"
+    )
+    to_flax.add_argument(
         "--pos-grid", type=_grid_arg, metavar="T,H,W",
         help="token grid of the checkpoint's learned position table, where its size is ambiguous",
     )  # fmt: skip
-    p.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
-    p.add_argument(
-        "--step", default="latest",
-        help="with --to-pytorch: the step of a training run, 'latest' (default), 'best' or N",
-    )  # fmt: skip
+    to_torch = p.add_argument_group("back to a PyTorch state dict")
+    to_torch.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
+    to_torch.add_argument(
+        "--step",
+        help="the step of a training run to export: 'latest' (default), 'best' or N",
+    )
     args = p.parse_args(None if argv is None else list(argv))
+    given, unused = (_TO_TORCH, _TO_FLAX) if args.to_pytorch else (_TO_FLAX, _TO_TORCH)
+    ignored = [_flag(name) for name in unused if getattr(args, name) is not None]
+    if ignored:
+        them = "it" if len(ignored) == 1 else "them"
+        p.error(
+            f"{', '.join(ignored)}: not used by --to-pytorch, which exports the checkpoint as "
+            f"it is (its model and class names included); leave {them} out"
+            if args.to_pytorch
+            else f"{', '.join(ignored)}: only with --to-pytorch, to pick the step of a "
+            "checkpoint to export (a PyTorch file has one set of weights); leave it out"
+        )
+    for name in given:
+        if getattr(args, name) is None and name in _DEFAULTS:
+            setattr(args, name, _DEFAULTS[name])
     if not args.to_pytorch:
-        for name in ("model", "num_frames", "num_classes"):
-            if getattr(args, name) is None:
-                p.error(f"--{name.replace('_', '-')} is required (unless --to-pytorch)")
+        _check_sizes(p, args)
     return args
+
+
+def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The conversion's required flags are given and make a model (before any file is read)."""
+    for name in ("model", "num_frames", "num_classes"):
+        if getattr(args, name) is None:
+            p.error(f"{_flag(name)} is required (unless --to-pytorch)")
+    if args.num_classes < 1:
+        p.error(f"--num-classes {args.num_classes}: the head needs at least 1 class")
+    tubelet = vit.ViTConfig.tubelet_size
+    if args.num_frames < 1 or args.num_frames % tubelet:
+        p.error(
+            f"--num-frames {args.num_frames}: give a positive multiple of {tubelet} (the model "
+            f"embeds frames in groups of {tubelet}), e.g. "
+            f"--num-frames {_multiple(args.num_frames, tubelet)}"
+        )
+    try:
+        preset = vit.resolve_preset(args.model)
+    except ValueError:
+        return  # convert() names the presets (before it reads the input)
+    patch = vit.PRESETS[preset]["patch_size"]
+    if args.img_size < 1 or args.img_size % patch:
+        p.error(
+            f"--img-size {args.img_size}: give a positive multiple of {patch} (the patch size "
+            f"of preset {preset}), e.g. --img-size {_multiple(args.img_size, patch)}"
+        )
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = _parse(argv)
+    output = pathlib.Path(args.output).expanduser()
+    before = files.stamp(output)
     try:
         if args.to_pytorch:
             n, classes = export_pytorch(args.input, args.output, args.step)
-            names = (
-                f" and the {len(classes)} class names to "
-                f"{class_list_path(args.output)} (give it to --class-list when converting back)"
-                if classes
-                else ""
+        else:
+            names = read_class_list(args.class_list) if args.class_list else None
+            report = convert(
+                args.input,
+                args.output,
+                args.model,
+                args.num_frames,
+                args.num_classes,
+                args.img_size,
+                names,
+                args.seed,
+                args.pos_grid,
             )
-            print(f"wrote {n} tensors to {args.output}{names}")
-            return 0
-        names = read_class_list(args.class_list) if args.class_list else None
-        report = convert(
-            args.input,
-            args.output,
-            args.model,
-            args.num_frames,
-            args.num_classes,
-            args.img_size,
-            names,
-            args.seed,
-            args.pos_grid,
-        )
     except (ConversionError, checkpointing.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # both directions write under a temporary name, then rename
+        if files.stamp(output) != before:  # Ctrl-C came right after the rename
+            return files.interrupted(f"after {args.output} was written")
+        return files.interrupted(f"nothing written at {args.output}")
+    if args.to_pytorch:
+        names = (
+            f" and the {len(classes)} class names to "
+            f"{class_list_path(args.output)} (give it to --class-list when converting back)"
+            if classes
+            else ""
+        )
+        print(f"wrote {n} tensors to {args.output}{names}")
+        return 0
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if report.dropped:

@@ -1,10 +1,11 @@
-"""Files: written whole or not at all; local paths only."""
+"""Files: written whole or not at all; local paths only; what an interrupted command leaves."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import re
+import sys
 import uuid
 
 
@@ -68,3 +69,30 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def stamp(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The identity of the file or folder at ``path`` (None: nothing there); it changes when
+    one is written there, e.g. renamed into place. Tells what an interrupted run wrote."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def interrupted(left: str) -> int:
+    """Reports a Ctrl-C in one line on stderr, instead of a KeyboardInterrupt traceback.
+
+    A command line's entry catches ``KeyboardInterrupt`` and returns this.
+
+    Args:
+      left: what the interrupted command leaves behind, e.g. ``nothing written at OUT``.
+
+    Returns:
+      130, the exit status of a command ended by SIGINT (128 + 2).
+    """
+    # in a terminal the line holds the echoed ^C (or a progress bar): start a new one
+    start = "\n" if sys.stderr.isatty() else ""
+    print(f"{start}interrupted: {left}", file=sys.stderr, flush=True)
+    return 130

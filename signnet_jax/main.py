@@ -4,13 +4,14 @@ Flags only: config.mode 'train' runs train_and_evaluate, 'eval' tests the
 checkpoint in the workdir (or config.init_from).
 """
 
+import pathlib
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from signnet_jax import evaluate, train
+from signnet_jax import checkpointing, evaluate, files, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and metrics")
@@ -43,6 +44,23 @@ def main(argv):
     except train.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(files.interrupted(_left_by_interrupted(config, _WORKDIR.value)))
+
+
+def _left_by_interrupted(config, workdir: str) -> str:
+    """What a Ctrl-C leaves: a training run its checkpoints (a half-written one is never
+    restored), an evaluation nothing under its final name."""
+    if config.mode != "train":
+        return "the evaluation did not finish (no metrics.json written); run it again"
+    ckpt = pathlib.Path(workdir) / "checkpoints"
+    steps = checkpointing.checkpoint_steps(ckpt)
+    if not steps:
+        return f"no checkpoint saved yet in {ckpt}; the same command starts the run again"
+    return (
+        f"checkpoints saved up to step {max(steps)} in {ckpt}; the same command resumes from "
+        "the latest"
+    )
 
 
 def distributed_kwargs(cfg) -> dict:

@@ -36,7 +36,7 @@ from flax import nnx
 
 from signnet_jax import checkpointing, metrics
 from signnet_jax.data import device, pipeline
-from signnet_jax.files import atomic_write
+from signnet_jax.files import atomic_write, interrupted, stamp
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
@@ -934,8 +934,24 @@ def _output_paths(flag: str, target: str | None, videos: list[str], tag: str) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options)."""
+    """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options, 130 Ctrl-C)."""
     args = _parse(argv)
+    progress = {"videos": 0, "done": 0}  # for the message of a Ctrl-C
+    try:
+        return _run(args, progress)
+    except KeyboardInterrupt:
+        given = [f for f, v in (("--save-hht", args.save_hht), ("--preview", args.preview)) if v]
+        outputs = f"; no {'/'.join(given)} file written" if given else ""
+        if progress["done"]:
+            left = f"{progress['done']} of {progress['videos']} videos predicted (reported above)"
+            left += f"{outputs} for the others" if given else ""
+        else:
+            left = "no video predicted" + outputs
+        return interrupted(left)
+
+
+def _run(args: argparse.Namespace, progress: dict[str, int]) -> int:
+    """``main`` after the options are parsed; ``progress`` counts the videos and those done."""
     try:
         # Everything that can be checked without the checkpoint is, before seconds are spent
         # loading and compiling it.
@@ -947,6 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         save_hht = _output_paths("--save-hht", args.save_hht, videos, "hht")
         previews = _output_paths("--preview", args.preview, videos, "preview")
+        progress["videos"] = len(videos)
         predictor = Predictor(args.checkpoint, args.models, args.batch, args.step)
     except (PredictError, FileNotFoundError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -958,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, video in enumerate(videos):
             if many:
                 print(f"[{i + 1}/{len(videos)}] {video}", file=sys.stderr)
+            outputs = {p: stamp(p) for p in (save_hht[i], previews[i]) if p is not None}
             try:
                 prediction = predictor.run(
                     video, args.top_k, save_hht[i], args.start_frame, args.end_frame, args.fps
@@ -970,12 +988,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if save_hht[i] is not None:
                             pathlib.Path(save_hht[i]).unlink(missing_ok=True)
                         raise PredictError(f"cannot write --preview {previews[i]}: {e}") from e
+                progress["done"] = i + 1 - len(failed)
             except PredictError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed.append(video)
                 if many and args.json:  # every video has its line
                     print(json.dumps({"video": str(video), "error": str(e)}), flush=True)
                 continue
+            except KeyboardInterrupt:  # nor does an interrupted one
+                progress["done"] = i - len(failed)
+                for path, before in outputs.items():
+                    if stamp(path) != before:  # written by this run
+                        pathlib.Path(path).unlink(missing_ok=True)
+                raise
             _print_prediction(
                 prediction.report,
                 predictor.startup_ms if i == 0 else None,

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,8 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
     assert len(lines) == 2
     assert re.match(r"ViT-S 4x32, batch 2, float32, attention auto \(explicit\): step ", lines[0])
     assert re.search(r"attention explicit \(explicit\): .*x the speed of auto$", lines[1])
+    # a tiny model's FLOPs in a unit that shows them (it was "0.00 TFLOP/step")
+    assert re.search(r" \d+\.\d\d GFLOP/step \(\d+\.\d\d GFLOP per clip\)", lines[0]), lines[0]
     for kernel in ("auto", "explicit"):
         (run,) = (tmp_path / "trace" / kernel / "plugins" / "profile").iterdir()
         assert len(list(run.glob("*.xplane.pb"))) == 1
@@ -268,3 +272,66 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
         "(tests/models/torch_vit.py); choose from S, B, or time it with bench/train.py "
         "--preset L --no-torch"
     )
+
+
+@pytest.mark.parametrize(
+    "command, error",
+    [
+        (
+            "bench/hht.py --variants 9",
+            "argument --variants: give comma-separated variant numbers from 1 to 6, not '9'",
+        ),
+        (
+            "bench/hht.py --upscale 1280",
+            "argument --upscale: give WIDTHxHEIGHT, both even pixel counts, e.g. 1280x720, "
+            "not '1280'",
+        ),
+        ("bench/hht.py --video /nope.mp4", "--video /nope.mp4: no such file"),
+        ("bench/hht.py --repeats 0", "argument --repeats: give a whole number >= 1, not '0'"),
+        (
+            "bench/train.py --preset X",
+            "--preset: unknown model preset 'X'; choose one of: S, B, L, H, g, "
+            "vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224, "
+            "vit_huge_patch16_224, vit_giant_patch14_224",
+        ),
+        (
+            "bench/train.py --frames 5",
+            "--frames 5: give a positive multiple of 2 (the model embeds frames in groups of 2), "
+            "e.g. --frames 6",
+        ),
+        (
+            "bench/train.py --preset g --size 100",
+            "--size 100: give a positive multiple of 14 (the patch size of ViT-g), e.g. --size 98",
+        ),
+        ("bench/model.py --batch 0", "argument --batch: give a whole number >= 1, not '0'"),
+    ],
+)
+def test_bad_bench_options_are_one_line_usage_errors(command, error):
+    r = _bench(command)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    script = command.split()[0].split("/")[1]
+    assert r.stderr.splitlines()[-1] == f"{script}: error: {error}"
+
+
+def _option_help(text: str) -> dict[str, str]:
+    """``--flag: its help text`` from an argparse --help (help on the flag's or next lines)."""
+    options = text.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + options)
+    return {e.split()[0].rstrip(","): " ".join(e.split()[1:]) for e in entries if e.strip()}
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("bench/model.py", ["--frames", "--size", "--batch", "--repeats", "--presets"]),
+        ("bench/train.py", ["--preset", "--frames", "--size", "--repeats"]),
+        ("bench/records.py", ["--shared"]),
+    ],
+)
+def test_bench_options_have_help_and_defaults(script, flags):
+    r = _bench(f"{script} --help")
+    assert r.returncode == 0, r.stderr[-3000:]
+    helps = _option_help(r.stdout)
+    for flag in flags:
+        assert "(default" in helps[flag], (flag, helps[flag])

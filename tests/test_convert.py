@@ -13,6 +13,7 @@ import torch
 
 from signnet_jax import checkpointing, convert
 from signnet_jax.models import vit
+from tests.helpers import interrupt_after
 from tests.models import torch_vit
 from tests.models.helpers import random_clip, rel_err, torch_logits, torch_state
 
@@ -650,3 +651,139 @@ def test_remote_output_or_input_is_one_line_and_exit_1(tmodel, tmp_path):
         )
         assert (r.returncode, r.stderr) == (1, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.pth"]  # no local gs: folder
+
+
+# --- options: checked before any file is read ------------------------------------------
+
+
+def _usage_error(capsys, *args) -> str:
+    """The last stderr line of a command line argparse refuses (exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        _run(*args)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_help_shows_the_required_options_as_required(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run("--help")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    # the usage has them unbracketed, each flag's help says so
+    assert "\n      --model PRESET --num-frames N --num-classes N\n" in out
+    for flag in ("--model PRESET", "--num-frames N", "--num-classes N"):
+        (line,) = [line for line in out.splitlines() if line.startswith(f"  {flag} ")]
+        assert line.split(flag)[1].strip().startswith("required: "), line
+    assert "--to-pytorch --input DIR --output FILE.pth [--step STEP]" in out
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--num-classes", "0", "--num-classes 0: the head needs at least 1 class"),
+        (
+            "--num-frames",
+            "15",
+            "--num-frames 15: give a positive multiple of 2 (the model embeds frames in "
+            "groups of 2), e.g. --num-frames 16",
+        ),
+        (
+            "--num-frames",
+            "0",
+            "--num-frames 0: give a positive multiple of 2 (the model embeds frames in "
+            "groups of 2), e.g. --num-frames 2",
+        ),
+        (
+            "--img-size",
+            "100",
+            "--img-size 100: give a positive multiple of 16 (the patch size of preset S), "
+            "e.g. --img-size 96",
+        ),
+    ],
+)
+def test_sizes_that_make_no_model_are_usage_errors(tmodel, tmp_path, capsys, flag, value, message):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    args = ["--input", tmp_path / "s.pth", "--output", tmp_path / "ckpt"]
+    sizes = {"--model": "S", "--num-frames": FRAMES, "--num-classes": CLASSES, flag: value}
+    last = _usage_error(capsys, *args, *[x for kv in sizes.items() for x in kv])
+    assert last == f"python -m signnet_jax.convert: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pth"]  # nothing written
+
+
+def test_the_patch_size_is_the_presets():
+    # the giant's patches are 14 px: 224 fits it, 96 does not
+    args = ["--input", "x.pth", "--output", "y", "--num-frames", "4", "--num-classes", "5"]
+    assert convert._parse([*args, "--model", "g"]).img_size == 224
+    with pytest.raises(SystemExit):
+        convert._parse([*args, "--model", "vit_giant_patch14_224", "--img-size", "96"])
+
+
+def test_options_of_the_other_direction_are_refused(tmodel, tmp_path, capsys):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    sizes = ["--model", "S", "--num-frames", FRAMES, "--num-classes", CLASSES]
+    last = _usage_error(
+        capsys, "--input", tmp_path / "s.pth", "--output", tmp_path / "c", *sizes, "--step", "best"
+    )
+    assert last == (
+        "python -m signnet_jax.convert: error: --step: only with --to-pytorch, to pick the step "
+        "of a checkpoint to export (a PyTorch file has one set of weights); leave it out"
+    )
+    assert _convert(tmp_path / "s.pth", tmp_path / "c") == 0
+    export = ["--to-pytorch", "--input", tmp_path / "c", "--output", tmp_path / "c.pth"]
+    last = _usage_error(capsys, *export, "--num-classes", "7", "--seed", "1")
+    assert last == (
+        "python -m signnet_jax.convert: error: --num-classes, --seed: not used by --to-pytorch, "
+        "which exports the checkpoint as it is (its model and class names included); leave "
+        "them out"
+    )
+    assert not (tmp_path / "c.pth").exists()
+    assert convert._parse(map(str, export)).step == "latest"
+
+
+# --- Ctrl-C: one line, exit 130, nothing at --output ------------------------------------
+
+
+def _interrupt_after(target: str, *args) -> subprocess.CompletedProcess:
+    return interrupt_after(target, "signnet_jax.convert:main", *args)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        # the step is being written (orbax saves asynchronously) / written, not yet renamed
+        "orbax.checkpoint:CheckpointManager.save",
+        "orbax.checkpoint:CheckpointManager.wait_until_finished",
+        "os:replace",  # just renamed into place: the checkpoint is whole
+    ],
+)
+def test_ctrl_c_while_converting_is_one_line_and_leaves_nothing(tmodel, tmp_path, target):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    sizes = ["--model", "S", "--num-frames", FRAMES, "--num-classes", CLASSES]
+    out = tmp_path / "ckpt"
+    r = _interrupt_after(target, "--input", tmp_path / "s.pth", "--output", out, *sizes)
+    renamed = target == "os:replace"
+    left = f"after {out} was written" if renamed else f"nothing written at {out}"
+    assert (r.returncode, r.stderr, r.stdout) == (130, f"interrupted: {left}\n", "")
+    # no temporary either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "s.pth"][not renamed :]
+    if renamed:
+        assert checkpointing.load_meta(out)["model"]["num_classes"] == CLASSES
+
+
+def test_ctrl_c_while_exporting_is_one_line_and_leaves_neither_file(tmodel, tmp_path):
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\ne\n")
+    assert _convert(tmp_path / "s.pth", tmp_path / "a", "S", 4, 5, "--class-list",
+                    tmp_path / "classes.txt") == 0  # fmt: skip
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "b.pth"
+    for target in ("signnet_jax.files:atomic_write", "torch:save"):  # the class names, the .pth
+        r = _interrupt_after(target, "--to-pytorch", "--input", tmp_path / "a", "--output", out)
+        assert (r.returncode, r.stderr) == (130, f"interrupted: nothing written at {out}\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # right after the .pth's rename into place (the class names' is the first): the export is
+    # whole, and the message says so
+    r = _interrupt_after("os:replace#2", "--to-pytorch", "--input", tmp_path / "a", "--output", out)
+    assert (r.returncode, r.stderr) == (130, f"interrupted: after {out} was written\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "b.pth", "b.classes.txt"])
+    assert set(torch.load(out, weights_only=True)) == set(tmodel.state_dict())

@@ -857,3 +857,54 @@ def test_preview_draws_names_with_dollar_signs_as_text(workdir, sign_sample, tmp
     assert cv2.imread(str(png)) is not None
     texts = _figure_texts(predict.preview_figure(run, top=len(p.classes)))
     assert any(t.startswith("price $5_$6.mp4: ") for t in texts) and "$x_$" in texts
+
+
+def test_cli_ctrl_c_is_one_line_and_leaves_no_outputs_of_the_video(
+    workdir, sign_sample, tmp_path, capsys, monkeypatch
+):
+    # Ctrl-C as soon as the preview is written: the video's outputs go again
+    write_preview = predict.write_preview
+
+    def then_ctrl_c(path, prediction, top=5):
+        write_preview(path, prediction, top)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.png", "clip_hht.mp4"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "write_preview", then_ctrl_c)
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", sign_sample, "--save-hht",
+        tmp_path / "clip_hht.mp4", "--preview", tmp_path / "clip.png",
+    )  # fmt: skip
+    assert (code, out) == (130, "")
+    assert err == "interrupted: no video predicted; no --save-hht/--preview file written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_ctrl_c_after_some_videos_keeps_theirs(
+    workdir, sign_sample, tmp_path, capsys, monkeypatch
+):
+    videos, out_dir = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    out_dir.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (videos / name).write_bytes(sign_sample.read_bytes())
+    run, calls = predict.Predictor.run, []
+
+    def run_then_ctrl_c(self, *args, **kwargs):  # Ctrl-C once b's tunnelled video is written
+        calls.append(args[0])
+        prediction = run(self, *args, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return prediction
+
+    monkeypatch.setattr(predict.Predictor, "run", run_then_ctrl_c)
+    code, out, err = _cli(
+        capsys, "--checkpoint", workdir, "--video", videos, "--json", "--save-hht", out_dir
+    )
+    assert code == 130
+    assert [json.loads(line)["video"] for line in out.splitlines()] == [str(videos / "a.mp4")]
+    assert err.splitlines()[-1] == (
+        "interrupted: 1 of 3 videos predicted (reported above); no --save-hht file written for "
+        "the others"
+    )
+    assert [p.name for p in out_dir.iterdir()] == ["a_hht.mp4"]

@@ -281,6 +281,9 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     # group: the trainer saves and closes its pipelines, so a worker must not die first
     # (grain would raise on the next batch). Closing stops workers with an event, then SIGKILL.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C in a terminal reaches the whole process group too: the trainer stops and closes
+    # its pipelines, so workers leave it to the trainer instead of each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A trainer killed outright (kill -9, the OOM killer) cannot close its workers, and grain's
     # would wait for it forever, holding their memory: they leave when it is gone.
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()

@@ -12,6 +12,7 @@ import pytest
 
 from data_prep import hht as cli
 from signnet_jax.hht import read_video, write_video
+from tests.helpers import interrupt_after
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -239,3 +240,21 @@ def test_a_models_folder_that_does_not_exist_is_named_before_any_progress(
         assert code == 1 and err.startswith(f"error: {message}"), err
         assert "detecting" not in err
     assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "target, left",
+    [
+        ("signnet_jax.hht:Tunneller.process_frames", "nothing written at {out} or {preview}"),
+        ("data_prep.hht:write_video", "wrote {out}, not {preview}"),
+    ],
+)
+def test_ctrl_c_is_one_line_saying_what_was_written(target, left, sign_sample, tmp_path):
+    out, preview = tmp_path / "o.mp4", tmp_path / "sheet.png"
+    r = interrupt_after(
+        target, "data_prep.hht:main", "--video", sign_sample, "--output", out, "--preview",
+        preview, "--quiet",
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (130, "")
+    assert r.stderr == f"interrupted: {left.format(out=out, preview=preview)}\n"
+    assert [p.name for p in tmp_path.iterdir()] == (["o.mp4"] if "wrote" in left else [])

@@ -1,0 +1,56 @@
+"""python -m signnet_jax.main: a Ctrl-C is one line saying what the run leaves, exit 130."""
+
+import pytest
+
+from tests.helpers import interrupt_after
+
+TINY = [
+    "--config", "configs/smoke.py",
+    "--config.smoke.classes=4", "--config.smoke.train_per_class=8",
+    "--config.smoke.val_per_class=2", "--config.smoke.test_per_class=2",
+    "--config.smoke.frames=8", "--config.smoke.size=32",
+    "--config.model.embed_dim=32", "--config.model.depth=1", "--config.model.num_heads=2",
+    "--config.model.mlp_dim=64", "--config.model.num_frames=4", "--config.model.img_size=32",
+    "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
+    "--config.data.short_side_size=32", "--config.train.max_steps=4",
+    "--config.train.checkpoint_every_steps=2", "--config.val_split=",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return tmp_path_factory.mktemp("records") / "smoke"  # made by the first run
+
+
+def _main(target, records, workdir, *extra, group=False):
+    args = [*TINY, f"--config.records_dir={records}", "--workdir", workdir, *extra]
+    return interrupt_after(target, "signnet_jax.main", *args, group=group)
+
+
+def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(records, tmp_path):
+    workdir = tmp_path / "w"
+    ckpt = workdir / "checkpoints"
+    # before the first checkpoint
+    r = _main("signnet_jax.train:_step_on_next_batch", records, workdir)
+    assert (r.returncode, r.stderr) == (
+        130,
+        f"interrupted: no checkpoint saved yet in {ckpt}; the same command starts the run again\n",
+    )
+    # once step 2 is being saved, with the input pipeline's worker processes, the whole
+    # process group signalled as by a terminal: they print nothing either
+    r = _main(
+        "signnet_jax.checkpointing:TrainCheckpointer.save", records, workdir,
+        "--config.data.num_workers=2", group=True,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        130,
+        f"interrupted: checkpoints saved up to step 2 in {ckpt}; the same command resumes "
+        "from the latest\n",
+    )
+    # an evaluation stopped before it writes its results
+    r = _main("signnet_jax.evaluate:evaluate_split", records, workdir, "--config.mode=eval")
+    assert (r.returncode, r.stderr) == (
+        130,
+        "interrupted: the evaluation did not finish (no metrics.json written); run it again\n",
+    )
+    assert not list((workdir / "eval").glob("*/metrics.json"))
