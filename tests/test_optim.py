@@ -1,5 +1,6 @@
 """The recipe's optimiser pieces against hand-computed values."""
 
+import dataclasses
 import math
 
 import jax
@@ -187,6 +188,90 @@ def test_mixup_groups_of_a_devices_clips_stay_on_the_device():
     assert "collective-permute" in hlo(0)  # the whole batch reversed: clips cross devices
     per_device = hlo(2)
     assert not any(op in per_device for op in ("collective-permute", "all-to-all", "all-gather"))
+
+
+def _mix_draws(cfg, n, size, grouped=False):
+    """n seeded mixings of clip 0 (zeros) with clip 1 (ones), as the train step mixes.
+
+    Returns (clip 0 after mixing (n, size, size), its weight lambda on its own label (n,)).
+    ``grouped``: one batch of n groups of 2 clips (``group_size``), else n batches of 2.
+    """
+    clips = jnp.broadcast_to(
+        jnp.arange(2, dtype=jnp.float32)[:, None, None, None, None], (2, 1, size, size, 1)
+    )
+    labels = jnp.arange(2)
+    if grouped:
+        cfg = dataclasses.replace(cfg, group_size=2)
+        x, y = jax.jit(
+            lambda k: optim.mixup_cutmix(
+                k, jnp.tile(clips, (n, 1, 1, 1, 1)), jnp.tile(labels, n), 2, cfg
+            )
+        )(jax.random.key(0))
+        return np.asarray(x)[::2, 0, ..., 0], np.asarray(y)[::2, 0]
+    x, y = jax.jit(jax.vmap(lambda k: optim.mixup_cutmix(k, clips, labels, 2, cfg)))(
+        jax.random.split(jax.random.key(0), n)
+    )
+    return np.asarray(x)[:, 0, 0, ..., 0], np.asarray(y)[:, 0, 0]
+
+
+def _recipe_mixup(**over):
+    from configs import wlasl2000
+
+    lo = wlasl2000.get_config().loss
+    kw = dict(mixup=lo.mixup, cutmix=lo.cutmix, prob=lo.mixup_prob, switch_prob=lo.switch_prob)
+    return optim.MixupConfig(**{**kw, "label_smoothing": 0.0, **over})
+
+
+@pytest.mark.parametrize(
+    ("over", "grouped"),
+    [({}, False), ({}, True), ({"switch_prob": 0.25}, False), ({"prob": 0.5}, False)],
+)
+def test_mixup_cutmix_switch_and_gate(over, grouped):
+    # The recipe (mixup 0.8, cutmix 1.0, switch 0.5, mixup_prob 1): per group, cutmix (a box
+    # pasted, lambda = 1 - its area) with probability switch_prob, else mixup (a uniform blend);
+    # mixup_prob gates both. 4000 draws of 32x32 clips; a cutmix box is empty (the group
+    # looks unmixed) only when 1 - lambda < 1 / 256.
+    cfg = _recipe_mixup(**over)
+    n = 4000
+    x, lam = _mix_draws(cfg, n, 32, grouped)
+    binary = ((x == 0) | (x == 1)).all(axis=(1, 2))
+    pasted = x == 1
+    kept = binary & ~pasted.any(axis=(1, 2))
+    cut, mix = binary & ~kept, ~binary
+    # each cutmix draw pastes one rectangle: contiguous rows and columns, all of their product
+    rows, cols = pasted[cut].any(2), pasted[cut].any(1)
+    for lines in (rows, cols):
+        starts = lines[:, 0].astype(int) + (lines[:, 1:] & ~lines[:, :-1]).sum(1)
+        np.testing.assert_array_equal(starts, 1)
+    np.testing.assert_array_equal(pasted[cut].sum((1, 2)), rows.sum(1) * cols.sum(1))
+    np.testing.assert_allclose(lam[cut], 1 - pasted[cut].mean((1, 2)), atol=1e-6)
+    np.testing.assert_allclose(
+        x[mix], np.broadcast_to((1 - lam[mix])[:, None, None], x[mix].shape), atol=1e-6
+    )
+    assert ((lam[mix] > 0) & (lam[mix] < 1)).all()
+    np.testing.assert_array_equal(lam[kept], 1.0)
+
+    expected = {
+        "cutmix": cfg.prob * cfg.switch_prob,
+        "mixup": cfg.prob * (1 - cfg.switch_prob),
+        "none": 1 - cfg.prob,
+    }
+    got = {"cutmix": cut.mean(), "mixup": mix.mean(), "none": kept.mean()}
+    for mode, p in expected.items():
+        # 4 binomial standard deviations (0.032 at p = 0.5); at least 0.006 for the empty boxes
+        assert abs(got[mode] - p) <= 4 * math.sqrt(max(p * (1 - p), 0.01) / n), (mode, got)
+
+
+def test_mixup_lambda_follows_beta_of_the_mixup_alpha():
+    # mixup's lambda ~ Beta(0.8, 0.8): Kolmogorov-Smirnov distance of ~10,000 draws under the
+    # 0.1 % critical value 1.95 / sqrt(m); Beta(1, 1) (cutmix's alpha) is at 0.037.
+    x, lam = _mix_draws(_recipe_mixup(), 20000, 4)
+    lam = np.sort(lam[~((x == 0) | (x == 1)).all(axis=(1, 2))]).astype(np.float64)
+    m = len(lam)
+    assert abs(m / 20000 - 0.5) < 0.02
+    cdf = np.asarray(jax.scipy.special.betainc(0.8, 0.8, jnp.asarray(lam, jnp.float32)))
+    ks = max((np.arange(1, m + 1) / m - cdf).max(), (cdf - np.arange(m) / m).max())
+    assert ks < 1.95 / math.sqrt(m)
 
 
 def test_mixing_off_gives_the_clips_and_smoothed_labels():

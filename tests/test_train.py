@@ -498,6 +498,51 @@ def test_unknown_config_key_is_named(records, tmp_path):
         assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    ("loss", "expected"),
+    [
+        (  # the published recipe
+            {},
+            optim.MixupConfig(mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5,
+                              label_smoothing=0.1, group_size=0),
+        ),
+        (  # a distinct value per key: each reaches its own field
+            dict(mixup=0.3, cutmix=0.6, mixup_prob=0.7, switch_prob=0.2, label_smoothing=0.05,
+                 mixup_group_size=2),
+            optim.MixupConfig(mixup=0.3, cutmix=0.6, prob=0.7, switch_prob=0.2,
+                              label_smoothing=0.05, group_size=2),
+        ),
+    ],
+)  # fmt: skip
+def test_the_train_step_mixes_with_the_configs_loss_settings(monkeypatch, loss, expected):
+    import jax.numpy as jnp
+
+    from configs import wlasl2000
+
+    c = wlasl2000.get_config()
+    c.loss.update(loss)
+    seen = []
+
+    class Mixed(Exception):
+        pass
+
+    def spy(key, clips, labels, num_classes, cfg):
+        seen.append((num_classes, cfg))
+        raise Mixed  # nothing after the mixing is needed
+
+    monkeypatch.setattr(optim, "mixup_cutmix", spy)
+    setup = train.Setup(train.model_config(c, 5), [], {}, None, None, None, None, "")
+    step = train.make_train_step(setup, c, None, 5)
+    batch = {
+        "clip": jnp.zeros((2, 2, 8, 8, 3), jnp.uint8),
+        "erase_box": jnp.zeros((2, 4), jnp.int32),
+        "label": jnp.zeros(2, jnp.int32),
+    }
+    with pytest.raises(Mixed):
+        step({}, batch, jnp.int32(0))
+    assert seen == [(5, expected)]
+
+
 def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
     """Two micro-batches of two clips = one step of four: parameters, EMA and gradient norm."""
     import jax.numpy as jnp

@@ -192,6 +192,41 @@ def test_flip_mode_is_validated():
         augment.AugmentOptions(flip="mirror")
 
 
+def test_default_options_are_the_signnet_recipe():
+    # train.py passes crop_size, scale, flip, rand_augment and erase_prob from the config but
+    # not the ratio: the default is the recipe's, the reference's literal [0.75, 1.3333].
+    o = augment.AugmentOptions()
+    assert o.crop_size == 224
+    assert o.scale == (0.08, 1.0)
+    assert o.ratio == (0.75, 1.3333) and o.ratio[1] != 4 / 3
+    assert o.flip == "plain"
+    assert o.rand_augment == "rand-m7-n4-mstd0.5-inc1"
+    assert o.erase_prob == 0.25
+
+
+@pytest.mark.parametrize(
+    ("flip", "mirror", "rate"),
+    [("plain", augment.hflip, 0.5), ("hht", augment.hht_flip, 0.5), ("none", None, 0.0)],
+)
+def test_flip_probability(flip, mirror, rate):
+    # An 8x8 clip with scale (1, 1) is cropped whole (an accepted box or the central fallback)
+    # and not resized, so each output is the clip itself or its mirror.
+    clip = _quadrant_clip(8, 8)
+    mirrored = mirror(clip) if mirror else None
+    options = augment.AugmentOptions(
+        crop_size=8, scale=(1.0, 1.0), flip=flip, rand_augment=None, erase_prob=0.0
+    )
+    n, flips = 4000, 0
+    for seed in range(n):
+        out, _ = augment.augment_train_clip(clip, np.random.default_rng(seed), options)
+        if mirror and np.array_equal(out, mirrored):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(out, clip)
+    # 4 binomial standard deviations (0.032 at p = 0.5): 0.3 or 0.9 is far outside
+    assert abs(flips / n - rate) <= 4 * math.sqrt(rate * (1 - rate) / n)
+
+
 def test_crop_box_follows_inception_rule():
     rng = np.random.default_rng(0)
     for _ in range(500):

@@ -194,6 +194,61 @@ def test_end_to_end_real_hht(built, dataset, sign_sample):
         assert err.mean() < 3.0, f"{vid}: JPEG q90 error {err.mean():.2f} too large"
 
 
+@dataclasses.dataclass
+class _Result:
+    frames: np.ndarray
+    boxes: np.ndarray
+    box_source: np.ndarray
+    fps: float
+
+
+def test_record_features_have_the_kinds_of_the_design_table(tmp_path):
+    # Readers (tf.data's parse_example among them) type each feature by its kind: a label
+    # written as a float, or boxes as ints, would be another record format.
+    n, h, w = 3, 8, 12
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 1, (n, 3, 4)).astype(np.float32)
+    boxes[1, 2] = -1.0  # no left hand in frame 1
+    box_source = np.array([[1, 1, 1], [1, 3, 0], [2, 1, 1]])
+    frames = np.broadcast_to(np.array([60, 120, 180], np.uint8)[:, None, None, None], (n, h, w, 3))
+    result = _Result(frames, boxes, box_source, 29.97)
+    entry = manifests.Entry("train", "v001", "v001.mp4", 7, "hello")
+    shard = tmp_path / "train-00000-of-00001.tfrecord"
+    with records.TFRecordWriter(shard) as writer:
+        writer.write(build_records.make_example(entry, result, 90))
+    (data,) = records.read_records(shard)
+
+    feats = records.Example.FromString(data).features.feature
+    kinds = {name: feats[name].WhichOneof("kind") for name in feats}
+    assert kinds == {
+        "video_id": "bytes_list",
+        "label": "int64_list",
+        "gloss": "bytes_list",
+        "frames": "bytes_list",
+        "height": "int64_list",
+        "width": "int64_list",
+        "num_frames": "int64_list",
+        "fps": "float_list",
+        "boxes": "float_list",
+        "box_source": "int64_list",
+    }
+    assert list(feats["video_id"].bytes_list.value) == [b"v001"]
+    assert list(feats["gloss"].bytes_list.value) == [b"hello"]
+    assert list(feats["label"].int64_list.value) == [7]
+    assert [feats[k].int64_list.value[:] for k in ("height", "width", "num_frames")] == [
+        [h], [w], [n]
+    ]  # fmt: skip
+    assert list(feats["fps"].float_list.value) == [pytest.approx(29.97)]
+    # row-major num_frames x 3 x 4 and num_frames x 3
+    np.testing.assert_array_equal(feats["boxes"].float_list.value, boxes.ravel())
+    assert list(feats["box_source"].int64_list.value) == box_source.ravel().tolist()
+    jpegs = feats["frames"].bytes_list.value
+    assert len(jpegs) == n and all(f[:2] == b"\xff\xd8" for f in jpegs)
+    decoded = np.stack([cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR) for f in jpegs])
+    assert decoded.shape == frames.shape
+    np.testing.assert_allclose(decoded.mean((1, 2, 3)), [60, 120, 180], atol=2)  # in order
+
+
 def test_fps_summary():
     assert build_records.fps_summary([30, 25, 29.97, 60]) == {
         "min": 25.0, "median": 29.985, "max": 60.0,

@@ -82,6 +82,34 @@ def test_features_are_the_pooled_fc_norm_output():
     assert rel_err(feats, ref) <= 1e-5
 
 
+def test_every_layer_norm_uses_epsilon_1e_6():
+    # Inputs of variance ~1e-6, where epsilon weighs as much as the variance: 1e-5 scales the
+    # output by sqrt(2 / 11), 1e-7 by sqrt(2 / 1.1).
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=3, num_frames=2, img_size=16, embed_dim=32, depth=2, num_heads=2,
+        mlp_dim=64,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32), vit.abstract_params(cfg)
+    )
+    model = vit.model_from_params(cfg, params)
+    x = 1e-3 * rng.standard_normal((2, 5, 32))
+    norms = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.LayerNorm):
+            norms[".".join(map(str, path))] = module
+    assert sorted(norms) == [
+        "blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "fc_norm"
+    ]  # fmt: skip
+    xc = x - x.mean(-1, keepdims=True)
+    normalized = xc / np.sqrt((xc**2).mean(-1, keepdims=True) + 1e-6)
+    for name, norm in norms.items():
+        out = np.asarray(norm(jnp.asarray(x, jnp.float32)), np.float64)
+        expected = normalized * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+        np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
 def test_sinusoid_table_matches_reference_and_follows_the_token_grid():
     ref = torch_vit.sinusoid_table(3136, 768)[0].numpy()
     np.testing.assert_allclose(vit.sinusoid_table(3136, 768), ref, rtol=0, atol=1e-6)
