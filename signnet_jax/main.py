@@ -87,15 +87,53 @@ def _parse_flags(argv: list[str]) -> list[str]:
         text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
         key = text.strip().splitlines()[0].strip("'\"") if text.strip() else ""
         given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        named = [g for g in given if key in g.split(".")[1:]]
+        keys = _config_keys()
+        named = [g for g in given if key in g.split(".")[1:] and g[len("--config.") :] not in keys]
         if not named:  # raised while loading the file itself (no get_config, a bug in it)
             _config_file_error(e)
-        _exit_usage(  # --config.KEY=... naming a key the config does not have
-            f"unknown config key {'; '.join(text.strip().splitlines())} (in "
-            f"{', '.join(named)}); the keys are listed in configs/wlasl2000.py"
+        # --config.KEY=... naming a key the config does not have
+        key = named[0].removeprefix("--config.")
+        near = _near_keys(key, keys)
+        _exit_usage(
+            f"unknown config key {key} (in {', '.join(named)})"
+            + (f"; did you mean {' or '.join(f'--config.{k}' for k in near)}?" if near else "")
+            + " (every key is in configs/wlasl2000.py)"
         )
     except Exception as e:  # --config not a loadable config file (ImportError, a bug, ...)
         _config_file_error(e)
+
+
+def _config_keys() -> list[str]:
+    """The dotted keys of the --config file (none if it cannot be loaded again)."""
+    import runpy
+
+    try:
+        config = runpy.run_path(_config_arg())["get_config"]()
+    except Exception:  # noqa: BLE001 - only for suggestions
+        return []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if hasattr(v, "items"):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k
+
+    return list(walk(config, ""))
+
+
+def _near_keys(key: str, keys: list[str]) -> list[str]:
+    """Keys a mistyped or misplaced ``key`` may mean: the same name elsewhere (data.test_split
+    -> test_split), a name in the same group containing it (optim.lr -> optim.base_lr, ...),
+    or a close spelling (optim.epoch -> optim.epochs)."""
+    import difflib
+
+    group, _, name = key.rpartition(".")
+    same_name = [k for k in keys if k.rpartition(".")[2] == name]
+    group_keys = [k for k in keys if k.rpartition(".")[0] == group]
+    containing = [k for k in group_keys if name in k.rpartition(".")[2]]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+    return list(dict.fromkeys(same_name + containing + close))[:4]
 
 
 def _config_file_error(error: Exception) -> None:

@@ -473,10 +473,25 @@ def test_resume_after_kill_9_is_exact_and_sigterm_saves(records, tmp_path):
 
 
 def test_unknown_config_key_is_named(records, tmp_path):
-    r = _run(_main_args(records, tmp_path / "w", "--config.optim.epoch=1"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("error: unknown config key 'epoch'; Did you mean \"epochs\"")
-    assert "(in --config.optim.epoch)" in r.stderr
+    for key, near in (
+        (
+            "optim.epoch",
+            "--config.optim.epochs or --config.optim.warmup_epochs or --config.optim.eps",
+        ),
+        ("data.test_split", "--config.test_split"),  # a top-level key given in a group
+        ("optim.lr", "--config.optim.base_lr or --config.optim.min_lr or --config.optim.warmup_lr"),
+    ):
+        r = _run(_main_args(records, tmp_path / "w", f"--config.{key}=1"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr == (
+            f"error: unknown config key {key} (in --config.{key}); did you mean {near}? "
+            "(every key is in configs/wlasl2000.py)\n"
+        )
+    r = _run(_main_args(records, tmp_path / "w", "--config.nothing_like_it=1"))
+    assert r.stderr == (
+        "error: unknown config key nothing_like_it (in --config.nothing_like_it) "
+        "(every key is in configs/wlasl2000.py)\n"
+    )
     assert not (tmp_path / "w").exists()
     (tmp_path / "empty.py").write_text("x = 1\n")
     (tmp_path / "buggy.py").write_text(
