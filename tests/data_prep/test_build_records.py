@@ -194,14 +194,6 @@ def test_end_to_end_real_hht(built, dataset, sign_sample):
         assert err.mean() < 3.0, f"{vid}: JPEG q90 error {err.mean():.2f} too large"
 
 
-@dataclasses.dataclass
-class _Result:
-    frames: np.ndarray
-    boxes: np.ndarray
-    box_source: np.ndarray
-    fps: float
-
-
 def test_record_features_have_the_kinds_of_the_design_table(tmp_path):
     # Readers (tf.data's parse_example among them) type each feature by its kind: a label
     # written as a float, or boxes as ints, would be another record format.
