@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from signnet_jax.models import vit
-
 
 def positive(text: str) -> int:
     """argparse type: a whole number >= 1 (repeats, batch sizes)."""
@@ -18,26 +16,17 @@ def positive(text: str) -> int:
     return value
 
 
-def _nearest(value: int, multiple: int) -> int:
-    return max(multiple, (value + multiple // 2) // multiple * multiple)
-
-
 def check_clip(parser: argparse.ArgumentParser, preset: str, frames: int, size: int) -> str:
     """The canonical name of ``preset``, after refusing a preset, ``--frames`` or ``--size``
     that makes no model (``parser.error`` names the option and the fix)."""
+    from signnet_jax.models import vit  # not for bench/hht.py, which needs no JAX
+
     try:
         preset = vit.resolve_preset(preset)
     except ValueError as e:
         parser.error(f"--preset: {e}")
-    tubelet, patch = vit.ViTConfig.tubelet_size, vit.PRESETS[preset]["patch_size"]
-    if frames < 1 or frames % tubelet:
-        parser.error(
-            f"--frames {frames}: give a positive multiple of {tubelet} (the model embeds frames "
-            f"in groups of {tubelet}), e.g. --frames {_nearest(frames, tubelet)}"
-        )
-    if size < 1 or size % patch:
-        parser.error(
-            f"--size {size}: give a positive multiple of {patch} (the patch size of ViT-{preset}), "
-            f"e.g. --size {_nearest(size, patch)}"
-        )
+    flags = {"num_frames": ("--frames", frames), "img_size": ("--size", size)}
+    for field, why in vit.clip_problems(preset, frames, size).items():
+        flag, value = flags[field]
+        parser.error(f"{flag} {value}: {why.replace('e.g. ', f'e.g. {flag} ')}")
     return preset

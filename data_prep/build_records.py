@@ -46,6 +46,7 @@ TOOL = "data_prep.build_records"
 FORMAT_VERSION = 1
 FAILURES = "failures.jsonl"
 WORK = "work"
+IDENTITY = "dataset.json"  # in WORK: what a build is building, for check_output
 
 # Failure reasons (the `reason` field of failures.jsonl).
 MISSING = "missing_file"
@@ -522,8 +523,8 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> None
 
     The same dataset is the same format (`dataset`), the same split file names and the same
     classes in the same order: building it again, with any H&HT settings, JPEG quality or
-    shard size, resumes or replaces its own records. A folder without dataset_info.json is
-    new or an unfinished build, and is resumed.
+    shard size, resumes or replaces its own records. A folder without dataset_info.json is new
+    or an unfinished build, which is compared by the identity it wrote when it started.
 
     Args:
       output: the records folder.
@@ -541,15 +542,20 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> None
             f"--output {output} holds a synthetic smoke dataset (made by data_prep.synthetic: "
             f"{LOCK}); {fix}"
         )
-    try:
-        with open(os.path.join(output, records.DATASET_INFO)) as f:
-            there = json.load(f)
-    except FileNotFoundError:
+    there = None
+    # dataset_info.json, or while a build is unfinished (a first one, or a rebuild that
+    # removed it) the identity the build wrote when it started
+    for name in (records.DATASET_INFO, os.path.join(WORK, IDENTITY)):
+        try:
+            with open(os.path.join(output, name)) as f:
+                there = json.load(f)
+            break
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise BuildError(f"--output {output}: cannot read {name} ({e}); {fix}") from e
+    if there is None:
         return
-    except (OSError, ValueError) as e:
-        raise BuildError(
-            f"--output {output}: cannot read {records.DATASET_INFO} ({e}); {fix}"
-        ) from e
     info = info or {}
     old = _describe(there.get("dataset"), there.get("split_files"), len(there.get("classes", [])))
     tool = there.get("tool", {}).get("name")
@@ -623,6 +629,10 @@ def build(
         raise BuildError(f"{output}: another build_records is writing here") from e
     try:
         _clean_stale(output, work)
+        identity = {"tool": {"name": TOOL}, "classes": list(manifest.classes)} | {
+            k: v for k, v in (info or {}).items() if k in ("dataset", "split_files")
+        }
+        atomic_write(os.path.join(work, IDENTITY), json.dumps(identity).encode())
         tasks = []
         for i, entry in enumerate(manifest.entries):
             path = os.path.join(os.fspath(videos_dir), entry.path)

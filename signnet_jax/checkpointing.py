@@ -84,12 +84,16 @@ def save_model(directory: str | os.PathLike, params: dict, meta: dict[str, Any])
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-    """Steps saved in a checkpoint directory (empty when it holds none)."""
+    """Steps saved in a checkpoint directory (empty when it holds none).
+
+    The step folders orbax has committed (a save in progress is a temporary folder, renamed when
+    complete), read from the folder itself: a CheckpointManager would synchronise every
+    process, which a host stopping on its own (Ctrl-C) cannot ask of the others.
+    """
     directory = local_path(directory)
     if not directory.is_dir():
         return []
-    with ocp.CheckpointManager(directory) as mngr:
-        return list(mngr.all_steps())
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
@@ -259,7 +263,7 @@ _MISSING_METRIC_FILTER = _NoMissingMetricWarning()
 
 
 class TrainCheckpointer:
-    """Training checkpoints: params, optimizer state, data-iterator state and metadata.
+    """Training checkpoints: params, optimizer state, the data position and metadata.
 
     Keeps the latest ``keep`` steps plus the best by validation top-1. Saves are
     asynchronous; a half-written step (process killed mid-save) is never restored.

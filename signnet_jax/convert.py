@@ -674,11 +674,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _multiple(value: int, of: int) -> int:
-    """The positive multiple of ``of`` nearest to ``value`` (rounding halves up)."""
-    return max(of, (value + of // 2) // of * of)
-
-
 def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     prog = "python -m signnet_jax.convert"
     p = argparse.ArgumentParser(
@@ -759,23 +754,17 @@ def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{_flag(name)} is required (unless --to-pytorch)")
     if args.num_classes < 1:
         p.error(f"--num-classes {args.num_classes}: the head needs at least 1 class")
-    tubelet = vit.ViTConfig.tubelet_size
-    if args.num_frames < 1 or args.num_frames % tubelet:
-        p.error(
-            f"--num-frames {args.num_frames}: give a positive multiple of {tubelet} (the model "
-            f"embeds frames in groups of {tubelet}), e.g. "
-            f"--num-frames {_multiple(args.num_frames, tubelet)}"
-        )
     try:
         preset = vit.resolve_preset(args.model)
     except ValueError:
-        return  # convert() names the presets (before it reads the input)
-    patch = vit.PRESETS[preset]["patch_size"]
-    if args.img_size < 1 or args.img_size % patch:
-        p.error(
-            f"--img-size {args.img_size}: give a positive multiple of {patch} (the patch size "
-            f"of preset {preset}), e.g. --img-size {_multiple(args.img_size, patch)}"
-        )
+        preset = None  # convert() names the presets (before it reads the input)
+    problems = vit.clip_problems(preset or "B", args.num_frames, args.img_size)
+    if preset is None:  # no patch size to check the frame size against
+        problems.pop("img_size", None)
+    for field, flag in (("num_frames", "--num-frames"), ("img_size", "--img-size")):
+        if field in problems:
+            why = problems[field].replace("e.g. ", f"e.g. {flag} ")
+            p.error(f"{flag} {getattr(args, field)}: {why}")
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -111,15 +111,7 @@ def _config_keys() -> list[str]:
         config = runpy.run_path(_config_arg())["get_config"]()
     except Exception:  # noqa: BLE001 - only for suggestions
         return []
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if hasattr(v, "items"):
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield prefix + k
-
-    return list(walk(config, ""))
+    return list(train._flat(config.to_dict()))
 
 
 def _near_keys(key: str, keys: list[str]) -> list[str]:

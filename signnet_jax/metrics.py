@@ -37,16 +37,18 @@ from signnet_jax.files import atomic_write
 # --------------------------------------------------------------------------------------------
 
 
-def _check_probs(probs: Any, name: str) -> np.ndarray:
+def _check_probs(probs: Any, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """``probs`` as float64; ``rows``: a bool mask of the rows that must be finite (all)."""
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[1] < 1:
         raise ValueError(f"{name} must be a 2-D (num, num_classes) array, got shape {probs.shape}")
     if probs.dtype.kind not in "fiu":
         raise ValueError(f"{name} must hold numbers, got dtype {probs.dtype}")
-    bad = ~np.isfinite(probs)
+    bad = ~np.isfinite(probs).all(axis=1)
+    if rows is not None:
+        bad &= rows
     if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise ValueError(f"{name} has non-finite values (first in row {row})")
+        raise ValueError(f"{name} has non-finite values (first in row {np.flatnonzero(bad)[0]})")
     return probs.astype(np.float64)
 
 
@@ -105,9 +107,9 @@ def merge_views(probs: Any, video_index: Any, valid: Any, num_videos: int) -> np
       ValueError: shapes disagree, a valid view names a video outside [0, N), or a video
         has no valid view (the message names it).
     """
-    probs = _check_probs(probs, "probs")
-    merger = ViewMerger(num_videos, probs.shape[1])
-    merger.add(probs, video_index, valid)
+    probs = np.asarray(probs)
+    merger = ViewMerger(num_videos, probs.shape[1] if probs.ndim == 2 else 1)
+    merger.add(probs, video_index, valid)  # checks the arguments
     return merger.result()
 
 
@@ -124,11 +126,10 @@ class ViewMerger:
         self.counts = np.zeros(num_videos, np.int64)
 
     def add(self, probs: Any, video_index: Any, valid: Any) -> None:
-        """Adds a batch of views (arguments as ``merge_views``')."""
-        probs = _check_probs(probs, "probs")
-        v, k = probs.shape
-        if k != self.sums.shape[1]:
-            raise ValueError(f"probs has {k} classes, the merger {self.sums.shape[1]}")
+        """Adds a batch of views (arguments as ``merge_views``'; padding views may hold
+        anything)."""
+        probs = np.asarray(probs)
+        v = probs.shape[0] if probs.ndim else 0
         video_index = np.asarray(video_index)
         valid = np.asarray(valid)
         if video_index.shape != (v,) or valid.shape != (v,):
@@ -138,6 +139,9 @@ class ViewMerger:
             )
         if valid.dtype != np.bool_:
             raise ValueError(f"valid must be a bool array, got dtype {valid.dtype}")
+        probs = _check_probs(probs, "probs", rows=valid)
+        if probs.shape[1] != self.sums.shape[1]:
+            raise ValueError(f"probs has {probs.shape[1]} classes, the merger {self.sums.shape[1]}")
         idx = video_index[valid]
         if idx.size and idx.dtype.kind not in "iu":
             raise ValueError(f"video_index must be integers, got dtype {video_index.dtype}")

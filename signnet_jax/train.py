@@ -56,7 +56,7 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
             f"records folder {config.records_dir} has no dataset_info.json ({e}); build it with "
             "python -m data_prep.build_records, or fix --config.records_dir"
         ) from e
-    except ImportError as e:
+    except (ImportError, NotADirectoryError) as e:
         raise TrainingError(f"config.records_dir: {e}") from e
     classes = list(info["classes"])
     try:
@@ -81,6 +81,8 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
 
     model_config(config, config.smoke.classes)
     opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
+    if jax.process_index() == 0:
+        print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)
     try:
         ensure_smoke_dataset(config.records_dir, **opts)
     except SmokeDatasetError as e:
@@ -88,8 +90,6 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
             f"config.smoke: {e} (the smoke config makes its synthetic records in "
             "config.records_dir; for records of your own add --config.smoke.enabled=False)"
         ) from e
-    if jax.process_index() == 0:
-        print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)
 
 
 def arch_overrides(src: vit.ViTConfig) -> dict[str, Any]:
@@ -212,14 +212,19 @@ def load_init(
 
 # Settings a run may be resumed with other values of: where data and checkpoints are, how the
 # work is spread and fed, what is logged and evaluated, and how the same update is computed
-# (accumulation, dtype, kernels). Every other setting shapes the run's trajectory.
-_RESUMABLE_WITH_CHANGES = (
+# (accumulation, dtype, kernels). The architecture is compared as the model it builds
+# (_resumed_model: model.embed_dim=0 is preset B's 768). Every other setting shapes the run's
+# trajectory.
+_RESUMABLE_WITH_CHANGES = {
     "mode", "records_dir", "val_split", "test_split", "init_from", "load_step",
-    "init_reset_head", "model.dtype", "model.remat", "model.attention", "model.init_scale",
-    "data.test_num_segment", "data.test_num_crop", "data.eval_batch_size", "data.num_workers",
-    "data.num_threads", "data.prefetch", "optim.grad_accum", "optim.loss_scale",
-    "optim.loss_scale_window", "optim.loss_scale_hysteresis", "mesh.", "train.", "distributed.",
-)  # fmt: skip
+    "init_reset_head", "model.preset", "model.embed_dim", "model.depth", "model.num_heads",
+    "model.mlp_dim", "model.num_frames", "model.img_size", "model.dtype", "model.remat",
+    "model.attention", "model.init_scale", "data.short_side_size", "data.test_num_segment",
+    "data.test_num_crop", "data.eval_batch_size", "data.num_workers", "data.num_threads",
+    "data.prefetch", "optim.grad_accum", "optim.loss_scale", "optim.loss_scale_window",
+    "optim.loss_scale_hysteresis",
+}  # fmt: skip
+_RESUMABLE_GROUPS = ("mesh.", "train.", "distributed.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -239,7 +244,10 @@ def _changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[st
     return [
         f"{k}={saved[k]!r} (config: {v!r})"
         for k, v in _flat(json.loads(config.to_json_best_effort())).items()
-        if k in saved and saved[k] != v and not k.startswith(_RESUMABLE_WITH_CHANGES)
+        if k in saved
+        and saved[k] != v
+        and k not in _RESUMABLE_WITH_CHANGES
+        and not k.startswith(_RESUMABLE_GROUPS)
     ]
 
 
@@ -1033,7 +1041,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     state, metrics = _step_on_next_batch(
                         compiled, state, train_iter, spec, mesh, stop_flag, step * accum + a
                     )
-                    loss_sum = loss_sum + metrics["loss"]
+                    loss_sum = loss_sum + metrics["loss"] / accum  # any accumulation after a resume
                     if scaling:
                         skipped = skipped + metrics["skipped"]
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
@@ -1047,7 +1055,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     check_finite()
                     n = step - n_last
                     dt = _clock() - t_last
-                    loss = float(loss_sum) / ((step - loss_since) * accum)
+                    loss = float(loss_sum) / (step - loss_since)
                     loss_log.append((step, loss))
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
@@ -1214,7 +1222,7 @@ def _restore(ckpt, step: int, abstract_state: dict, scaling, accumulation=None):
     """``(state, data state, meta)`` of a run being resumed.
 
     A run started in another dtype may lack the float16 loss scale: it starts afresh (it finds
-    its level again within a few updates. ``accumulation``: ``_accumulation_change``'s, when
+    its level again within a few updates). ``accumulation``: ``_accumulation_change``'s, when
     the optimizer state changes layout.
     """
     saved = ckpt.saved_items(step)

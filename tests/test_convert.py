@@ -696,7 +696,7 @@ def test_help_shows_the_required_options_as_required(capsys):
         (
             "--img-size",
             "100",
-            "--img-size 100: give a positive multiple of 16 (the patch size of preset S), "
+            "--img-size 100: give a positive multiple of 16 (the patch size of ViT-S), "
             "e.g. --img-size 96",
         ),
     ],

@@ -44,7 +44,15 @@ def test_merging_a_batch_at_a_time_gives_the_same_bits():
         merger.add(probs[part].astype(np.float32), index[part], valid[part])
     whole = metrics.merge_views(probs.astype(np.float32), index, valid, 10)
     np.testing.assert_array_equal(merger.result(), whole)
-    np.testing.assert_allclose(whole.sum(axis=1), 1.0, rtol=1e-6)
+    for video in range(10):  # each video's valid views, averaged one by one
+        views = [probs[i].astype(np.float32) for i in range(40) if valid[i] and index[i] == video]
+        np.testing.assert_allclose(whole[video], np.mean(views, axis=0), rtol=1e-6)
+    # a padding view may hold anything, even NaN
+    nan = np.full((1, 7), np.nan)
+    merger.add(nan, [-1], np.zeros(1, bool))
+    np.testing.assert_array_equal(merger.result(), whole)
+    with pytest.raises(ValueError, match=r"probs has non-finite values \(first in row 1\)"):
+        merger.add(np.concatenate([nan, nan]), [-1, 3], np.array([False, True]))
     with pytest.raises(ValueError, match="probs has 3 classes, the merger 7"):
         merger.add(np.ones((1, 3)), [0], np.ones(1, bool))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -286,7 +287,10 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A trainer killed outright (kill -9, the OOM killer) cannot close its workers, and grain's
     # would wait for it forever, holding their memory: they leave when it is gone.
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    # (the parent's pid as spawn recorded it: the trainer may be gone already)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.pid,), daemon=True).start()
 
 
 def _exit_with(parent: int, every: float = 1.0) -> None:

@@ -484,7 +484,7 @@ def load_dataset_info(records_dir: str | os.PathLike) -> dict:
         with fsspec.open(path, "rt") as f:
             return json.load(f)
     except NotADirectoryError as e:
-        raise FileNotFoundError(
+        raise NotADirectoryError(
             f"{records_dir} is a file, not a records folder: give the folder that "
             "`python -m data_prep.build_records` wrote"
         ) from e

@@ -58,6 +58,29 @@ def resolve_preset(name: str) -> str:
     raise ValueError(f"unknown model preset {name!r}; choose one of: {known}")
 
 
+def clip_problems(preset: str, num_frames: int, img_size: int) -> dict[str, str]:
+    """``{"num_frames" | "img_size": why}`` for a clip size that makes no model of ``preset``
+    (a canonical name), each ending in the nearest size that does, for command lines to name
+    with their own flag: ``f"--frames 15: {why}"``."""
+
+    def nearest(value: int, multiple: int) -> int:
+        return max(multiple, (value + multiple // 2) // multiple * multiple)
+
+    tubelet, patch = ViTConfig.tubelet_size, PRESETS[preset]["patch_size"]
+    problems = {}
+    if num_frames < 1 or num_frames % tubelet:
+        problems["num_frames"] = (
+            f"give a positive multiple of {tubelet} (the model embeds frames in groups of "
+            f"{tubelet}), e.g. {nearest(num_frames, tubelet)}"
+        )
+    if img_size < 1 or img_size % patch:
+        problems["img_size"] = (
+            f"give a positive multiple of {patch} (the patch size of ViT-{preset}), e.g. "
+            f"{nearest(img_size, patch)}"
+        )
+    return problems
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Architecture and numerics of the video ViT (saved with every checkpoint)."""

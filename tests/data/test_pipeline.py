@@ -200,11 +200,13 @@ def test_worker_processes_outlive_a_sigterm_to_the_process_group(records_dir):
     _assert_same(_take(it, 2), reference[:2])  # one batch from each worker: both started
     workers = [p for p in multiprocessing.active_children() if p not in before]
     assert len(workers) == 2
-    for p in workers:
+    for p in workers:  # SIGTERM is in each worker's mask of ignored signals
+        with open(f"/proc/{p.pid}/status") as f:
+            ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+        assert ignored & 1 << (signal.SIGTERM - 1)
         os.kill(p.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    assert all(p.is_alive() for p in workers)
     _assert_same(_take(it, 2), reference[2:])
+    assert all(p.is_alive() for p in workers)
     pipeline.release(it, 2)
     for p in workers:
         p.join(timeout=30)

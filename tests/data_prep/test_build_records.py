@@ -1007,6 +1007,16 @@ def test_an_output_holding_another_dataset_is_refused_untouched(dataset, tmp_pat
         f"label 0 is 'hello' there and 'world' here); {fix}\n"
     )
     assert _everything(out) == before
+    # a rebuild interrupted after it removed dataset_info.json: the folder still says what
+    # it is being built as
+    (out / "dataset_info.json").unlink()
+    before = _everything(out)
+    assert build_records.main(csv, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out} holds another dataset ({there}; this build: csv from "
+        f"test.csv, train.csv, 3 classes); {fix}\n"
+    )
+    assert _everything(out) == before
     # the same dataset built again with other settings is a rebuild, not another dataset
     assert (
         build_records.main(_cli(dataset, out, "--size", "128"), tunneller_factory=FakeTunneller)
