@@ -888,6 +888,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     shapes = vit.abstract_params(cfg)  # outside the mesh: logical names are not mesh axes
     with jax.set_mesh(mesh), contextlib.ExitStack() as on_exit:
+        # a run stopped by an error or Ctrl-C still completes the save in flight (so what it
+        # reports saved is on disk)
+        on_exit.callback(ckpt.wait)
         abstract_params = sharded_params(shapes, setup.param_sh)
         tx = optim.make_optimizer(ocfg, abstract_params, cfg.depth)
         state_sh, abstract_state = train_state_layout(
