@@ -25,8 +25,6 @@ def check_clip(parser: argparse.ArgumentParser, preset: str, frames: int, size: 
         preset = vit.resolve_preset(preset)
     except ValueError as e:
         parser.error(f"--preset: {e}")
-    flags = {"num_frames": ("--frames", frames), "img_size": ("--size", size)}
-    for field, why in vit.clip_problems(preset, frames, size).items():
-        flag, value = flags[field]
-        parser.error(f"{flag} {value}: {why.replace('e.g. ', f'e.g. {flag} ')}")
+    for problem in vit.clip_problems(preset, frames, size, ("--frames", "--size")):
+        parser.error(problem)
     return preset

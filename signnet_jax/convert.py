@@ -758,13 +758,9 @@ def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         preset = vit.resolve_preset(args.model)
     except ValueError:
         preset = None  # convert() names the presets (before it reads the input)
-    problems = vit.clip_problems(preset or "B", args.num_frames, args.img_size)
-    if preset is None:  # no patch size to check the frame size against
-        problems.pop("img_size", None)
-    for field, flag in (("num_frames", "--num-frames"), ("img_size", "--img-size")):
-        if field in problems:
-            why = problems[field].replace("e.g. ", f"e.g. {flag} ")
-            p.error(f"{flag} {getattr(args, field)}: {why}")
+    flags = ("--num-frames", "--img-size")
+    for problem in vit.clip_problems(preset, args.num_frames, args.img_size, flags):
+        p.error(problem)
 
 
 def main(argv: Iterable[str] | None = None) -> int:

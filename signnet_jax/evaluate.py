@@ -177,8 +177,8 @@ def eval_folder_name(
     metrics.json, CSV and PNG and other results are not overwritten (``evaluate`` also
     refuses a folder holding another checkpoint's or protocol's result). An init_from
     checkpoint adds its folder's name (converted checkpoints all hold step 0), or its run's
-    name for a run's ``checkpoints`` folder. ``other_views``: ``{key: config value}`` of
-    ``_view_changes``.
+    name for a run's ``checkpoints`` folder. ``other_views``: ``{key: config value}`` as
+    ``check_trained_settings`` returns them.
     """
     views = f"{config.data.test_num_segment}x{config.data.test_num_crop}"
     name = f"step_{step}_{config.test_split}_{views}"

@@ -58,25 +58,28 @@ def resolve_preset(name: str) -> str:
     raise ValueError(f"unknown model preset {name!r}; choose one of: {known}")
 
 
-def clip_problems(preset: str, num_frames: int, img_size: int) -> dict[str, str]:
-    """``{"num_frames" | "img_size": why}`` for a clip size that makes no model of ``preset``
-    (a canonical name), each ending in the nearest size that does, for command lines to name
-    with their own flag: ``f"--frames 15: {why}"``."""
+def clip_problems(
+    preset: str | None, num_frames: int, img_size: int, flags: tuple[str, str]
+) -> list[str]:
+    """Messages for a clip size that makes no model of ``preset`` (a canonical name; None:
+    unknown, so the frame size is not checked), for a command line whose options for the
+    frames and the frame size are ``flags``: ``--frames 15: give ..., e.g. --frames 16``."""
 
     def nearest(value: int, multiple: int) -> int:
         return max(multiple, (value + multiple // 2) // multiple * multiple)
 
-    tubelet, patch = ViTConfig.tubelet_size, PRESETS[preset]["patch_size"]
-    problems = {}
+    tubelet = ViTConfig.tubelet_size
+    problems = []
     if num_frames < 1 or num_frames % tubelet:
-        problems["num_frames"] = (
-            f"give a positive multiple of {tubelet} (the model embeds frames in groups of "
-            f"{tubelet}), e.g. {nearest(num_frames, tubelet)}"
+        problems.append(
+            f"{flags[0]} {num_frames}: give a positive multiple of {tubelet} (the model embeds "
+            f"frames in groups of {tubelet}), e.g. {flags[0]} {nearest(num_frames, tubelet)}"
         )
-    if img_size < 1 or img_size % patch:
-        problems["img_size"] = (
-            f"give a positive multiple of {patch} (the patch size of ViT-{preset}), e.g. "
-            f"{nearest(img_size, patch)}"
+    patch = PRESETS[preset]["patch_size"] if preset else None
+    if patch and (img_size < 1 or img_size % patch):
+        problems.append(
+            f"{flags[1]} {img_size}: give a positive multiple of {patch} (the patch size of "
+            f"ViT-{preset}), e.g. {flags[1]} {nearest(img_size, patch)}"
         )
     return problems
 
