@@ -92,7 +92,9 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                 )
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():
-                    raise train.TrainingError(non_finite_message(split, vi[bad][0], config))
+                    index = int(vi[bad][0])
+                    record = pipeline.record_name(config.records_dir, split, index)
+                    raise train.TrainingError(non_finite_message(split, index, record, config))
                 merged.add(p, vi, va)
                 video_labels[vi[va]] = la[va]
     finally:
@@ -100,14 +102,20 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     return merged.result(), video_labels
 
 
-def non_finite_message(split: str, video: int, config: ml_collections.ConfigDict) -> str:
+def non_finite_message(
+    split: str, video: int, record: str, config: ml_collections.ConfigDict
+) -> str:
+    """``record``: the video's record, as ``pipeline.record_name`` names it."""
     why = (
         "; in float16 the forward pass overflowed: evaluate with --config.model.dtype=float32 "
         "(or bfloat16)"
         if config.model.dtype == "float16"
         else "; the weights may hold non-finite values"
     )
-    return f"the model gave non-finite probabilities for video {video} of the {split} split{why}"
+    return (
+        f"the model gave non-finite probabilities for video {video} of the {split} split "
+        f"({record}){why}"
+    )
 
 
 def evaluate_split(

@@ -16,6 +16,7 @@ import pytest
 
 from configs import smoke
 from signnet_jax import checkpointing, evaluate, optim, train
+from signnet_jax.data.records import RecordSource
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(classes=4, train_per_class=8, val_per_class=2, test_per_class=2, frames=8, size=32)
@@ -1106,6 +1107,8 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     monkeypatch.setattr(
         evaluate, "eval_step", lambda setup: lambda p, x: real(setup)(p, x) * jnp.nan
     )
+    first_test_video = RecordSource(records, "test")[0]["video_id"][0].decode()
+    assert re.fullmatch(r"test-\d{3}-\d{3}", first_test_video)
     for dtype, why in (
         ("float16", "in float16 the forward pass overflowed: evaluate with "
                     "--config.model.dtype=float32 (or bfloat16)"),
@@ -1113,7 +1116,9 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     ):  # fmt: skip
         c = tiny_config(records, mode="eval", init_from=str(init), **{"model.dtype": dtype})
         with pytest.raises(train.TrainingError, match=(
-            rf"^the model gave non-finite probabilities for video \d+ of the test split; "
+            rf"^the model gave non-finite probabilities for video 0 of the test split "
+            rf"\({re.escape(str(records))}/test-00000-of-00001\.tfrecord: record 0 "
+            rf"\(video {first_test_video}\)\); "
             rf"{re.escape(why)}$"
         )):  # fmt: skip
             evaluate.evaluate(c, tmp_path / dtype)

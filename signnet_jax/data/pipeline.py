@@ -68,6 +68,15 @@ class _Located:
         return f"{path}: record {local}{vid}"
 
 
+def record_name(records_dir: str, split: str, index: int) -> str:
+    """Names record ``index`` of a split for a message: its shard, number and video id."""
+    source = RecordSource(records_dir, split)
+    try:
+        return _Located(source)(index, source[index])
+    finally:
+        source.close()
+
+
 class IndexedSource:
     """RecordSource whose elements also carry their global record index."""
 
