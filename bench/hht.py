@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.options import positive  # noqa: E402
 from signnet_jax.hht import HHTSettings, Tunneller, coverage, write_video  # noqa: E402
+from signnet_jax.hht.models import ModelFileError, find_models  # noqa: E402
 from signnet_jax.hht.video import VideoError, decode_video  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -140,6 +141,10 @@ def main() -> None:
     args = p.parse_args()
     if args.models is None and "SIGNNET_MEDIAPIPE_MODELS" not in os.environ:
         os.environ["SIGNNET_MEDIAPIPE_MODELS"] = str(SHARED / "mediapipe_models")
+    try:
+        find_models(args.models)
+    except (FileNotFoundError, ModelFileError) as e:
+        p.error(str(e))
     chosen = args.variants or range(len(VARIANTS))
     with tempfile.TemporaryDirectory() as tmp:
         video = pathlib.Path(args.video)

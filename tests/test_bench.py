@@ -289,6 +289,11 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
         ("bench/hht.py --video /nope.mp4", "--video /nope.mp4: no such file"),
         ("bench/hht.py --repeats 0", "argument --repeats: give a whole number >= 1, not '0'"),
         (
+            "bench/hht.py --models /nonexistent/models",
+            "--models /nonexistent/models: no such folder; give the folder that holds "
+            "hand_landmarker.task, pose_landmarker_full.task, blaze_face_short_range.tflite",
+        ),
+        (
             "bench/train.py --preset X",
             "--preset: unknown model preset 'X'; choose one of: S, B, L, H, g, "
             "vit_small_patch16_224, vit_base_patch16_224, vit_large_patch16_224, "

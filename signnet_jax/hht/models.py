@@ -110,10 +110,11 @@ def find_models(models_dir: str | os.PathLike | None = None, download: bool = Tr
                 raise FileNotFoundError(f"{label} {directory}: {state}; {fix}")
             missing = _missing(directory)
             if missing:
+                drop = "leave it out" if label == "--models" else "unset it"
                 raise FileNotFoundError(
                     f"{label} {directory} lacks {', '.join(missing)}; put MediaPipe's official "
-                    f"files there ({', '.join(MODEL_URLS[name] for name in missing)}), or unset "
-                    "it to use the download cache"
+                    f"files there ({', '.join(MODEL_URLS[name] for name in missing)}), or {drop} "
+                    "to use the download cache"
                 )
             for name in MODEL_URLS:
                 check_model_file(directory / name)

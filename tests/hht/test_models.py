@@ -46,15 +46,20 @@ def test_models_dir_beats_the_environment(stand_ins, tmp_path, monkeypatch):
     assert find_models(None) == stand_ins
 
 
-def test_incomplete_folder_names_what_is_missing(stand_ins, tmp_path):
+def test_incomplete_folder_names_what_is_missing(stand_ins, tmp_path, monkeypatch):
     shutil.copy(stand_ins / "hand_landmarker.task", tmp_path)
-    message = (
-        f"--models {tmp_path} lacks pose_landmarker_full.task, blaze_face_short_range.tflite; "
+    lacking = (
+        f"{tmp_path} lacks pose_landmarker_full.task, blaze_face_short_range.tflite; "
         f"put MediaPipe's official files there ({MODEL_URLS['pose_landmarker_full.task']}, "
-        f"{MODEL_URLS['blaze_face_short_range.tflite']})"
+        f"{MODEL_URLS['blaze_face_short_range.tflite']}), or "
     )
-    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+    with pytest.raises(FileNotFoundError) as e:
         find_models(tmp_path)
+    assert str(e.value) == f"--models {lacking}leave it out to use the download cache"
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        find_models(None)
+    assert str(e.value) == f"${ENV_VAR} {lacking}unset it to use the download cache"
 
 
 def test_empty_cache_without_download_says_what_to_do(cache):
