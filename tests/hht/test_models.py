@@ -1,7 +1,6 @@
 """Model lookup order and the (faked, offline) one-time download."""
 
 import os
-import re
 import shutil
 import urllib.request
 
