@@ -276,6 +276,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from signnet_jax import train
 
     train.check_workdir(workdir)
+    train.check_eval_batch(config)
     if config.smoke.enabled:
         train.ensure_smoke(config)
     workdir_path = pathlib.Path(workdir)
@@ -317,7 +318,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = train.prepare(eval_config)
     for warning in setup.warnings:
         train._log(f"warning: {warning}")
-    train.check_eval_batch(eval_config, setup.mesh)
     out = workdir_path / "eval" / eval_folder_name(source, step, own, config, other_views)
     _check_same_result(out / "metrics.json", str(source), step, protocol(config))
     with jax.set_mesh(setup.mesh):

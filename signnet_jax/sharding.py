@@ -18,6 +18,15 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 
+def check_fsdp(fsdp: int, num_devices: int) -> None:
+    """Raises ValueError unless ``fsdp`` divides ``num_devices``."""
+    if fsdp < 1 or num_devices % fsdp:
+        raise ValueError(
+            f"mesh.fsdp={fsdp} must divide the number of devices ({num_devices}); "
+            "set --config.mesh.fsdp to a divisor"
+        )
+
+
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A (data, fsdp) mesh over all devices.
 
@@ -26,11 +35,7 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax
       devices: defaults to ``jax.devices()`` (every device of every process).
     """
     devices = list(jax.devices() if devices is None else devices)
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(
-            f"mesh.fsdp={fsdp} must divide the number of devices ({len(devices)}); "
-            "set --config.mesh.fsdp to a divisor"
-        )
+    check_fsdp(fsdp, len(devices))
     shape = (len(devices) // fsdp, fsdp)
     # Auto axes: XLA's sharding propagation inserts the FSDP all-gathers and
     # reduce-scatters; parameter and batch shardings are pinned at the jit boundary.

@@ -410,7 +410,7 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
         note = f"resuming {resume}"
     elif config.init_from:
         cfg, init_params, note, init_warnings = load_init(config, cfg, classes)
-    devices = jax.devices()[: config.mesh.num_devices or None]
+    devices = mesh_devices(config)
     why = vit.unsupported_dtype(cfg.dtype, devices[0].platform)
     if why:
         raise TrainingError(f"config.model.dtype: {why}; set --config.model.dtype=bfloat16")
@@ -466,15 +466,60 @@ def check_view_sizes(config: ml_collections.ConfigDict, cfg: vit.ViTConfig) -> N
         )
 
 
-def check_eval_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def mesh_devices(config: ml_collections.ConfigDict) -> list:
+    """The devices of the run's mesh: all of them, or the first ``mesh.num_devices``."""
+    return jax.devices()[: config.mesh.num_devices or None]
+
+
+def check_eval_batch(config: ml_collections.ConfigDict) -> None:
     """data.eval_batch_size must split over the devices and processes (checked up front:
     the first validation comes only after an epoch of training)."""
-    size, pc = config.data.eval_batch_size, jax.process_count()
-    if size < 1 or size % mesh.size or size % pc:
+    size, pc, n = config.data.eval_batch_size, jax.process_count(), len(mesh_devices(config))
+    if size < 1 or size % n or size % pc:
         raise TrainingError(
-            f"data.eval_batch_size {size} does not split over the {mesh.size} devices "
-            f"({pc} processes); set --config.data.eval_batch_size to a multiple of {mesh.size}"
+            f"data.eval_batch_size {size} does not split over the {n} devices "
+            f"({pc} processes); set --config.data.eval_batch_size to a multiple of {n}"
         )
+
+
+def check_batch_settings(config: ml_collections.ConfigDict) -> None:
+    """The mesh, batch size, accumulation and mixup group against the devices and processes,
+    before the smoke dataset is generated or anything is compiled."""
+    n, pc = len(mesh_devices(config)), jax.process_count()
+    try:
+        sharding.check_fsdp(config.mesh.fsdp, n)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    batch, accum, repeats = (
+        config.data.batch_size,
+        config.optim.grad_accum,
+        config.data.repeated_aug,
+    )
+    if batch < 1 or accum < 1 or repeats < 1:
+        raise TrainingError(
+            f"data.batch_size ({batch}), optim.grad_accum ({accum}) and data.repeated_aug "
+            f"({repeats}) must be >= 1"
+        )
+    if batch % accum or (batch // accum) % pc:
+        raise TrainingError(
+            f"data.batch_size {batch} must split into optim.grad_accum={accum} micro-batches "
+            f"divisible by the {pc} processes"
+        )
+    clips = batch // accum * repeats
+    if clips % n:
+        raise TrainingError(
+            f"a micro-batch of {clips} clips does not split over {n} devices; change "
+            "data.batch_size"
+        )
+    group = config.loss.mixup_group_size
+    if group < 0 or (group and clips % group):
+        raise TrainingError(
+            f"loss.mixup_group_size {group} must divide the {clips} clips of a micro-batch "
+            f"(data.batch_size / optim.grad_accum x data.repeated_aug); "
+            f"{clips // n} a device keeps the mixing on each device, 0 mixes them all"
+        )
+    if config.val_split or config.test_split:
+        check_eval_batch(config)
 
 
 def place_params(setup: Setup, seed: int) -> dict:
@@ -814,6 +859,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "own (or --config.val_split='' to train without validation)"
         )
     check_train_settings(config.train)
+    check_batch_settings(config)
     if config.smoke.enabled:
         ensure_smoke(config)
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
@@ -822,34 +868,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for warning in setup.warnings:
         _log(f"warning: {warning}")
     cfg, mesh = setup.model_cfg, setup.mesh
-    pc = jax.process_count()
     batch = config.data.batch_size
     accum = config.optim.grad_accum
-    if batch < 1 or accum < 1 or config.data.repeated_aug < 1:
-        raise TrainingError(
-            f"data.batch_size ({batch}), optim.grad_accum ({accum}) and data.repeated_aug "
-            f"({config.data.repeated_aug}) must be >= 1"
-        )
-    if batch % accum or (batch // accum) % pc:
-        raise TrainingError(
-            f"data.batch_size {batch} must split into optim.grad_accum={accum} micro-batches "
-            f"divisible by the {pc} processes"
-        )
     micro = batch // accum
-    if (micro * config.data.repeated_aug) % mesh.size:
-        raise TrainingError(
-            f"a micro-batch of {micro * config.data.repeated_aug} clips does not split over "
-            f"{mesh.size} devices; change data.batch_size"
-        )
-    group, clips = config.loss.mixup_group_size, micro * config.data.repeated_aug
-    if group < 0 or (group and clips % group):
-        raise TrainingError(
-            f"loss.mixup_group_size {group} must divide the {clips} clips of a micro-batch "
-            f"(data.batch_size / optim.grad_accum x data.repeated_aug); "
-            f"{clips // mesh.size} a device keeps the mixing on each device, 0 mixes them all"
-        )
-    if config.val_split or config.test_split:
-        check_eval_batch(config, mesh)
     num_train = setup.info["splits"][config.train_split]["num_records"]
     try:
         per_epoch, total, warmup = optim.steps_for(

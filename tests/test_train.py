@@ -1000,6 +1000,25 @@ def test_batch_and_schedule_mistakes_stop_before_training(records, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_batch_and_mesh_mistakes_stop_before_the_smoke_dataset_is_generated(tmp_path):
+    fresh = tmp_path / "smoke"  # not generated yet: each mistake is named before it would be
+    for over, message in [
+        ({"data.batch_size": 12}, "a micro-batch of 12 clips does not split over 8 devices"),
+        ({"data.eval_batch_size": 12}, "data.eval_batch_size 12 does not split over the 8"),
+        ({"mesh.fsdp": 3}, "mesh.fsdp=3 must divide the number of devices (8)"),
+        ({"loss.mixup_group_size": 3}, "loss.mixup_group_size 3 must divide the 8 clips"),
+        ({"data.repeated_aug": 0}, "data.repeated_aug (0) must be >= 1"),
+        ({"optim.grad_accum": 3}, "data.batch_size 8 must split into optim.grad_accum=3"),
+    ]:
+        with pytest.raises(train.TrainingError, match=re.escape(message)):
+            train.train_and_evaluate(tiny_config(fresh, **over), tmp_path / "w")
+        assert not fresh.exists() and not (tmp_path / "w").exists()
+    c = tiny_config(fresh, mode="eval", init_from=str(tmp_path), **{"data.eval_batch_size": 12})
+    with pytest.raises(train.TrainingError, match="data.eval_batch_size 12 does not split"):
+        evaluate.evaluate(c, tmp_path / "w")
+    assert not fresh.exists() and not (tmp_path / "w").exists()
+
+
 def test_view_size_and_split_mistakes_stop_before_training(records, tmp_path):
     # each of these used to train (an epoch, or the whole run) and then crash in the
     # validation or the final test, or select checkpoints on the test split
