@@ -1008,6 +1008,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         t_last, n_last = _clock(), start
         step = start
+        # seconds of the last validation: the ETA adds the validations left and the final
+        # test (scaled by its views) once one validation has been timed
+        val_seconds = None
+        splits = setup.info["splits"]
+        test_per_val = (
+            splits[config.test_split]["num_records"]
+            * config.data.test_num_segment
+            * config.data.test_num_crop
+            / max(1, splits[config.val_split]["num_records"])
+            if config.val_split and config.test_split
+            else 0.0
+        )
         # the loss averaged over the steps since the last log line (of the log_every cadence);
         # a run resumed between two goes on with the saved part, so its curve is the
         # uninterrupted run's
@@ -1083,6 +1095,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     loss_log.append((step, loss))
                     clips_s = n * batch * config.data.repeated_aug / dt
                     eta = (last_step - step) * dt / n
+                    if val_seconds is not None:
+                        vals_left = _validations_left(step, last_step, val_every)
+                        eta += val_seconds * (vals_left + test_per_val)
                     lr_now = float(schedule[min(step - 1, len(schedule) - 1)])
                     flops_s = clips_s * clip_flops
                     grad_norm = float(metrics["grad_norm"])
@@ -1144,7 +1159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "val/top5": report["per_instance"]["top5"],
                         },
                     )
-                    t_last += _clock() - t_val  # throughput counts steps only
+                    val_seconds = _clock() - t_val
+                    t_last += val_seconds  # throughput counts steps only
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
                 run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
                 run["loss_window"] = {"since": loss_since, "sum": loss_sum}  # read when saved
@@ -1180,6 +1196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         evaluate.write_json(workdir_path / "metrics.json", final)
         return final
+
+
+def _validations_left(step: int, last_step: int, val_every: int) -> int:
+    """Validations still to run after step ``step``'s log line: at each multiple of
+    ``val_every`` from ``step`` on, and at ``last_step``."""
+    return last_step // val_every - (step - 1) // val_every + bool(last_step % val_every)
 
 
 def _step_on_next_batch(compiled, state, train_iter, spec: dict, mesh, stop, index: int):

@@ -240,7 +240,9 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
         assert f"MFU {mfu:.1%}" in logged[step - 1]
 
 
-def test_throughput_leaves_validation_time_out(records, tmp_path, monkeypatch):
+def test_throughput_leaves_validation_time_out_and_the_eta_counts_it(
+    records, tmp_path, monkeypatch, capsys
+):
     from signnet_jax import sharding
 
     # a fake clock: each step takes 1 s, each validation 10 s
@@ -263,11 +265,32 @@ def test_throughput_leaves_validation_time_out(records, tmp_path, monkeypatch):
     c = tiny_config(
         records,
         **{"train.max_steps": 6, "train.log_every": 3, "train.val_every_epochs": 1},
-        test_split="",
+        **{"data.test_num_segment": 3, "data.test_num_crop": 2},
     )
     train.train_and_evaluate(c, tmp_path)
     step_time = _tensorboard_scalars(tmp_path)["train/step_time_s"]
     assert step_time[3] == pytest.approx(1.0) and step_time[6] == pytest.approx(1.0)
+    # ETA at step 3: 3 steps of 1 s (no validation timed yet); at step 6: no steps left, the
+    # validation at step 6 and the test, 8 videos x 6 views against 8 validation views; a
+    # validation took 11 s (10, and 1 for its one batch through the clocked global_batch)
+    etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("step ")]  # fmt: skip
+    assert etas == ["0:03", f"{11 * (1 + 6) // 60}:{11 * (1 + 6) % 60:02d}"]
+
+
+def test_validations_left_are_counted_from_the_logged_step():
+    # (step, last_step, val_every) -> validations still to come: multiples of val_every
+    # from step on (the logged step's own validation runs after its log line), and the last
+    for args, left in [
+        ((3, 6, 4), 2),  # 4 and 6
+        ((4, 6, 4), 2),  # 4 (after this line) and 6
+        ((5, 6, 4), 1),  # 6
+        ((6, 8, 4), 1),  # 8 (a multiple: counted once)
+        ((1, 12, 4), 3),  # 4, 8, 12
+        ((9, 12, 4), 1),
+        ((1, 1, 1), 1),
+    ]:
+        assert train._validations_left(*args) == left, args
 
 
 def test_no_mfu_where_the_device_peak_is_unknown(records, tmp_path, capsys):
