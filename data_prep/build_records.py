@@ -39,7 +39,13 @@ import numpy as np
 
 from data_prep import manifests
 from signnet_jax.data import records
-from signnet_jax.files import RemotePathError, atomic_write, interrupted, local_path
+from signnet_jax.files import (
+    RemotePathError,
+    atomic_write,
+    interrupt_as_usual,
+    interrupted,
+    local_path,
+)
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
@@ -952,6 +958,7 @@ def main(
     Returns:
       Exit status: 0, 1 when failures pass --max-failure-fraction, 2 on bad input.
     """
+    interrupt_as_usual()
     from signnet_jax.hht import HHTSettings
     from signnet_jax.hht.settings import parse_quadrants
 

@@ -19,7 +19,7 @@ import warnings
 import cv2
 import numpy as np
 
-from signnet_jax.files import atomic_write, interrupted, stamp
+from signnet_jax.files import atomic_write, interrupt_as_usual, interrupted, stamp
 from signnet_jax.hht import (
     HHTSettings,
     Tunneller,
@@ -121,6 +121,7 @@ def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (130 on Ctrl-C)."""
+    interrupt_as_usual()
     args = parse_args(argv)
     wanted = {p: stamp(p) for p in (args.output, args.preview) if p}
     try:

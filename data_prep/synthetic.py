@@ -39,7 +39,7 @@ import numpy as np
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
-from signnet_jax.files import atomic_write
+from signnet_jax.files import atomic_write, interrupt_as_usual, interrupted
 from signnet_jax.hht import HHTSettings, compose_frames
 
 TOOL = "data_prep.synthetic"
@@ -817,6 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       Exit status: 0, or 2 on bad options / a folder holding something else.
     """
+    interrupt_as_usual()
     args = make_parser().parse_args(argv)
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(SmokeOptions)}
     existed = os.path.exists(os.path.join(args.output, records.DATASET_INFO))
@@ -826,6 +827,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # dataset_info.json is written last: no dataset until then
+        return interrupted(
+            f"{args.output} holds an unfinished smoke dataset, which the next run builds again"
+            if not existed
+            else f"{args.output} unchanged"
+        )
     info = records.load_dataset_info(output)
     counts = ", ".join(f"{k} {v['num_records']}" for k, v in info["splits"].items())
     verb = "reused" if existed else f"built in {time.perf_counter() - t0:.1f} s"

@@ -764,6 +764,7 @@ def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    files.interrupt_as_usual()
     args = _parse(argv)
     output = pathlib.Path(args.output).expanduser()
     before = files.stamp(output)

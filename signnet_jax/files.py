@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import signal
 import sys
 import uuid
 
@@ -96,3 +97,55 @@ def interrupted(left: str) -> int:
     start = "\n" if sys.stderr.isatty() else ""
     print(f"{start}interrupted: {left}", file=sys.stderr, flush=True)
     return 130
+
+
+# The command lines run with `python -m` (their modules import JAX, MediaPipe: seconds).
+_COMMANDS = ("signnet_jax.", "data_prep.")
+
+
+def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
+    """Makes a Ctrl-C during a command line's imports exit at once with one line (status 130).
+
+    Called by the package ``__init__`` files, which ``python -m signnet_jax.X`` and
+    ``python -m data_prep.X`` import first: the imports take seconds, and a
+    ``KeyboardInterrupt`` raised inside them prints a traceback. Each command's ``main``
+    calls ``interrupt_as_usual`` first; nothing has been done before it.
+
+    Args:
+      argv: the interpreter's command line (default ``sys.orig_argv``).
+
+    Returns:
+      Whether the handler was installed: only for ``python -m`` of one of our modules,
+      never when the package is imported as a library.
+    """
+    if not _run_module(sys.orig_argv if argv is None else argv).startswith(_COMMANDS):
+        return False
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False  # somebody else's handler (a test runner, an embedding program)
+
+    def exit_quietly(signum, frame):
+        start = "\n" if sys.stderr.isatty() else ""
+        sys.stderr.write(f"{start}interrupted while starting: nothing done\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, exit_quietly)
+    return True
+
+
+def _run_module(argv: list[str]) -> str:
+    """The module of ``python [options] -m MODULE ...`` ("" for a script, -c or a prompt)."""
+    args = iter(argv[1:])
+    for a in args:
+        if a.startswith("-m"):
+            return a[2:] or next(args, "")
+        if a in ("-X", "-W"):  # options with a separate value
+            next(args, None)
+        elif not a.startswith("-") or a in ("-", "-c") or a.startswith("-c"):
+            return ""
+    return ""
+
+
+def interrupt_as_usual() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (each command's ``main`` reports it itself)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    files.interrupt_as_usual()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

@@ -36,7 +36,7 @@ from flax import nnx
 
 from signnet_jax import checkpointing, metrics
 from signnet_jax.data import device, pipeline
-from signnet_jax.files import atomic_write, interrupted, stamp
+from signnet_jax.files import atomic_write, interrupt_as_usual, interrupted, stamp
 from signnet_jax.hht import HHTResult, HHTSettings, NoPersonWarning, Tunneller, coverage
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
@@ -935,6 +935,7 @@ def _output_paths(flag: str, target: str | None, videos: list[str], tag: str) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 bad options, 130 Ctrl-C)."""
+    interrupt_as_usual()
     args = _parse(argv)
     progress = {"videos": 0, "done": 0}  # for the message of a Ctrl-C
     try:

@@ -1,9 +1,15 @@
 import os
+import pathlib
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
+from signnet_jax import files
 from signnet_jax.files import atomic_write, interrupted, stamp
+from tests.helpers import REPO
 
 
 def test_atomic_write_creates_the_folder_and_replaces_the_file(tmp_path):
@@ -40,3 +46,53 @@ def test_stamp_tells_what_was_written_in_place(tmp_path):
     assert stamp(path) == before
     atomic_write(path, b"new")  # renamed into place
     assert stamp(path) != before
+
+
+@pytest.mark.parametrize(
+    "argv, module",
+    [
+        (["python", "-m", "signnet_jax.main", "--config", "c.py"], "signnet_jax.main"),
+        (["python", "-u", "-X", "importtime", "-m", "data_prep.hht"], "data_prep.hht"),
+        (["python", "-msignnet_jax.predict", "--video", "v.mp4"], "signnet_jax.predict"),
+        (["python", "-W", "ignore", "-m", "pytest", "tests"], "pytest"),
+        (["python", "script.py", "-m", "signnet_jax.main"], ""),  # the script's own -m
+        (["python", "-c", "import x", "-m", "signnet_jax.main"], ""),
+        (["python"], ""),
+    ],
+)
+def test_the_module_run_with_python_m_is_read_off_the_command_line(argv, module):
+    assert files._run_module(argv) == module
+
+
+def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append((sig, handler)))
+    for argv in (["python", "-m", "pytest"], ["python", "-c", "import signnet_jax"]):
+        assert not files.quiet_interrupt_while_starting(argv)
+    # a handler somebody else installed is left alone
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
+    assert not files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
+    assert installed == []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    assert files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
+    assert [sig for sig, _ in installed] == [signal.SIGINT]
+    files.interrupt_as_usual()
+    assert installed[-1] == (signal.SIGINT, signal.default_int_handler)
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line_and_status_130(tmp_path):
+    # SIGINT once JAX's native library is loaded: the command is still importing (flax, orbax,
+    # grain follow), where a KeyboardInterrupt used to print a traceback
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signnet_jax.main", "--config", "configs/smoke.py",
+         "--workdir", str(tmp_path / "w")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "jaxlib" not in pathlib.Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out, err) == (130, "", "interrupted while starting: nothing done\n")
+    assert not (tmp_path / "w").exists()

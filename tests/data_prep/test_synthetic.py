@@ -16,6 +16,7 @@ import pytest
 from data_prep import build_records, synthetic
 from signnet_jax.data import pipeline, records
 from signnet_jax.hht import HHTSettings
+from tests.helpers import interrupt_after
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -345,6 +346,28 @@ def test_cli_builds_reuses_and_refuses(tmp_path, capsys):
     assert synthetic.main(args + ["--seed", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and out in err and "seed: 0 there, 5 requested" in err
+
+
+def test_cli_ctrl_c_is_one_line_and_the_next_run_builds_again(tmp_path, small_dir):
+    out = tmp_path / "cli"
+    args = ["--output", out, *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items())]
+    r = interrupt_after(
+        "signnet_jax.data.records:TFRecordWriter.write#2", "data_prep.synthetic:main", *args
+    )
+    assert (r.returncode, r.stdout) == (130, "")
+    assert r.stderr == (
+        f"interrupted: {out} holds an unfinished smoke dataset, which the next run builds again\n"
+    )
+    assert not (out / records.DATASET_INFO).exists()
+    assert synthetic.main([str(a) for a in args]) == 0
+    before, expected = _files(out), _files(small_dir)
+    assert {k: v for k, v in before.items() if k != synthetic.LOCK} == {
+        k: v for k, v in expected.items() if k != synthetic.LOCK
+    }
+    # a Ctrl-C while a finished dataset is reused leaves it as it was
+    r = interrupt_after("data_prep.synthetic:_check_existing", "data_prep.synthetic:main", *args)
+    assert (r.returncode, r.stderr) == (130, f"interrupted: {out} unchanged\n")
+    assert _files(out) == before
 
 
 def test_input_pipeline_reads_every_test_view(small_dir):
