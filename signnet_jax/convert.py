@@ -341,13 +341,43 @@ def _guess_preset(sd: dict[str, np.ndarray]) -> str:
     return f"no preset (embed dim {dim}, {depth} blocks, patch {patch})"
 
 
+def _interpolation_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
+    """(n_out, n_in) weights of PyTorch's ``interpolate(mode="linear" | "bicubic",
+    align_corners=False)`` along one axis: half-pixel centres, no antialiasing when shrinking,
+    edge samples repeated; bicubic with Keys' a = -0.75, as PyTorch."""
+    x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    weights = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    if method == "linear":
+        x = np.maximum(x, 0.0)  # PyTorch clamps linear's source index, not cubic's
+        i = np.floor(x).astype(int)
+        frac = x - i
+        np.add.at(weights, (rows, i), 1 - frac)
+        np.add.at(weights, (rows, np.minimum(i + 1, n_in - 1)), frac)
+        return weights
+    a = -0.75
+    i = np.floor(x).astype(int)
+    for offset in (-1, 0, 1, 2):
+        d = np.abs(x - (i + offset))  # distance to the tap: 1 or 2 outside, 0..1 inside
+        w = np.where(
+            d <= 1,
+            ((a + 2) * d - (a + 3)) * d * d + 1,
+            ((a * d - 5 * a) * d + 8 * a) * d - 4 * a,
+        )
+        np.add.at(weights, (rows, np.clip(i + offset, 0, n_in - 1)), w)
+    return weights
+
+
 def _resize_pos_embed(table: np.ndarray, src: tuple[int, int, int], dst: tuple[int, int, int]):
-    """Resize a learned (1, T*H*W, C) position table: linear in time, bicubic in space."""
+    """Resize a learned (1, T*H*W, C) position table: linear in time, bicubic in space, as
+    PyTorch's ``interpolate(align_corners=False)`` does (VideoMAEv2 fine-tuning resizes its
+    table's spatial grid with ``mode="bicubic"``); computed in float64."""
     c = table.shape[-1]
-    grid = jax.numpy.asarray(table.reshape(*src, c))
-    t = jax.image.resize(grid, (dst[0], *src[1:], c), "linear")
-    t = jax.image.resize(t, (*dst, c), "cubic")
-    return np.asarray(t).reshape(1, -1, c)
+    grid = np.asarray(table, np.float64).reshape(*src, c)
+    t, h, w = (_interpolation_matrix(n, m, "linear" if k == 0 else "bicubic")
+               for k, (n, m) in enumerate(zip(src, dst, strict=True)))  # fmt: skip
+    out = np.einsum("at,bh,cw,thwk->abck", t, h, w, grid)
+    return out.astype(table.dtype).reshape(1, -1, c)
 
 
 @dataclasses.dataclass

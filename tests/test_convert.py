@@ -263,6 +263,35 @@ def test_learned_position_table_is_interpolated_in_time():
     np.testing.assert_allclose(out[0], [[0, 10], [1, 15], [3, 25], [4, 30]], atol=1e-5)
 
 
+def _torch_resize(table: np.ndarray, src, dst) -> np.ndarray:
+    """The reference: PyTorch's interpolate, linear over time, then bicubic over the spatial
+    grid as VideoMAEv2's fine-tuning code resizes a position table (align_corners=False)."""
+    c = table.shape[-1]
+    g = torch.from_numpy(table.reshape(*src, c)).double()  # T, H, W, C
+    x = g.permute(1, 2, 3, 0).reshape(-1, 1, src[0])  # (H*W*C, 1, T)
+    x = torch.nn.functional.interpolate(x, size=dst[0], mode="linear", align_corners=False)
+    x = x.reshape(*src[1:], c, dst[0]).permute(3, 2, 0, 1)  # T', C, H, W
+    x = torch.nn.functional.interpolate(x, size=dst[1:], mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, c).numpy()
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [
+        ((8, 7, 7), (8, 14, 14)),  # more pixels
+        ((8, 14, 14), (8, 7, 7)),  # fewer: no antialiasing, as PyTorch
+        ((8, 14, 14), (16, 16, 16)),  # more frames
+        ((4, 14, 14), (2, 10, 10)),  # fewer frames
+        ((2, 3, 5), (5, 2, 9)),  # rows and columns apart
+    ],
+)
+def test_learned_position_table_is_resized_as_pytorch_interpolates(src, dst):
+    table = np.random.default_rng(0).normal(size=(1, int(np.prod(src)), 8)).astype(np.float32)
+    out = convert._resize_pos_embed(table, src, dst)
+    assert out.shape == (1, int(np.prod(dst)), 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out, _torch_resize(table, src, dst), rtol=0, atol=1e-6)
+
+
 def test_learned_position_table_checkpoint_converts_to_more_frames(tmp_path):
     t = torch_vit.make("S", CLASSES, num_frames=FRAMES, img_size=SIZE, learned_pos_emb=True)
     torch.save(t.state_dict(), tmp_path / "lp.pth")
@@ -309,8 +338,8 @@ def test_ambiguous_position_table_grid_is_named_and_settled_by_pos_grid(tmp_path
         in capsys.readouterr().err
     )
     params, _ = checkpointing.load_model(tmp_path / "ckpt")
-    expected = convert._resize_pos_embed(table, (8, 14, 14), (8, 7, 7))
-    np.testing.assert_allclose(params["pos_embed"], expected, atol=1e-6)
+    expected = _torch_resize(table, (8, 14, 14), (8, 7, 7))
+    np.testing.assert_allclose(params["pos_embed"], expected, rtol=0, atol=1e-6)
     # a grid of another token count, or not a grid at all
     assert _convert(tmp_path / "lp.pth", tmp_path / "x", *args, "--pos-grid", "8,7,7") == 1
     assert capsys.readouterr().err == (
