@@ -137,6 +137,28 @@ def test_drop_path_rates_grow_linearly_and_act_only_in_training():
     assert not np.allclose(a, eval_out) and not np.allclose(a, c)
 
 
+def test_drop_path_drops_whole_samples_of_each_residual_branch():
+    # DropPath as timm's: per sample, the branch is kept and scaled by 1 / (1 - p) over every
+    # token and channel, or dropped whole; the residual stream itself is never dropped
+    cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=1)
+    p, n = 0.3, 2000
+    block = vit.Block(cfg, p, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    y = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (n, 8, 384)), jnp.float32)
+    ratio = np.asarray(block.drop_path(y, deterministic=False, rngs=nnx.Rngs(dropout=3)) / y)
+    per_sample = ratio[:, :1, :1]
+    np.testing.assert_allclose(ratio, np.broadcast_to(per_sample, ratio.shape), rtol=1e-6)
+    kept = np.isclose(per_sample, 1 / (1 - p), rtol=1e-6)
+    assert (kept | (per_sample == 0)).all()
+    dropped = 1 - kept.mean()
+    assert abs(dropped - p) < 5 * np.sqrt(p * (1 - p) / n), dropped  # binomial, 5 sigma
+    # both branches of a block go through it, the residual stream does not: at rate 1 a
+    # training block returns its input unchanged
+    gone = vit.Block(cfg, 1.0, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    x = y[:4]
+    np.testing.assert_array_equal(gone(x, train=True, rngs=nnx.Rngs(dropout=0)), x)
+    assert not np.allclose(gone(x, train=False, rngs=None), x)
+
+
 def test_remat_gives_identical_outputs_and_gradients():
     cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=2)
     plain = vit.create_model(cfg)
