@@ -59,6 +59,53 @@ def test_operation_matches_pil(name):
         assert diff.max() == 0
 
 
+def _keys_cubic(d: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75: OpenCV's and PyTorch's bicubic)."""
+    d = np.abs(d)
+    inner = ((a + 2) * d - (a + 3)) * d * d + 1
+    outer = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, inner, np.where(d < 2, outer, 0.0))
+
+
+def _pil_affine(name: str, arg: float, w: int, h: int) -> list[float]:
+    """The output -> input matrix PIL uses for each geometric operation (as Image.rotate
+    builds it for Rotate: about the centre, cos and sin rounded to 15 digits)."""
+    if name == "Rotate":
+        c, s = round(math.cos(math.radians(-arg)), 15), round(math.sin(math.radians(-arg)), 15)
+        return [c, s, c * -w / 2 + s * -h / 2 + w / 2, -s, c, -s * -w / 2 + c * -h / 2 + h / 2]
+    return {
+        "ShearX": [1, arg, 0, 0, 1, 0],
+        "ShearY": [1, 0, 0, arg, 1, 0],
+        "TranslateXRel": [1, 0, arg * w, 0, 1, 0],
+        "TranslateYRel": [1, 0, 0, 0, 1, arg * h],
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_geometric_operation_is_bicubic_sampling_at_pils_coordinates(name):
+    # written out by hand: each output pixel centre maps through PIL's matrix to a source
+    # point, sampled with the 4x4 bicubic taps around it; exact wherever the taps lie inside
+    # the image (the border and the grey fill are compared with PIL above)
+    img = _image()
+    h, w, _ = img.shape
+    m = _pil_affine(name, ARGS[name], w, h)
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    sx = m[0] * xs + m[1] * ys + m[2] - 0.5
+    sy = m[3] * xs + m[4] * ys + m[5] - 0.5
+    inside = (sx >= 1) & (sx <= w - 3) & (sy >= 1) & (sy <= h - 3)
+    assert inside.mean() > 0.6
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    expected = np.zeros(img.shape)
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            tap = img[np.clip(y0 + j, 0, h - 1), np.clip(x0 + i, 0, w - 1)]
+            weight = _keys_cubic(sx - (x0 + i)) * _keys_cubic(sy - (y0 + j))
+            expected += weight[..., None] * tap
+    expected = np.clip(np.round(expected), 0, 255)
+    out = augment.apply_rand_augment(img[None], [(name, ARGS[name])])[0]
+    np.testing.assert_array_equal(out[inside], expected[inside])
+
+
 @pytest.mark.parametrize("name", augment.RAND_INCREASING_OPS)
 def test_operation_applies_the_same_parameters_to_every_frame(name):
     clip = np.stack([_image(seed=s) for s in range(3)])
@@ -90,6 +137,46 @@ def test_rand_augment_program_semantics():
     # 1 +- m / 10 * 0.9 with m ~ N(7, 0.5): offsets around 0.63, both directions.
     assert abs(np.abs(color - 1.0).mean() - 0.63) < 0.01
     assert 0.4 < (color > 1).mean() < 0.6
+
+
+# timm's level_to_arg for the inc1 operations at magnitude 5.5 (level 0.55), worked by hand:
+# (value, whether its sign is drawn at random)
+LEVEL_ARGS_AT_5_5 = {
+    "AutoContrast": (None, False),
+    "Equalize": (None, False),
+    "Invert": (None, False),
+    "PosterizeIncreasing": (2, False),  # 4 - int(0.55 * 4) = 4 - 2
+    "SolarizeIncreasing": (116, False),  # 256 - int(0.55 * 256) = 256 - int(140.8)
+    "SolarizeAdd": (60, False),  # int(0.55 * 110) = int(60.5)
+    "Rotate": (16.5, True),  # 0.55 * 30 degrees
+    "ShearX": (0.165, True),  # 0.55 * 0.3
+    "ShearY": (0.165, True),
+    "TranslateXRel": (0.2475, True),  # 0.55 * 0.45 of the size
+    "TranslateYRel": (0.2475, True),
+    "BrightnessIncreasing": (0.495, True),  # factor 1 +- 0.55 * 0.9
+    "ContrastIncreasing": (0.495, True),
+    "ColorIncreasing": (0.495, True),
+    "SharpnessIncreasing": (0.495, True),
+}
+
+
+@pytest.mark.parametrize("name", augment.RAND_INCREASING_OPS)
+def test_each_operation_maps_its_magnitude_like_the_reference(name):
+    value, signed = LEVEL_ARGS_AT_5_5[name]
+    rng = np.random.default_rng(0)
+    args = [augment._level_arg(name, 5.5, rng) for _ in range(200)]
+    if value is None or not signed:
+        assert args == [value] * 200  # exact, no sign drawn
+        return
+    if name.endswith("Increasing"):  # an enhancement factor around 1
+        args = [a - 1.0 for a in args]
+    np.testing.assert_allclose(np.abs(args), value, rtol=1e-12)
+    assert 60 < sum(a > 0 for a in args) < 140  # both signs, about half each
+    # the clipped ends of the magnitude range: 0 is the identity, 10 the strongest
+    low, high = augment._level_arg(name, 0.0, rng), augment._level_arg(name, 10.0, rng)
+    if name.endswith("Increasing"):
+        low, high = low - 1.0, high - 1.0
+    assert low == 0.0 and abs(high) == pytest.approx(value / 0.55, rel=1e-12)
 
 
 def test_rand_augment_spec_errors():
