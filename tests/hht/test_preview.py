@@ -27,11 +27,20 @@ def test_small_frames_are_enlarged_and_captioned():
 
 @pytest.mark.parametrize("y", [0, 40, 98])  # boxes at the top, in the middle, at the bottom
 def test_labels_never_overlap_and_stay_inside(y):
-    image = np.zeros((100, 120, 3), np.uint8)
+    image = np.full((100, 120, 3), 255, np.uint8)  # white: the dark label grounds show
     placed = []
     for text in ("head landmark", "R interpolated", "L interpolated"):
         preview._label(image, text, 30, y, (255, 0, 0), 0.4, placed)
+    assert len(placed) == 3
+    drawn = np.zeros((100, 120), bool)
     for i, (a0, b0, a1, b1) in enumerate(placed):
         assert 0 <= a0 < a1 <= 120 and 0 <= b0 < b1 <= 100
         for c0, d0, c1, d1 in placed[i + 1 :]:
             assert not (a0 < c1 and c0 < a1 and b0 < d1 and d0 < b1)
+        label = image[b0:b1, a0:a1]
+        # a whole label in its box: dark ground with red text on it, no white left
+        assert not (label == 255).all(-1).any()
+        assert (label == (0, 0, 0)).all(-1).mean() > 0.5
+        assert ((label[..., 0] > 128) & (label[..., 1] < 64)).sum() > 20
+        drawn[b0:b1, a0:a1] = True
+    assert (image[~drawn] == 255).all()  # nothing drawn outside the boxes
