@@ -121,16 +121,16 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
     if not _run_module(sys.orig_argv if argv is None else argv).startswith(_COMMANDS):
         return False
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return False  # somebody else's handler (a test runner, an embedding program)
-
-    def exit_quietly(signum, frame):
-        start = "\n" if sys.stderr.isatty() else ""
-        sys.stderr.write(f"{start}interrupted while starting: nothing done\n")
-        sys.stderr.flush()
-        os._exit(130)
-
-    signal.signal(signal.SIGINT, exit_quietly)
+        return False  # ignored (a background job), or somebody else's handler
+    signal.signal(signal.SIGINT, _exit_quietly)
     return True
+
+
+def _exit_quietly(signum, frame) -> None:
+    start = "\n" if sys.stderr.isatty() else ""
+    sys.stderr.write(f"{start}interrupted while starting: nothing done\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _run_module(argv: list[str]) -> str:
@@ -147,5 +147,7 @@ def _run_module(argv: list[str]) -> str:
 
 
 def interrupt_as_usual() -> None:
-    """Ctrl-C raises KeyboardInterrupt again (each command's ``main`` reports it itself)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Ctrl-C raises KeyboardInterrupt again (each command's ``main`` reports it itself);
+    a SIGINT the process inherited as ignored (``cmd &`` in a script) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is _exit_quietly:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

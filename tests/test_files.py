@@ -73,11 +73,28 @@ def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
     assert not files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
     assert installed == []
+    files.interrupt_as_usual()  # nothing of ours to undo: the ignored SIGINT stays ignored
+    assert installed == []
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
     assert files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
-    assert [sig for sig, _ in installed] == [signal.SIGINT]
+    assert installed == [(signal.SIGINT, files._exit_quietly)]
+    monkeypatch.setattr(signal, "getsignal", lambda sig: files._exit_quietly)
     files.interrupt_as_usual()
     assert installed[-1] == (signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    # `cmd &` in a script starts it with SIGINT ignored; a Ctrl-C meant for the script
+    # must not stop it
+    code = (
+        "import os, signal, sys; from signnet_jax import files; files.interrupt_as_usual(); "
+        "os.kill(os.getpid(), signal.SIGINT); print('still running')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "still running\n"), r.stderr
 
 
 def test_ctrl_c_while_a_command_imports_is_one_line_and_status_130(tmp_path):
