@@ -84,10 +84,9 @@ def run_variant(video, settings, repeats, models, directory):
     return best, best_total, result
 
 
-def startup_costs(models, video, repeats):
+def startup_costs(models, repeats):
     """Seconds to create a Tunneller and to reset its trackers between videos."""
     create, reset = [], []
-    frames, _, _ = decode_video(video, 0, 1)
     for _ in range(repeats):
         t0 = time.perf_counter()
         t = Tunneller(HHTSettings(), models)
@@ -95,7 +94,7 @@ def startup_costs(models, video, repeats):
         with t:
             t._used = True
             t0 = time.perf_counter()
-            t._reset_trackers(frames[0].shape)
+            t._reset_trackers()
             reset.append(time.perf_counter() - t0)
     return min(create), min(reset)
 
@@ -174,7 +173,7 @@ def main() -> None:
             row = [f"{i + 1}. {name}", *cells, f"{total:.1f}", f"{detect:.1f}"]
             row += [f"{100 * rest / detect:.1f}%", located]
             print("| " + " | ".join(row) + " |", flush=True)
-        create, reset = startup_costs(args.models, video, 3)
+        create, reset = startup_costs(args.models, 3)
         print()
         print(
             f"new Tunneller: {1000 * create:.0f} ms; tracker reset between videos: "

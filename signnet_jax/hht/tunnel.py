@@ -87,9 +87,9 @@ class Tunneller:
     """Runs H&HT on videos; owns three MediaPipe tasks (pose, hands, face detector).
 
     Use as a context manager (or call close()): MediaPipe tasks left to the garbage
-    collector raise at interpreter exit. One instance serves many videos in sequence;
-    create one per process (creation takes a few hundred milliseconds, a video's
-    first-frame reset about one frame's detection time).
+    collector raise at interpreter exit. One instance serves many videos in sequence, each
+    exactly as a new Tunneller would (its tasks are recreated between videos, about 50 ms;
+    loading the model files for the first costs a few hundred milliseconds more).
 
     MediaPipe's native log lines (fd 2) are dropped unless a MediaPipe call raises;
     SIGNNET_MEDIAPIPE_LOGS=1 lets them through (see `signnet_jax.hht.quiet`).
@@ -103,8 +103,15 @@ class Tunneller:
           models_dir: folder with the model files (see `find_models`).
         """
         self.settings = settings
-        directory = find_models(models_dir)
-        conf = settings.min_confidence
+        self._directory = find_models(models_dir)
+        self._pose = self._hands = self._face = None
+        self._open()
+        self._used = False
+
+    def _open(self) -> None:
+        """Creates the three MediaPipe tasks (about 50 ms)."""
+        directory = self._directory
+        conf = self.settings.min_confidence
         video = vision.RunningMode.VIDEO
 
         def base(name: str) -> BaseOptions:
@@ -121,7 +128,6 @@ class Tunneller:
                     f"with the official file ({MODEL_URLS[name]})"
                 ) from e
 
-        self._pose = self._hands = self._face = None
         # Creation logs ~50 native lines (LiteRT, XNNPACK, sparsity warnings).
         with quiet_native_logs(), self._closed_on_error():
             self._pose = create(
@@ -147,8 +153,7 @@ class Tunneller:
                 "blaze_face_short_range.tflite",
                 min_detection_confidence=conf,
             )
-        self._next_ts = 0  # ms; MediaPipe VIDEO mode needs increasing timestamps forever
-        self._used = False
+        self._next_ts = 0  # ms; a task in VIDEO mode needs increasing timestamps
 
     @contextlib.contextmanager
     def _closed_on_error(self):
@@ -273,7 +278,7 @@ class Tunneller:
             timings.setdefault(key, 0.0)
         n, height, width = frames.shape[:3]
         if self._used:
-            self._reset_trackers(frames[0].shape)
+            self._reset_trackers()
         self._used = True
         stamps = self._timestamps(times)
         small = _detection_size(width, height, self.settings.detect_size)
@@ -339,21 +344,17 @@ class Tunneller:
         self._next_ts = int(ms[-1]) + VIDEO_GAP_MS
         return ms
 
-    def _reset_trackers(self, shape: tuple[int, ...]) -> None:
-        """Makes the tasks forget the previous video by showing them an empty frame.
+    def _reset_trackers(self) -> None:
+        """Makes the next video start as in a new Tunneller: fresh tasks.
 
-        In VIDEO mode pose and hands track from the previous frame; a black frame ends
-        the track, costing one frame's detection instead of recreating the tasks.
+        In VIDEO mode pose and hands track from the previous frame, and the pose landmarks
+        pass through smoothing filters that carry over too: an empty frame in between
+        ended the tracks but not the filters (a video's pose visibilities then depended on
+        the video before it, by up to 0.88).
         """
-        small = _detection_size(shape[1], shape[0], self.settings.detect_size)
-        blank = mp.Image(
-            image_format=mp.ImageFormat.SRGB, data=np.zeros((small[1], small[0], 3), np.uint8)
-        )
-        ts = self._next_ts - VIDEO_GAP_MS // 2
-        with quiet_native_logs():
-            self._pose.detect_for_video(blank, ts)
-            self._hands.detect_for_video(blank, ts)
-            self._face.detect_for_video(blank, ts)
+        self.close()
+        with self._closed_on_error():
+            self._open()
 
 
 def _detection_size(width: int, height: int, detect_size: int) -> tuple[int, int]:
