@@ -79,6 +79,11 @@ def decode_video(
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             listed, decoded, reached_end = _listed_frames(stream, rate), 0, True
             wanted = (listed if end_frame is None else min(listed, end_frame)) - start_frame
+            try:
+                size = stream.width, stream.height
+            except AttributeError:  # no decoder for the codec: reported as FFmpeg says
+                size = 0, 0
+            _check_fits(path, wanted, *size)
             frames.expect(wanted)
             for index, frame in enumerate(container.decode(stream)):
                 if end_frame is not None and index >= end_frame:
@@ -119,6 +124,31 @@ def decode_video(
     return frames.array(), rate, _clean_times(np.asarray(times), rate)
 
 
+def free_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux' MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(path: pathlib.Path, frames: int, width: int, height: int) -> None:
+    """Refuses, before decoding, a span whose frames the header says cannot fit in memory
+    (else decoding would run for a while and then be killed by the system)."""
+    need, free = frames * width * height * 3, free_memory()
+    if frames > 0 and free is not None and need > free:
+        raise VideoError(
+            f"{path}: too large to decode at once: {frames} frames of {width}x{height} need "
+            f"{need / 1e6:,.0f} MB and {free / 1e6:,.0f} MB of memory is free; use a part of "
+            "it (a start and end frame)"
+        )
+
+
+# Frames preallocated when the header lists no frame count.
 PREALLOCATE_BYTES = 2**31
 
 
@@ -135,15 +165,19 @@ class _FrameBuffer:
         self.resized_from: tuple[int, int, int] | None = None  # first odd size and its index
 
     def expect(self, frames: int) -> None:
-        self.capacity = max(frames, 1)
+        """The frame count the header lists (0: unknown)."""
+        self.capacity = max(frames, 0)
 
     def __len__(self) -> int:
         return self.n
 
     def append(self, image: np.ndarray) -> None:
-        if self.data is None:  # the header's count, at most 2 GiB up front (headers can lie)
-            room = max(1, min(self.capacity, PREALLOCATE_BYTES // image.nbytes))
-            self.data = np.empty((room, *image.shape), np.uint8)
+        if self.data is None:
+            # the header's count (checked to fit in memory; the pages of np.empty are only
+            # taken as frames fill them, so a header that overstates costs nothing), else
+            # 2 GiB, grown by half when exceeded
+            room = self.capacity or PREALLOCATE_BYTES // image.nbytes
+            self.data = np.empty((max(1, room), *image.shape), np.uint8)
         elif image.shape != self.data.shape[1:]:
             if self.resized_from is None:
                 self.resized_from = (*image.shape[:2], self.first_index + self.n)

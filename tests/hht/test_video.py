@@ -264,12 +264,30 @@ def test_a_video_too_large_for_memory_is_named(sign_sample, monkeypatch):
         decode_video(sign_sample)
 
 
+def test_a_video_the_header_says_cannot_fit_is_refused_before_decoding(sign_sample, monkeypatch):
+    from signnet_jax.hht import video
+
+    frame = 256 * 256 * 3  # sign_sample: 76 frames of 256x256, 14,942,208 bytes
+    monkeypatch.setattr(video, "free_memory", lambda: 75 * frame)
+    monkeypatch.setattr(video._FrameBuffer, "append", lambda self, image: pytest.fail("decoded"))
+    with pytest.raises(VideoError) as e:
+        decode_video(sign_sample)
+    assert str(e.value) == (
+        f"{sign_sample}: too large to decode at once: 76 frames of 256x256 need 15 MB and "
+        "15 MB of memory is free; use a part of it (a start and end frame)"
+    )
+    monkeypatch.undo()
+    monkeypatch.setattr(video, "free_memory", lambda: 75 * frame)
+    assert len(decode_video(sign_sample, 1)[0]) == 75  # a part that fits
+
+
 def test_a_start_past_the_end_says_how_many_frames_there_are(sign_sample):
     with pytest.raises(VideoError, match=r"in \[80, the end\); it has 76 frames: start below 76$"):
         decode_video(sign_sample, 80)
 
 
-def test_decoding_holds_the_frames_once(tmp_path):
+@pytest.mark.parametrize("cap", [2**31, 20 * 2**20])  # the header's count is trusted
+def test_decoding_holds_the_frames_once(tmp_path, cap):
     import subprocess
     import sys
 
@@ -283,7 +301,8 @@ def test_decoding_holds_the_frames_once(tmp_path):
         c.mux(s.encode())
     # VmHWM: this process's peak resident memory (ru_maxrss would start at pytest's)
     code = (
-        "import re, sys; from signnet_jax.hht.video import decode_video\n"
+        "import re, sys; from signnet_jax.hht import video; from signnet_jax.hht.video "
+        f"import decode_video\nvideo.PREALLOCATE_BYTES = {cap}\n"
         "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status')"
         ".read())[1]) * 1024\n"
         "decode_video(sys.argv[1], 0, 2)\n"  # codecs loaded before the baseline
