@@ -69,6 +69,7 @@ def decode_video(
         raise VideoError(f"{path}: empty frame span {_span(start_frame, end_frame)}")
     frames = _FrameBuffer(path, start_frame)
     times: list[float] = []
+    listed = decoded = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -101,6 +102,8 @@ def decode_video(
     except VideoError:
         raise
     except (av.FFmpegError, ValueError, IndexError) as e:
+        if decoded and _truncated(listed, decoded):  # data cut short after a whole index
+            raise TruncatedVideoError(_truncated_message(path, decoded, listed)) from e
         raise _undecodable(path, e) from e
     except MemoryError as e:
         raise VideoError(
@@ -110,10 +113,7 @@ def decode_video(
     # A file cut short with its index up front (as web downloads are) decodes without an
     # error up to the cut; only the header's frame count tells.
     if reached_end and _truncated(listed, decoded):
-        raise TruncatedVideoError(
-            f"{path}: truncated: only {decoded} of the {listed} frames its header lists can be "
-            "decoded (an incomplete download or copy?); download or copy it again"
-        )
+        raise TruncatedVideoError(_truncated_message(path, decoded, listed))
     if not len(frames):
         whole = (start_frame, end_frame) == (0, None)
         span = "" if whole else f" in {_span(start_frame, end_frame)}"
@@ -150,6 +150,13 @@ def _check_fits(path: pathlib.Path, frames: int, width: int, height: int) -> Non
 
 # Frames preallocated when the header lists no frame count.
 PREALLOCATE_BYTES = 2**31
+
+
+def _truncated_message(path: pathlib.Path, decoded: int, listed: int) -> str:
+    return (
+        f"{path}: truncated: only {decoded} of the {listed} frames its header lists can be "
+        "decoded (an incomplete download or copy?); download or copy it again"
+    )
 
 
 class _FrameBuffer:

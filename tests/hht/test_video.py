@@ -192,6 +192,28 @@ def test_a_download_cut_short_is_not_silently_shorter(sign_sample, tmp_path):
     np.testing.assert_array_equal(decode_video(cut, 0, 20)[0], decode_video(whole, 0, 20)[0])
 
 
+@pytest.mark.parametrize("kept", [0.3, 0.6, 0.9])
+def test_an_h264_download_cut_short_is_called_truncated(sign_sample, tmp_path, kept):
+    # H.264 cut mid-packet makes FFmpeg raise (InvalidDataError) after the frames before the
+    # cut: still a download cut short, not a file that cannot be decoded
+    frames, _ = read_video(sign_sample)
+    h264 = tmp_path / "h264.mp4"
+    with av.open(str(h264), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.height, s.width, s.pix_fmt = *frames.shape[1:3], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    whole = faststart_copy(h264, tmp_path / "fast.mp4")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * kept)])
+    with pytest.raises(TruncatedVideoError, match=(
+        rf"^{re.escape(str(cut))}: truncated: only \d+ of the 76 frames its header lists can "
+        r"be decoded \(an incomplete download or copy\?\); download or copy it again$"
+    )):  # fmt: skip
+        read_video(cut)
+
+
 def test_a_trim_without_reencoding_is_not_called_truncated(sign_sample, tmp_path):
     # like `ffmpeg -ss 1 -c copy`: all 76 samples stay in the track, an edit list hides the
     # first second, so 51 frames decode although the header counts 76
