@@ -280,6 +280,10 @@ def _from_huggingface(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _is_weights_file(path: pathlib.Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors")
+
+
 def read_checkpoint(path: str | os.PathLike) -> Source:
     """Read a VideoMAEv2 `.pth`/DeepSpeed `.pt` or Hugging Face `.safetensors`/`.bin` file.
 
@@ -290,9 +294,19 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
       The weights under VideoMAEv2 names, as float32 numpy arrays.
     """
     path = checkpointing.local_path(path)
+    if path.is_dir():  # a Hugging Face model folder, or a checkpoint folder of ours
+        inside = sorted(p.name for p in path.iterdir() if _is_weights_file(p))
+        hint = (
+            f"; give the weights file in it: {path / inside[0]}"
+            if len(inside) == 1
+            else f"; give one of its weights files ({', '.join(inside)})"
+            if inside
+            else ""
+        )
+        raise ConversionError(f"input checkpoint {path} is a folder{hint}")
     if not path.is_file():
         raise ConversionError(f"input checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         raw: dict[str, Any] = _load_safetensors(path)
     else:
         raw = _find_state_dict(_load_torch_file(path), path)
@@ -620,6 +634,7 @@ def convert(
     out = checkpointing.local_path(output, write=True)  # before reading a large input
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"output {out} already exists; choose a new path or delete it")
+    _check_creatable(out)
     source = read_checkpoint(input_path)
     cfg, params, report = to_flax(source, preset, num_frames, num_classes, img_size, seed, pos_grid)
     meta = {
@@ -635,6 +650,14 @@ def convert(
     }
     checkpointing.save_model(out, params, meta)
     return report
+
+
+def _check_creatable(output: pathlib.Path) -> None:
+    problem = files.creation_problem(output)
+    if problem:
+        raise ConversionError(
+            f"cannot write --output {output}: {problem}; choose a folder you can write to"
+        )
 
 
 def class_list_path(output: str | os.PathLike) -> pathlib.Path:
@@ -658,11 +681,12 @@ def export_pytorch(
     import torch
 
     output = checkpointing.local_path(output, write=True)
-    if output.suffix not in (".pth", ".pt"):
+    if output.suffix.lower() not in (".pth", ".pt"):
         raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
     for path in (output, class_list_path(output)):
         if path.exists():
             raise ConversionError(f"output {path} already exists; choose a new path or delete it")
+    _check_creatable(output)
     # a training workdir works as well as its checkpoints folder (as for predict)
     params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint), step)
     cfg = vit.ViTConfig.from_dict(meta["model"])

@@ -7,7 +7,25 @@ import pathlib
 import re
 import signal
 import sys
+import tempfile
 import uuid
+
+
+def creation_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (a file or folder, with any missing parent folders) cannot be created, or
+    None: checked with a probe file in its nearest existing folder, before long work."""
+    ancestor = pathlib.Path(os.path.abspath(path)).parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=ancestor)
+    except OSError as e:
+        return f"{ancestor}: {e.strerror or e}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 class RemotePathError(ValueError):

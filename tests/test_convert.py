@@ -211,6 +211,48 @@ def test_huggingface_encoder_with_layernorm_and_no_classifier_is_a_backbone(tmp_
     assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
 
 
+def test_a_model_folder_names_its_weights_file_and_suffixes_may_be_upper_case(tmp_path, capsys):
+    from transformers import VideoMAEModel
+
+    torch.manual_seed(0)
+    VideoMAEModel(_hf_config(False)).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _convert(tmp_path / "hf", tmp_path / "ckpt") == 1
+    assert capsys.readouterr().err == (
+        f"error: input checkpoint {tmp_path / 'hf'} is a folder; give the weights file in it: "
+        f"{tmp_path / 'hf' / 'model.safetensors'}\n"
+    )
+    assert not (tmp_path / "ckpt").exists()
+    upper = tmp_path / "MODEL.SAFETENSORS"  # as some file systems and downloads name it
+    (tmp_path / "hf" / "model.safetensors").rename(upper)
+    assert _convert(upper, tmp_path / "ckpt") == 0
+    out = tmp_path / "BACK.PTH"
+    assert _run("--to-pytorch", "--input", tmp_path / "ckpt", "--output", out) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("direction", ["forward", "to-pytorch"])
+def test_an_output_that_cannot_be_created_is_named_before_reading(
+    tmodel, tmp_path, capsys, direction, monkeypatch
+):
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    assert _convert(tmp_path / "ft.pth", tmp_path / "ckpt") == 0
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(convert, "read_checkpoint", lambda p: pytest.fail("input read"))
+    monkeypatch.setattr(checkpointing, "load_model", lambda *a: pytest.fail("input read"))
+    capsys.readouterr()
+    out = tmp_path / "file" / "sub" / ("x.pth" if direction == "to-pytorch" else "x")
+    if direction == "forward":
+        code = _convert(tmp_path / "ft.pth", out)
+    else:
+        code = _run("--to-pytorch", "--input", tmp_path / "ckpt", "--output", out)
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write --output {out}: {tmp_path / 'file'} is a file, not a folder; "
+        "choose a folder you can write to\n"
+    )
+
+
 def test_huggingface_classifier_without_mean_pooling_is_refused(tmp_path, capsys):
     # use_mean_pooling=False: layernorm over the tokens, then the classifier on token 0 (there
     # is no CLS token) -- not the mean pool -> fc_norm -> head this model has

@@ -113,3 +113,19 @@ def test_ctrl_c_while_a_command_imports_is_one_line_and_status_130(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out, err) == (130, "", "interrupted while starting: nothing done\n")
     assert not (tmp_path / "w").exists()
+
+
+def test_creation_problem_probes_the_nearest_existing_folder(tmp_path, monkeypatch):
+    assert files.creation_problem(tmp_path / "new" / "deeper" / "ckpt") is None
+    assert os.listdir(tmp_path) == []  # the probe file is gone, no folder was made
+    (tmp_path / "file").write_text("x")
+    assert files.creation_problem(tmp_path / "file" / "a" / "b.pth") == (
+        f"{tmp_path / 'file'} is a file, not a folder"
+    )
+
+    def denied(**kwargs):
+        assert kwargs["dir"] == tmp_path  # the folder the output would be made in
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
+    assert files.creation_problem(tmp_path / "a" / "b") == f"{tmp_path}: Permission denied"
