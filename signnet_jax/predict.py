@@ -204,9 +204,10 @@ def _jpeg_round_trip(frames: np.ndarray, quality: int) -> list[bytes]:
     return out
 
 
-# Without the training videos' frame rate in the checkpoint, a rate above this gets a warning
-# (the published models saw 25-30 fps videos).
+# Without the training videos' frame rate in the checkpoint, a rate above HIGH_FPS or below
+# LOW_FPS gets a warning (the published models saw 25-30 fps videos: 25 / FPS_TOLERANCE).
 HIGH_FPS = 40
+LOW_FPS = 16
 # With it, a rate more than this factor above or below it gets a warning.
 FPS_TOLERANCE = 1.5
 
@@ -225,6 +226,12 @@ def frame_rate_warning(name: str, rate: float, train_fps: float | None) -> str |
                 f"{name} runs at {rate:g} fps; the published models were trained on videos of "
                 "about 25-30 fps, so each clip covers a shorter stretch of the sign than in "
                 "training; try --fps 30"
+            )
+        if rate < LOW_FPS:
+            return (
+                f"{name} runs at {rate:g} fps; the published models were trained on videos of "
+                "about 25-30 fps, so each clip covers a longer stretch of the sign than in "
+                "training; try --fps 25 (repeats frames)"
             )
         return None
     trained = f"this model was trained on videos of {train_fps:g} fps (median)"

@@ -619,11 +619,17 @@ def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_p
 
 
 def test_frame_rate_warning_uses_the_training_videos_rate():
-    # not recorded: only a rate above HIGH_FPS (40) is named
+    # not recorded: a rate above HIGH_FPS (40) or below LOW_FPS (16) is named
     assert predict.frame_rate_warning("v.mp4", 40, None) is None
-    assert predict.frame_rate_warning("v.mp4", 12, None) is None
-    assert predict.frame_rate_warning("v.mp4", 50, None).startswith(
-        "v.mp4 runs at 50 fps; the published models were trained on videos of about 25-30"
+    assert predict.frame_rate_warning("v.mp4", 16, None) is None
+    assert predict.frame_rate_warning("v.mp4", 50, None) == (
+        "v.mp4 runs at 50 fps; the published models were trained on videos of about 25-30 fps, "
+        "so each clip covers a shorter stretch of the sign than in training; try --fps 30"
+    )
+    assert predict.frame_rate_warning("v.mp4", 15.6, None) == (
+        "v.mp4 runs at 15.6 fps; the published models were trained on videos of about 25-30 "
+        "fps, so each clip covers a longer stretch of the sign than in training; try --fps 25 "
+        "(repeats frames)"
     )
     # recorded 25 fps: warned above 37.5 and below 16.67 fps, each with the fix
     assert predict.frame_rate_warning("v.mp4", 37.5, 25.0) is None
