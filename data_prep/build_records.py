@@ -195,7 +195,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
             else:
                 t1 = time.perf_counter()
                 with warnings.catch_warnings():
-                    # "no person found" still gives a usable record; the summary is enough.
+                    # "no person found" still gives a usable record; the summary counts them
                     warnings.simplefilter("ignore")
                     try:
                         context = factory()
@@ -413,6 +413,9 @@ class BuildResult:
     shard_seconds: float
     failure_fraction: float
     exceeded: bool
+    # per split, the videos whose records hold no head or hand in any frame (kept: the frame
+    # cell is still there, but many of them point at the detector setup)
+    no_person: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def cache_key(
@@ -486,19 +489,23 @@ def fps_summary(rates: Sequence[float]) -> dict[str, float] | None:
 
 def _write_split(
     output: str, split: str, rec_paths: list[str], shard_bytes: int
-) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
-    """Writes a split's shards; returns them and the split's frame-rate summary."""
+) -> tuple[list[dict[str, Any]], dict[str, float] | None, list[str]]:
+    """Writes a split's shards; returns them, the split's frame-rate summary and the videos
+    in which no head or hand was located in any frame (their records hold only the frame)."""
     sizes = [os.path.getsize(p) for p in rec_paths]
     groups = _assign_shards(sizes, shard_bytes)
     shards = []
-    rates = []
+    rates, no_person = [], []
     for i, group in enumerate(groups):
         name = records.shard_name(split, i, len(groups))
         with records.TFRecordWriter(os.path.join(output, name)) as w:
             for j in group:
                 with open(rec_paths[j], "rb") as f:
                     data = f.read()
-                rates.append(float(records.decode_example(data)["fps"][0]))
+                example = records.decode_example(data)
+                rates.append(float(example["fps"][0]))
+                if not np.any(example["box_source"]):
+                    no_person.append(example["video_id"][0].decode("utf-8", "replace"))
                 w.write(data)
         shards.append(
             {
@@ -513,7 +520,7 @@ def _write_split(
     for name in os.listdir(output):
         if pattern.fullmatch(name) and name not in keep:
             os.remove(os.path.join(output, name))  # from an earlier build with other sizes
-    return shards, fps_summary(rates)
+    return shards, fps_summary(rates), no_person
 
 
 def _describe(dataset: Any, split_files: Sequence[str] | None, num_classes: int) -> str:
@@ -715,8 +722,11 @@ def build(
             )
         splits_info = {}
         for split, counts in per_split.items():
-            shards, fps = _write_split(output, split, rec_paths.get(split, []), shard_bytes)
+            shards, fps, no_person = _write_split(
+                output, split, rec_paths.get(split, []), shard_bytes
+            )
             splits_info[split] = {**counts, "fps": fps, "shards": shards}
+            splits_info[split]["no_person"] = no_person
         atomic_write(
             os.path.join(output, FAILURES),
             "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode(),
@@ -743,6 +753,7 @@ def build(
     finally:
         lock.close()
     fraction = len(failures) / max(1, len(tasks))
+    no_person = {k: v["no_person"] for k, v in splits_info.items() if v["no_person"]}
     return BuildResult(
         num_entries=len(tasks),
         num_records=num_records,
@@ -757,6 +768,7 @@ def build(
         shard_seconds=shard_seconds,
         failure_fraction=fraction,
         exceeded=fraction > max_failure_fraction,
+        no_person=no_person,
     )
 
 
@@ -934,6 +946,14 @@ def _summary(result: BuildResult, output: str) -> str:
             "  failures by reason: "
             + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
             + f" (details in {os.path.join(output, FAILURES)})"
+        )
+    if result.no_person:
+        ids = [v for videos in result.no_person.values() for v in videos]
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        lines.append(
+            f"  no head or hand found in {_count(len(ids), 'video')} ({shown}): recorded with "
+            "the frame cell only; listed under splits.SPLIT.no_person in "
+            f"{os.path.join(output, records.DATASET_INFO)}"
         )
     if result.processed:
         lines.append(

@@ -486,6 +486,32 @@ class FakeTunneller:
         return _Result(np.stack(frames), boxes, source, fps)
 
 
+class NoPersonIn00002(FakeTunneller):
+    """As FakeTunneller, but nothing is located in video 00002 (e.g. the signer out of view)."""
+
+    def process_video(self, path, start_frame=0, end_frame=None):
+        result = super().process_video(path, start_frame, end_frame)
+        if pathlib.Path(path).stem == _youtube_id("00002"):
+            result.box_source = np.zeros_like(result.box_source)
+            result.boxes = np.full_like(result.boxes, -1)
+        return result
+
+
+def test_videos_with_no_person_found_are_kept_and_counted(dataset, tmp_path, capsys):
+    out = tmp_path / "records"
+    assert build_records.main(_cli(dataset, out), tunneller_factory=NoPersonIn00002) == 0
+    info = records.load_dataset_info(out)
+    assert {k: v["no_person"] for k, v in info["splits"].items()} == {
+        "train": ["00002"], "val": [], "test": []
+    }  # fmt: skip
+    src = records.RecordSource(out, "train")
+    assert [src[i]["video_id"][0] for i in range(len(src))] == [b"00001", b"00002"]
+    assert capsys.readouterr().err.splitlines()[-3] == (
+        f"  no head or hand found in 1 video (00002): recorded with the frame cell only; "
+        f"listed under splits.SPLIT.no_person in {out / 'dataset_info.json'}"
+    )
+
+
 class BrokenFactory:
     def __call__(self):
         raise FileNotFoundError("hand_landmarker.task not found in /nowhere")
