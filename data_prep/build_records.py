@@ -163,6 +163,28 @@ class Outcome:
     seconds: float = 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _names_by_case(folder: str) -> dict[str, list[str]]:
+    """A folder's file names by their lower-case form (read once per folder)."""
+    by_case: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(folder)):
+            by_case.setdefault(name.lower(), []).append(name)
+    return by_case
+
+
+def _case_hint(path: str) -> str:
+    """For a missing file, the file beside it whose name differs only in case, if any."""
+    folder, name = os.path.split(path)
+    near = _names_by_case(folder or ".").get(name.lower(), [])
+    if not near:
+        return ""
+    return (
+        f"{os.path.join(folder, near[0])} is there: the names differ in case; rename the file "
+        "to the name in the split file"
+    )
+
+
 def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: int) -> Outcome:
     """Runs H&HT on one entry and caches its record (or its failure) under work_dir.
 
@@ -187,6 +209,8 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     try:
         if not os.path.isfile(task.video_path):
             out.reason, out.detail = MISSING, f"{task.video_path}: no such file"
+            hint = _case_hint(task.video_path)
+            out.detail += f" ({hint})" if hint else ""
         else:
             start, end = task.entry.source_span()
             if end is not None and end <= start:
@@ -1019,9 +1043,11 @@ def main(
         os.path.isfile(os.path.join(args.videos, e.path)) for e in manifest.entries
     ):
         example = os.path.join(args.videos, manifest.entries[0].path)
+        # the folder is right when only the case of the names differs
+        fix = _case_hint(example) or "point --videos at the folder they are in"
         print(
             f"error: --videos {args.videos} holds none of the {len(manifest.entries)} videos "
-            f"the split files name (e.g. {example}); point --videos at the folder they are in",
+            f"the split files name (e.g. {example}); {fix}",
             file=sys.stderr,
         )
         return 2

@@ -512,6 +512,32 @@ def test_videos_with_no_person_found_are_kept_and_counted(dataset, tmp_path, cap
     )
 
 
+def test_video_names_that_differ_only_in_case_are_named(dataset, tmp_path, capsys):
+    upper = tmp_path / "videos"
+    shutil.copytree(dataset / "videos", upper)
+    for path in sorted(upper.iterdir()):
+        path.rename(path.with_suffix(".MP4"))
+    first = upper / "00001.mp4"  # the split file's first entry
+    args = _cli(dataset, tmp_path / "o", "--videos", str(upper))
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --videos {upper} holds none of the 7 videos the split files name (e.g. "
+        f"{first}); {first.with_suffix('.MP4')} is there: the names differ in case; rename the "
+        "file to the name in the split file\n"
+    )
+    # some renamed: each of those fails as missing, with the file that is there
+    first.with_suffix(".MP4").rename(first)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
+    failures = [json.loads(line) for line in (tmp_path / "o" / "failures.jsonl").open()]
+    failed = next(f for f in failures if f["video_id"] == "00002")
+    other = upper / failed["path"]
+    assert other.suffix == ".mp4" and other.with_suffix(".MP4").is_file()
+    assert (failed["reason"], failed["detail"]) == ("missing_file", (
+        f"{other}: no such file ({other.with_suffix('.MP4')} is there: the names differ in case; "
+        "rename the file to the name in the split file)"
+    ))  # fmt: skip
+
+
 class BrokenFactory:
     def __call__(self):
         raise FileNotFoundError("hand_landmarker.task not found in /nowhere")
