@@ -614,10 +614,13 @@ def convert(
     class_names: list[str] | None = None,
     seed: int = 0,
     pos_grid: tuple[int, int, int] | None = None,
+    hht: dict | None = None,
 ) -> Report:
     """Convert a PyTorch checkpoint into an orbax model checkpoint at ``output``.
 
     Nothing is written unless the whole conversion succeeds. ``pos_grid``: see ``to_flax``.
+    ``hht``: the H&HT settings the weights were trained with (``HHTSettings.to_dict()``),
+    recorded for predict; None records none.
     """
     vit.resolve_preset(preset)  # unknown preset: fail before reading a large file
     if class_names is not None and len(class_names) != num_classes:
@@ -648,8 +651,32 @@ def convert(
             "tool": TOOL_VERSION,
         },
     }
+    if hht is not None:
+        meta["hht"] = hht
     checkpointing.save_model(out, params, meta)
     return report
+
+
+def hht_settings(value: str) -> dict:
+    """``--hht``: 'faithful', 'default', or a records folder (or its dataset_info.json) whose
+    H&HT settings to record; as ``HHTSettings.to_dict()``."""
+    from signnet_jax.data import records
+    from signnet_jax.hht.settings import HHTSettings
+
+    if value in ("faithful", "default"):
+        return HHTSettings(faithful=value == "faithful").to_dict()
+    path = pathlib.Path(value).expanduser()
+    folder = path.parent if path.name == records.DATASET_INFO else path
+    if not (folder / records.DATASET_INFO).is_file():
+        raise ConversionError(
+            f"--hht {value}: give 'faithful', 'default' or a records folder; "
+            f"{folder / records.DATASET_INFO} does not exist"
+        )
+    try:
+        settings = records.load_dataset_info(folder).get("hht_settings")
+        return HHTSettings.from_dict(settings).to_dict()
+    except (OSError, ValueError, TypeError) as e:
+        raise ConversionError(f"--hht {value}: no usable H&HT settings ({e})") from e
 
 
 def _check_creatable(output: pathlib.Path) -> None:
@@ -719,7 +746,9 @@ def _grid_arg(text: str) -> tuple[int, int, int]:
 
 
 # The options of each direction; each is refused in the other, where it would be ignored.
-_TO_FLAX = ("model", "num_frames", "num_classes", "img_size", "class_list", "seed", "pos_grid")
+_TO_FLAX = (
+    "model", "num_frames", "num_classes", "img_size", "class_list", "seed", "pos_grid", "hht"
+)  # fmt: skip
 _TO_TORCH = ("step",)
 _DEFAULTS = {"img_size": 224, "seed": 0, "step": "latest"}
 
@@ -735,6 +764,7 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
         usage=f"\n  {prog} --input FILE --output DIR\n"
         "      --model PRESET --num-frames N --num-classes N\n"
         "      [--img-size N] [--class-list FILE] [--seed N] [--pos-grid T,H,W]\n"
+        "      [--hht faithful|default|RECORDS]\n"
         f"  {prog} --to-pytorch --input DIR --output FILE.pth [--step STEP]",
         description="Convert VideoMAEv2 (.pth, DeepSpeed .pt) or Hugging Face VideoMAE "
         "(.safetensors, .bin) weights to a signnet_jax orbax checkpoint, or back with "
@@ -774,6 +804,13 @@ def _parse(argv: Iterable[str] | None) -> argparse.Namespace:
     to_flax.add_argument(
         "--pos-grid", type=_grid_arg, metavar="T,H,W",
         help="token grid of the checkpoint's learned position table, where its size is ambiguous",
+    )  # fmt: skip
+    to_flax.add_argument(
+        "--hht", metavar="faithful|default|RECORDS",
+        help="the H&HT settings the weights were trained with, recorded in the checkpoint for "
+        "predict: 'faithful' (the original SignNet preprocessing, for its published weights), "
+        "'default' (this project's), or a records folder (its dataset_info.json); default: "
+        "none recorded, predict then uses the defaults",
     )  # fmt: skip
     to_torch = p.add_argument_group("back to a PyTorch state dict")
     to_torch.add_argument("--to-pytorch", action="store_true", help="export a checkpoint to .pth")
@@ -827,6 +864,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             n, classes = export_pytorch(args.input, args.output, args.step)
         else:
             names = read_class_list(args.class_list) if args.class_list else None
+            hht = None if args.hht is None else hht_settings(args.hht)
             report = convert(
                 args.input,
                 args.output,
@@ -837,6 +875,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 names,
                 args.seed,
                 args.pos_grid,
+                hht,
             )
     except (ConversionError, checkpointing.CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
