@@ -422,6 +422,7 @@ def test_cli_bad_input_settings(tmp_path, sign_sample, capsys):
             "height, width) must be divisible by (2, 16, 16)",
         ),
     ],
+    ids=["unknown_setting", "other_num_frames", "views_the_patches_do_not_divide"],
 )
 def test_cli_input_settings_the_model_cannot_use(tmp_path, sign_sample, capsys, change, message):
     ckpt = _save_tiny(tmp_path / "ckpt", input={**TINY_INPUT, **change})
