@@ -433,6 +433,61 @@ def test_not_a_checkpoint(tmp_path, capsys):
     _assert_fails(capsys, tmp_path / "none.pth", out, "as a PyTorch checkpoint (RuntimeError")
 
 
+def _assert_fails_with(capsys, src, out: pathlib.Path, message: str):
+    """The conversion of src exits 1 with the one line `error: message` and writes nothing."""
+    assert _convert(src, out) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == [src.name]
+
+
+def test_a_pth_that_holds_no_state_dict_is_named(tmp_path, capsys):
+    src, out = tmp_path / "list.pth", tmp_path / "ckpt"
+    torch.save([1], src)
+    _assert_fails_with(capsys, src, out, f"{src} does not hold a state dict (found list)")
+    src.unlink()
+    src = tmp_path / "trainer.pth"  # a training state without the model's tensors
+    torch.save({"epoch": 3}, src)
+    _assert_fails_with(
+        capsys,
+        src,
+        out,
+        f"{src} holds no tensor state dict at the top level or under 'model', 'module' or "
+        "'state_dict' (top-level keys: ['epoch'])",
+    )
+
+
+def test_truncated_safetensors(tmp_path, capsys):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    save_file({"patch_embed.proj.weight": torch.zeros(8, 3, 2, 16, 16)}, tmp_path / "m.st")
+    data = (tmp_path / "m.st").read_bytes()
+    (tmp_path / "m.st").unlink()
+    src = tmp_path / "cut.safetensors"
+    for cut in (len(data) // 2, 5):  # a download cut in the tensors, and in the header
+        src.write_bytes(data[:cut])
+        with pytest.raises(SafetensorError) as reason:  # the library's words, in the message
+            load_file(src)
+        assert "Error while deserializing header" in str(reason.value)
+        _assert_fails_with(
+            capsys,
+            src,
+            tmp_path / "ckpt",
+            f"cannot read {src} as safetensors ({reason.value}); is the file complete?",
+        )
+
+
+def test_huggingface_layer_without_its_value_weights_is_named(tmp_path, capsys):
+    from transformers import VideoMAEModel
+
+    sd = VideoMAEModel(_hf_config(False)).state_dict()
+    del sd["encoder.layer.5.attention.attention.value.weight"]
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(sd, src)
+    _assert_fails_with(capsys, src, tmp_path / "ckpt", "layer 5 lacks attention weights ['value']")
+
+
 def test_missing_class_list(tmodel, tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "s.pth")
     assert _convert(tmp_path / "s.pth", tmp_path / "ckpt", "S", 4, 5, "--class-list", "no.txt") == 1
@@ -735,6 +790,16 @@ def _usage_error(capsys, *args) -> str:
     return capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("flag", ["--model", "--num-frames", "--num-classes"])
+def test_each_required_size_option_is_named_when_left_out(tmp_path, capsys, flag):
+    sizes = {"--model": "S", "--num-frames": FRAMES, "--num-classes": CLASSES}
+    del sizes[flag]
+    args = ["--input", tmp_path / "s.pth", "--output", tmp_path / "ckpt"]
+    last = _usage_error(capsys, *args, *[x for kv in sizes.items() for x in kv])
+    assert last == f"python -m signnet_jax.convert: error: {flag} is required (unless --to-pytorch)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_shows_the_required_options_as_required(capsys):
     with pytest.raises(SystemExit) as exit_:
         _run("--help")
@@ -781,12 +846,17 @@ def test_sizes_that_make_no_model_are_usage_errors(tmodel, tmp_path, capsys, fla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pth"]  # nothing written
 
 
-def test_the_patch_size_is_the_presets():
+def test_the_patch_size_is_the_presets(capsys):
     # the giant's patches are 14 px: 224 fits it, 96 does not
     args = ["--input", "x.pth", "--output", "y", "--num-frames", "4", "--num-classes", "5"]
     assert convert._parse([*args, "--model", "g"]).img_size == 224
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         convert._parse([*args, "--model", "vit_giant_patch14_224", "--img-size", "96"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m signnet_jax.convert: error: --img-size 96: give a positive multiple of 14 "
+        "(the patch size of ViT-g), e.g. --img-size 98"
+    )
 
 
 def test_options_of_the_other_direction_are_refused(tmodel, tmp_path, capsys):

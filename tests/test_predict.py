@@ -403,6 +403,37 @@ def test_cli_bad_input_settings(tmp_path, sign_sample, capsys):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"crops": 3},
+            "unusable checkpoint metadata: unknown input settings ['crops']; known are "
+            "['img_size', 'jpeg_quality', 'num_frames', 'sampling_rate', 'short_side_size', "
+            "'test_num_crop', 'test_num_segment']",
+        ),
+        (
+            {"num_frames": 8},
+            "unusable checkpoint metadata: input num_frames 8 differs from the model's 4",
+        ),
+        (  # test views the 16-pixel patches do not divide
+            {"short_side_size": 40},
+            "the model cannot take (2, 4, 40, 40, 3) clips: clip shape (4, 40, 40) (frames, "
+            "height, width) must be divisible by (2, 16, 16)",
+        ),
+    ],
+    ids=["unknown_setting", "other_num_frames", "views_the_patches_do_not_divide"],
+)
+def test_cli_input_settings_the_model_cannot_use(tmp_path, sign_sample, capsys, change, message):
+    ckpt = _save_tiny(tmp_path / "ckpt", input={**TINY_INPUT, **change})
+    code, out, err = _cli(
+        capsys, "--checkpoint", ckpt, "--video", sign_sample, "--batch", "2",
+        "--save-hht", tmp_path / "hht.mp4", "--preview", tmp_path / "preview.png",
+    )  # fmt: skip
+    assert (code, out, err) == (1, "", f"error: {ckpt}: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_cli_folder_without_videos_and_save_hht_not_mp4(workdir, sign_sample, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a video\n")
     _expect_error(

@@ -537,6 +537,26 @@ def test_unknown_config_key_is_named(records, tmp_path):
         assert not (tmp_path / "w").exists()
 
 
+def test_a_mode_other_than_train_or_eval_is_refused_before_anything_is_written(tmp_path):
+    r = _run(_main_args(tmp_path / "records", tmp_path / "w", "--config.mode=test"))
+    assert (r.returncode, r.stderr) == (
+        1,
+        "error: config.mode must be 'train' or 'eval', got 'test'\n",
+    )
+    assert list(tmp_path.iterdir()) == []  # no workdir, no smoke dataset
+
+
+def test_an_empty_records_dir_is_named_before_anything_is_written(tmp_path):
+    empty = ("--config.records_dir=", "--config.smoke.enabled=False")  # the last value counts
+    r = _run(_main_args(tmp_path / "records", tmp_path / "w", *empty))
+    assert (r.returncode, r.stderr) == (
+        1,
+        "error: config.records_dir is empty: set --config.records_dir to a folder written by "
+        "python -m data_prep.build_records\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("loss", "expected"),
     [

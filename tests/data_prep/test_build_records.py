@@ -1,6 +1,7 @@
 """Tests for data_prep.build_records: the real H&HT end to end, resume after kill -9,
 worker-count determinism, corruption detection; a small stand-in Tunneller for the rest."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -777,7 +778,7 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     missing = _cli(dataset, tmp_path / "o")
     missing[missing.index("--split-file") + 1] = str(tmp_path / "nope.json")
     assert build_records.main(missing, tunneller_factory=FakeTunneller) == 2
-    assert "split file" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: split file {tmp_path / 'nope.json'} not found\n"
     with pytest.raises(SystemExit) as e:
         build_records.main(_cli(dataset, tmp_path / "o", "--jpeg-quality", "0"))
     assert e.value.code == 2
@@ -785,9 +786,12 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     bad_hht = _cli(dataset, tmp_path / "o", "--size", "15")
     assert build_records.main(bad_hht, tunneller_factory=FakeTunneller) == 2
     assert "invalid HHTSettings: size must be an even integer" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(tmp_path / "none")))
-    assert "not a folder" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m data_prep.build_records: error: --videos {tmp_path / 'none'}: not a folder"
+    )
     # the real Tunneller's model folder is checked once, before any video
     assert build_records.main(_cli(dataset, tmp_path / "o", "--models", str(tmp_path))) == 2
     assert f"--models {tmp_path} lacks" in capsys.readouterr().err
@@ -815,6 +819,26 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
             build_records.main(_cli(dataset, tmp_path / out), tunneller_factory=FakeTunneller)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.csv"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-failure-fraction", "-0.1", "--max-failure-fraction must be in [0, 1]"),
+        ("--max-failure-fraction", "1.5", "--max-failure-fraction must be in [0, 1]"),
+        ("--shard-size", "0", "argument --shard-size: shard size must be positive, got '0'"),
+    ],
+)
+def test_option_values_out_of_range_exit_2(dataset, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        build_records.main(
+            _cli(dataset, tmp_path / "o", flag, value), tunneller_factory=FakeTunneller
+        )
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m data_prep.build_records: error: {message}"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_remote_output_is_refused_not_written_to_a_local_gs_folder(
@@ -855,6 +879,10 @@ def test_parse_size():
     assert build_records.parse_size("4096") == 4096
     with pytest.raises(Exception, match="not a size"):
         build_records.parse_size("lots")
+    for text in ("0", "0.5", "0MB"):
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            build_records.parse_size(text)
+        assert str(e.value) == f"shard size must be positive, got {text!r}"
 
 
 def test_shard_assignment():
@@ -1098,3 +1126,33 @@ def test_an_output_holding_the_smoke_dataset_is_refused_untouched(dataset, tmp_p
         f"2 classes); {FOLDER_FIX.format(smoke)}\n"
     )
     assert _everything(smoke) == before
+
+
+def test_an_output_another_build_is_writing_is_refused_untouched(dataset, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "records"
+    args = _cli(dataset, out, "--workers", "0")
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    capsys.readouterr()
+    before = _everything(out)
+    # the other build holds the lock as build() takes it, on its own open file
+    with open(out / build_records.WORK / ".lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == f"error: {out}: another build_records is writing here\n"
+    assert _everything(out) == before
+    # once it is done the same command goes on
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+
+
+def test_an_output_with_a_corrupt_dataset_info_is_refused_untouched(dataset, tmp_path, capsys):
+    out = tmp_path / "records"
+    out.mkdir()
+    (out / "dataset_info.json").write_text('{"classes": [')  # cut short
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {out}: cannot read dataset_info.json (Expecting value: line 1 column 14 "
+        f"(char 13)); {FOLDER_FIX.format(out)}\n"
+    )
+    assert _everything(out) == {"dataset_info.json": b'{"classes": ['}

@@ -226,6 +226,24 @@ def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_pa
     assert clip.read_bytes() == sign_sample.read_bytes()
 
 
+def test_a_preview_that_is_not_a_png_exits_2(sign_sample, tmp_path, capsys):
+    sheet = tmp_path / "sheet.jpg"
+    argv = ["--video", sign_sample, "--output", tmp_path / "o.mp4", "--preview", sheet]
+    assert run(capsys, *argv) == (2, "", f"error: --preview {sheet} must end in .png\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_the_work(sign_sample, tmp_path, capsys):
+    for flag, target in [("--output", "/proc/x/o.mp4"), ("--preview", "/proc/x/p.png")]:
+        argv = ["--video", sign_sample, "--output", tmp_path / "o.mp4", flag, target]
+        assert run(capsys, *argv) == (
+            1,
+            "",
+            f"error: cannot create the folder of {flag} {target}: No such file or directory\n",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_models_folder_that_does_not_exist_is_named_before_any_progress(
     sign_sample, tmp_path, capsys
 ):
