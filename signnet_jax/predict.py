@@ -403,7 +403,10 @@ class Predictor:
                 f"{self.model_cfg.num_classes - 1} (convert with --class-list to name them)"
             )
         if hht is None:
-            self.notes.append("the checkpoint records no H&HT settings; using the defaults")
+            self.notes.append(
+                "the checkpoint records no H&HT settings; using the defaults (convert "
+                "published SignNet weights with --hht faithful to get the original's)"
+            )
         if meta.get("input") is None:
             s = self.input_settings
             self.notes.append(

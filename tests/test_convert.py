@@ -2,6 +2,7 @@
 
 import argparse
 import collections
+import json
 import pathlib
 import subprocess
 import sys
@@ -251,6 +252,51 @@ def test_an_output_that_cannot_be_created_is_named_before_reading(
         f"error: cannot write --output {out}: {tmp_path / 'file'} is a file, not a folder; "
         "choose a folder you can write to\n"
     )
+
+
+def test_hht_settings_are_recorded_for_predict(tmodel, tmp_path, capsys):
+    from signnet_jax.hht.settings import HHTSettings
+
+    torch.save(tmodel.state_dict(), tmp_path / "ft.pth")
+    # none by default: predict then notes that it uses its defaults
+    assert _convert(tmp_path / "ft.pth", tmp_path / "none") == 0
+    assert "hht" not in checkpointing.load_model(tmp_path / "none")[1]
+    for value, expected in [
+        ("faithful", HHTSettings(faithful=True)),
+        ("default", HHTSettings()),
+    ]:
+        out = tmp_path / value
+        assert _convert(tmp_path / "ft.pth", out, "S", FRAMES, CLASSES, "--hht", value) == 0
+        assert checkpointing.load_model(out)[1]["hht"] == expected.to_dict()
+    # a records folder (or its dataset_info.json): the settings its records were built with
+    records = tmp_path / "records"
+    records.mkdir()
+    built = HHTSettings(layout="strip", quadrants=(True, False, True, True))
+    info = {"hht_settings": built.to_dict(), "splits": {}, "classes": []}
+    (records / "dataset_info.json").write_text(json.dumps(info))
+    for given in (records, records / "dataset_info.json"):
+        out = tmp_path / f"from_{given.name}"
+        assert _convert(tmp_path / "ft.pth", out, "S", FRAMES, CLASSES, "--hht", given) == 0
+        assert checkpointing.load_model(out)[1]["hht"] == built.to_dict()
+    capsys.readouterr()
+    sizes = ("S", FRAMES, CLASSES)
+    assert _convert(tmp_path / "ft.pth", tmp_path / "x", *sizes, "--hht", "fast") == 1
+    assert capsys.readouterr().err == (
+        "error: --hht fast: give 'faithful', 'default' or a records folder; "
+        "fast/dataset_info.json does not exist\n"
+    )
+    info["hht_settings"] = {"layout": "ring"}
+    (records / "dataset_info.json").write_text(json.dumps(info))
+    assert _convert(tmp_path / "ft.pth", tmp_path / "x", *sizes, "--hht", records) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: --hht {records}: no usable H&HT settings (invalid HHTSettings: layout must be"
+    )
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as e:  # the export writes weights only
+        _run("--to-pytorch", "--input", tmp_path / "faithful", "--output", tmp_path / "b.pth",
+             "--hht", "faithful")  # fmt: skip
+    assert e.value.code == 2
+    assert "--hht: not used by --to-pytorch" in capsys.readouterr().err
 
 
 def test_huggingface_classifier_without_mean_pooling_is_refused(tmp_path, capsys):

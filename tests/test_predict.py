@@ -124,6 +124,10 @@ def test_converted_checkpoint_top_k(converted_run, converted):
         run.probabilities, _reference_probabilities(converted, run.views), rtol=1e-5, atol=1e-7
     )
     assert predictor.hht_settings == HHTSettings()
+    assert (
+        "the checkpoint records no H&HT settings; using the defaults (convert published SignNet "
+        "weights with --hht faithful to get the original's)"
+    ) in predictor.notes
     assert any("no H&HT settings" in n for n in report["notes"])
     assert any("no test-view settings" in n for n in report["notes"])
     assert report["hht"]["frames"] == 76 and report["hht"]["source_size"] == [256, 256]
