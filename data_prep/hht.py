@@ -19,7 +19,13 @@ import warnings
 import cv2
 import numpy as np
 
-from signnet_jax.files import atomic_write, interrupt_as_usual, interrupted, stamp
+from signnet_jax.files import (
+    atomic_write,
+    creation_problem,
+    interrupt_as_usual,
+    interrupted,
+    stamp,
+)
 from signnet_jax.hht import (
     HHTSettings,
     Tunneller,
@@ -158,20 +164,22 @@ def _run(args: argparse.Namespace) -> int:
     if preview is not None and preview.suffix.lower() != ".png":
         print(f"error: --preview {preview} must end in .png", file=sys.stderr)
         return 2
-    # checked before the work: a bad output path must not cost the whole run
-    for flag, path in (("--output", output), ("--preview", preview)):
-        if path is None:
-            continue
+    # checked before the work: a bad output path must not cost the whole run; both before
+    # either folder is made
+    outputs = [(flag, path) for flag, path in (("--output", output), ("--preview", preview))]
+    outputs = [(flag, path) for flag, path in outputs if path is not None]
+    for flag, path in outputs:
+        problem = None if path.parent.is_dir() else creation_problem(path)
+        if problem:
+            print(f"error: cannot create the folder of {flag} {path}: {problem}; choose a "
+                  "folder you can write to", file=sys.stderr)  # fmt: skip
+            return 1
+    for flag, path in outputs:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: cannot create the folder of {flag} {path}: {e.strerror or e}",
-                  file=sys.stderr)  # fmt: skip
-            return 1
-        try:
             check_writable(path, flag, source=args.video)
-        except VideoError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (OSError, VideoError) as e:
+            print(f"error: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             return 1
 
     bar = None
@@ -211,13 +219,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: {args.video} has a single frame (a still image?)", file=sys.stderr)
 
     t0 = time.perf_counter()
-    write_video(output, result.frames, result.fps)
-    encode = time.perf_counter() - t0
-    if preview is not None:
-        sheet = contact_sheet(
-            source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
-        )
-        _write_png(preview, sheet)
+    try:  # each written under a temporary name, renamed when whole
+        write_video(output, result.frames, result.fps)
+        encode = time.perf_counter() - t0
+        if preview is not None:
+            sheet = contact_sheet(
+                source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
+            )
+            _write_png(preview, sheet)
+    except OSError as e:  # a disk that filled up during the run, a folder removed
+        written = f" ({output} was written)" if preview is not None and output.exists() else ""
+        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror or e}{written}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     elapsed = time.perf_counter() - start
     n = len(result.frames)
     print(format_coverage(result.box_source))

@@ -273,7 +273,10 @@ def _from_huggingface(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for i, parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             missing = sorted({"query", "key", "value"} - set(parts))
-            raise ConversionError(f"layer {i} lacks attention weights {missing}")
+            raise ConversionError(
+                f"layer {i} lacks attention weights {missing}: the checkpoint is incomplete or "
+                "not a VideoMAE model; download or save it again"
+            )
         out[f"blocks.{i}.attn.qkv.weight"] = np.concatenate(
             [parts["query"], parts["key"], parts["value"]], axis=0
         )
@@ -314,7 +317,10 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
     sd = _strip_prefix(sd, "module.")
     is_hf = any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd)
     if is_hf:
-        sd = _from_huggingface(sd)
+        try:
+            sd = _from_huggingface(sd)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from e
         pretrain = any(k.startswith(_PRETRAIN_ONLY[:3]) for k in sd)
     else:
         pretrain = any(k.startswith(("encoder.", "backbone.")) for k in sd)

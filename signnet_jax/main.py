@@ -20,8 +20,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     files.interrupt_as_usual()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if len(argv) > 1:  # one line, as the other command-line mistakes
+        _exit_usage(
+            f"unexpected arguments {' '.join(argv[1:])}: every setting is a flag "
+            "(--config.KEY=VALUE)"
+        )
     try:
         config = _CONFIG.value
         config.mode  # noqa: B018 - a file that failed to load raises on first use

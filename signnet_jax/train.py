@@ -80,6 +80,11 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     from data_prep.synthetic import SmokeDatasetError, ensure_smoke_dataset
 
     model_config(config, config.smoke.classes)
+    if not config.records_dir:
+        raise TrainingError(
+            "config.records_dir is empty: set --config.records_dir to the folder the smoke "
+            "dataset is made in (configs/smoke.py: runs/smoke_records)"
+        )
     opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
     if jax.process_index() == 0:
         print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)

@@ -531,7 +531,10 @@ def test_huggingface_layer_without_its_value_weights_is_named(tmp_path, capsys):
     del sd["encoder.layer.5.attention.attention.value.weight"]
     src = tmp_path / "pytorch_model.bin"
     torch.save(sd, src)
-    _assert_fails_with(capsys, src, tmp_path / "ckpt", "layer 5 lacks attention weights ['value']")
+    _assert_fails_with(capsys, src, tmp_path / "ckpt", (
+        f"{src}: layer 5 lacks attention weights ['value']: the checkpoint is incomplete or not "
+        "a VideoMAE model; download or save it again"
+    ))  # fmt: skip
 
 
 def test_missing_class_list(tmodel, tmp_path, capsys):

@@ -555,6 +555,26 @@ def test_an_empty_records_dir_is_named_before_anything_is_written(tmp_path):
         "python -m data_prep.build_records\n",
     )
     assert list(tmp_path.iterdir()) == []
+    # the smoke config makes its dataset there: named too (it was a FileNotFoundError
+    # traceback), in both modes
+    for mode in ("train", "eval"):
+        r = _run(_main_args(tmp_path / "r", tmp_path / "w", "--config.records_dir=",
+                            f"--config.mode={mode}"))  # fmt: skip
+        assert (r.returncode, r.stderr) == (
+            1,
+            "error: config.records_dir is empty: set --config.records_dir to the folder the "
+            "smoke dataset is made in (configs/smoke.py: runs/smoke_records)\n",
+        )
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stray_argument_is_one_usage_line(tmp_path):
+    r = _run([*_main_args(tmp_path / "r", tmp_path / "w"), "data.batch_size=4"])
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, "", "error: unexpected arguments data.batch_size=4: every setting is a flag "
+        "(--config.KEY=VALUE)\n"
+    )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

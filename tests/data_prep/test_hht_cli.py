@@ -239,8 +239,27 @@ def test_an_output_folder_that_cannot_be_made_stops_before_the_work(sign_sample,
         assert run(capsys, *argv) == (
             1,
             "",
-            f"error: cannot create the folder of {flag} {target}: No such file or directory\n",
+            f"error: cannot create the folder of {flag} {target}: /proc: No such file or "
+            "directory; choose a folder you can write to\n",
         )
+    assert list(tmp_path.iterdir()) == []
+    # the --output folder is not made when the --preview one cannot be
+    argv = ["--video", sign_sample, "--output", tmp_path / "new" / "o.mp4"]
+    assert run(capsys, *argv, "--preview", "/proc/x/p.png")[0] == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_is_one_line_naming_the_file(sign_sample, tmp_path, capsys,
+                                                          monkeypatch):  # fmt: skip
+    def full(path, frames, fps):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "write_video", full)
+    out = tmp_path / "o.mp4"
+    argv = ["--video", sign_sample, "--output", out, "--start-frame", 30, "--end-frame", 34]
+    assert run(capsys, *argv) == (
+        1, "", f"error: cannot write {out}: No space left on device\n"
+    )  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 
