@@ -132,4 +132,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""  # empty: let JAX detect it (TPU, SLURM)
     c.distributed.num_processes = 0  # 0: let JAX detect it
     c.distributed.process_id = -1  # -1: let JAX detect it
+    c.distributed.local_device_ids = ""  # e.g. "0" (one process per GPU); empty: JAX's choice
     return c

@@ -4,6 +4,7 @@ Flags only: config.mode 'train' runs train_and_evaluate, 'eval' tests the
 checkpoint in the workdir (or config.init_from).
 """
 
+import os
 import pathlib
 import sys
 
@@ -32,8 +33,21 @@ def main(argv):
         _config_file_error(e)
     # Library INFO logs (orbax, grain) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)
-    if config.distributed.initialize:
-        kwargs = distributed_kwargs(config.distributed)
+    if not config.distributed.initialize:
+        launched = launched_together(os.environ)
+        if launched:
+            print(
+                f"error: this process is one of {launched} started together, but "
+                "config.distributed.initialize is False: each would train on its own devices "
+                "alone, writing into the same workdir; add --config.distributed.initialize=True",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+    else:
+        try:
+            kwargs = distributed_kwargs(config.distributed)
+        except ValueError as e:
+            _exit_usage(str(e))
         # CPU processes need a collectives backend (multi-process tests on one machine);
         # TPU and GPU clients ignore this setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -77,7 +91,29 @@ def distributed_kwargs(cfg) -> dict:
         kwargs["num_processes"] = cfg.num_processes
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
+    if cfg.get("local_device_ids", ""):
+        try:
+            kwargs["local_device_ids"] = [int(i) for i in str(cfg.local_device_ids).split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--config.distributed.local_device_ids: give device numbers like 0 or 0,1, not "
+                f"{cfg.local_device_ids!r}"
+            ) from None
     return kwargs
+
+
+# Process counts that launchers set in each process they start: SLURM's srun (a step's tasks;
+# SLURM_NTASKS is also set for a single process in a batch script), Open MPI, MPICH / Intel MPI.
+_LAUNCHER_COUNTS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launched_together(environ) -> str:
+    """'N (VAR=N)' when a launcher started this process as one of N > 1, else ''."""
+    for name in _LAUNCHER_COUNTS:
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            return f"{value} ({name}={value})"
+    return ""
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

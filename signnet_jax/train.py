@@ -491,6 +491,11 @@ def check_batch_settings(config: ml_collections.ConfigDict) -> None:
     """The mesh, batch size, accumulation and mixup group against the devices and processes,
     before the smoke dataset is generated or anything is compiled."""
     n, pc = len(mesh_devices(config)), jax.process_count()
+    if config.mesh.num_devices and pc > 1:
+        raise TrainingError(
+            f"mesh.num_devices={config.mesh.num_devices} takes the first devices, which on "
+            f"{pc} processes would leave hosts without any; leave it at 0 (every device)"
+        )
     try:
         sharding.check_fsdp(config.mesh.fsdp, n)
     except ValueError as e:

@@ -414,8 +414,11 @@ def _env():
     return env
 
 
-def _run(args):
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+def _run(args, **env):
+    """``args`` run from the repository; ``env``: variables added to the environment."""
+    return subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, env=_env() | env, timeout=600
+    )
 
 
 def _final_params(workdir):
@@ -1781,6 +1784,51 @@ def test_distributed_passes_only_the_values_given():
     assert distributed_kwargs(d) == {
         "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 0,
     }  # fmt: skip
+
+
+def test_local_device_ids_are_passed_as_a_list():
+    from configs import wlasl2000
+    from signnet_jax.main import distributed_kwargs
+
+    d = wlasl2000.get_config().distributed
+    d.local_device_ids = "0,1"
+    assert distributed_kwargs(d) == {"local_device_ids": [0, 1]}
+    d.local_device_ids = "gpu0"
+    with pytest.raises(ValueError) as e:
+        distributed_kwargs(d)
+    assert str(e.value) == (
+        "--config.distributed.local_device_ids: give device numbers like 0 or 0,1, not 'gpu0'"
+    )
+
+
+def test_a_process_launched_as_one_of_several_needs_distributed(tmp_path):
+    from signnet_jax.main import launched_together
+
+    assert launched_together({}) == ""
+    assert launched_together({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}) == ""
+    assert launched_together({"SLURM_STEP_NUM_TASKS": "4"}) == "4 (SLURM_STEP_NUM_TASKS=4)"
+    assert launched_together({"OMPI_COMM_WORLD_SIZE": "2"}) == "2 (OMPI_COMM_WORLD_SIZE=2)"
+    assert launched_together({"PMI_SIZE": "8"}) == "8 (PMI_SIZE=8)"
+    # the whole command: refused before anything is written (it trained alone on each host,
+    # all of them writing one workdir)
+    r = _run(_main_args(tmp_path / "r", tmp_path / "w"), OMPI_COMM_WORLD_SIZE="2")
+    assert (r.returncode, r.stderr) == (1, (
+        "error: this process is one of 2 (OMPI_COMM_WORLD_SIZE=2) started together, but "
+        "config.distributed.initialize is False: each would train on its own devices alone, "
+        "writing into the same workdir; add --config.distributed.initialize=True\n"
+    ))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mesh_num_devices_is_refused_on_several_processes(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    c = tiny_config("unused", **{"mesh.num_devices": 4, "data.batch_size": 8})
+    with pytest.raises(train.TrainingError) as e:
+        train.check_batch_settings(c)
+    assert str(e.value) == (
+        "mesh.num_devices=4 takes the first devices, which on 2 processes would leave hosts "
+        "without any; leave it at 0 (every device)"
+    )
 
 
 def test_training_closes_its_input_pipeline(records, tmp_path, monkeypatch):
