@@ -279,6 +279,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train.check_eval_batch(config)
     if config.smoke.enabled:
         train.ensure_smoke(config)
+    train.check_shared_workdir(workdir)
     workdir_path = pathlib.Path(workdir)
     ckpt_dir = workdir_path / "checkpoints"
     if not config.test_split:

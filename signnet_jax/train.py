@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from signnet_jax import checkpointing, evaluate, optim, sharding
+from signnet_jax import checkpointing, evaluate, files, optim, sharding
 from signnet_jax.data import augment, device, pipeline, records
 from signnet_jax.data.records import load_dataset_info
 from signnet_jax.metrics import plot_training_curves
@@ -88,13 +88,46 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     opts = {k: v for k, v in config.smoke.items() if k != "enabled"}
     if jax.process_index() == 0:
         print(f"smoke dataset in {config.records_dir} ({opts})", flush=True)
-    try:
-        ensure_smoke_dataset(config.records_dir, **opts)
-    except SmokeDatasetError as e:
-        raise TrainingError(
-            f"config.smoke: {e} (the smoke config makes its synthetic records in "
-            "config.records_dir; for records of your own add --config.smoke.enabled=False)"
-        ) from e
+
+    def build() -> None:
+        try:
+            ensure_smoke_dataset(config.records_dir, **opts)
+        except SmokeDatasetError as e:
+            raise TrainingError(
+                f"config.smoke: {e} (the smoke config makes its synthetic records in "
+                "config.records_dir; for records of your own add --config.smoke.enabled=False)"
+            ) from e
+
+    # on several hosts, process 0 builds first: a folder they share is then built once (file
+    # locks do not reach across hosts on every filesystem), a folder of each host's own is
+    # built by each
+    first_on_process_0(build, "the smoke dataset")
+
+
+def first_on_process_0(fn, what: str) -> None:
+    """Runs ``fn`` on process 0, then on the others; when it fails anywhere, every process
+    raises (the error itself where it failed, a TrainingError naming those processes
+    elsewhere) instead of the others waiting for the failed one forever."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    for turn in ("first", "then"):
+        error = None
+        if (jax.process_index() == 0) == (turn == "first"):
+            try:
+                fn()
+            except Exception as e:  # raised once every process knows
+                error = e
+        failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is not None:
+            raise error
+        if len(failed):
+            which = ", ".join(map(str, failed))
+            raise TrainingError(
+                f"process{'es' * (len(failed) > 1)} {which} failed to make {what}; see "
+                f"{'their messages' if len(failed) > 1 else 'its message'}"
+            )
 
 
 def arch_overrides(src: vit.ViTConfig) -> dict[str, Any]:
@@ -832,6 +865,48 @@ def check_workdir(workdir: str | os.PathLike) -> None:
         raise TrainingError(f"--workdir {workdir} is a file; give a folder (new or a run's)")
 
 
+_SHARED_CHECK = ".signnet-shared-check"
+
+
+def check_shared_workdir(workdir: str | os.PathLike) -> None:
+    """On several processes, the workdir must be one folder that all of them see: they write
+    each checkpoint together, and a folder local to each host hangs the first save (orbax
+    waits for files process 0 made). Process 0 writes a random token there; every process
+    reads it back, and all of them agree on the outcome, so all raise together. Leaves
+    nothing behind (the folder too, if this made it). One process: nothing to check."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    path = pathlib.Path(workdir).expanduser()
+    made = False
+    if jax.process_index() == 0:
+        made = not path.exists()
+        token = os.urandom(16).hex().encode()
+        files.atomic_write(path / _SHARED_CHECK, token)
+    multihost_utils.sync_global_devices("signnet_jax: workdir token written")
+    try:
+        seen = (path / _SHARED_CHECK).read_bytes()[:32].ljust(32, b"-")
+    except OSError:
+        seen = b"-" * 32
+    tokens = np.asarray(multihost_utils.process_allgather(np.frombuffer(seen, np.uint8)))
+    tokens = tokens.reshape(jax.process_count(), -1)
+    multihost_utils.sync_global_devices("signnet_jax: workdir token read")
+    if jax.process_index() == 0:
+        (path / _SHARED_CHECK).unlink()
+        if made and not any(path.iterdir()):
+            path.rmdir()
+    blind = [i for i, row in enumerate(tokens) if (row != tokens[0]).any()]
+    if blind:
+        raise TrainingError(
+            f"--workdir {workdir} is not one folder for all {jax.process_count()} processes: "
+            f"{'processes' if len(blind) > 1 else 'process'} {', '.join(map(str, blind))} "
+            f"{'do' if len(blind) > 1 else 'does'} not see what process 0 writes there (all "
+            "of them write each checkpoint together); give a folder every host shares: a "
+            "shared filesystem, or a bucket mounted with gcsfuse"
+        )
+
+
 # train.* settings that count something, and their least values
 _TRAIN_MINIMA = {
     "log_every": 1,
@@ -872,6 +947,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_batch_settings(config)
     if config.smoke.enabled:
         ensure_smoke(config)
+    check_shared_workdir(workdir)
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     resuming = ckpt_dir.is_dir() and bool(checkpointing.checkpoint_steps(ckpt_dir))
     setup = prepare(config, resume=ckpt_dir if resuming else None)

@@ -1638,6 +1638,76 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
 
 
 @pytest.mark.heavy
+def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_path):
+    # each process its own folder, as with a local path on each host of a pod: the first
+    # checkpoint used to hang (orbax waits for files process 0 made), without a time limit
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        subprocess.Popen(
+            _main_args(
+                records,
+                tmp_path / f"w{i}",
+                "--config.distributed.initialize=True",
+                f"--config.distributed.coordinator_address=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 1, err[-3000:]
+        assert err.splitlines()[-1] == (
+            f"error: --workdir {tmp_path / f'w{i}'} is not one folder for all 2 processes: "
+            "process 1 does not see what process 0 writes there (all of them write each "
+            "checkpoint together); give a folder every host shares: a shared filesystem, or a "
+            "bucket mounted with gcsfuse"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check leaves nothing
+
+
+def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    calls = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    # process 1's view: process 0 failed in the first turn, so it never runs the work itself
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([1, int(x)]))
+    with pytest.raises(train.TrainingError) as e:
+        train.first_on_process_0(lambda: calls.append("ran"), "the smoke dataset")
+    assert str(e.value) == "process 0 failed to make the smoke dataset; see its message"
+    assert calls == []
+    # process 1 failing in its own turn raises its own error, after the agreement
+    gathered = []
+    monkeypatch.setattr(
+        multihost_utils,
+        "process_allgather",
+        lambda x: gathered.append(int(x)) or np.array([0, int(x)]),
+    )
+
+    def fails():
+        raise train.TrainingError("config.smoke: other options")
+
+    with pytest.raises(train.TrainingError, match="^config.smoke: other options$"):
+        train.first_on_process_0(fails, "the smoke dataset")
+    assert gathered == [0, 1]  # it took part in both agreements
+
+
+@pytest.mark.heavy
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tmp_path):
     import portpicker
 
