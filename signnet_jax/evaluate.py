@@ -79,17 +79,47 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
         f"with {size // devices} view{'s' * (size // devices != 1)} per device, try a smaller "
         f"--config.data.eval_batch_size (now {size}; a multiple of the {devices} devices)",
     )
+    multi_host = jax.process_count() > 1
+    side = config.data.short_side_size if mode == "test" else cfg.img_size
+    # on several hosts, this host's input failing (a record only it reads) must not leave
+    # the others waiting in the next batch's collectives: it goes on with empty views
+    # (valid False) and a flag that all hosts gather, so all of them stop together
+    error = empty = None
     try:
         with advice, train.damaged_records(config.records_dir):
-            for batch in batches:
-                gb = sharding.global_batch(
-                    {k: batch[k] for k in ("clip", "video_index", "valid", "label")}, setup.mesh
-                )
+            for _ in range(info.num_steps):
+                if error is None:
+                    try:
+                        batch = next(batches)
+                        local = {k: batch[k] for k in ("clip", "video_index", "valid", "label")}
+                    except Exception as e:
+                        if not multi_host:
+                            raise
+                        error, n = e, info.batch_size
+                        empty = {
+                            "clip": np.zeros((n, cfg.num_frames, side, side, 3), np.uint8),
+                            "video_index": np.full(n, -1, np.int32),
+                            "valid": np.zeros(n, bool),
+                            "label": np.zeros(n, np.int32),
+                        }
+                if error is not None:
+                    local = empty
+                gb = sharding.global_batch(local, setup.mesh)
                 p = fn(params, gb["clip"])
                 p, vi, va, la = (
                     np.asarray(multihost_utils.process_allgather(x, tiled=True))
                     for x in (p, gb["video_index"], gb["valid"], gb["label"])
                 )
+                if multi_host:
+                    failed = multihost_utils.process_allgather(np.int32(error is not None))
+                    failed = np.flatnonzero(failed)
+                    if error is not None:
+                        raise error
+                    if len(failed):
+                        raise train.TrainingError(
+                            f"process {failed[0]} stopped on an error in its input while "
+                            f"evaluating the {split} split (its message says what)"
+                        )
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():
                     index = int(vi[bad][0])

@@ -683,11 +683,15 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
             # and for a float16 update skipped for overflow too, as VideoMAEv2's EMA
             ema = optim.ema_update(state["ema"], new["params"], ema_decay)
             new["ema"] = jax.tree.map(lambda e, o: jnp.where(last_micro, e, o), ema, state["ema"])
+        keep = ok
+        if "stop" in batch:  # each host's stop code in its rows (see _LocalBatches): the
+            # highest counts; a host whose input failed sent zero rows: no host updates
+            metrics["stop"] = jnp.max(batch["stop"])
+            failed = metrics["stop"] >= STOP_FAILED
+            keep, ok = ok & ~failed, ok | failed  # not a non-finite step: the input failed
         # A non-finite step changes nothing: the state stays the last good one.
-        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state)
         metrics["ok"] = ok
-        if "stop" in batch:  # each host's SIGTERM flag in its rows: any host asks, all stop
-            metrics["stop"] = jnp.any(batch["stop"])
         return new, metrics
 
     return train_step
@@ -1047,11 +1051,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         clips = micro * config.data.repeated_aug
         spec = batch_spec(clips, cfg)
-        # Several hosts must agree on stopping at SIGTERM (saving is collective): each host
-        # writes its flag into its rows of the batch and the step reduces them.
+        # Several hosts must agree on stopping at SIGTERM or on an input error (saving and
+        # every step are collective): each host writes its code into its rows of the batch
+        # and the step reduces them.
         multi_host = jax.process_count() > 1
         if multi_host:
-            spec["stop"] = ((clips,), jnp.bool_)
+            spec["stop"] = ((clips,), jnp.int32)
+        batches = _LocalBatches(train_iter, spec)
         step_fn, abstract_batch = jit_train_step(setup, config, tx, state_sh, spec)
         per_device = clips // mesh.size
         with _memory_advice(per_device):
@@ -1120,6 +1126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         first_bad = jnp.int32(-1)
 
         def check_finite():
+            if multi_host and metrics is not None:
+                batches.raise_if_stopped(int(metrics["stop"]), step, ckpt.directory)
             bad = int(first_bad)
             if bad >= 0:
                 raise TrainingError(
@@ -1136,7 +1144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                 )
 
-        stop_pending = None
+        stop_pending = metrics = None
         # the trace starts after step profile_start, or after this run's first step when it
         # resumed past that (the first step pays for the restore and the input warm-up)
         after = config.train.profile_start if start <= config.train.profile_start else start + 1
@@ -1159,9 +1167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             while step < last_step:
                 trace.before(step)
                 for a in range(accum):
-                    stop_flag = preempt.requested if multi_host else None
                     state, metrics = _step_on_next_batch(
-                        compiled, state, train_iter, spec, mesh, stop_flag, step * accum + a
+                        compiled, state, batches, mesh, preempt.requested, step * accum + a
                     )
                     loss_sum = loss_sum + metrics["loss"] / accum  # any accumulation after a resume
                     if scaling:
@@ -1170,8 +1177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step += 1
                 trace.done(step, metrics)
                 stop = False
-                if multi_host:  # the previous step's agreed flag: every host reads the same
-                    stop = stop_pending is not None and bool(stop_pending)
+                if multi_host:  # the previous step's agreed code: every host reads the same
+                    stop = stop_pending is not None and int(stop_pending) != 0
                     stop_pending = metrics["stop"]
                 if step % config.train.log_every == 0 or step == last_step:
                     check_finite()
@@ -1290,9 +1297,64 @@ def _validations_left(step: int, last_step: int, val_every: int) -> int:
     return last_step // val_every - (step - 1) // val_every + bool(last_step % val_every)
 
 
-def _step_on_next_batch(compiled, state, train_iter, spec: dict, mesh, stop, index: int):
+# Codes of the stop rows (several hosts): 1 SIGTERM on some host; STOP_FAILED + i the input
+# of process i failed.
+STOP_PREEMPTED, STOP_FAILED = 1, 2
+
+
+class _LocalBatches:
+    """This host's training batches, with the stop rows on several hosts.
+
+    An error reading this host's input (a damaged record read by this host alone) would
+    otherwise leave the other hosts waiting in the step's collectives until JAX's health
+    check aborts them all minutes later. Instead the host goes on with zero rows coded
+    STOP_FAILED + its index: no host's state changes in that step, every host sees the code
+    at its next check (check_finite, at the latest one step later) and stops, this one with
+    its own error.
+    """
+
+    def __init__(self, it, spec: dict):
+        self.it, self.spec, self.error = it, spec, None
+        self.multi_host = "stop" in spec
+
+    def next(self, preempted: bool) -> dict:
+        if self.error is None:
+            try:
+                local = next(self.it)
+                local = {k: local[k] for k in self.spec if k != "stop"}
+            except Exception as e:  # one host alone: raised at once, as before
+                if not self.multi_host:
+                    raise
+                self.error = e
+        if self.error is not None:
+            rows = self.spec["label"][0][0] // jax.process_count()
+            local = {
+                k: np.zeros((rows, *shape[1:]), dtype)
+                for k, (shape, dtype) in self.spec.items()
+                if k != "stop"
+            }
+        if self.multi_host:
+            code = STOP_FAILED + jax.process_index() if self.error else int(preempted)
+            local["stop"] = np.full(len(local["label"]), code, np.int32)
+        return local
+
+    def raise_if_stopped(self, code: int, step: int, checkpoints) -> None:
+        """Raises when the agreed code says an input failed: this host's own error, or a
+        message naming the process whose input failed."""
+        if code < STOP_FAILED:
+            return
+        if self.error is not None:
+            raise self.error
+        raise TrainingError(
+            f"process {code - STOP_FAILED} stopped on an error in its input at step {step} "
+            f"(its message says what); the checkpoints in {checkpoints} are intact: once it is "
+            "fixed, the same command resumes"
+        )
+
+
+def _step_on_next_batch(compiled, state, batches: _LocalBatches, mesh, preempted, index: int):
     """``compiled(state, batch, index)`` on the next training batch (with the ``stop`` rows
-    when given, several hosts).
+    on several hosts).
 
     The batch lives only in this frame: with grain worker processes the host arrays are shared
     memory blocks, unlinked when the last reference to them goes, and on the CPU backend the
@@ -1304,10 +1366,7 @@ def _step_on_next_batch(compiled, state, train_iter, spec: dict, mesh, stop, ind
     never unlinked, and Python's resource tracker reports it at exit as "leaked shared_memory
     objects".
     """
-    local = next(train_iter)
-    local = {k: local[k] for k in spec if k != "stop"}
-    if stop is not None:
-        local["stop"] = np.full(len(local["label"]), stop)
+    local = batches.next(preempted)
     return compiled(state, sharding.global_batch(local, mesh), jnp.int32(index))
 
 

@@ -1679,6 +1679,60 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check leaves nothing
 
 
+@pytest.mark.heavy
+def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tmp_path):
+    # each record is read by one host only: that host used to raise alone while the other
+    # waited in the step's collectives until JAX's health check aborted both, minutes later
+    import portpicker
+
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    shard = copy / "train-00000-of-00001.tfrecord"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF  # inside the first record's data
+    shard.write_bytes(bytes(damaged))
+    port = portpicker.pick_unused_port()
+    env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        subprocess.Popen(
+            _main_args(
+                copy,
+                tmp_path / "w",
+                "--config.distributed.initialize=True",
+                f"--config.distributed.coordinator_address=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.val_split=",
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outs]
+    last = [err.splitlines()[-1] for _, err in outs]
+    reader = next(i for i, line in enumerate(last) if "data CRC mismatch" in line)
+    assert last[reader] == (
+        f"error: {shard}: record 0: data CRC mismatch (corrupted record): the records in "
+        f"{copy} are damaged; restore the file from a good copy, or build the records again "
+        "(python -m data_prep.build_records)"
+    )
+    assert re.fullmatch(
+        rf"error: process {reader} stopped on an error in its input at step \d+ \(its message "
+        rf"says what\); the checkpoints in {re.escape(str(tmp_path / 'w' / 'checkpoints'))} "
+        r"are intact: once it is fixed, the same command resumes",
+        last[1 - reader],
+    ), last
+
+
 def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypatch):
     from jax.experimental import multihost_utils
 
