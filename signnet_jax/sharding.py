@@ -206,7 +206,13 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's part of a batch into global arrays sharded over the mesh."""
+    """Assemble each process's part of a batch into global arrays sharded over the mesh.
+
+    A process's rows fill the batch slots of its devices in mesh order. On ``make_mesh``'s
+    mesh those slots are one block per process, in process order: process ``p``'s ``B`` rows
+    are rows ``p * B`` to ``(p + 1) * B - 1`` of the global batch, which is then the
+    one-process batch when each process holds that block of it (``pipeline.train_dataset``).
+    """
     return {
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
         for k, v in local.items()
