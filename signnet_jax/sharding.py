@@ -9,10 +9,13 @@ parallel versus FSDP is a config change (``mesh.fsdp``).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
@@ -28,20 +31,92 @@ def check_fsdp(fsdp: int, num_devices: int) -> None:
 
 
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp) mesh over all devices.
+    """A (data, fsdp) mesh over all devices, its batch slots host by host in process order.
+
+    The batch is split over both axes (``batch_sharding``), so its ``k``-th slot is
+    ``mesh.devices.flat[k]``. On several processes, the first ``n`` slots (``n`` devices per
+    process) are process 0's devices, the next ``n`` process 1's, and so on: each process's
+    part of the batch (``global_batch``) is a contiguous block of rows, its own in process
+    order, so the global batch is the one-process batch whatever the process count (the
+    input pipeline relies on it). ``jax.make_mesh`` orders a TPU slice's devices physically
+    (a ring through every host's chips), which would scatter a host's rows over the batch.
+
+    Within a process, devices are in the physical order ``jax.make_mesh`` would give that
+    process's devices alone (TPU chips taken relative to the host's corner, so every host
+    gets the same order). Each fsdp group lies within one process when ``fsdp`` divides the
+    devices per process, so FSDP's all-gathers stay on a host's fast links; a larger ``fsdp``
+    takes whole processes, consecutive ones (on a GPU node, its all-gathers cross the
+    network; on a TPU slice, hosts are joined by the same ICI); any other ``fsdp`` (neither
+    divides the other) takes blocks of ``gcd(fsdp, devices per process)`` devices of one
+    process. The batch slots are host by host in every case.
+
+    On one process this is ``jax.make_mesh``'s mesh (unchanged).
 
     Args:
       fsdp: size of the parameter-sharding axis; must divide the device count.
       devices: defaults to ``jax.devices()`` (every device of every process).
+
+    Raises:
+      ValueError: ``fsdp`` does not divide the device count, or the processes own
+        different numbers of the devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     check_fsdp(fsdp, len(devices))
     shape = (len(devices) // fsdp, fsdp)
-    # Auto axes: XLA's sharding propagation inserts the FSDP all-gathers and
-    # reduce-scatters; parameter and batch shardings are pinned at the jit boundary.
-    return jax.make_mesh(
-        shape, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-    )
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    hosts: dict[int, list] = {}
+    for d in devices:
+        hosts.setdefault(d.process_index, []).append(d)
+    if len(hosts) == 1:
+        # Auto axes: XLA's sharding propagation inserts the FSDP all-gathers and
+        # reduce-scatters; parameter and batch shardings are pinned at the jit boundary.
+        return jax.make_mesh(shape, BATCH_AXES, axis_types=axis_types, devices=devices)
+    counts = {p: len(ds) for p, ds in sorted(hosts.items())}
+    per_host = len(devices) // len(hosts)
+    if any(n != per_host for n in counts.values()):
+        raise ValueError(
+            "the mesh's devices must be spread evenly over the processes (devices per "
+            f"process: {counts}); use every device, or a count that takes as many of each"
+        )
+    block = math.gcd(fsdp, per_host)
+    local = [_host_order(hosts[p], (per_host // block, block)).reshape(-1) for p in sorted(hosts)]
+    grid = np.concatenate(local).reshape(shape)
+    return jax.sharding.Mesh(grid, BATCH_AXES, axis_types=axis_types)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chip:
+    """A TPU device at coordinates relative to its host's corner (for ``mesh_utils``)."""
+
+    index: int
+    id: int
+    platform: str
+    device_kind: str
+    coords: tuple[int, ...]
+    core_on_chip: int
+
+
+def _host_order(devices: list, shape: tuple[int, int]) -> np.ndarray:
+    """One process's ``devices`` as an array of ``shape`` in the physical order
+    ``jax.make_mesh`` would give them alone, the same on every host of a TPU slice."""
+    if devices[0].platform != "tpu":
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    # mesh_utils gives some TPU kinds their ring only at the slice's corner (v5e, v6e: it
+    # reads the largest coordinates as the bounds), so each host is seen from its own corner.
+    corner = [min(c) for c in zip(*(d.coords for d in devices), strict=True)]
+    chips = [
+        _Chip(
+            i,
+            d.id,
+            d.platform,
+            d.device_kind,
+            tuple(int(c) - m for c, m in zip(d.coords, corner, strict=True)),
+            d.core_on_chip,
+        )
+        for i, d in enumerate(devices)
+    ]
+    order = mesh_utils.create_device_mesh(shape, chips, allow_split_physical_axes=True)
+    return np.vectorize(lambda c: devices[c.index], otypes=[object])(order)
 
 
 # Devices of topologies compiled for ahead of time (not attached), by (platform, device_kind).
@@ -131,7 +206,13 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's part of a batch into global arrays sharded over the mesh."""
+    """Assemble each process's part of a batch into global arrays sharded over the mesh.
+
+    A process's rows fill the batch slots of its devices in mesh order. On ``make_mesh``'s
+    mesh those slots are one block per process, in process order: process ``p``'s ``B`` rows
+    are rows ``p * B`` to ``(p + 1) * B - 1`` of the global batch, which is then the
+    one-process batch when each process holds that block of it (``pipeline.train_dataset``).
+    """
     return {
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
         for k, v in local.items()

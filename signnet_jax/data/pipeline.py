@@ -424,7 +424,8 @@ def train_dataset(
     )
     # Process p takes every pc-th batch of per_process consecutive videos: its part of each
     # global batch is the p-th contiguous block, so the processes' parts concatenated in
-    # process order (the order of the mesh's devices here) are the one-process batch, and the
+    # process order (the order of the batch slots of sharding.make_mesh's mesh: each host's
+    # devices together, hosts in process order) are the one-process batch, and the
     # device-side randomness indexed by batch row (erasing noise, drop path) meets the same
     # videos whatever the process count.
     if start_batch < 0:
