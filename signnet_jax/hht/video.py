@@ -82,9 +82,13 @@ def decode_video(
             wanted = (listed if end_frame is None else min(listed, end_frame)) - start_frame
             try:
                 size = stream.width, stream.height
+                sar = stream.sample_aspect_ratio
             except AttributeError:  # no decoder for the codec: reported as FFmpeg says
-                size = 0, 0
-            _check_fits(path, wanted, *size)
+                size, sar = (0, 0), None
+            # non-square pixels (anamorphic DV, some phone and broadcast files): frames are
+            # stretched to the shape they are shown in, as players and FFmpeg's scale=iw*sar do
+            display_width = round(size[0] * sar) if sar and sar != 1 else None
+            _check_fits(path, wanted, display_width or size[0], size[1])
             frames.expect(wanted)
             for index, frame in enumerate(container.decode(stream)):
                 if end_frame is not None and index >= end_frame:
@@ -94,6 +98,13 @@ def decode_video(
                 if index < start_frame:
                     continue
                 image = frame.to_ndarray(format="rgb24")
+                if display_width and image.shape[1] == size[0]:
+                    wider = display_width > image.shape[1]
+                    image = cv2.resize(
+                        image,
+                        (display_width, image.shape[0]),
+                        interpolation=cv2.INTER_LINEAR if wider else cv2.INTER_AREA,
+                    )
                 if frame.rotation:
                     # rotation is the counterclockwise angle that makes the frame upright.
                     image = np.ascontiguousarray(np.rot90(image, k=round(frame.rotation / 90)))

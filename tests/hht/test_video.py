@@ -303,6 +303,26 @@ def test_a_video_the_header_says_cannot_fit_is_refused_before_decoding(sign_samp
     assert len(decode_video(sign_sample, 1)[0]) == 75  # a part that fits
 
 
+@pytest.mark.parametrize("sar, width", [(Fraction(2, 1), 128), (Fraction(3, 4), 48)])
+def test_non_square_pixels_are_shown_in_their_display_shape(tmp_path, sar, width):
+    # anamorphic video stores 64 columns that are shown 2x wider (or narrower): the crops of
+    # the head and hands must not come out squashed
+    path = tmp_path / "anamorphic.mp4"
+    stripes = np.zeros((48, 64, 3), np.uint8)
+    stripes[:, 32:] = 255  # left half black, right half white
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.sample_aspect_ratio = sar
+        for _ in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(stripes, format="rgb24")))
+        c.mux(s.encode())
+    frames, _, _ = decode_video(path)
+    assert frames.shape == (3, 48, width, 3)
+    row = frames[0, 24, :, 0].astype(int)
+    assert row[: width // 2 - 2].max() < 20 and row[width // 2 + 2 :].min() > 235
+
+
 def test_a_start_past_the_end_says_how_many_frames_there_are(sign_sample):
     with pytest.raises(VideoError, match=r"in \[80, the end\); it has 76 frames: start below 76$"):
         decode_video(sign_sample, 80)
