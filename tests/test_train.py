@@ -1637,10 +1637,9 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     )
 
 
-@pytest.mark.heavy
-def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_path):
-    # each process its own folder, as with a local path on each host of a pod: the first
-    # checkpoint used to hang (orbax waits for files process 0 made), without a time limit
+def _run_two_processes(records, workdirs, *extra) -> list[tuple[int, str, str]]:
+    """``main`` as two processes of 4 CPU devices on localhost (process i in workdirs[i]);
+    their (exit status, stdout, stderr), killed after 300 s."""
     import portpicker
 
     port = portpicker.pick_unused_port()
@@ -1649,11 +1648,12 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
         subprocess.Popen(
             _main_args(
                 records,
-                tmp_path / f"w{i}",
+                workdirs[i],
                 "--config.distributed.initialize=True",
                 f"--config.distributed.coordinator_address=localhost:{port}",
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
+                *extra,
             ),
             cwd=REPO,
             env=env,
@@ -1667,9 +1667,17 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
-            p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 1, err[-3000:]
+            p.kill()  # a hung pair must not outlive the test
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.heavy
+def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_path):
+    # each process its own folder, as with a local path on each host of a pod: the first
+    # checkpoint used to hang (orbax waits for files process 0 made), without a time limit
+    runs = _run_two_processes(records, [tmp_path / "w0", tmp_path / "w1"])
+    for i, (code, _, err) in enumerate(runs):
+        assert code == 1, err[-3000:]
         assert err.splitlines()[-1] == (
             f"error: --workdir {tmp_path / f'w{i}'} is not one folder for all 2 processes: "
             "process 1 does not see what process 0 writes there (all of them write each "
@@ -1683,7 +1691,6 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
 def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tmp_path):
     # each record is read by one host only: that host used to raise alone while the other
     # waited in the step's collectives until JAX's health check aborted both, minutes later
-    import portpicker
 
     copy = tmp_path / "records"
     shutil.copytree(records, copy)
@@ -1691,34 +1698,9 @@ def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tm
     damaged = bytearray(shard.read_bytes())
     damaged[100] ^= 0xFF  # inside the first record's data
     shard.write_bytes(bytes(damaged))
-    port = portpicker.pick_unused_port()
-    env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
-        subprocess.Popen(
-            _main_args(
-                copy,
-                tmp_path / "w",
-                "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-                "--config.val_split=",
-            ),
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outs]
-    last = [err.splitlines()[-1] for _, err in outs]
+    runs = _run_two_processes(copy, [tmp_path / "w"] * 2, "--config.val_split=")
+    assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
+    last = [err.splitlines()[-1] for _, _, err in runs]
     reader = next(i for i, line in enumerate(last) if "data CRC mismatch" in line)
     assert last[reader] == (
         f"error: {shard}: record 0: data CRC mismatch (corrupted record): the records in "
