@@ -1157,6 +1157,13 @@ def test_eval_mode_tests_a_converted_checkpoint_at_its_own_clip_size(records, tm
     assert not (tmp_path / "w" / "eval").exists()
 
 
+def _damage_first_record(shard: pathlib.Path) -> None:
+    """Flips a byte inside the first record's data: its CRC no longer matches."""
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+
+
 def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     records, tmp_path, monkeypatch
 ):
@@ -1167,9 +1174,7 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     copy = tmp_path / "records"
     shutil.copytree(records, copy)
     shard = copy / "test-00000-of-00001.tfrecord"
-    damaged = bytearray(shard.read_bytes())
-    damaged[100] ^= 0xFF  # inside the first record's data
-    shard.write_bytes(bytes(damaged))
+    _damage_first_record(shard)
     c = tiny_config(copy, mode="eval", init_from=str(init), **{"data.num_workers": 2})
     with pytest.raises(train.TrainingError) as e:
         evaluate.evaluate(c, tmp_path / "w")
@@ -1181,9 +1186,7 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     assert not (tmp_path / "w" / "eval").exists()  # no empty result folder
     # training reads a damaged training shard the same way
     shard = copy / "train-00000-of-00001.tfrecord"
-    damaged = bytearray(shard.read_bytes())
-    damaged[100] ^= 0xFF
-    shard.write_bytes(bytes(damaged))
+    _damage_first_record(shard)
     with pytest.raises(train.TrainingError, match=r"data CRC mismatch .* are damaged; restore"):
         train.train_and_evaluate(tiny_config(copy, val_split="", test_split=""), tmp_path / "t")
 
@@ -1637,14 +1640,14 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     )
 
 
-def _run_two_processes(records, workdirs, *extra) -> list[tuple[int, str, str]]:
-    """``main`` as two processes of 4 CPU devices on localhost (process i in workdirs[i]);
-    their (exit status, stdout, stderr), killed after 300 s."""
+def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE):
+    """``main`` started as two processes of 4 CPU devices on localhost (process i in
+    workdirs[i]), stdout piped."""
     import portpicker
 
     port = portpicker.pick_unused_port()
     env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
+    return [
         subprocess.Popen(
             _main_args(
                 records,
@@ -1658,11 +1661,17 @@ def _run_two_processes(records, workdirs, *extra) -> list[tuple[int, str, str]]:
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def _run_two_processes(records, workdirs, *extra) -> list[tuple[int, str, str]]:
+    """``_start_two_processes`` to the end: (exit status, stdout, stderr) of each, killed
+    after 300 s."""
+    procs = _start_two_processes(records, workdirs, *extra)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -1691,13 +1700,10 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
 def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tmp_path):
     # each record is read by one host only: that host used to raise alone while the other
     # waited in the step's collectives until JAX's health check aborted both, minutes later
-
     copy = tmp_path / "records"
     shutil.copytree(records, copy)
     shard = copy / "train-00000-of-00001.tfrecord"
-    damaged = bytearray(shard.read_bytes())
-    damaged[100] ^= 0xFF  # inside the first record's data
-    shard.write_bytes(bytes(damaged))
+    _damage_first_record(shard)
     runs = _run_two_processes(copy, [tmp_path / "w"] * 2, "--config.val_split=")
     assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
     last = [err.splitlines()[-1] for _, _, err in runs]
@@ -1745,34 +1751,14 @@ def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypa
 
 @pytest.mark.heavy
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tmp_path):
-    import portpicker
+    def start(*extra):
+        run = tmp_path / "run"
+        return _start_two_processes(
+            records, [run, run], "--config.optim.epochs=100",
+            "--config.train.checkpoint_every_steps=1000", *extra, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
-    def start(port, *extra):
-        env = _env()
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-        return [
-            subprocess.Popen(
-                _main_args(
-                    records,
-                    tmp_path / "run",
-                    "--config.optim.epochs=100",
-                    "--config.train.checkpoint_every_steps=1000",
-                    "--config.distributed.initialize=True",
-                    f"--config.distributed.coordinator_address=localhost:{port}",
-                    "--config.distributed.num_processes=2",
-                    f"--config.distributed.process_id={i}",
-                    *extra,
-                ),
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )  # fmt: skip
-            for i in range(2)
-        ]
-
-    procs = start(portpicker.pick_unused_port())
+    procs = start()
     try:
         _wait_for(procs[0], "step 3/")
         # only the second host is told, as hosts of a slice see the notice at different
@@ -1786,7 +1772,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tm
     stop = int(out[0].split("preempted (SIGTERM) at step ")[1].split(":")[0])
     assert checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints") == [stop]
     # and the run goes on from there, both hosts together
-    procs = start(portpicker.pick_unused_port(), "--config.train.max_steps=" + str(stop + 2))
+    procs = start("--config.train.max_steps=" + str(stop + 2))
     try:
         out = [p.communicate(timeout=300)[0] for p in procs]
     finally:
