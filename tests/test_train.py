@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -1068,6 +1069,7 @@ def test_batch_and_mesh_mistakes_stop_before_the_smoke_dataset_is_generated(tmp_
     for over, message in [
         ({"data.batch_size": 12}, "a micro-batch of 12 clips does not split over 8 devices"),
         ({"data.eval_batch_size": 12}, "data.eval_batch_size 12 does not split over the 8"),
+        ({"data.eval_views_per_device": -1}, "data.eval_views_per_device -1 must be >= 0"),
         ({"mesh.fsdp": 3}, "mesh.fsdp=3 must divide the number of devices (8)"),
         ({"loss.mixup_group_size": 3}, "loss.mixup_group_size 3 must divide the 8 clips"),
         ({"data.repeated_aug": 0}, "data.repeated_aug (0) must be >= 1"),
@@ -1187,7 +1189,7 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     # a forward pass that overflows (float16) or weights gone bad: named, no traceback
     real = evaluate.eval_step
     monkeypatch.setattr(
-        evaluate, "eval_step", lambda setup: lambda p, x: real(setup)(p, x) * jnp.nan
+        evaluate, "eval_step", lambda setup, v: lambda p, x: real(setup, v)(p, x) * jnp.nan
     )
     first_test_video = RecordSource(records, "test")[0]["video_id"][0].decode()
     assert re.fullmatch(r"test-\d{3}-\d{3}", first_test_video)
@@ -1505,22 +1507,53 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
 
 
 def test_evaluation_out_of_memory_names_the_eval_batch(records, tmp_path, monkeypatch):
-    def too_big(setup):
+    real = evaluate.eval_step
+
+    def too_big(setup, views):
+        step = real(setup, views)
+
         def fn(params, clip):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43GiB")
 
+        fn.lower = step.lower  # compiled at start-up as the real one; running it runs out
         return fn
 
     monkeypatch.setattr(evaluate, "eval_step", too_big)
-    # validation during training: the eval batch's advice, not the training step's
+    # validation during training: the eval step's advice, not the training step's
     c = tiny_config(records, **{"train.max_steps": 1, "test_split": ""})
     message = (
         r"evaluating the val split needs more device memory than there is \(RESOURCE_EXHAUSTED: "
-        r"Out of memory allocating 43GiB\); with 1 view per device, try a smaller "
-        r"--config.data.eval_batch_size \(now 8; a multiple of the 8 devices\)$"
+        r"Out of memory allocating 43GiB\); with 1 view per device at a time, on TPUs try "
+        r"--config.model.attention=splash$"
     )
     with pytest.raises(train.TrainingError, match=message):
         train.train_and_evaluate(c, tmp_path / "w")
+
+
+def test_evaluation_memory_advice_names_the_views_a_device_takes_at_once():
+    mesh = types.SimpleNamespace(size=8)
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43GiB")
+    for batch, views, advice in [
+        (64, 4, "with 4 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"),
+        (64, 3, "with 3 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 3; 1 needs the least memory)"),
+        (16, 4, "with 2 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"),
+        (64, 0, "with 8 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 0: all 8 at once; 1 needs the least "
+                "memory)"),
+        (64, 1, "with 1 view per device at a time, on TPUs try --config.model.attention=splash"),
+    ]:  # fmt: skip
+        c = tiny_config("unused", **{"data.eval_batch_size": batch})
+        c.data.eval_views_per_device = views
+        with pytest.raises(train.TrainingError) as e:
+            with evaluate.eval_memory_advice(types.SimpleNamespace(mesh=mesh), c, "test"):
+                raise oom
+        assert str(e.value) == (
+            "evaluating the test split needs more device memory than there is "
+            f"(RESOURCE_EXHAUSTED: Out of memory allocating 43GiB); {advice}"
+        )
 
 
 def test_step_compiles_once(records, tmp_path, monkeypatch):
