@@ -91,6 +91,39 @@ def eval_chunks(share: int, views_per_device: int) -> tuple[int, int]:
     return n, -(-share // n)
 
 
+def compile_eval_steps(setup, config: ml_collections.ConfigDict, params) -> None:
+    """Compiles the evaluation step for the validation and the test views (both when their
+    sizes differ) before training starts: the first validation comes only after an epoch, and a
+    step that does not fit the device stops the run now, with ``eval_memory_advice``. The
+    validation and the test then run these executables (JAX reuses them).
+
+    Args:
+      params: the parameters as ShapeDtypeStructs with their shardings.
+    """
+    from signnet_jax import train
+
+    cfg = setup.model_cfg
+    sizes: dict[int, str] = {}  # view size -> the first split with views of that size
+    if config.val_split:
+        sizes[cfg.img_size] = config.val_split
+    if config.test_split:
+        sizes.setdefault(config.data.short_side_size, config.test_split)
+    fn = eval_step(setup, config.data.eval_views_per_device)
+    for size, split in sizes.items():
+        views = jax.ShapeDtypeStruct(
+            (config.data.eval_batch_size, cfg.num_frames, size, size, 3),
+            jnp.uint8,
+            sharding=sharding.batch_sharding(setup.mesh, 5),
+        )
+        with eval_memory_advice(setup, config, split):
+            mem = fn.lower(params, views).compile().memory_analysis()
+        if mem is not None:
+            train._log(
+                f"eval step compiled ({size}x{size} views of the {split} split): "
+                f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
+            )
+
+
 def eval_memory_advice(setup, config: ml_collections.ConfigDict, split: str):
     """A device out-of-memory error of the evaluation step on ``split`` becomes a TrainingError
     naming what helps: fewer views per device at a time, else splash attention on TPUs."""

@@ -1556,6 +1556,67 @@ def test_evaluation_memory_advice_names_the_views_a_device_takes_at_once():
         )
 
 
+def _record_compiles_and_steps(monkeypatch, eval_error=None):
+    """Records ``train``, ``eval`` (each compile of that step) and ``step`` (each training
+    step) in order; ``eval_error`` is raised by the eval step's compile."""
+    events = []
+    compile_, step = jax.stages.Lowered.compile, train._step_on_next_batch
+
+    def compiling(self, *a, **k):
+        which = "eval" if self.as_text().startswith("module @jit_probs") else "train"
+        events.append(which)
+        if which == "eval" and eval_error is not None:
+            raise eval_error
+        return compile_(self, *a, **k)
+
+    def stepping(*a, **k):
+        events.append("step")
+        return step(*a, **k)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compiling)
+    monkeypatch.setattr(train, "_step_on_next_batch", stepping)
+    return events
+
+
+def test_the_eval_step_is_compiled_before_training(records, tmp_path, monkeypatch, caplog):
+    """Validation's and the test's views (48-pixel test views: two shapes), compiled once each
+    at start-up, after the training step and before its first step; validation and the test
+    run those executables, compiled nowhere else."""
+    events = _record_compiles_and_steps(monkeypatch)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            train.train_and_evaluate(
+                tiny_config(records, **{"train.max_steps": 2, "data.short_side_size": 48}),
+                tmp_path / "w",
+            )
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert events == ["train", "eval", "eval", "step", "step"]
+    compiled = [r.getMessage() for r in caplog.records if "jit(probs)" in r.getMessage()]
+    assert len([m for m in compiled if m.startswith("Finished XLA compilation")]) == 2, compiled
+
+
+def test_an_eval_step_that_does_not_fit_stops_before_training(records, tmp_path, monkeypatch):
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 88.00GiB")
+    events = _record_compiles_and_steps(monkeypatch, oom)
+    c = tiny_config(records, **{"train.max_steps": 2, "data.eval_batch_size": 32})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value) == (
+        "evaluating the val split needs more device memory than there is (RESOURCE_EXHAUSTED: "
+        "Out of memory allocating 88.00GiB); with 4 views per device at a time, try a smaller "
+        "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"
+    )
+    assert events == ["train", "eval"]  # no training step
+    assert not checkpointing.checkpoint_steps(tmp_path / "w" / "checkpoints")
+    # a run without validation and test compiles no eval step
+    events.clear()
+    c = tiny_config(records, **{"train.max_steps": 1, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path / "none")
+    assert events == ["train", "step"]
+
+
 def test_step_compiles_once(records, tmp_path, monkeypatch):
     compiles = []
     real = jax.stages.Lowered.compile
