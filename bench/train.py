@@ -110,9 +110,7 @@ def step_memory(setup, config, tx, batch: int, mesh):
     """XLA's memory analysis of the compiled step (nothing runs), or why there is none: the
     compiler says it does not fit the device, or cannot compile it for the device."""
     cfg = setup.model_cfg
-    platform = mesh.devices.flat[0].platform
-    if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
-        splash.prepare(cfg.num_heads, cfg.num_patches, platform)
+    _prepare_splash(cfg, mesh)
     state_sh, state = state_layout(setup, tx, mesh)
     with jax.set_mesh(mesh):
         step_fn, abstract = train.jit_train_step(
@@ -123,11 +121,19 @@ def step_memory(setup, config, tx, batch: int, mesh):
         )
 
 
+def _prepare_splash(cfg, mesh) -> None:
+    """The splash kernel built outside the mesh (a TPU topology's mesh cannot make arrays)."""
+    platform = mesh.devices.flat[0].platform
+    if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
+        splash.prepare(cfg.num_heads, cfg.num_patches, platform)
+
+
 def eval_memory(setup, views: int, mesh, at_once: int):
     """XLA's memory analysis of the evaluation step on ``views`` views (``data.eval_batch_size``:
     the training run's validation and test), each device taking ``at_once`` of its share at a
     time (``data.eval_views_per_device``), or why there is none, as ``step_memory``."""
     cfg = setup.model_cfg
+    _prepare_splash(cfg, mesh)
     params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
     clips = jax.ShapeDtypeStruct(
         (views, cfg.num_frames, cfg.img_size, cfg.img_size, 3),
