@@ -5,6 +5,7 @@
     python bench/train.py --batch 8 --dtype bfloat16 --no-torch --attention auto,splash  # TPU
     python bench/train.py --batch 32 --dtype bfloat16 --no-torch --trace /tmp/trace  # a profile
     python bench/train.py --batch 16 --dtype bfloat16 --memory --attention auto,splash  # fits?
+    python bench/train.py --dtype bfloat16 --eval --eval-views 0,4  # the evaluation step only
     python bench/train.py --topology v5e:2x4 --batch 32 --dtype bfloat16 --attention auto,splash
     python bench/train.py --topology h100 --batch 32 --dtype bfloat16  # one H100: fits?
     python bench/train.py --topology h100:8 --preset L --batch 32 --dtype bfloat16 --fsdp 8
@@ -22,8 +23,10 @@ and prints PyTorch time / JAX time (min of repeats), JAX's time being the first 
 v5e-8) with JAX's TPU compiler (``pip install 'jax[tpu]'``) or a GPU node (``h100:8``) with
 JAX's CUDA plugin (``pip install 'jax[cuda12]'``), on any host, no TPU or GPU needed; it prints
 the memory as ``--memory`` does: whether a batch fits before the hardware is rented. With
-``--memory`` the evaluation step (``--eval-batch`` views, the config's ``data.eval_batch_size``)
-is compiled too: the training run's validation and test need it to fit as well.
+``--memory`` the evaluation step (``--eval-batch`` views, the config's ``data.eval_batch_size``,
+each device taking ``--eval-views`` of its share at a time, ``data.eval_views_per_device``) is
+compiled too: the training run's validation and test need it to fit as well. ``--eval`` compiles
+the evaluation step alone (one line per kernel and ``--eval-views`` value).
 """
 
 from __future__ import annotations
@@ -107,9 +110,7 @@ def step_memory(setup, config, tx, batch: int, mesh):
     """XLA's memory analysis of the compiled step (nothing runs), or why there is none: the
     compiler says it does not fit the device, or cannot compile it for the device."""
     cfg = setup.model_cfg
-    platform = mesh.devices.flat[0].platform
-    if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
-        splash.prepare(cfg.num_heads, cfg.num_patches, platform)
+    _prepare_splash(cfg, mesh)
     state_sh, state = state_layout(setup, tx, mesh)
     with jax.set_mesh(mesh):
         step_fn, abstract = train.jit_train_step(
@@ -120,10 +121,19 @@ def step_memory(setup, config, tx, batch: int, mesh):
         )
 
 
-def eval_memory(setup, views: int, mesh):
+def _prepare_splash(cfg, mesh) -> None:
+    """The splash kernel built outside the mesh (a TPU topology's mesh cannot make arrays)."""
+    platform = mesh.devices.flat[0].platform
+    if vit.attention_implementation(cfg.attention, platform, cfg.dtype) == "splash":
+        splash.prepare(cfg.num_heads, cfg.num_patches, platform)
+
+
+def eval_memory(setup, views: int, mesh, at_once: int):
     """XLA's memory analysis of the evaluation step on ``views`` views (``data.eval_batch_size``:
-    the training run's validation and test), or why there is none, as ``step_memory``."""
+    the training run's validation and test), each device taking ``at_once`` of its share at a
+    time (``data.eval_views_per_device``), or why there is none, as ``step_memory``."""
     cfg = setup.model_cfg
+    _prepare_splash(cfg, mesh)
     params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
     clips = jax.ShapeDtypeStruct(
         (views, cfg.num_frames, cfg.img_size, cfg.img_size, 3),
@@ -131,7 +141,7 @@ def eval_memory(setup, views: int, mesh):
         sharding=sharding.batch_sharding(mesh, 5),
     )
     with jax.set_mesh(mesh):
-        return _memory_of(lambda: evaluate.eval_step(setup).lower(params, clips))
+        return _memory_of(lambda: evaluate.eval_step(setup, at_once).lower(params, clips))
 
 
 def _memory_of(lower):
@@ -179,15 +189,18 @@ def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
             f"attention {kernel}{f' ({ran})' if ran != kernel else ''}, "
         )
         clips = f"{per_device} clip{'s' * (per_device != 1)}"
-        for remat in (False, True):
+        for remat in () if args.eval else (False, True):
             setup = trainer_setup(
                 dataclasses.replace(cfg, attention=kernel, remat=remat), config, mesh
             )
             mem = step_memory(setup, config, tx, args.batch, mesh)
             report(model.format(clips) + f"remat {'on' if remat else 'off'}: ", mem)
         setup = trainer_setup(dataclasses.replace(cfg, attention=kernel), config, mesh)
-        mem = eval_memory(setup, args.eval_batch, mesh)
-        report(model.format(f"{views} view{'s' * (views != 1)}") + "evaluation: ", mem)
+        for at_once in args.eval_views:
+            mem = eval_memory(setup, args.eval_batch, mesh, at_once)
+            size = evaluate.eval_chunks(views, at_once)[1]
+            chunks = f" ({size} at a time)" if size < views else ""
+            report(model.format(f"{views} view{'s' * (views != 1)}") + f"evaluation{chunks}: ", mem)
 
 
 def _flop(n: float) -> str:
@@ -250,6 +263,16 @@ def main() -> None:
         "(default: the recipe's 64), whose memory --memory also prints",
     )  # fmt: skip
     p.add_argument(
+        "--eval-views", metavar="N[,N...]",
+        help="views each device takes through the model at once in the evaluation step, as "
+        "--config.data.eval_views_per_device (default: the recipe's 4; 0: all of its share); "
+        "several comma-separated compile one step each",
+    )  # fmt: skip
+    p.add_argument(
+        "--eval", action="store_true",
+        help="compile the evaluation step only and print its memory (implies --memory)",
+    )  # fmt: skip
+    p.add_argument(
         "--topology", metavar="NAME",
         help="compile for this TPU slice or GPU node instead of this host's devices and print "
         "the memory (implies --memory; needs pip install 'jax[tpu]' or 'jax[cuda12]', not the "
@@ -276,7 +299,7 @@ def main() -> None:
     except ValueError as e:
         p.error(str(e))
     check_dtype(devices[0].platform)
-    args.memory = args.memory or args.topology is not None
+    args.memory = args.memory or args.eval or args.topology is not None
     args.batch = args.batch or len(devices)
     if args.batch % len(devices):
         p.error(f"--batch {args.batch} must be a multiple of the {len(devices)} devices")
@@ -284,6 +307,13 @@ def main() -> None:
         args.eval_batch = wlasl2000.get_config().data.eval_batch_size
     if args.eval_batch < 1 or args.eval_batch % len(devices):
         p.error(f"--eval-batch {args.eval_batch} must be a multiple of the {len(devices)} devices")
+    raw = args.eval_views or str(wlasl2000.get_config().data.eval_views_per_device)
+    try:
+        args.eval_views = [int(n) for n in raw.split(",")]
+    except ValueError:
+        args.eval_views = [-1]
+    if min(args.eval_views) < 0:
+        p.error(f"--eval-views {raw}: whole numbers >= 0, comma-separated")
     if args.fsdp < 1 or len(devices) % args.fsdp:
         p.error(f"--fsdp {args.fsdp} must divide the {len(devices)} devices")
     kernels = args.attention.split(",")

@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.test_num_segment = 3
     c.data.test_num_crop = 1
     c.data.eval_batch_size = 64  # views per eval step, over all devices
+    # views each device takes through the model at once in evaluation: its share of an eval
+    # batch runs in chunks of this many, so this (not eval_batch_size) sets the eval step's
+    # memory; 0: all of the share at once
+    c.data.eval_views_per_device = 4
     c.data.num_workers = 8  # grain worker processes per host
     c.data.num_threads = 2
     c.data.prefetch = 2

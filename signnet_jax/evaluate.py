@@ -31,22 +31,116 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         metrics.write_metrics_json(path, obj)
 
 
-def eval_step(setup):
+def eval_step(setup, views_per_device: int = 0):
     """The evaluation step: ``(params, views) -> probabilities`` of a batch of uint8 views
-    (``(B, T, S, S, 3)``, split over the mesh), jitted once per set-up."""
-    if setup.eval_fn is None:
-        graphdef, dtype = setup.graphdef, jnp.dtype(setup.model_cfg.dtype)
+    (``(B, T, S, S, 3)``, split over the mesh), jitted once per set-up.
 
-        def probs(params, clip):
+    Each device takes its share of the batch through the model ``views_per_device`` views at a
+    time (``data.eval_views_per_device``; 0: all at once), so the step's memory is set by that,
+    not by B (XLA's attention holds every view's full score matrix). A share that the chunk
+    size does not divide runs its last chunk overlapping the one before (no padding, no copy).
+    """
+    if setup.eval_fn is None or setup.eval_fn[0] != views_per_device:
+        graphdef, dtype, devices = setup.graphdef, jnp.dtype(setup.model_cfg.dtype), setup.mesh.size
+
+        def forward(params, clip):
             logits = nnx.merge(graphdef, params)(device.normalize(clip, dtype))
             return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-        setup.eval_fn = jax.jit(
+        def probs(params, clip):
+            share = clip.shape[0] // devices
+            n, size = eval_chunks(share, views_per_device)
+            if n == 1:
+                return forward(params, clip)
+            view = clip.shape[1:]
+            # (devices, share, ...): each device's rows on its own, sliced without moving them
+            local = jax.lax.with_sharding_constraint(
+                clip.reshape(devices, share, *view), sharding.batch_sharding(setup.mesh, 6)
+            )
+
+            def chunk(start):
+                part = jax.lax.dynamic_slice_in_dim(local, start, size, axis=1)
+                part = jax.lax.with_sharding_constraint(
+                    part.reshape(devices * size, *view), sharding.batch_sharding(setup.mesh, 5)
+                )
+                return forward(params, part).reshape(devices, size, -1)
+
+            # the last chunk starts at share - size, repeating the previous chunk's last rows
+            starts = jnp.asarray([min(i * size, share - size) for i in range(n)], jnp.int32)
+            out = jax.lax.map(chunk, starts)  # (n, devices, size, K)
+            head = jnp.swapaxes(out[:-1], 0, 1).reshape(devices, (n - 1) * size, -1)
+            rows = jnp.concatenate([head, out[-1][:, n * size - share :]], axis=1)
+            return rows.reshape(clip.shape[0], -1)
+
+        fn = jax.jit(
             probs,
             in_shardings=(setup.param_sh, sharding.batch_sharding(setup.mesh, 5)),
             out_shardings=sharding.batch_sharding(setup.mesh, 2),
         )
-    return setup.eval_fn
+        setup.eval_fn = (views_per_device, fn)
+    return setup.eval_fn[1]
+
+
+def eval_chunks(share: int, views_per_device: int) -> tuple[int, int]:
+    """``(chunks, views per chunk)`` of a device's ``share`` of an eval batch: at most
+    ``views_per_device`` views a chunk (0: one chunk), as few chunks as that allows, sized as
+    evenly as possible (6 views at 4: 2 chunks of 3)."""
+    if views_per_device <= 0 or share <= views_per_device:
+        return 1, share
+    n = -(-share // views_per_device)
+    return n, -(-share // n)
+
+
+def compile_eval_steps(setup, config: ml_collections.ConfigDict, params) -> None:
+    """Compiles the evaluation step for the validation and the test views (both when their
+    sizes differ) before training starts: the first validation comes only after an epoch, and a
+    step that does not fit the device stops the run now, with ``eval_memory_advice``. The
+    validation and the test then run these executables (JAX reuses them).
+
+    Args:
+      params: the parameters as ShapeDtypeStructs with their shardings.
+    """
+    from signnet_jax import train
+
+    cfg = setup.model_cfg
+    sizes: dict[int, str] = {}  # view size -> the first split with views of that size
+    if config.val_split:
+        sizes[cfg.img_size] = config.val_split
+    if config.test_split:
+        sizes.setdefault(config.data.short_side_size, config.test_split)
+    fn = eval_step(setup, config.data.eval_views_per_device)
+    for size, split in sizes.items():
+        views = jax.ShapeDtypeStruct(
+            (config.data.eval_batch_size, cfg.num_frames, size, size, 3),
+            jnp.uint8,
+            sharding=sharding.batch_sharding(setup.mesh, 5),
+        )
+        with eval_memory_advice(setup, config, split):
+            mem = fn.lower(params, views).compile().memory_analysis()
+        if mem is not None:
+            train._log(
+                f"eval step compiled ({size}x{size} views of the {split} split): "
+                f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
+            )
+
+
+def eval_memory_advice(setup, config: ml_collections.ConfigDict, split: str):
+    """A device out-of-memory error of the evaluation step on ``split`` becomes a TrainingError
+    naming what helps: fewer views per device at a time, else splash attention on TPUs."""
+    from signnet_jax import train
+
+    views = config.data.eval_views_per_device
+    share = config.data.eval_batch_size // setup.mesh.size
+    at_once = eval_chunks(share, views)[1]
+    if at_once > 1:
+        now = f"now {views}" if views > 0 else f"now 0: all {share} at once"
+        fix = f"try a smaller --config.data.eval_views_per_device ({now}; 1 needs the least memory)"
+    else:
+        fix = "on TPUs try --config.model.attention=splash"
+    return train.memory_advice(
+        f"evaluating the {split} split",
+        f"with {at_once} view{'s' * (at_once != 1)} per device at a time, {fix}",
+    )
 
 
 def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):
@@ -69,16 +163,11 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
         num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
     )
-    fn = eval_step(setup)
+    fn = eval_step(setup, config.data.eval_views_per_device)
     merged = metrics.ViewMerger(info.num_videos, len(setup.classes))
     video_labels = np.zeros(info.num_videos, np.int64)
     batches = iter(ds)
-    size, devices = config.data.eval_batch_size, setup.mesh.size
-    advice = train.memory_advice(
-        f"evaluating the {split} split",
-        f"with {size // devices} view{'s' * (size // devices != 1)} per device, try a smaller "
-        f"--config.data.eval_batch_size (now {size}; a multiple of the {devices} devices)",
-    )
+    advice = eval_memory_advice(setup, config, split)
     multi_host = jax.process_count() > 1
     side = config.data.short_side_size if mode == "test" else cfg.img_size
     # on several hosts, this host's input failing (a record only it reads) must not leave

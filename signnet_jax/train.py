@@ -258,7 +258,8 @@ _RESUMABLE_WITH_CHANGES = {
     "init_reset_head", "model.preset", "model.embed_dim", "model.depth", "model.num_heads",
     "model.mlp_dim", "model.num_frames", "model.img_size", "model.dtype", "model.remat",
     "model.attention", "model.init_scale", "data.short_side_size", "data.test_num_segment",
-    "data.test_num_crop", "data.eval_batch_size", "data.num_workers", "data.num_threads",
+    "data.test_num_crop", "data.eval_batch_size", "data.eval_views_per_device",
+    "data.num_workers", "data.num_threads",
     "data.prefetch", "optim.grad_accum", "optim.loss_scale", "optim.loss_scale_window",
     "optim.loss_scale_hysteresis",
 }  # fmt: skip
@@ -427,7 +428,7 @@ class Setup:
     param_sh: Any
     init_params: dict | None  # host arrays from init_from, else None (random init)
     note: str
-    eval_fn: Any = None  # the jitted eval forward, built on first use (evaluate.py)
+    eval_fn: Any = None  # (views per device at a time, the jitted eval step): evaluate.py
     warnings: list[str] = dataclasses.field(default_factory=list)  # logged at the start
 
 
@@ -517,6 +518,12 @@ def check_eval_batch(config: ml_collections.ConfigDict) -> None:
         raise TrainingError(
             f"data.eval_batch_size {size} does not split over the {n} devices "
             f"({pc} processes); set --config.data.eval_batch_size to a multiple of {n}"
+        )
+    views = config.data.eval_views_per_device
+    if views < 0:
+        raise TrainingError(
+            f"data.eval_views_per_device {views!r} must be >= 0 (the views a device "
+            "takes through the model at once in evaluation; 0: all of its share of a batch)"
         )
 
 
@@ -1071,6 +1078,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
                 f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
             )
+        # validation and the test, compiled now: not after an epoch of training
+        evaluate.compile_eval_steps(setup, config, abstract_params)
 
         writer = _summary_writer(workdir_path)
         if writer is not None:  # closed (its last scalars written) also when training stops

@@ -83,9 +83,27 @@ def test_train_bench_memory_compiles_only():
         f"ViT-S 4x32, {what} per device, bfloat16, attention cudnn, {step}: does not "
         "compile for this device: RuntimeError: cuDNN is not detected."
         for what, step in (("2 clips", "remat off"), ("2 clips", "remat on"),
-                           ("64 views", "evaluation"))
+                           ("64 views", "evaluation (4 at a time)"))
     ]  # fmt: skip
     assert len(lines) == 6 and all(" arguments " in line for line in lines[3:])
+    # --eval: the evaluation step alone, all of a device's views at once and a few at a time
+    r = _bench(
+        "bench/train.py --preset S --frames 16 --size 224 --eval --attention explicit "
+        "--eval-batch 8 --eval-views 0,8,3"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 16x224")]
+    pattern = (
+        r"ViT-S 16x224, 8 views per device, float32, attention explicit, evaluation(| \(3 at a "
+        r"time\)): arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device$"
+    )
+    matches = [re.match(pattern, line) for line in lines]
+    assert len(lines) == 3 and all(matches), lines
+    assert [m[1] for m in matches] == ["", "", " (3 at a time)"]
+    # 0.23 GiB of temporaries for 8 views at once, 0.09 for 3
+    assert matches[0][3] == matches[1][3] and float(matches[2][3]) < 0.5 * float(matches[0][3])
+    bad = _bench("bench/train.py --eval --eval-views 2,x")
+    assert bad.returncode == 2 and "--eval-views 2,x: whole numbers >= 0" in bad.stderr
 
 
 def test_train_bench_runs_float16_with_the_trainers_loss_scale():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -1071,6 +1072,7 @@ def test_batch_and_mesh_mistakes_stop_before_the_smoke_dataset_is_generated(tmp_
     for over, message in [
         ({"data.batch_size": 12}, "a micro-batch of 12 clips does not split over 8 devices"),
         ({"data.eval_batch_size": 12}, "data.eval_batch_size 12 does not split over the 8"),
+        ({"data.eval_views_per_device": -1}, "data.eval_views_per_device -1 must be >= 0"),
         ({"mesh.fsdp": 3}, "mesh.fsdp=3 must divide the number of devices (8)"),
         ({"loss.mixup_group_size": 3}, "loss.mixup_group_size 3 must divide the 8 clips"),
         ({"data.repeated_aug": 0}, "data.repeated_aug (0) must be >= 1"),
@@ -1193,7 +1195,7 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     # a forward pass that overflows (float16) or weights gone bad: named, no traceback
     real = evaluate.eval_step
     monkeypatch.setattr(
-        evaluate, "eval_step", lambda setup: lambda p, x: real(setup)(p, x) * jnp.nan
+        evaluate, "eval_step", lambda setup, v: lambda p, x: real(setup, v)(p, x) * jnp.nan
     )
     first_test_video = RecordSource(records, "test")[0]["video_id"][0].decode()
     assert re.fullmatch(r"test-\d{3}-\d{3}", first_test_video)
@@ -1511,22 +1513,114 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
 
 
 def test_evaluation_out_of_memory_names_the_eval_batch(records, tmp_path, monkeypatch):
-    def too_big(setup):
+    real = evaluate.eval_step
+
+    def too_big(setup, views):
+        step = real(setup, views)
+
         def fn(params, clip):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43GiB")
 
+        fn.lower = step.lower  # compiled at start-up as the real one; running it runs out
         return fn
 
     monkeypatch.setattr(evaluate, "eval_step", too_big)
-    # validation during training: the eval batch's advice, not the training step's
+    # validation during training: the eval step's advice, not the training step's
     c = tiny_config(records, **{"train.max_steps": 1, "test_split": ""})
     message = (
         r"evaluating the val split needs more device memory than there is \(RESOURCE_EXHAUSTED: "
-        r"Out of memory allocating 43GiB\); with 1 view per device, try a smaller "
-        r"--config.data.eval_batch_size \(now 8; a multiple of the 8 devices\)$"
+        r"Out of memory allocating 43GiB\); with 1 view per device at a time, on TPUs try "
+        r"--config.model.attention=splash$"
     )
     with pytest.raises(train.TrainingError, match=message):
         train.train_and_evaluate(c, tmp_path / "w")
+
+
+def test_evaluation_memory_advice_names_the_views_a_device_takes_at_once():
+    mesh = types.SimpleNamespace(size=8)
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43GiB")
+    for batch, views, advice in [
+        (64, 4, "with 4 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"),
+        (64, 3, "with 3 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 3; 1 needs the least memory)"),
+        (16, 4, "with 2 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"),
+        (64, 0, "with 8 views per device at a time, try a smaller "
+                "--config.data.eval_views_per_device (now 0: all 8 at once; 1 needs the least "
+                "memory)"),
+        (64, 1, "with 1 view per device at a time, on TPUs try --config.model.attention=splash"),
+    ]:  # fmt: skip
+        c = tiny_config("unused", **{"data.eval_batch_size": batch})
+        c.data.eval_views_per_device = views
+        with pytest.raises(train.TrainingError) as e:
+            with evaluate.eval_memory_advice(types.SimpleNamespace(mesh=mesh), c, "test"):
+                raise oom
+        assert str(e.value) == (
+            "evaluating the test split needs more device memory than there is "
+            f"(RESOURCE_EXHAUSTED: Out of memory allocating 43GiB); {advice}"
+        )
+
+
+def _record_compiles_and_steps(monkeypatch, eval_error=None):
+    """Records ``train``, ``eval`` (each compile of that step) and ``step`` (each training
+    step) in order; ``eval_error`` is raised by the eval step's compile."""
+    events = []
+    compile_, step = jax.stages.Lowered.compile, train._step_on_next_batch
+
+    def compiling(self, *a, **k):
+        which = "eval" if self.as_text().startswith("module @jit_probs") else "train"
+        events.append(which)
+        if which == "eval" and eval_error is not None:
+            raise eval_error
+        return compile_(self, *a, **k)
+
+    def stepping(*a, **k):
+        events.append("step")
+        return step(*a, **k)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compiling)
+    monkeypatch.setattr(train, "_step_on_next_batch", stepping)
+    return events
+
+
+def test_the_eval_step_is_compiled_before_training(records, tmp_path, monkeypatch, caplog):
+    """Validation's and the test's views (48-pixel test views: two shapes), compiled once each
+    at start-up, after the training step and before its first step; validation and the test
+    run those executables, compiled nowhere else."""
+    events = _record_compiles_and_steps(monkeypatch)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            train.train_and_evaluate(
+                tiny_config(records, **{"train.max_steps": 2, "data.short_side_size": 48}),
+                tmp_path / "w",
+            )
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert events == ["train", "eval", "eval", "step", "step"]
+    compiled = [r.getMessage() for r in caplog.records if "jit(probs)" in r.getMessage()]
+    assert len([m for m in compiled if m.startswith("Finished XLA compilation")]) == 2, compiled
+
+
+def test_an_eval_step_that_does_not_fit_stops_before_training(records, tmp_path, monkeypatch):
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 88.00GiB")
+    events = _record_compiles_and_steps(monkeypatch, oom)
+    c = tiny_config(records, **{"train.max_steps": 2, "data.eval_batch_size": 32})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value) == (
+        "evaluating the val split needs more device memory than there is (RESOURCE_EXHAUSTED: "
+        "Out of memory allocating 88.00GiB); with 4 views per device at a time, try a smaller "
+        "--config.data.eval_views_per_device (now 4; 1 needs the least memory)"
+    )
+    assert events == ["train", "eval"]  # no training step
+    assert not checkpointing.checkpoint_steps(tmp_path / "w" / "checkpoints")
+    # a run without validation and test compiles no eval step
+    events.clear()
+    c = tiny_config(records, **{"train.max_steps": 1, "val_split": "", "test_split": ""})
+    train.train_and_evaluate(c, tmp_path / "none")
+    assert events == ["train", "step"]
 
 
 def test_step_compiles_once(records, tmp_path, monkeypatch):
