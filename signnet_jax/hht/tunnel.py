@@ -33,8 +33,6 @@ from signnet_jax.hht.video import decode_video
 GATE_VISIBILITY = 0.3
 # Frozen, so sharing one instance as a default argument is safe.
 DEFAULT_SETTINGS = HHTSettings()
-# Gap between the timestamps of consecutive videos fed to the same tasks.
-VIDEO_GAP_MS = 1000
 
 
 class NoPersonWarning(UserWarning):
@@ -88,7 +86,7 @@ class Tunneller:
 
     Use as a context manager (or call close()): MediaPipe tasks left to the garbage
     collector raise at interpreter exit. One instance serves many videos in sequence, each
-    exactly as a new Tunneller would (its tasks are recreated between videos, about 50 ms;
+    exactly as a new Tunneller would (its tasks are recreated between videos, 50-65 ms;
     loading the model files for the first costs a few hundred milliseconds more).
 
     MediaPipe's native log lines (fd 2) are dropped unless a MediaPipe call raises;
@@ -153,7 +151,6 @@ class Tunneller:
                 "blaze_face_short_range.tflite",
                 min_detection_confidence=conf,
             )
-        self._next_ts = 0  # ms; a task in VIDEO mode needs increasing timestamps
 
     @contextlib.contextmanager
     def _closed_on_error(self):
@@ -280,7 +277,7 @@ class Tunneller:
         if self._used:
             self._reset_trackers()
         self._used = True
-        stamps = self._timestamps(times)
+        stamps = _timestamps(times)
         small = _detection_size(width, height, self.settings.detect_size)
         lm = Landmarks.empty(n)
         run_all_hands = self.settings.faithful or not self.settings.gate_hands
@@ -335,15 +332,6 @@ class Tunneller:
                 progress(t + 1, n)
         return lm
 
-    def _timestamps(self, times: np.ndarray) -> np.ndarray:
-        """Integer ms timestamps, strictly increasing and after every earlier video's."""
-        ms = np.rint((times - times[0]) * 1000).astype(np.int64)
-        index = np.arange(len(ms))
-        # Strictly increasing even where a variable-rate file repeats a time.
-        ms = np.maximum.accumulate(ms - index) + index + self._next_ts
-        self._next_ts = int(ms[-1]) + VIDEO_GAP_MS
-        return ms
-
     def _reset_trackers(self) -> None:
         """Makes the next video start as in a new Tunneller: fresh tasks.
 
@@ -355,6 +343,14 @@ class Tunneller:
         self.close()
         with self._closed_on_error():
             self._open()
+
+
+def _timestamps(times: np.ndarray) -> np.ndarray:
+    """A video's integer ms timestamps from 0, strictly increasing (VIDEO mode needs that; each
+    video gets fresh tasks), also where a variable-rate file repeats a time."""
+    ms = np.rint((times - times[0]) * 1000).astype(np.int64)
+    index = np.arange(len(ms))
+    return np.maximum.accumulate(ms - index) + index
 
 
 def _detection_size(width: int, height: int, detect_size: int) -> tuple[int, int]:
