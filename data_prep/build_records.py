@@ -49,7 +49,8 @@ from signnet_jax.files import (
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
-FORMAT_VERSION = 1
+# 2: non-square pixels shown in their display shape; H.264 cut short called truncated.
+FORMAT_VERSION = 2
 FAILURES = "failures.jsonl"
 WORK = "work"
 IDENTITY = "dataset.json"  # in WORK: what a build is building, for check_output
@@ -173,10 +174,18 @@ def _names_by_case(folder: str) -> dict[str, list[str]]:
     return by_case
 
 
+def _missing(path: str) -> str:
+    """Why ``path``, not a file, gives no video: 'no such file' and a hint, or what is there."""
+    if os.path.lexists(path):
+        return "not a file (a folder, or a link to nothing)"
+    hint = _case_hint(path)
+    return f"no such file ({hint})" if hint else "no such file"
+
+
 def _case_hint(path: str) -> str:
     """For a missing file, the file beside it whose name differs only in case, if any."""
     folder, name = os.path.split(path)
-    near = _names_by_case(folder or ".").get(name.lower(), [])
+    near = [n for n in _names_by_case(folder or ".").get(name.lower(), []) if n != name]
     if not near:
         return ""
     return (
@@ -202,15 +211,13 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     Returns:
       The outcome; deterministic failures are cached too, unexpected errors are not.
     """
-    from signnet_jax.hht.video import TruncatedVideoError, VideoError
+    from signnet_jax.hht.video import TruncatedVideoError, VideoError, VideoTooLargeError
 
     t0 = time.perf_counter()
     out = Outcome(task.index, ok=False)
     try:
         if not os.path.isfile(task.video_path):
-            out.reason, out.detail = MISSING, f"{task.video_path}: no such file"
-            hint = _case_hint(task.video_path)
-            out.detail += f" ({hint})" if hint else ""
+            out.reason, out.detail = MISSING, f"{task.video_path}: {_missing(task.video_path)}"
         else:
             start, end = task.entry.source_span()
             if end is not None and end <= start:
@@ -240,6 +247,9 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
                     out.ok, out.num_frames = True, len(result.frames)
     except TruncatedVideoError as e:
         out.reason, out.detail = TRUNCATED, str(e)
+    except VideoTooLargeError as e:  # depends on the memory free now: retried on the next run
+        out.reason = ERROR
+        out.detail = f"{e}; or build with fewer --workers, which leaves each more memory"
     except VideoError as e:
         msg = str(e)
         # A span past the end of the clip decodes fine but yields no frame.
@@ -1043,8 +1053,12 @@ def main(
         os.path.isfile(os.path.join(args.videos, e.path)) for e in manifest.entries
     ):
         example = os.path.join(args.videos, manifest.entries[0].path)
-        # the folder is right when only the case of the names differs
-        fix = _case_hint(example) or "point --videos at the folder they are in"
+        # the folder is right when only the case of the names differs, or its links dangle
+        fix = _case_hint(example) or (
+            "it is not a file but a folder or a link to nothing (is what it links to mounted?)"
+            if os.path.lexists(example)
+            else "point --videos at the folder they are in"
+        )
         print(
             f"error: --videos {args.videos} holds none of the {len(manifest.entries)} videos "
             f"the split files name (e.g. {example}); {fix}",

@@ -23,6 +23,10 @@ class VideoWarning(UserWarning):
     """A video that decodes, with something its user should know (e.g. a frame size change)."""
 
 
+class VideoTooLargeError(VideoError):
+    """A video whose frames do not fit in the memory free now (a part of it may)."""
+
+
 class TruncatedVideoError(VideoError):
     """A video that ends before the frames its header lists (an incomplete download or copy)."""
 
@@ -117,7 +121,7 @@ def decode_video(
             raise TruncatedVideoError(_truncated_message(path, decoded, listed)) from e
         raise _undecodable(path, e) from e
     except MemoryError as e:
-        raise VideoError(
+        raise VideoTooLargeError(
             f"{path}: too large to decode at once ({len(frames)} frames decoded before memory "
             "ran out); use a part of it (a start and end frame)"
         ) from e
@@ -152,7 +156,7 @@ def _check_fits(path: pathlib.Path, frames: int, width: int, height: int) -> Non
     (else decoding would run for a while and then be killed by the system)."""
     need, free = frames * width * height * 3, free_memory()
     if frames > 0 and free is not None and need > free:
-        raise VideoError(
+        raise VideoTooLargeError(
             f"{path}: too large to decode at once: {frames} frames of {width}x{height} need "
             f"{need / 1e6:,.0f} MB and {free / 1e6:,.0f} MB of memory is free; use a part of "
             "it (a start and end frame)"

@@ -530,6 +530,17 @@ def test_video_names_that_differ_only_in_case_are_named(dataset, tmp_path, capsy
     first.with_suffix(".MP4").rename(first)
     assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
     failures = [json.loads(line) for line in (tmp_path / "o" / "failures.jsonl").open()]
+    # a folder, or a link to nothing, at a video's name is named as what it is
+    folder = upper / f"{_youtube_id('00003')}.mp4"
+    folder.mkdir()
+    dangling = upper / f"{_youtube_id('00007')}.mp4"
+    dangling.symlink_to(tmp_path / "unmounted" / "x.mp4")
+    args = _cli(dataset, tmp_path / "o2", "--videos", str(upper))
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
+    failures = [json.loads(line) for line in (tmp_path / "o2" / "failures.jsonl").open()]
+    details = {f["detail"] for f in failures}
+    assert f"{folder}: not a file (a folder, or a link to nothing)" in details
+    assert f"{dangling}: not a file (a folder, or a link to nothing)" in details
     failed = next(f for f in failures if f["video_id"] == "00002")
     other = upper / failed["path"]
     assert other.suffix == ".mp4" and other.with_suffix(".MP4").is_file()
@@ -537,6 +548,29 @@ def test_video_names_that_differ_only_in_case_are_named(dataset, tmp_path, capsy
         f"{other}: no such file ({other.with_suffix('.MP4')} is there: the names differ in case; "
         "rename the file to the name in the split file)"
     ))  # fmt: skip
+
+
+def test_a_video_too_large_for_free_memory_is_retried_not_cached(dataset, tmp_path, monkeypatch):
+    from signnet_jax.hht import video
+
+    monkeypatch.setattr(video, "free_memory", lambda: 1000)  # bytes: no video fits
+    out = tmp_path / "o"
+    args = _cli(dataset, out, "--workers", "0")
+    args[args.index("--max-failure-fraction") + 1] = "1"
+    assert build_records.main(args) == 0
+    failures = [json.loads(line) for line in (out / "failures.jsonl").open()]
+    large = [f for f in failures if f["reason"] == "error"]
+    assert len(large) == 3  # the three good videos
+    assert large[0]["detail"].endswith(
+        "of memory is free; use a part of it (a start and end frame); or build with fewer "
+        "--workers, which leaves each more memory"
+    )
+    assert not [p for p in (out / "work").iterdir() if p.suffix == ".fail" and any(
+        f["detail"] in p.read_text() for f in large
+    )]  # fmt: skip
+    monkeypatch.undo()  # memory again: the next run builds them
+    assert build_records.main(_cli(dataset, out, "--workers", "0")) == 0
+    assert records.load_dataset_info(out)["num_records"] == 3
 
 
 class BrokenFactory:
