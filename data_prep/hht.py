@@ -219,18 +219,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: {args.video} has a single frame (a still image?)", file=sys.stderr)
 
     t0 = time.perf_counter()
+    writing = output
     try:  # each written under a temporary name, renamed when whole
         write_video(output, result.frames, result.fps)
         encode = time.perf_counter() - t0
         if preview is not None:
+            writing = preview
             sheet = contact_sheet(
                 source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
             )
             _write_png(preview, sheet)
     except OSError as e:  # a disk that filled up during the run, a folder removed
-        written = f" ({output} was written)" if preview is not None and output.exists() else ""
-        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror or e}{written}",
-              file=sys.stderr)  # fmt: skip
+        written = f" ({output} was written)" if writing == preview else ""
+        print(f"error: cannot write {writing}: {e.strerror or e}{written}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
     n = len(result.frames)

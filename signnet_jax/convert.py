@@ -680,6 +680,8 @@ def hht_settings(value: str) -> dict:
         )
     try:
         settings = records.load_dataset_info(folder).get("hht_settings")
+        if settings is None:
+            raise ValueError(f"{folder / records.DATASET_INFO} records none")
         return HHTSettings.from_dict(settings).to_dict()
     except (OSError, ValueError, TypeError) as e:
         raise ConversionError(f"--hht {value}: no usable H&HT settings ({e})") from e

@@ -291,6 +291,13 @@ def test_hht_settings_are_recorded_for_predict(tmodel, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         f"error: --hht {records}: no usable H&HT settings (invalid HHTSettings: layout must be"
     )
+    del info["hht_settings"]
+    (records / "dataset_info.json").write_text(json.dumps(info))
+    assert _convert(tmp_path / "ft.pth", tmp_path / "x", *sizes, "--hht", records) == 1
+    assert capsys.readouterr().err == (
+        f"error: --hht {records}: no usable H&HT settings ({records / 'dataset_info.json'} "
+        "records none)\n"
+    )
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit) as e:  # the export writes weights only
         _run("--to-pytorch", "--input", tmp_path / "faithful", "--output", tmp_path / "b.pth",

@@ -251,8 +251,8 @@ def test_an_output_folder_that_cannot_be_made_stops_before_the_work(sign_sample,
 
 def test_a_disk_that_fills_up_is_one_line_naming_the_file(sign_sample, tmp_path, capsys,
                                                           monkeypatch):  # fmt: skip
-    def full(path, frames, fps):
-        raise OSError(28, "No space left on device", str(path))
+    def full(path, frames, fps):  # as PyAV raises it: naming the temporary file
+        raise OSError(28, "No space left on device", str(path.parent / f".{path.name}.x.part"))
 
     monkeypatch.setattr(cli, "write_video", full)
     out = tmp_path / "o.mp4"
