@@ -136,12 +136,22 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
       Whether the handler was installed: only for ``python -m`` of one of our modules,
       never when the package is imported as a library.
     """
+    global _starting
+    if _starting is not None:  # once per process: a package imported later, once the
+        return False  # command runs (data_prep from train or convert), must not install it
+    _starting = False
     if not _run_module(sys.orig_argv if argv is None else argv).startswith(_COMMANDS):
         return False
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return False  # ignored (a background job), or somebody else's handler
     signal.signal(signal.SIGINT, _exit_quietly)
+    _starting = True
     return True
+
+
+# None until the first call of quiet_interrupt_while_starting; then whether it installed
+# the start-up handler (interrupt_as_usual sets it back to False).
+_starting: bool | None = None
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -167,5 +177,7 @@ def _run_module(argv: list[str]) -> str:
 def interrupt_as_usual() -> None:
     """Ctrl-C raises KeyboardInterrupt again (each command's ``main`` reports it itself);
     a SIGINT the process inherited as ignored (``cmd &`` in a script) stays ignored."""
+    global _starting
     if signal.getsignal(signal.SIGINT) is _exit_quietly:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _starting = False

@@ -67,20 +67,53 @@ def test_the_module_run_with_python_m_is_read_off_the_command_line(argv, module)
 def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
     installed = []
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append((sig, handler)))
+
+    def first_call(argv):  # as in a new process
+        monkeypatch.setattr(files, "_starting", None)
+        return files.quiet_interrupt_while_starting(argv)
+
     for argv in (["python", "-m", "pytest"], ["python", "-c", "import signnet_jax"]):
-        assert not files.quiet_interrupt_while_starting(argv)
+        assert not first_call(argv)
     # a handler somebody else installed is left alone
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
-    assert not files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
+    assert not first_call(["python", "-m", "data_prep.hht"])
     assert installed == []
     files.interrupt_as_usual()  # nothing of ours to undo: the ignored SIGINT stays ignored
     assert installed == []
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
-    assert files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])
+    assert first_call(["python", "-m", "data_prep.hht"])
     assert installed == [(signal.SIGINT, files._exit_quietly)]
+    assert not files.quiet_interrupt_while_starting(["python", "-m", "data_prep.hht"])  # once
     monkeypatch.setattr(signal, "getsignal", lambda sig: files._exit_quietly)
     files.interrupt_as_usual()
     assert installed[-1] == (signal.SIGINT, signal.default_int_handler)
+    # a package imported once the command runs (data_prep from train or convert) does not
+    # install it again
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    assert not files.quiet_interrupt_while_starting(["python", "-m", "signnet_jax.main"])
+    assert len(installed) == 2
+
+
+def test_ctrl_c_once_a_command_runs_is_its_own_message(tmp_path):
+    # the smoke config imports data_prep only once main runs: that import used to install the
+    # start-up handler again, so a Ctrl-C in training said "while starting" and left
+    # temporaries behind
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signnet_jax.main", "--config", "configs/smoke.py",
+         "--workdir", str(tmp_path / "w"), f"--config.records_dir={tmp_path / 'r'}",
+         "--config.smoke.classes=2", "--config.smoke.train_per_class=4",
+         "--config.model.num_frames=4", "--config.model.img_size=32",
+         "--config.data.short_side_size=32", "--config.data.batch_size=2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # the dataset is made, the model built: the command runs
+        if line.startswith("smoke dataset in "):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1].startswith("interrupted: ") and "while starting" not in err
 
 
 def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
