@@ -67,6 +67,11 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> jax
     hosts: dict[int, list] = {}
     for d in devices:
         hosts.setdefault(d.process_index, []).append(d)
+    if len(hosts) < jax.process_count():  # a process without devices could not take part
+        raise ValueError(
+            f"the mesh's devices belong to {len(hosts)} of the {jax.process_count()} "
+            "processes; every process needs devices in it (use every device)"
+        )
     if len(hosts) == 1:
         # Auto axes: XLA's sharding propagation inserts the FSDP all-gathers and
         # reduce-scatters; parameter and batch shardings are pinned at the jit boundary.

@@ -506,7 +506,14 @@ def check_view_sizes(config: ml_collections.ConfigDict, cfg: vit.ViTConfig) -> N
 
 
 def mesh_devices(config: ml_collections.ConfigDict) -> list:
-    """The devices of the run's mesh: all of them, or the first ``mesh.num_devices``."""
+    """The devices of the run's mesh: all of them, or the first ``mesh.num_devices`` (one
+    process only: on several, it would leave hosts without any)."""
+    pc = jax.process_count()
+    if config.mesh.num_devices and pc > 1:
+        raise TrainingError(
+            f"mesh.num_devices={config.mesh.num_devices} takes the first devices, which on "
+            f"{pc} processes would leave hosts without any; leave it at 0 (every device)"
+        )
     return jax.devices()[: config.mesh.num_devices or None]
 
 
@@ -531,11 +538,6 @@ def check_batch_settings(config: ml_collections.ConfigDict) -> None:
     """The mesh, batch size, accumulation and mixup group against the devices and processes,
     before the smoke dataset is generated or anything is compiled."""
     n, pc = len(mesh_devices(config)), jax.process_count()
-    if config.mesh.num_devices and pc > 1:
-        raise TrainingError(
-            f"mesh.num_devices={config.mesh.num_devices} takes the first devices, which on "
-            f"{pc} processes would leave hosts without any; leave it at 0 (every device)"
-        )
     try:
         sharding.check_fsdp(config.mesh.fsdp, n)
     except ValueError as e:
@@ -890,12 +892,20 @@ def check_shared_workdir(workdir: str | os.PathLike) -> None:
     if jax.process_count() == 1:
         return
     path = pathlib.Path(workdir).expanduser()
-    made = False
-    if jax.process_index() == 0:
-        made = not path.exists()
-        token = os.urandom(16).hex().encode()
-        files.atomic_write(path / _SHARED_CHECK, token)
-    multihost_utils.sync_global_devices("signnet_jax: workdir token written")
+    made = not path.exists()
+
+    def write_token() -> None:
+        if jax.process_index() == 0:
+            try:
+                files.atomic_write(path / _SHARED_CHECK, os.urandom(16).hex().encode())
+            except OSError as e:
+                raise TrainingError(
+                    f"cannot write in --workdir {workdir}: {e.strerror or e}; give a folder "
+                    "every host can write to"
+                ) from e
+
+    # every process waits for the token; a failure to write it stops them all
+    first_on_process_0(write_token, "the workdir check")
     try:
         seen = (path / _SHARED_CHECK).read_bytes()[:32].ljust(32, b"-")
     except OSError:

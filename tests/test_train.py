@@ -1790,6 +1790,33 @@ def test_a_workdir_the_hosts_do_not_share_is_named_on_every_host(records, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check leaves nothing
 
 
+def test_a_workdir_process_0_cannot_write_stops_every_process(tmp_path, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from signnet_jax import files
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    gathered = []
+
+    def allgather(x):  # process 1 has nothing to write: only process 0's flag counts
+        gathered.append(int(x))
+        return np.array([int(x), 0])
+
+    def read_only(path, data, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    monkeypatch.setattr(files, "atomic_write", read_only)
+    with pytest.raises(train.TrainingError) as e:
+        train.check_shared_workdir(tmp_path / "w")
+    assert str(e.value) == (
+        f"cannot write in --workdir {tmp_path / 'w'}: Permission denied; give a folder every "
+        "host can write to"
+    )
+    assert gathered == [1]  # the others learn it in the first agreement, before any barrier
+
+
 @pytest.mark.heavy
 def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tmp_path):
     # each record is read by one host only: that host used to raise alone while the other
@@ -1813,6 +1840,29 @@ def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tm
         r"are intact: once it is fixed, the same command resumes",
         last[1 - reader],
     ), last
+
+
+@pytest.mark.heavy
+def test_a_damaged_record_on_one_host_stops_both_in_evaluation_too(records, tmp_path):
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    shard = copy / "test-00000-of-00001.tfrecord"
+    _damage_first_record(shard)
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    # one view per video: each video's record is read by one process only
+    runs = _run_two_processes(copy, [tmp_path / "w"] * 2, "--config.mode=eval",
+                              "--config.test_split=test", "--config.data.test_num_segment=1",
+                              f"--config.init_from={init}")  # fmt: skip
+    assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
+    last = [err.splitlines()[-1] for _, _, err in runs]
+    reader = next(i for i, line in enumerate(last) if "data CRC mismatch" in line)
+    assert last[reader].startswith(f"error: {shard}: record 0: data CRC mismatch")
+    assert last[1 - reader] == (
+        f"error: process {reader} stopped on an error in its input while evaluating the test "
+        "split (its message says what)"
+    )
+    assert not (tmp_path / "w" / "eval").exists()
 
 
 def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypatch):
@@ -2007,13 +2057,25 @@ def test_a_process_launched_as_one_of_several_needs_distributed(tmp_path):
 
 
 def test_mesh_num_devices_is_refused_on_several_processes(monkeypatch):
+    from signnet_jax import sharding
+
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     c = tiny_config("unused", **{"mesh.num_devices": 4, "data.batch_size": 8})
-    with pytest.raises(train.TrainingError) as e:
-        train.check_batch_settings(c)
-    assert str(e.value) == (
+    message = (
         "mesh.num_devices=4 takes the first devices, which on 2 processes would leave hosts "
         "without any; leave it at 0 (every device)"
+    )
+    # training's checks and the eval mode's (both take their devices from mesh_devices)
+    for check in (train.check_batch_settings, train.check_eval_batch, train.mesh_devices):
+        with pytest.raises(train.TrainingError) as e:
+            check(c)
+        assert str(e.value) == message
+    # a mesh over one process's devices when there are two: refused, not built
+    with pytest.raises(ValueError) as e:
+        sharding.make_mesh(1, jax.devices()[:4])
+    assert str(e.value) == (
+        "the mesh's devices belong to 1 of the 2 processes; every process needs devices in it "
+        "(use every device)"
     )
 
 
