@@ -123,9 +123,10 @@ def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
         "import os, signal, sys; from signnet_jax import files; files.interrupt_as_usual(); "
         "os.kill(os.getpid(), signal.SIGINT); print('still running')"
     )
+    # as the shell does it: SIGINT ignored, then exec (inherited as ignored)
     r = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        ["sh", "-c", 'trap "" INT; exec "$0" -c "$1"', sys.executable, code],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert (r.returncode, r.stdout) == (0, "still running\n"), r.stderr
 
