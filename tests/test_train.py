@@ -1166,6 +1166,15 @@ def _damage_first_record(shard: pathlib.Path) -> None:
     shard.write_bytes(bytes(damaged))
 
 
+def _damaged_copy(records, tmp_path, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A copy of the records whose split's first record is damaged: (copy, its shard)."""
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    shard = copy / f"{split}-00000-of-00001.tfrecord"
+    _damage_first_record(shard)
+    return copy, shard
+
+
 def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
     records, tmp_path, monkeypatch
 ):
@@ -1173,10 +1182,7 @@ def test_damaged_records_and_non_finite_outputs_stop_with_the_way_out(
 
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path, DIMS, names)
-    copy = tmp_path / "records"
-    shutil.copytree(records, copy)
-    shard = copy / "test-00000-of-00001.tfrecord"
-    _damage_first_record(shard)
+    copy, shard = _damaged_copy(records, tmp_path, "test")
     c = tiny_config(copy, mode="eval", init_from=str(init), **{"data.num_workers": 2})
     with pytest.raises(train.TrainingError) as e:
         evaluate.evaluate(c, tmp_path / "w")
@@ -1821,10 +1827,7 @@ def test_a_workdir_process_0_cannot_write_stops_every_process(tmp_path, monkeypa
 def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tmp_path):
     # each record is read by one host only: that host used to raise alone while the other
     # waited in the step's collectives until JAX's health check aborted both, minutes later
-    copy = tmp_path / "records"
-    shutil.copytree(records, copy)
-    shard = copy / "train-00000-of-00001.tfrecord"
-    _damage_first_record(shard)
+    copy, shard = _damaged_copy(records, tmp_path, "train")
     runs = _run_two_processes(copy, [tmp_path / "w"] * 2, "--config.val_split=")
     assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
     last = [err.splitlines()[-1] for _, _, err in runs]
@@ -1844,10 +1847,7 @@ def test_a_damaged_record_on_one_host_stops_both_with_their_messages(records, tm
 
 @pytest.mark.heavy
 def test_a_damaged_record_on_one_host_stops_both_in_evaluation_too(records, tmp_path):
-    copy = tmp_path / "records"
-    shutil.copytree(records, copy)
-    shard = copy / "test-00000-of-00001.tfrecord"
-    _damage_first_record(shard)
+    copy, shard = _damaged_copy(records, tmp_path, "test")
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path, DIMS, names)
     # one view per video: each video's record is read by one process only
