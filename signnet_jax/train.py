@@ -101,13 +101,14 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     # on several hosts, process 0 builds first: a folder they share is then built once (file
     # locks do not reach across hosts on every filesystem), a folder of each host's own is
     # built by each
-    first_on_process_0(build, "the smoke dataset")
+    first_on_process_0(build, "make the smoke dataset")
 
 
-def first_on_process_0(fn, what: str) -> None:
+def first_on_process_0(fn, doing: str) -> None:
     """Runs ``fn`` on process 0, then on the others; when it fails anywhere, every process
     raises (the error itself where it failed, a TrainingError naming those processes
-    elsewhere) instead of the others waiting for the failed one forever."""
+    elsewhere) instead of the others waiting for the failed one forever. ``doing``: what ``fn``
+    does, for that message ("make the smoke dataset")."""
     if jax.process_count() == 1:
         return fn()
     from jax.experimental import multihost_utils
@@ -125,7 +126,7 @@ def first_on_process_0(fn, what: str) -> None:
         if len(failed):
             which = ", ".join(map(str, failed))
             raise TrainingError(
-                f"process{'es' * (len(failed) > 1)} {which} failed to make {what}; see "
+                f"process{'es' * (len(failed) > 1)} {which} failed to {doing}; see "
                 f"{'their messages' if len(failed) > 1 else 'its message'}"
             )
 
@@ -905,7 +906,7 @@ def check_shared_workdir(workdir: str | os.PathLike) -> None:
                 ) from e
 
     # every process waits for the token; a failure to write it stops them all
-    first_on_process_0(write_token, "the workdir check")
+    first_on_process_0(write_token, "write the workdir check")
     try:
         seen = (path / _SHARED_CHECK).read_bytes()[:32].ljust(32, b"-")
     except OSError:

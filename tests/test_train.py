@@ -1874,7 +1874,7 @@ def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypa
     # process 1's view: process 0 failed in the first turn, so it never runs the work itself
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([1, int(x)]))
     with pytest.raises(train.TrainingError) as e:
-        train.first_on_process_0(lambda: calls.append("ran"), "the smoke dataset")
+        train.first_on_process_0(lambda: calls.append("ran"), "make the smoke dataset")
     assert str(e.value) == "process 0 failed to make the smoke dataset; see its message"
     assert calls == []
     # process 1 failing in its own turn raises its own error, after the agreement
@@ -1889,7 +1889,7 @@ def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypa
         raise train.TrainingError("config.smoke: other options")
 
     with pytest.raises(train.TrainingError, match="^config.smoke: other options$"):
-        train.first_on_process_0(fails, "the smoke dataset")
+        train.first_on_process_0(fails, "make the smoke dataset")
     assert gathered == [0, 1]  # it took part in both agreements
 
 
