@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -711,24 +712,56 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM into a flag the loop checks between steps; on several hosts the first
+    Ctrl-C too.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    A host that raised KeyboardInterrupt alone would leave the others waiting in the step's
+    collectives until JAX's health check aborted them, and hosts that each got the Ctrl-C
+    stop at different steps, some inside a collective. So on several hosts the first Ctrl-C
+    becomes a stop code that travels with the batch like SIGTERM's: every host saves at the
+    same step and exits as interrupted. A second Ctrl-C raises at once.
+    """
+
+    def __init__(self, multi_host: bool = False):
+        self.requested = self.interrupted = False
+        self.multi_host = multi_host
+        self._previous = self._previous_int = None
+
+    @property
+    def code(self) -> int:
+        """This host's stop code for the batch rows: 0, STOP_PREEMPTED or STOP_INTERRUPTED."""
+        if self.interrupted:
+            return STOP_INTERRUPTED
+        return STOP_PREEMPTED if self.requested else 0
 
     def __enter__(self):
         # signal handlers can only be installed from the main thread (not in notebooks' threads)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            # a SIGINT inherited as ignored (`cmd &`) stays ignored
+            if self.multi_host and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def _handle_int(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
+        print(
+            f"\nCtrl-C on process {jax.process_index()}: every process stops after this step "
+            "and saves it; Ctrl-C again stops this one at once (the others then wait until "
+            "JAX's health check ends them)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 class _StepTrace:
@@ -1178,7 +1211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         # closing the input pipeline stops its workers and frees the batches they prefetched
         with (
-            _Preemption() as preempt,
+            _Preemption(multi_host) as preempt,
             _memory_advice(per_device),
             damaged_records(config.records_dir),
             trace,
@@ -1188,7 +1221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trace.before(step)
                 for a in range(accum):
                     state, metrics = _step_on_next_batch(
-                        compiled, state, batches, mesh, preempt.requested, step * accum + a
+                        compiled, state, batches, mesh, preempt.code, step * accum + a
                     )
                     loss_sum = loss_sum + metrics["loss"] / accum  # any accumulation after a resume
                     if scaling:
@@ -1196,10 +1229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     first_bad = _note_bad(first_bad, metrics["ok"], jnp.int32(step + 1))
                 step += 1
                 trace.done(step, metrics)
-                stop = False
+                stop = 0
                 if multi_host:  # the previous step's agreed code: every host reads the same
-                    stop = stop_pending is not None and int(stop_pending) != 0
+                    stop = 0 if stop_pending is None else int(stop_pending)
                     stop_pending = metrics["stop"]
+                    if step == last_step:  # no next step carries this one's code: read it now
+                        stop = max(stop, int(stop_pending))
                 if step % config.train.log_every == 0 or step == last_step:
                     check_finite()
                     n = step - n_last
@@ -1287,6 +1322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         check_finite()
                         _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
                     ckpt.wait()
+                    if stop == STOP_INTERRUPTED:  # main says what it leaves; status 130
+                        _log(f"interrupted (Ctrl-C) at step {step}: checkpoint saved")
+                        raise KeyboardInterrupt
                     _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
                     return {"preempted_at": step}
         ckpt.wait()
@@ -1317,9 +1355,9 @@ def _validations_left(step: int, last_step: int, val_every: int) -> int:
     return last_step // val_every - (step - 1) // val_every + bool(last_step % val_every)
 
 
-# Codes of the stop rows (several hosts): 1 SIGTERM on some host; STOP_FAILED + i the input
-# of process i failed.
-STOP_PREEMPTED, STOP_FAILED = 1, 2
+# Codes of the stop rows (several hosts), the highest wins: 1 SIGTERM on some host, 2 Ctrl-C
+# on some host; STOP_FAILED + i the input of process i failed.
+STOP_PREEMPTED, STOP_INTERRUPTED, STOP_FAILED = 1, 2, 3
 
 
 class _LocalBatches:
@@ -1337,7 +1375,7 @@ class _LocalBatches:
         self.it, self.spec, self.error = it, spec, None
         self.multi_host = "stop" in spec
 
-    def next(self, preempted: bool) -> dict:
+    def next(self, code: int) -> dict:
         if self.error is None:
             try:
                 local = next(self.it)
@@ -1354,7 +1392,7 @@ class _LocalBatches:
                 if k != "stop"
             }
         if self.multi_host:
-            code = STOP_FAILED + jax.process_index() if self.error else int(preempted)
+            code = STOP_FAILED + jax.process_index() if self.error else code
             local["stop"] = np.full(len(local["label"]), code, np.int32)
         return local
 
@@ -1372,7 +1410,7 @@ class _LocalBatches:
         )
 
 
-def _step_on_next_batch(compiled, state, batches: _LocalBatches, mesh, preempted, index: int):
+def _step_on_next_batch(compiled, state, batches: _LocalBatches, mesh, code, index: int):
     """``compiled(state, batch, index)`` on the next training batch (with the ``stop`` rows
     on several hosts).
 
@@ -1386,7 +1424,7 @@ def _step_on_next_batch(compiled, state, batches: _LocalBatches, mesh, preempted
     never unlinked, and Python's resource tracker reports it at exit as "leaked shared_memory
     objects".
     """
-    local = batches.next(preempted)
+    local = batches.next(code)
     return compiled(state, sharding.global_batch(local, mesh), jnp.int32(index))
 
 

@@ -1927,6 +1927,60 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tm
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == stop + 2
 
 
+@pytest.mark.heavy
+def test_ctrl_c_on_one_of_two_processes_saves_and_stops_both(records, tmp_path):
+    # the host that raised KeyboardInterrupt alone used to leave the other waiting in the
+    # step's collectives until JAX's health check ended it, with nothing saved
+    run = tmp_path / "run"
+    procs = _start_two_processes(
+        records, [run, run], "--config.optim.epochs=100",
+        "--config.train.checkpoint_every_steps=1000",
+    )  # fmt: skip
+    try:
+        _wait_for(procs[0], "step 3/")
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hung pair must not outlive the test
+    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
+    stop = int(outs[0][0].split("interrupted (Ctrl-C) at step ")[1].split(":")[0])
+    assert checkpointing.checkpoint_steps(run / "checkpoints") == [stop]
+    for _, err in outs:
+        assert err.splitlines()[-1] == (
+            f"interrupted: checkpoints saved up to step {stop} in {run / 'checkpoints'}; the "
+            "same command resumes from the latest"
+        )
+    assert "Ctrl-C on process 1: every process stops after this step and saves it" in outs[1][1]
+    assert "Ctrl-C on process" not in outs[0][1]
+
+
+def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with train._Preemption(multi_host=True) as stop:
+            assert stop.code == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.code == train.STOP_PREEMPTED
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs; nothing is raised
+            assert stop.code == train.STOP_INTERRUPTED  # Ctrl-C outranks SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # one host: Ctrl-C raises as usual, at once
+        with train._Preemption() as stop, pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.interrupted
+        # inherited as ignored (`cmd &`): stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with train._Preemption(multi_host=True) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.code == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
     from signnet_jax import sharding
 
