@@ -63,6 +63,9 @@ TRUNCATED = "truncated"
 ERROR = "error"  # unexpected exception: not cached, retried by the next run
 CRASHED = "crashed"  # the worker process died on the video (native crash, killed): retried too
 RETRIED = (ERROR, CRASHED)
+# Not cached either, and not reported as errors: a missing video is looked for again on every
+# run (it costs nothing), so its detail (a name differing in case) is always today's.
+UNCACHED = (*RETRIED, MISSING)
 # Workers lost in a row (no record made in between) before the build gives up: one
 # broken video costs one worker, a broken setup would cost one per video forever.
 MAX_DEATHS_IN_A_ROW = 16
@@ -182,6 +185,14 @@ def _missing(path: str) -> str:
     return f"no such file ({hint})" if hint else "no such file"
 
 
+def _missing_outcome(task: Task) -> Outcome | None:
+    """The failure of a task whose video is not a file, else None."""
+    if os.path.isfile(task.video_path):
+        return None
+    detail = f"{task.video_path}: {_missing(task.video_path)}"
+    return Outcome(task.index, ok=False, reason=MISSING, detail=detail)
+
+
 def _case_hint(path: str) -> str:
     """For a missing file, the file beside it whose name differs only in case, if any."""
     folder, name = os.path.split(path)
@@ -216,8 +227,8 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     t0 = time.perf_counter()
     out = Outcome(task.index, ok=False)
     try:
-        if not os.path.isfile(task.video_path):
-            out.reason, out.detail = MISSING, f"{task.video_path}: {_missing(task.video_path)}"
+        if (missing := _missing_outcome(task)) is not None:  # gone since the build started
+            out = missing
         else:
             start, end = task.entry.source_span()
             if end is not None and end <= start:
@@ -261,7 +272,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
     except Exception as e:  # a bug or resource problem: report it, retry on the next run
         out.reason = ERROR
         out.detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
-    if not out.ok and out.reason not in RETRIED:
+    if not out.ok and out.reason not in UNCACHED:
         info = {"reason": out.reason, "detail": out.detail}
         atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
     out.seconds = time.perf_counter() - t0
@@ -450,6 +461,7 @@ class BuildResult:
     # per split, the videos whose records hold no head or hand in any frame (kept: the frame
     # cell is still there, but many of them point at the detector setup)
     no_person: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    missing: int = 0  # videos not found (neither processed nor cached: looked for every run)
 
 
 def cache_key(
@@ -684,17 +696,25 @@ def build(
         for i, entry in enumerate(manifest.entries):
             path = os.path.join(os.fspath(videos_dir), entry.path)
             tasks.append(Task(i, entry, path, cache_key(entry, path, hht_settings, jpeg_quality)))
+        # missing videos are looked for on every run, here (see UNCACHED); the others are
+        # done unless cached
+        _names_by_case.cache_clear()  # the folders as they are now
+        errors: dict[int, Outcome] = {
+            t.index: out for t in tasks if (out := _missing_outcome(t)) is not None
+        }
         todo = [
             t
             for t in tasks
-            if not os.path.exists(os.path.join(work, t.key + ".rec"))
+            if t.index not in errors
+            and not os.path.exists(os.path.join(work, t.key + ".rec"))
             and not os.path.exists(os.path.join(work, t.key + ".fail"))
         ]
-        errors: dict[int, Outcome] = {}
+        missing = len(errors)
+        cached = len(tasks) - missing - len(todo)
         hht_seconds = setup_seconds = video_seconds = 0.0
-        if progress and len(todo) < len(tasks):
+        if progress and cached:
             print(
-                f"{len(tasks) - len(todo)} of {len(tasks)} videos already done (cached in {work})",
+                f"{cached} of {len(tasks)} videos already done (cached in {work})",
                 file=sys.stderr,
             )
         bar = tqdm(
@@ -709,8 +729,9 @@ def build(
                 hht_seconds += out.hht_seconds
                 setup_seconds += out.setup_seconds
                 video_seconds += out.seconds
-                if out.reason in RETRIED:
+                if out.reason in UNCACHED:
                     errors[out.index] = out
+                if out.reason in RETRIED:
                     first = out.detail.splitlines()[0]
                     bar.write(f"error on {tasks[out.index].video_path}: {first}", file=sys.stderr)
                 if bar.n + 1 < bar.total:
@@ -793,7 +814,8 @@ def build(
         num_records=num_records,
         failures=failures,
         per_split=per_split,
-        cached=len(tasks) - len(todo),
+        cached=cached,
+        missing=missing,
         processed=len(todo),
         seconds=time.perf_counter() - t_start,
         hht_seconds=hht_seconds,
@@ -964,7 +986,8 @@ def _summary(result: BuildResult, output: str) -> str:
     lines = [
         f"{_count(result.num_records, 'record')}, {_count(len(result.failures), 'failure')} "
         f"({result.failure_fraction:.1%}) from {result.num_entries} entries in "
-        f"{result.seconds:.1f} s ({result.processed} processed, {result.cached} cached)",
+        f"{result.seconds:.1f} s ({result.processed} processed, {result.cached} cached"
+        + (f", {result.missing} not found)" if result.missing else ")"),
     ]
     for split, c in result.per_split.items():
         lines.append(

@@ -278,7 +278,7 @@ def test_rerun_is_cached_and_exit_code_follows_failure_fraction(built, dataset, 
     args.remove("0.6")
     assert build_records.main(args) == 1
     err = capsys.readouterr().err
-    assert "7 of 7 videos already done" in err
+    assert "6 of 7 videos already done" in err  # the missing one is looked for again
     assert "57.1% of the videos failed, more than --max-failure-fraction 5.0%" in err
     assert "failures by reason: empty_span 1, missing_file 1, undecodable 2" in err
     assert _tree_bytes(copy) == before
@@ -548,6 +548,36 @@ def test_video_names_that_differ_only_in_case_are_named(dataset, tmp_path, capsy
         f"{other}: no such file ({other.with_suffix('.MP4')} is there: the names differ in case; "
         "rename the file to the name in the split file)"
     ))  # fmt: skip
+
+
+def test_a_missing_video_is_looked_for_again_on_every_run(dataset, tmp_path):
+    videos = tmp_path / "videos"
+    shutil.copytree(dataset / "videos", videos)
+    gone = videos / f"{_youtube_id('00002')}.mp4"
+    kept = gone.rename(tmp_path / "kept.mp4")
+    out = tmp_path / "o"
+    args = _cli(dataset, out, "--videos", str(videos))
+
+    def detail():
+        failures = [json.loads(line) for line in (out / "failures.jsonl").open()]
+        return [(f["reason"], f["detail"]) for f in failures if f["video_id"] == "00002"]
+
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
+    assert detail() == [("missing_file", f"{gone}: no such file")]
+    failures = [json.loads(line) for line in (out / "failures.jsonl").open()]
+    cached = [f for f in failures if f["reason"] != "missing_file"]
+    assert len(list((out / "work").glob("*.fail"))) == len(cached)  # nothing for the missing
+    # it turns up under a name differing in case: the next run says so (it used to repeat
+    # the cached 'no such file')
+    kept.rename(gone.with_suffix(".MP4"))
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 1
+    assert detail() == [("missing_file", (
+        f"{gone}: no such file ({gone.with_suffix('.MP4')} is there: the names differ in case; "
+        "rename the file to the name in the split file)"
+    ))]  # fmt: skip
+    gone.with_suffix(".MP4").rename(gone)
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    assert detail() == []
 
 
 def test_a_video_too_large_for_free_memory_is_retried_not_cached(dataset, tmp_path, monkeypatch):
@@ -1073,11 +1103,13 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
         assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
         err = capsys.readouterr().err
         assert err.count("H&HT: 100%|") == 1, err
-        assert err.count("7/7 [") == 1, err
+        assert err.count("6/6 [") == 1, err  # the 7th video is missing: nothing to run
+        assert "(6 processed, 0 cached, 1 not found)\n" in err
     # everything cached: no bar of zero videos, the summary says it
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
     err = capsys.readouterr().err
-    assert "H&HT:" not in err and "7 of 7 videos already done" in err
+    assert "H&HT:" not in err and "6 of 7 videos already done" in err
+    assert "(0 processed, 6 cached, 1 not found)\n" in err
 
 
 def _everything(folder):
