@@ -172,10 +172,12 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     side = config.data.short_side_size if mode == "test" else cfg.img_size
     # on several hosts, this host's input failing (a record only it reads) must not leave
     # the others waiting in the next batch's collectives: it goes on with empty views
-    # (valid False) and a flag that all hosts gather, so all of them stop together
+    # (valid False) and a flag that all hosts gather, so all of them stop together; a Ctrl-C
+    # likewise
     error = empty = None
+    ctrl_c = train.AgreedCtrlC(multi_host, f"every process stops evaluating the {split} split")
     try:
-        with advice, train.damaged_records(config.records_dir):
+        with ctrl_c, advice, train.damaged_records(config.records_dir):
             for _ in range(info.num_steps):
                 if error is None:
                     try:
@@ -199,9 +201,10 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                     np.asarray(multihost_utils.process_allgather(x, tiled=True))
                     for x in (p, gb["video_index"], gb["valid"], gb["label"])
                 )
-                if multi_host:
-                    failed = multihost_utils.process_allgather(np.int32(error is not None))
-                    failed = np.flatnonzero(failed)
+                if multi_host:  # 2: this host's input failed, 1: Ctrl-C here
+                    code = 2 if error is not None else int(ctrl_c.interrupted)
+                    codes = multihost_utils.process_allgather(np.int32(code))
+                    failed = np.flatnonzero(codes == 2)
                     if error is not None:
                         raise error
                     if len(failed):
@@ -209,6 +212,8 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                             f"process {failed[0]} stopped on an error in its input while "
                             f"evaluating the {split} split (its message says what)"
                         )
+                    if (codes == 1).any():  # every host at this batch
+                        raise KeyboardInterrupt
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():
                     index = int(vi[bad][0])

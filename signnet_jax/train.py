@@ -711,21 +711,67 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
 # --- the loop -----------------------------------------------------------------------
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps; on several hosts the first
-    Ctrl-C too.
+class AgreedCtrlC:
+    """On several hosts, the first Ctrl-C as a flag the hosts agree on; the second raises.
 
-    A host that raised KeyboardInterrupt alone would leave the others waiting in the step's
-    collectives until JAX's health check aborted them, and hosts that each got the Ctrl-C
-    stop at different steps, some inside a collective. So on several hosts the first Ctrl-C
-    becomes a stop code that travels with the batch like SIGTERM's: every host saves at the
-    same step and exits as interrupted. A second Ctrl-C raises at once.
+    A host that raised KeyboardInterrupt alone would leave the others waiting in the next
+    collective until JAX's health check ended them, and hosts that each got the Ctrl-C would
+    raise at different points, some inside a collective. So the code that runs collectives
+    (the training loop, the evaluation) gathers this flag with its own and all hosts stop at
+    the same point. On one host, or when SIGINT is ignored (``cmd &``) or already handled by
+    an enclosing AgreedCtrlC, nothing is installed.
+
+    Args:
+      active: several hosts run.
+      then: what happens now, for the message: ``every process stops after this step``.
     """
 
+    def __init__(self, active: bool, then: str):
+        self.active, self.then = active, then
+        self.interrupted = False
+        self._previous = None
+
+    def __enter__(self):
+        # signal handlers can only be installed from the main thread (not in notebooks' threads)
+        if (
+            self.active
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
+        print(
+            f"\nCtrl-C on process {jax.process_index()}: {self.then}; Ctrl-C again stops this "
+            "one at once (the others then wait until JAX's health check ends them)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps; on several hosts the first
+    Ctrl-C too (AgreedCtrlC): it travels with the batch like SIGTERM's, so every host saves
+    the same step and exits as interrupted."""
+
     def __init__(self, multi_host: bool = False):
-        self.requested = self.interrupted = False
-        self.multi_host = multi_host
-        self._previous = self._previous_int = None
+        self.requested = False
+        self._previous = None
+        self.ctrl_c = AgreedCtrlC(
+            multi_host, "every process stops after this step (or the validation running now) "
+            "and saves it"
+        )  # fmt: skip
+
+    @property
+    def interrupted(self) -> bool:
+        return self.ctrl_c.interrupted
 
     @property
     def code(self) -> int:
@@ -738,30 +784,16 @@ class _Preemption:
         # signal handlers can only be installed from the main thread (not in notebooks' threads)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
-            # a SIGINT inherited as ignored (`cmd &`) stays ignored
-            if self.multi_host and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
+        self.ctrl_c.__enter__()
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def _handle_int(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
-        print(
-            f"\nCtrl-C on process {jax.process_index()}: every process stops after this step "
-            "and saves it; Ctrl-C again stops this one at once (the others then wait until "
-            "JAX's health check ends them)",
-            file=sys.stderr,
-            flush=True,
-        )
-
     def __exit__(self, *exc):
+        self.ctrl_c.__exit__(*exc)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-        if self._previous_int is not None:
-            signal.signal(signal.SIGINT, self._previous_int)
 
 
 class _StepTrace:

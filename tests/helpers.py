@@ -50,6 +50,12 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+def interrupt_after_command(target: str, entry: str, *args) -> list[str]:
+    """The command line of ``entry`` with ``args`` getting SIGINT once ``target`` has returned
+    (see ``interrupt_after``), to run from the repository."""
+    return [sys.executable, "-c", _DRIVER, target, entry, *map(str, args)]
+
+
 def interrupt_after(
     target: str, entry: str, *args, group: bool = False
 ) -> subprocess.CompletedProcess:
@@ -58,7 +64,7 @@ def interrupt_after(
     group (worker processes too) gets it, in a session of its own."""
     env = {k: v for k, v in os.environ.items() if k != "SIGINT_GROUP"}
     return subprocess.run(
-        [sys.executable, "-c", _DRIVER, target, entry, *map(str, args)],
+        interrupt_after_command(target, entry, *args),
         cwd=REPO,
         env=env | ({"SIGINT_GROUP": "1"} if group else {}),
         start_new_session=group,

@@ -18,6 +18,7 @@ import pytest
 from configs import smoke
 from signnet_jax import checkpointing, evaluate, optim, train
 from signnet_jax.data.records import RecordSource
+from tests.helpers import interrupt_after_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(classes=4, train_per_class=8, val_per_class=2, test_per_class=2, frames=8, size=32)
@@ -1740,24 +1741,33 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     )
 
 
-def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE):
+def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE, ctrl_c_in_1=None):
     """``main`` started as two processes of 4 CPU devices on localhost (process i in
-    workdirs[i]), stdout piped."""
+    workdirs[i]), stdout piped; with ``ctrl_c_in_1`` (a target of
+    ``helpers.interrupt_after``), process 1 gets SIGINT once that target has returned."""
     import portpicker
 
     port = portpicker.pick_unused_port()
     env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+    def command(i):
+        args = _main_args(
+            records,
+            workdirs[i],
+            "--config.distributed.initialize=True",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            *extra,
+        )
+        assert args[:3] == [sys.executable, "-m", "signnet_jax.main"]
+        if i == 1 and ctrl_c_in_1:
+            return interrupt_after_command(ctrl_c_in_1, "signnet_jax.main", *args[3:])
+        return args
+
     return [
         subprocess.Popen(
-            _main_args(
-                records,
-                workdirs[i],
-                "--config.distributed.initialize=True",
-                f"--config.distributed.coordinator_address=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-                *extra,
-            ),
+            command(i),
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -1951,8 +1961,35 @@ def test_ctrl_c_on_one_of_two_processes_saves_and_stops_both(records, tmp_path):
             f"interrupted: checkpoints saved up to step {stop} in {run / 'checkpoints'}; the "
             "same command resumes from the latest"
         )
-    assert "Ctrl-C on process 1: every process stops after this step and saves it" in outs[1][1]
+    assert (
+        "Ctrl-C on process 1: every process stops after this step (or the validation running "
+        "now) and saves it; Ctrl-C again stops this one at once"
+    ) in outs[1][1]
     assert "Ctrl-C on process" not in outs[0][1]
+
+
+@pytest.mark.heavy
+def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_path):
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    w = tmp_path / "w"
+    # process 1 gets SIGINT once its first test batch is put together
+    procs = _start_two_processes(
+        records, [w, w], "--config.mode=eval", "--config.test_split=test",
+        f"--config.init_from={init}", ctrl_c_in_1="signnet_jax.sharding:global_batch",
+    )  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hung pair must not outlive the test
+    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
+    for _, err in outs:
+        assert err.splitlines()[-1] == (
+            "interrupted: the evaluation did not finish (no metrics.json written); run it again"
+        )
+    assert "Ctrl-C on process 1: every process stops evaluating the test split;" in outs[1][1]
+    assert not (w / "eval").exists()
 
 
 def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises():
