@@ -188,12 +188,8 @@ def memory_limit(device) -> tuple[int, str] | None:
     takes by default, an attached accelerator's own allocator limit; None on the CPU."""
     if device.platform == "cpu":
         return None
-    try:
-        stats = device.memory_stats()
-    except jax.errors.JaxRuntimeError:  # a compile-only device (a topology's) has none
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"], "the allocator's limit"
+    if limit := sharding.device_memory_limit(device):
+        return limit, "the allocator's limit"
     if device.platform == "tpu":
         hbm = tpu_memory_bytes(device.device_kind)
         return (hbm, "HBM") if hbm else None

@@ -91,7 +91,7 @@ def eval_chunks(share: int, views_per_device: int) -> tuple[int, int]:
     return n, -(-share // n)
 
 
-def compile_eval_steps(setup, config: ml_collections.ConfigDict, params) -> None:
+def compile_eval_steps(setup, config: ml_collections.ConfigDict, params, resident=None) -> None:
     """Compiles the evaluation step for the validation and the test views (both when their
     sizes differ) before training starts: the first validation comes only after an epoch, and a
     step that does not fit the device stops the run now, with ``eval_memory_advice``. The
@@ -99,6 +99,8 @@ def compile_eval_steps(setup, config: ml_collections.ConfigDict, params) -> None
 
     Args:
       params: the parameters as ShapeDtypeStructs with their shardings.
+      resident: what stays on the devices while evaluating (the training state, the same
+        kind of tree): on an accelerator that says its memory, the step must fit beside it.
     """
     from signnet_jax import train
 
@@ -122,13 +124,38 @@ def compile_eval_steps(setup, config: ml_collections.ConfigDict, params) -> None
                 f"eval step compiled ({size}x{size} views of the {split} split): "
                 f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
             )
+            if resident is not None:
+                _check_fits_beside(setup, config, split, resident, views, mem.temp_size_in_bytes)
 
 
-def eval_memory_advice(setup, config: ml_collections.ConfigDict, split: str):
-    """A device out-of-memory error of the evaluation step on ``split`` becomes a TrainingError
-    naming what helps: fewer views per device at a time, else splash attention on TPUs."""
+def _check_fits_beside(setup, config, split: str, resident, views, temps: int) -> None:
+    """Raises when evaluating ``split`` needs more than the device's memory beside the
+    training state: the step compiles alone, but at run time the state stays."""
     from signnet_jax import train
 
+    limit = sharding.device_memory_limit(setup.mesh.devices.flat[0])
+    if limit is None:
+        return
+    state, views = sharding.bytes_per_device(resident), sharding.bytes_per_device(views)
+    need = state + views + temps
+    if need <= limit:
+        return
+    raise train.TrainingError(
+        f"evaluating the {split} split needs more device memory than there is beside the "
+        f"training state: {_size(need)} per device ({_size(state)} of training state, "
+        f"{_size(views)} of views, {_size(temps)} of temporaries), of {_size(limit)}; "
+        f"{_eval_fix(setup, config)}"
+    )
+
+
+def _size(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _eval_fix(setup, config: ml_collections.ConfigDict) -> str:
+    """What lowers the evaluation step's memory, for the messages."""
     views = config.data.eval_views_per_device
     share = config.data.eval_batch_size // setup.mesh.size
     at_once = eval_chunks(share, views)[1]
@@ -137,10 +164,15 @@ def eval_memory_advice(setup, config: ml_collections.ConfigDict, split: str):
         fix = f"try a smaller --config.data.eval_views_per_device ({now}; 1 needs the least memory)"
     else:
         fix = "on TPUs try --config.model.attention=splash"
-    return train.memory_advice(
-        f"evaluating the {split} split",
-        f"with {at_once} view{'s' * (at_once != 1)} per device at a time, {fix}",
-    )
+    return f"with {at_once} view{'s' * (at_once != 1)} per device at a time, {fix}"
+
+
+def eval_memory_advice(setup, config: ml_collections.ConfigDict, split: str):
+    """A device out-of-memory error of the evaluation step on ``split`` becomes a TrainingError
+    naming what helps: fewer views per device at a time, else splash attention on TPUs."""
+    from signnet_jax import train
+
+    return train.memory_advice(f"evaluating the {split} split", _eval_fix(setup, config))
 
 
 def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, mode: str):

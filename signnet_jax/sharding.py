@@ -224,6 +224,26 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     }
 
 
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of (abstract) arrays with their shardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes the allocator of an attached accelerator lets a process use; None where it does
+    not say (the CPU)."""
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats()
+    except jax.errors.JaxRuntimeError:  # a compile-only device (a topology's) has none
+        return None
+    return (stats or {}).get("bytes_limit") or None
+
+
 def shard_leaf_count(tree) -> tuple[int, int]:
     """(leaves sharded over more than one device, all leaves): to check FSDP really shards."""
     leaves = jax.tree.leaves(tree)

@@ -1155,7 +1155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
             )
         # validation and the test, compiled now: not after an epoch of training
-        evaluate.compile_eval_steps(setup, config, abstract_params)
+        evaluate.compile_eval_steps(setup, config, abstract_params, resident=abstract_state)
 
         writer = _summary_writer(workdir_path)
         if writer is not None:  # closed (its last scalars written) also when training stops

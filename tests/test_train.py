@@ -1630,6 +1630,86 @@ def test_an_eval_step_that_does_not_fit_stops_before_training(records, tmp_path,
     assert events == ["train", "step"]
 
 
+def test_an_eval_step_that_does_not_fit_beside_the_training_state_stops_training(
+    records, tmp_path, monkeypatch
+):
+    # it compiles alone, but while it runs the training state stays on the device: on an
+    # accelerator that says its memory, that sum is checked at start-up, not after an epoch
+    from signnet_jax import sharding
+    from signnet_jax.models import vit
+
+    events = _record_compiles_and_steps(monkeypatch)
+    asked = []
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda d: asked.append(d) or 2**19)
+    c = tiny_config(records, **{"train.max_steps": 2})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    size = r"([\d.]+ [KMG]iB)"
+    m = re.fullmatch(
+        rf"evaluating the val split needs more device memory than there is beside the training "
+        rf"state: {size} per device \({size} of training state, {size} of views, {size} of "
+        r"temporaries\), of 512\.0 KiB; with 1 view per device at a time, on TPUs try "
+        r"--config.model.attention=splash",
+        str(e.value),
+    )
+    assert m, str(e.value)
+
+    def kib(text):
+        number, unit = text.split()
+        return float(number) * {"KiB": 1, "MiB": 2**10, "GiB": 2**20}[unit]
+
+    need, state, views, temps = map(kib, m.groups())
+    # the parameters and Adam's two moments, float32, replicated (fsdp 1); a few counters
+    classes = len(json.loads((records / "dataset_info.json").read_text())["classes"])
+    n = sum(x.size for x in jax.tree.leaves(vit.abstract_params(train.model_config(c, classes))))
+    assert 3 * 4 * n / 2**10 - 0.05 <= state <= (3 * 4 * n + 1024) / 2**10 + 0.05
+    per_device = c.data.eval_batch_size // jax.device_count()
+    assert views == per_device * 4 * 32 * 32 * 3 / 2**10  # uint8 clips
+    assert temps > 0 and abs(need - (state + views + temps)) <= 0.15
+    assert asked and asked[0] in jax.devices()
+    assert events == ["train", "eval"]  # no training step
+    assert not checkpointing.checkpoint_steps(tmp_path / "w" / "checkpoints")
+    # where it fits (or on the CPU, which says nothing), training goes on
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda d: 2**40)
+    c = tiny_config(records, **{"train.max_steps": 1, "test_split": ""})
+    assert train.train_and_evaluate(c, tmp_path / "fits")["steps"] == 1
+
+
+def test_bytes_per_device_and_the_memory_a_device_says_it_has():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from signnet_jax import sharding
+
+    mesh = sharding.make_mesh(fsdp=2)  # data 4 x fsdp 2
+    tree = {
+        "split": jax.ShapeDtypeStruct(
+            (16, 6), np.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
+        ),
+        "both": jax.ShapeDtypeStruct(
+            (16, 6), np.float32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        ),
+        "whole": jax.ShapeDtypeStruct((5,), jax.numpy.bfloat16, sharding=sharding.replicated(mesh)),
+    }
+    assert sharding.bytes_per_device(tree) == 8 * 6 * 4 + 2 * 6 * 4 + 5 * 2
+
+    def device(platform, stats):
+        def memory_stats():
+            if isinstance(stats, Exception):
+                raise stats
+            return stats
+
+        return types.SimpleNamespace(platform=platform, memory_stats=memory_stats)
+
+    limit = {"bytes_in_use": 5, "bytes_limit": 15_032_385_536}
+    assert sharding.device_memory_limit(device("tpu", limit)) == 15_032_385_536
+    assert sharding.device_memory_limit(device("cpu", limit)) is None
+    assert sharding.device_memory_limit(device("gpu", None)) is None
+    assert sharding.device_memory_limit(device("gpu", {"bytes_in_use": 5})) is None
+    no_stats = jax.errors.JaxRuntimeError("UNIMPLEMENTED: compile-only device")
+    assert sharding.device_memory_limit(device("tpu", no_stats)) is None
+    assert sharding.device_memory_limit(jax.devices()[0]) is None  # this machine's CPU
+
+
 def test_step_compiles_once(records, tmp_path, monkeypatch):
     compiles = []
     real = jax.stages.Lowered.compile
