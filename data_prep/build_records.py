@@ -755,7 +755,7 @@ def build(
             )
             counts["num_entries"] += 1
             rec = os.path.join(work, t.key + ".rec")
-            if os.path.exists(rec):
+            if t.index not in errors and os.path.exists(rec):
                 counts["num_records"] += 1
                 rec_paths.setdefault(split, []).append(rec)
                 continue
@@ -808,6 +808,8 @@ def build(
     finally:
         lock.close()
     fraction = len(failures) / max(1, len(tasks))
+    # videos gone while the build ran: not found either
+    vanished = sum(o.reason == MISSING for o in errors.values()) - missing
     no_person = {k: v["no_person"] for k, v in splits_info.items() if v["no_person"]}
     return BuildResult(
         num_entries=len(tasks),
@@ -815,8 +817,8 @@ def build(
         failures=failures,
         per_split=per_split,
         cached=cached,
-        missing=missing,
-        processed=len(todo),
+        missing=missing + vanished,
+        processed=len(todo) - vanished,
         seconds=time.perf_counter() - t_start,
         hht_seconds=hht_seconds,
         setup_seconds=setup_seconds,

@@ -580,6 +580,26 @@ def test_a_missing_video_is_looked_for_again_on_every_run(dataset, tmp_path):
     assert detail() == []
 
 
+def test_a_video_gone_while_the_build_runs_is_counted_as_not_found(dataset, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    shutil.copytree(dataset / "videos", videos)
+    later = videos / f"{_youtube_id('00007')}.mp4"
+
+    class RemovesALaterVideo(FakeTunneller):
+        def process_video(self, path, start_frame=0, end_frame=None):
+            later.unlink(missing_ok=True)
+            return super().process_video(path, start_frame, end_frame)
+
+    out = tmp_path / "o"
+    args = _cli(dataset, out, "--videos", str(videos), "--workers", "0")
+    assert build_records.main(args, tunneller_factory=RemovesALaterVideo) == 0  # 4 of 7 < 0.6
+    # 00004 was never there; 00007 went after the build started
+    assert "(5 processed, 0 cached, 2 not found)\n" in capsys.readouterr().err
+    failures = {f["video_id"]: f for f in map(json.loads, (out / "failures.jsonl").open())}
+    assert failures["00007"]["detail"] == f"{later}: no such file"
+    assert failures["00004"]["reason"] == failures["00007"]["reason"] == "missing_file"
+
+
 def test_a_video_too_large_for_free_memory_is_retried_not_cached(dataset, tmp_path, monkeypatch):
     from signnet_jax.hht import video
 
