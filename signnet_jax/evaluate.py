@@ -130,22 +130,30 @@ def compile_eval_steps(setup, config: ml_collections.ConfigDict, params, residen
 
 def _check_fits_beside(setup, config, split: str, resident, views, temps: int) -> None:
     """Raises when evaluating ``split`` needs more than the device's memory beside the
-    training state: the step compiles alone, but at run time the state stays."""
+    training state: the step compiles alone, but at run time the state stays. Every host
+    raises when one does (the others would wait in the first step's collectives)."""
     from signnet_jax import train
 
-    limit = sharding.device_memory_limit(setup.mesh.devices.flat[0])
-    if limit is None:
-        return
+    mine = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = sharding.device_memory_limit(mine[0])
     state, views = sharding.bytes_per_device(resident), sharding.bytes_per_device(views)
     need = state + views + temps
-    if need <= limit:
-        return
-    raise train.TrainingError(
-        f"evaluating the {split} split needs more device memory than there is beside the "
-        f"training state: {_size(need)} per device ({_size(state)} of training state, "
-        f"{_size(views)} of views, {_size(temps)} of temporaries), of {_size(limit)}; "
-        f"{_eval_fix(setup, config)}"
-    )
+    over = limit is not None and need > limit
+    if jax.process_count() > 1:
+        short = np.flatnonzero(multihost_utils.process_allgather(np.int32(over)))
+        if len(short) and not over:
+            raise train.TrainingError(
+                f"evaluating the {split} split needs more device memory than process "
+                f"{short[0]} has beside the training state (its message gives the sizes); "
+                f"{_eval_fix(setup, config)}"
+            )
+    if over:
+        raise train.TrainingError(
+            f"evaluating the {split} split needs more device memory than there is beside the "
+            f"training state: {_size(need)} per device ({_size(state)} of training state, "
+            f"{_size(views)} of views, {_size(temps)} of temporaries), of {_size(limit)}; "
+            f"{_eval_fix(setup, config)}"
+        )
 
 
 def _size(n: int) -> str:
@@ -207,7 +215,7 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     # (valid False) and a flag that all hosts gather, so all of them stop together; a Ctrl-C
     # likewise
     error = empty = None
-    ctrl_c = train.AgreedCtrlC(multi_host, f"every process stops evaluating the {split} split")
+    ctrl_c = train.AgreedCtrlC(multi_host)
     try:
         with ctrl_c, advice, train.damaged_records(config.records_dir):
             for _ in range(info.num_steps):
@@ -245,7 +253,7 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                             f"evaluating the {split} split (its message says what)"
                         )
                     if (codes == 1).any():  # every host at this batch
-                        raise KeyboardInterrupt
+                        raise train.AgreedInterrupt
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():
                     index = int(vi[bad][0])

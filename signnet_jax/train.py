@@ -711,72 +711,84 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
 # --- the loop -----------------------------------------------------------------------
 
 
+class AgreedInterrupt(KeyboardInterrupt):
+    """A Ctrl-C every host agreed on at the same point (see AgreedCtrlC)."""
+
+
 class AgreedCtrlC:
     """On several hosts, the first Ctrl-C as a flag the hosts agree on; the second raises.
 
     A host that raised KeyboardInterrupt alone would leave the others waiting in the next
     collective until JAX's health check ended them, and hosts that each got the Ctrl-C would
     raise at different points, some inside a collective. So the code that runs collectives
-    (the training loop, the evaluation) gathers this flag with its own and all hosts stop at
-    the same point. On one host, or when SIGINT is ignored (``cmd &``) or already handled by
-    an enclosing AgreedCtrlC, nothing is installed.
+    (the training loop, the evaluation) gathers ``interrupted`` with its own flags and all
+    hosts stop at the same point. The flag is the process's: nested uses (a validation
+    inside training) see a Ctrl-C the outer one caught, and once it is set the next Ctrl-C
+    raises at once. The outermost use starts with it clear. On one host, or when SIGINT is
+    ignored (``cmd &``), nothing is installed.
 
     Args:
       active: several hosts run.
-      then: what happens now, for the message: ``every process stops after this step``.
     """
 
-    def __init__(self, active: bool, then: str):
-        self.active, self.then = active, then
-        self.interrupted = False
+    _requested = False  # this process got a Ctrl-C (one per process)
+    _depth = 0  # uses entered and not exited
+
+    def __init__(self, active: bool):
+        self.active = active
         self._previous = None
 
+    @property
+    def interrupted(self) -> bool:
+        return AgreedCtrlC._requested
+
     def __enter__(self):
+        if AgreedCtrlC._depth == 0:
+            AgreedCtrlC._requested = False
+        AgreedCtrlC._depth += 1
         # signal handlers can only be installed from the main thread (not in notebooks' threads)
         if (
             self.active
+            and not AgreedCtrlC._requested
             and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         ):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def _handle(self, signum, frame):
-        self.interrupted = True
+    @staticmethod
+    def _handle(signum, frame):
+        AgreedCtrlC._requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
         print(
-            f"\nCtrl-C on process {jax.process_index()}: {self.then}; Ctrl-C again stops this "
-            "one at once (the others then wait until JAX's health check ends them)",
+            f"\nCtrl-C on process {jax.process_index()}: every process stops at the same point "
+            "(training saves its step first); Ctrl-C again stops this one at once (the others "
+            "then wait until JAX's health check ends them)",
             file=sys.stderr,
             flush=True,
         )
 
     def __exit__(self, *exc):
+        AgreedCtrlC._depth -= 1
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            if signal.getsignal(signal.SIGINT) is self._handle:
+                signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps; on several hosts the first
-    Ctrl-C too (AgreedCtrlC): it travels with the batch like SIGTERM's, so every host saves
-    the same step and exits as interrupted."""
+    """Turns SIGTERM into a flag the loop checks between steps; on several hosts a Ctrl-C
+    (AgreedCtrlC, entered around the loop and the final test) travels with the batch the
+    same way, so every host saves the same step and exits as interrupted."""
 
-    def __init__(self, multi_host: bool = False):
+    def __init__(self):
         self.requested = False
         self._previous = None
-        self.ctrl_c = AgreedCtrlC(
-            multi_host, "every process stops after this step (or the validation running now) "
-            "and saves it"
-        )  # fmt: skip
-
-    @property
-    def interrupted(self) -> bool:
-        return self.ctrl_c.interrupted
 
     @property
     def code(self) -> int:
         """This host's stop code for the batch rows: 0, STOP_PREEMPTED or STOP_INTERRUPTED."""
-        if self.interrupted:
+        if AgreedCtrlC._requested:
             return STOP_INTERRUPTED
         return STOP_PREEMPTED if self.requested else 0
 
@@ -784,14 +796,12 @@ class _Preemption:
         # signal handlers can only be installed from the main thread (not in notebooks' threads)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self.ctrl_c.__enter__()
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        self.ctrl_c.__exit__(*exc)
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -1230,6 +1240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
 
         stop_pending = metrics = None
+        # on several hosts a Ctrl-C stops them together, in the loop and in the final test
+        on_exit.enter_context(AgreedCtrlC(multi_host))
         # the trace starts after step profile_start, or after this run's first step when it
         # resumed past that (the first step pays for the restore and the input warm-up)
         after = config.train.profile_start if start <= config.train.profile_start else start + 1
@@ -1243,7 +1255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         # closing the input pipeline stops its workers and frees the batches they prefetched
         with (
-            _Preemption(multi_host) as preempt,
+            _Preemption() as preempt,
             _memory_advice(per_device),
             damaged_records(config.records_dir),
             trace,
@@ -1317,12 +1329,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if step % config.train.log_every == 0:  # not the last step's extra line
                         loss_since, loss_sum = step, jnp.float32(0)
                 val_metrics = None
-                if config.val_split and (step % val_every == 0 or step == last_step):
+                # an agreed Ctrl-C saves the step without validating it
+                validate = config.val_split and (step % val_every == 0 or step == last_step)
+                if validate and stop != STOP_INTERRUPTED:
                     check_finite()
                     t_val = _clock()
-                    report = evaluate.evaluate_split(
-                        setup, config, _eval_params(state), config.val_split, "val"
-                    )
+                    try:
+                        report = evaluate.evaluate_split(
+                            setup, config, _eval_params(state), config.val_split, "val"
+                        )
+                    except AgreedInterrupt:  # every host at the same batch: save the step
+                        stop, validate = STOP_INTERRUPTED, False
+                if validate and stop != STOP_INTERRUPTED:
                     val_metrics = {"val_top1": report["per_instance"]["top1"]}
                     best_val = max(best_val or 0.0, val_metrics["val_top1"])
                     val_log.append((step, val_metrics["val_top1"]))

@@ -1675,6 +1675,55 @@ def test_an_eval_step_that_does_not_fit_beside_the_training_state_stops_training
     assert train.train_and_evaluate(c, tmp_path / "fits")["steps"] == 1
 
 
+def test_on_several_hosts_an_eval_step_one_host_cannot_fit_stops_them_all(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from signnet_jax import sharding
+
+    mesh = sharding.make_mesh()
+    setup = types.SimpleNamespace(mesh=mesh)
+    config = tiny_config("unused")
+    state = jax.ShapeDtypeStruct((2**18,), np.float32, sharding=sharding.replicated(mesh))
+    views = jax.ShapeDtypeStruct(
+        (8, 4, 32, 32, 3), np.uint8, sharding=sharding.batch_sharding(mesh, 5)
+    )
+    asked, gathered = [], []
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda d: asked.append(d) or 2**21)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def others(flags):
+        def allgather(x):
+            gathered.append(int(x))
+            return np.array(flags(int(x)))
+
+        monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+    fix = "with 1 view per device at a time, on TPUs try --config.model.attention=splash"
+    # this host fits (1 MiB + 12 KiB + 1 KiB of 2 MiB); process 1 does not
+    others(lambda mine: [mine, 1])
+    with pytest.raises(train.TrainingError) as e:
+        evaluate._check_fits_beside(setup, config, "val", state, views, 1024)
+    assert str(e.value) == (
+        "evaluating the val split needs more device memory than process 1 has beside the "
+        f"training state (its message gives the sizes); {fix}"
+    )
+    assert gathered == [0] and asked[0] in jax.local_devices()
+    # this host does not: its own sizes
+    others(lambda mine: [mine, 0])
+    with pytest.raises(train.TrainingError) as e:
+        evaluate._check_fits_beside(setup, config, "val", state, views, 2**21)
+    assert str(e.value) == (
+        "evaluating the val split needs more device memory than there is beside the training "
+        "state: 3.0 MiB per device (1.0 MiB of training state, 12.0 KiB of views, 2.0 MiB of "
+        f"temporaries), of 2.0 MiB; {fix}"
+    )
+    assert gathered == [0, 1]
+    # every host fits
+    others(lambda mine: [mine, 0])
+    evaluate._check_fits_beside(setup, config, "val", state, views, 1024)
+    assert gathered == [0, 1, 0]
+
+
 def test_bytes_per_device_and_the_memory_a_device_says_it_has():
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -2041,11 +2090,41 @@ def test_ctrl_c_on_one_of_two_processes_saves_and_stops_both(records, tmp_path):
             f"interrupted: checkpoints saved up to step {stop} in {run / 'checkpoints'}; the "
             "same command resumes from the latest"
         )
-    assert (
-        "Ctrl-C on process 1: every process stops after this step (or the validation running "
-        "now) and saves it; Ctrl-C again stops this one at once"
-    ) in outs[1][1]
+    assert CTRL_C_NOTICE in outs[1][1]
     assert "Ctrl-C on process" not in outs[0][1]
+
+
+CTRL_C_NOTICE = (
+    "Ctrl-C on process 1: every process stops at the same point (training saves its step "
+    "first); Ctrl-C again stops this one at once"
+)
+
+
+@pytest.mark.heavy
+def test_ctrl_c_on_one_of_two_processes_in_a_validation_saves_the_step(records, tmp_path):
+    # process 1 gets SIGINT as its first validation starts (eval_step's first call compiled
+    # it at start-up): both stop at the same validation batch and save step 4 unvalidated
+    run = tmp_path / "run"
+    procs = _start_two_processes(
+        records, [run, run], "--config.optim.epochs=100", *VAL,
+        "--config.train.checkpoint_every_steps=1000",
+        ctrl_c_in_1="signnet_jax.evaluate:eval_step#2",
+    )  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # a hung pair must not outlive the test
+    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
+    assert "interrupted (Ctrl-C) at step 4: checkpoint saved" in outs[0][0]
+    assert not [line for line in outs[0][0].splitlines() if line.startswith("val step")]
+    assert checkpointing.checkpoint_steps(run / "checkpoints") == [4]
+    for _, err in outs:
+        assert err.splitlines()[-1] == (
+            f"interrupted: checkpoints saved up to step 4 in {run / 'checkpoints'}; the same "
+            "command resumes from the latest"
+        )
+    assert CTRL_C_NOTICE in outs[1][1]
 
 
 @pytest.mark.heavy
@@ -2068,31 +2147,38 @@ def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_pa
         assert err.splitlines()[-1] == (
             "interrupted: the evaluation did not finish (no metrics.json written); run it again"
         )
-    assert "Ctrl-C on process 1: every process stops evaluating the test split;" in outs[1][1]
+    assert CTRL_C_NOTICE in outs[1][1]
     assert not (w / "eval").exists()
 
 
 def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with train._Preemption(multi_host=True) as stop:
+        with train.AgreedCtrlC(True) as outer, train._Preemption() as stop:
             assert stop.code == 0
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.code == train.STOP_PREEMPTED
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs; nothing is raised
+            # a validation inside training: its own use installs nothing, sees the same flag
+            with train.AgreedCtrlC(True) as inner:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs; nothing is raised
+                assert inner.interrupted and outer.interrupted
             assert stop.code == train.STOP_INTERRUPTED  # Ctrl-C outranks SIGTERM
-            with pytest.raises(KeyboardInterrupt):
+            # the second Ctrl-C raises at once, also inside a later evaluation
+            with train.AgreedCtrlC(True), pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with train.AgreedCtrlC(True) as fresh:  # the next run starts clear
+            assert not fresh.interrupted
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
         # one host: Ctrl-C raises as usual, at once
-        with train._Preemption() as stop, pytest.raises(KeyboardInterrupt):
+        with train.AgreedCtrlC(False) as one, pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-        assert not stop.interrupted
+        assert not one.interrupted
         # inherited as ignored (`cmd &`): stays ignored
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with train._Preemption(multi_host=True) as stop:
+        with train.AgreedCtrlC(True) as ignored:
             os.kill(os.getpid(), signal.SIGINT)
-            assert stop.code == 0
+            assert not ignored.interrupted
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
