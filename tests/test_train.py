@@ -1907,10 +1907,10 @@ def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE, ctrl
     ]
 
 
-def _run_two_processes(records, workdirs, *extra) -> list[tuple[int, str, str]]:
+def _run_two_processes(records, workdirs, *extra, ctrl_c_in_1=None) -> list[tuple[int, str, str]]:
     """``_start_two_processes`` to the end: (exit status, stdout, stderr) of each, killed
     after 300 s."""
-    procs = _start_two_processes(records, workdirs, *extra)
+    procs = _start_two_processes(records, workdirs, *extra, ctrl_c_in_1=ctrl_c_in_1)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -2105,26 +2105,21 @@ def test_ctrl_c_on_one_of_two_processes_in_a_validation_saves_the_step(records, 
     # process 1 gets SIGINT as its first validation starts (eval_step's first call compiled
     # it at start-up): both stop at the same validation batch and save step 4 unvalidated
     run = tmp_path / "run"
-    procs = _start_two_processes(
+    runs = _run_two_processes(
         records, [run, run], "--config.optim.epochs=100", *VAL,
         "--config.train.checkpoint_every_steps=1000",
         ctrl_c_in_1="signnet_jax.evaluate:eval_step#2",
     )  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()  # a hung pair must not outlive the test
-    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
-    assert "interrupted (Ctrl-C) at step 4: checkpoint saved" in outs[0][0]
-    assert not [line for line in outs[0][0].splitlines() if line.startswith("val step")]
+    assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
+    assert "interrupted (Ctrl-C) at step 4: checkpoint saved" in runs[0][1]
+    assert not [line for line in runs[0][1].splitlines() if line.startswith("val step")]
     assert checkpointing.checkpoint_steps(run / "checkpoints") == [4]
-    for _, err in outs:
+    for _, _, err in runs:
         assert err.splitlines()[-1] == (
             f"interrupted: checkpoints saved up to step 4 in {run / 'checkpoints'}; the same "
             "command resumes from the latest"
         )
-    assert CTRL_C_NOTICE in outs[1][1]
+    assert CTRL_C_NOTICE in runs[1][2]
 
 
 @pytest.mark.heavy
@@ -2133,21 +2128,16 @@ def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_pa
     init = _converted(tmp_path, DIMS, names)
     w = tmp_path / "w"
     # process 1 gets SIGINT once its first test batch is put together
-    procs = _start_two_processes(
+    runs = _run_two_processes(
         records, [w, w], "--config.mode=eval", "--config.test_split=test",
         f"--config.init_from={init}", ctrl_c_in_1="signnet_jax.sharding:global_batch",
     )  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()  # a hung pair must not outlive the test
-    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
-    for _, err in outs:
+    assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
+    for _, _, err in runs:
         assert err.splitlines()[-1] == (
             "interrupted: the evaluation did not finish (no metrics.json written); run it again"
         )
-    assert CTRL_C_NOTICE in outs[1][1]
+    assert CTRL_C_NOTICE in runs[1][2]
     assert not (w / "eval").exists()
 
 
