@@ -32,15 +32,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.options import check_clip, positive  # noqa: E402
+from bench.options import check_clip, positive, require_torch  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 from signnet_jax.models import vit  # noqa: E402
 from signnet_jax.models.flops import forward_flops, peak_flops  # noqa: E402
-from tests.models import torch_vit  # noqa: E402
-from tests.models.helpers import flax_twin  # noqa: E402
+
+try:
+    import torch
+
+    from tests.models import torch_vit
+    from tests.models.helpers import flax_twin
+except ModuleNotFoundError as e:  # main says how to install it
+    if e.name != "torch":
+        raise
+    torch = torch_vit = flax_twin = None
 
 
 def torch_train_step(model, clip, labels):
@@ -136,6 +143,8 @@ def bench_preset(preset: str, args: argparse.Namespace) -> list[tuple]:
 
 def _presets(text: str) -> list[str]:
     names = text.split(",")
+    if torch_vit is None:  # main stops first
+        return names
     for name in names:
         if name not in torch_vit.PRESETS:
             raise argparse.ArgumentTypeError(
@@ -173,6 +182,7 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true", help="forward passes only")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face model")
     args = p.parse_args()
+    require_torch(p, "bench/train.py --no-torch times the JAX model alone")
     for preset in args.presets:
         check_clip(p, preset, args.frames, args.size)
 

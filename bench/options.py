@@ -28,3 +28,16 @@ def check_clip(parser: argparse.ArgumentParser, preset: str, frames: int, size: 
     for problem in vit.clip_problems(preset, frames, size, ("--frames", "--size")):
         parser.error(problem)
     return preset
+
+
+def require_torch(parser: argparse.ArgumentParser, instead: str) -> None:
+    """``parser.error`` when PyTorch, which times the reference, is not installed; ``instead``
+    says what runs without it."""
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        parser.error(
+            "the PyTorch reference needs torch: pip install -e '.[test]' (a CPU build); " + instead
+        )

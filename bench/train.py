@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.options import check_clip, positive  # noqa: E402
+from bench.options import check_clip, positive, require_torch  # noqa: E402
 from bench.timing import best_of  # noqa: E402
 from bench.topology import (  # noqa: E402
     GPU_EXAMPLES,
@@ -320,6 +320,8 @@ def main() -> None:
     for name in kernels:
         if name not in vit.ATTENTION:
             p.error(f"--attention {name!r}: choose from {', '.join(vit.ATTENTION)}")
+    if not (args.no_torch or args.memory) and devices[0].platform == "cpu":
+        require_torch(p, "or time JAX alone with --no-torch")
 
     config = wlasl2000.get_config()
     classes = 2000

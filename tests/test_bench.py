@@ -337,6 +337,26 @@ def test_bad_bench_options_are_one_line_usage_errors(command, error):
     assert r.stderr.splitlines()[-1] == f"{script}: error: {error}"
 
 
+@pytest.mark.parametrize(
+    "command, instead",
+    [
+        ("bench/model.py --presets S", "bench/train.py --no-torch times the JAX model alone"),
+        ("bench/train.py --preset S --frames 4 --size 32", "or time JAX alone with --no-torch"),
+    ],
+)
+def test_a_bench_without_pytorch_says_how_to_install_it(command, instead):
+    # on a CPU the reference step is timed beside JAX; it used to be a traceback (model.py)
+    # or one after the JAX timing (train.py)
+    r = _bench(command, python=("-c", WITHOUT_TORCH))
+    assert r.returncode == 2, r.stderr[-3000:]
+    script = command.split()[0].split("/")[1]
+    assert r.stderr.splitlines()[-1] == (
+        f"{script}: error: the PyTorch reference needs torch: pip install -e '.[test]' (a CPU "
+        f"build); {instead}"
+    )
+    assert "ViT-S" not in r.stdout  # nothing timed first
+
+
 def _option_help(text: str) -> dict[str, str]:
     """``--flag: its help text`` from an argparse --help (help on the flag's or next lines)."""
     options = text.split("\noptions:\n", 1)[1]
