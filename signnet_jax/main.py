@@ -53,12 +53,17 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kwargs)
     try:
-        if config.mode == "train":
-            train.train_and_evaluate(config, _WORKDIR.value)
-        elif config.mode == "eval":
-            evaluate.evaluate(config, _WORKDIR.value)
-        else:
-            raise train.TrainingError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+        # on several hosts a Ctrl-C from here on stops them all at the same point: one that
+        # stopped alone while setting up would leave the others waiting in a collective
+        with train.AgreedCtrlC(jax.process_count() > 1):
+            if config.mode == "train":
+                train.train_and_evaluate(config, _WORKDIR.value)
+            elif config.mode == "eval":
+                evaluate.evaluate(config, _WORKDIR.value)
+            else:
+                raise train.TrainingError(
+                    f"config.mode must be 'train' or 'eval', got {config.mode!r}"
+                )
     except train.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

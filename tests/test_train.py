@@ -2123,14 +2123,36 @@ def test_ctrl_c_on_one_of_two_processes_in_a_validation_saves_the_step(records, 
 
 
 @pytest.mark.heavy
-def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_path):
+def test_ctrl_c_on_one_of_two_processes_while_they_set_up_saves_an_early_step(records, tmp_path):
+    # process 1 gets SIGINT once its setup has read the records: it used to stop alone and
+    # leave the other waiting in setup's collectives (checkpoint, compile checks, first step)
+    run = tmp_path / "run"
+    runs = _run_two_processes(
+        records, [run, run], "--config.optim.epochs=100",
+        "--config.train.checkpoint_every_steps=1000", ctrl_c_in_1="signnet_jax.train:prepare",
+    )  # fmt: skip
+    assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
+    # the stop code travels with step 1's batch and is read after step 2 (no wait per step)
+    assert "interrupted (Ctrl-C) at step 2: checkpoint saved" in runs[0][1]
+    assert checkpointing.checkpoint_steps(run / "checkpoints") == [2]
+    assert CTRL_C_NOTICE in runs[1][2]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(
+    "target",
+    [
+        "signnet_jax.sharding:global_batch",  # its first test batch is put together
+        "signnet_jax.train:prepare",  # while setting up
+    ],
+)
+def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_path, target):
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     init = _converted(tmp_path, DIMS, names)
     w = tmp_path / "w"
-    # process 1 gets SIGINT once its first test batch is put together
     runs = _run_two_processes(
         records, [w, w], "--config.mode=eval", "--config.test_split=test",
-        f"--config.init_from={init}", ctrl_c_in_1="signnet_jax.sharding:global_batch",
+        f"--config.init_from={init}", ctrl_c_in_1=target,
     )  # fmt: skip
     assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
     for _, _, err in runs:
