@@ -441,6 +441,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train.check_workdir(workdir)
     train.check_eval_batch(config)
+    train.check_value_ranges(config, "eval")
     if config.smoke.enabled:
         train.ensure_smoke(config)
     train.check_shared_workdir(workdir)

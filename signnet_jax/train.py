@@ -1023,6 +1023,75 @@ def check_train_settings(train: ml_collections.ConfigDict) -> None:
         raise TrainingError(f"{', '.join(low)}: set {'them' if len(low) > 1 else 'it'} higher")
 
 
+def _whole(least: int):
+    return lambda v: v >= least, f"a whole number >= {least}"
+
+
+def _between(low: float, high: float, high_too: bool = True):
+    return (
+        lambda v: low <= v <= high if high_too else low <= v < high,
+        f"{low:g} to {high:g}" if high_too else f"at least {low:g} and below {high:g}",
+    )
+
+
+# the settings a mode reads whose values have a range: (test, what to give)
+_EVAL_RANGES = {
+    "data.sampling_rate": _whole(1),
+    "data.test_num_segment": _whole(1),
+    "data.test_num_crop": _whole(1),
+    "data.num_workers": _whole(0),
+}
+_TRAIN_RANGES = _EVAL_RANGES | {
+    "data.reprob": _between(0, 1),
+    "loss.label_smoothing": _between(0, 1, high_too=False),
+    "loss.mixup": (lambda v: v >= 0, "an alpha >= 0 (0: off)"),
+    "loss.cutmix": (lambda v: v >= 0, "an alpha >= 0 (0: off)"),
+    "loss.mixup_prob": _between(0, 1),
+    "loss.switch_prob": _between(0, 1),
+    "model.drop_path_rate": _between(0, 1, high_too=False),
+    "model.head_drop_rate": _between(0, 1, high_too=False),
+    "optim.base_lr": (lambda v: v > 0, "a rate above 0"),
+    "optim.min_lr": (lambda v: v >= 0, "a rate >= 0"),
+    "optim.warmup_lr": (lambda v: v >= 0, "a rate >= 0"),
+    "optim.epochs": _whole(1),
+    "optim.warmup_epochs": _whole(0),
+    "optim.weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "optim.layer_decay": (lambda v: 0 < v <= 1, "above 0 and at most 1; 1: no decay"),
+    "optim.b1": _between(0, 1, high_too=False),
+    "optim.b2": _between(0, 1, high_too=False),
+    "optim.eps": (lambda v: v > 0, "a value above 0"),
+    "optim.clip_grad": (lambda v: v >= 0, "a norm >= 0 (0: no clipping)"),
+    "optim.ema_decay": _between(0, 1, high_too=False),
+}
+
+
+def check_value_ranges(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+    """Refuses a setting outside its range, an unknown flip mode or a RandAugment spec that
+    does not parse, all named at once, before anything is written: such values used to stop
+    a run with a traceback from the input workers, or from the final test after training."""
+    bad = []
+    for key, (ok, give) in (_TRAIN_RANGES if mode == "train" else _EVAL_RANGES).items():
+        group, name = key.split(".")
+        value = config[group].get(name)
+        if value is not None and not ok(value):
+            bad.append(f"{key}={value!r} ({give})")
+    if mode == "train":
+        if config.data.flip not in augment.FLIP_MODES:
+            bad.append(f"data.flip={config.data.flip!r} (plain as published, hht or none)")
+        if config.data.rand_augment:
+            try:
+                augment.RandAugmentSpec.parse(config.data.rand_augment)
+            except ValueError as e:
+                spec = config.data.rand_augment
+                why = str(e).removeprefix(f"RandAugment spec {spec!r}").lstrip(": ")
+                bad.append(
+                    f"data.rand_augment={spec!r} ({why}; the recipe's is "
+                    "'rand-m7-n4-mstd0.5-inc1', '' turns it off)"
+                )
+    if bad:
+        raise TrainingError(f"{', '.join(bad)}: change {'them' if len(bad) > 1 else 'it'}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train, validate periodically, test with the multi-view protocol; resume if possible.
 
@@ -1041,6 +1110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "own (or --config.val_split='' to train without validation)"
         )
     check_train_settings(config.train)
+    check_value_ranges(config)
     check_batch_settings(config)
     if config.smoke.enabled:
         ensure_smoke(config)

@@ -118,3 +118,10 @@ def test_docstring_command_follows_the_init_chain(name, first_line):
     elif name != "wlasl2000":
         k = name.removeprefix("wlasl")
         assert f"first {k} glosses of WLASL_v0.3.json): the WLASL2000 recipe" in doc
+
+
+@pytest.mark.parametrize("name", (*PUBLISHED, "smoke"))
+def test_every_config_is_within_the_checked_ranges(name):
+    # the start-up range check must accept every shipped config as it is
+    for mode in ("train", "eval"):
+        train.check_value_ranges(_config(name), mode)

@@ -2266,6 +2266,53 @@ def test_counts_below_their_least_value_are_refused_before_anything_is_written(r
     assert not (tmp_path / "w").exists()
 
 
+def test_values_out_of_range_are_refused_together_before_anything_is_written(records, tmp_path):
+    # test_num_segment=0 used to fail in the final test, after the whole training; flip,
+    # rand_augment and sampling_rate with a traceback from the input pipeline; reprob=2 and
+    # label_smoothing=1.5 trained without a word
+    bad = {
+        "data.flip": "mirror",
+        "data.rand_augment": "rand-zz",
+        "data.sampling_rate": 0,
+        "data.test_num_segment": 0,
+        "data.reprob": 2.0,
+        "loss.label_smoothing": 1.5,
+        "optim.layer_decay": 0.0,
+    }
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(tiny_config(records, **bad), tmp_path / "w")
+    assert str(e.value) == (
+        "data.sampling_rate=0 (a whole number >= 1), data.test_num_segment=0 (a whole number "
+        ">= 1), data.reprob=2.0 (0 to 1), loss.label_smoothing=1.5 (at least 0 and below 1), "
+        "optim.layer_decay=0.0 (above 0 and at most 1; 1: no decay), data.flip='mirror' (plain as "
+        "published, hht or none), data.rand_augment='rand-zz' (unknown part 'zz' (known: m, n, "
+        "mstd, inc); the recipe's is 'rand-m7-n4-mstd0.5-inc1', '' turns it off): change them"
+    )
+    assert not (tmp_path / "w").exists()
+    # the edges of the ranges are values
+    edges = {
+        "data.reprob": 1.0,
+        "loss.label_smoothing": 0.0,
+        "loss.mixup_prob": 0.0,
+        "optim.layer_decay": 1.0,
+        "data.rand_augment": "",
+        "data.num_workers": 0,
+    }
+    train.check_value_ranges(tiny_config(records, **edges))
+    # eval mode reads the views' settings only, through main
+    r = _run(
+        _main_args(
+            records, tmp_path / "e", "--config.mode=eval", "--config.data.test_num_crop=0",
+            "--config.data.flip=mirror",
+        )
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1] == (
+        "error: data.test_num_crop=0 (a whole number >= 1): change it"
+    )
+    assert not (tmp_path / "e").exists()
+
+
 def test_bucket_workdir_is_refused_before_anything_is_written(records):
     for mode in ("train", "eval"):
         r = _run(_main_args(records, "gs://bucket/runs/x", f"--config.mode={mode}"))
