@@ -51,7 +51,7 @@ TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
 # 2: non-square pixels shown in their display shape; H.264 cut short called truncated.
 FORMAT_VERSION = 2
-FAILURES = "failures.jsonl"
+FAILURES = records.FAILURES
 WORK = "work"
 IDENTITY = "dataset.json"  # in WORK: what a build is building, for check_output
 

@@ -50,6 +50,11 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
             "config.records_dir is empty: set --config.records_dir to a folder written by "
             "python -m data_prep.build_records"
         )
+    if "://" not in config.records_dir and not os.path.exists(config.records_dir):
+        raise TrainingError(
+            f"records folder {config.records_dir} does not exist; build it with python -m "
+            "data_prep.build_records, or fix --config.records_dir"
+        )
     try:
         info = load_dataset_info(config.records_dir)
     except FileNotFoundError as e:
@@ -469,6 +474,27 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
             f"{cfg.img_size}: test views are {config.data.short_side_size}-pixel squares "
             f"while training crops and validation views are {cfg.img_size} (the published "
             "recipe uses the same size for both)"
+        )
+    short = [
+        f"{split} {n['num_failures']} of {n['num_entries']}"
+        for split in dict.fromkeys(
+            (config.train_split, config.val_split, config.test_split)
+            if config.mode == "train"
+            else (config.test_split,)
+        )
+        if split and (n := info["splits"].get(split, {})).get("num_failures")
+    ]
+    if short:
+        setup.warnings.append(
+            f"{config.records_dir} lacks videos its build could not make ({', '.join(short)}; "
+            f"{records.FAILURES} there says why): accuracies are over the videos it holds, "
+            "not the whole split"
+        )
+    if resume is None and not config.init_from and not config.smoke.enabled:
+        setup.warnings.append(
+            "training from a random init: the published recipe and its accuracies start from "
+            "a converted VideoMAEv2 checkpoint (--config.init_from=DIR; README, Converting "
+            "weights)"
         )
     if dropped:
         sizes = sorted({dim for _, dim, _ in dropped})

@@ -1292,9 +1292,53 @@ def test_eval_mode_names_settings_the_run_was_trained_with(records, tmp_path, ca
 
 def test_missing_records_folder(tmp_path):
     c = tiny_config(tmp_path / "nowhere", **{"smoke.enabled": False})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(c, tmp_path / "w")
+    assert str(e.value) == (
+        f"records folder {tmp_path / 'nowhere'} does not exist; build it with python -m "
+        "data_prep.build_records, or fix --config.records_dir"
+    )
+    (tmp_path / "empty").mkdir()
+    c = tiny_config(tmp_path / "empty", **{"smoke.enabled": False})
     with pytest.raises(train.TrainingError, match="has no dataset_info.json.*build_records"):
         train.train_and_evaluate(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_records_whose_build_failed_for_some_videos_and_a_random_init_are_warned_about(
+    records, tmp_path, capsys
+):
+    # a build that could not make most videos still writes dataset_info.json (it says so and
+    # exits 1); training on it used to say nothing, nor on a published config without init_from
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    info = json.loads((copy / "dataset_info.json").read_text())
+    info["splits"]["train"]["num_failures"] = 3
+    info["splits"]["train"]["num_entries"] += 3
+    info["splits"]["test"]["num_failures"] = 1
+    info["splits"]["test"]["num_entries"] += 1
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    kw = {"smoke.enabled": False, "train.max_steps": 1, "val_split": "", "test_split": "test"}
+    train.train_and_evaluate(tiny_config(copy, **kw), tmp_path / "w")
+    out = capsys.readouterr().out
+    splits = info["splits"]
+    assert (
+        f"warning: {copy} lacks videos its build could not make (train 3 of "
+        f"{splits['train']['num_entries']}, test 1 of {splits['test']['num_entries']}; "
+        "failures.jsonl there says why): accuracies are over the videos it holds, not the whole "
+        "split"
+    ) in out
+    assert (
+        "warning: training from a random init: the published recipe and its accuracies start "
+        "from a converted VideoMAEv2 checkpoint (--config.init_from=DIR; README, Converting "
+        "weights)"
+    ) in out
+    # neither when the run resumes on a complete folder
+    info["splits"]["train"]["num_failures"] = info["splits"]["test"]["num_failures"] = 0
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    train.train_and_evaluate(tiny_config(copy, **(kw | {"train.max_steps": 2})), tmp_path / "w")
+    out = capsys.readouterr().out
+    assert "resuming from step 1" in out and "warning" not in out
 
 
 def test_a_file_for_a_folder_and_a_bucket_without_its_package_are_named(

@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 DATASET_INFO = "dataset_info.json"
+FAILURES = "failures.jsonl"  # one JSON line per video the build could not make
 INDEX_SUFFIX = ".index"
 
 _LEN = struct.Struct("<Q")
