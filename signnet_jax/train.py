@@ -742,16 +742,21 @@ class AgreedInterrupt(KeyboardInterrupt):
 
 
 class AgreedCtrlC:
-    """On several hosts, the first Ctrl-C as a flag the hosts agree on; the second raises.
+    """On several hosts, the first Ctrl-C as a flag the hosts agree on; the second ends the
+    process at once.
 
     A host that raised KeyboardInterrupt alone would leave the others waiting in the next
     collective until JAX's health check ended them, and hosts that each got the Ctrl-C would
     raise at different points, some inside a collective. So the code that runs collectives
     (the training loop, the evaluation) gathers ``interrupted`` with its own flags and all
     hosts stop at the same point. The flag is the process's: nested uses (a validation
-    inside training) see a Ctrl-C the outer one caught, and once it is set the next Ctrl-C
-    raises at once. The outermost use starts with it clear. On one host, or when SIGINT is
-    ignored (``cmd &``), nothing is installed.
+    inside training) see a Ctrl-C the outer one caught. The outermost use starts with it
+    clear. On one host, or when SIGINT is ignored (``cmd &``), nothing is installed.
+
+    The Ctrl-Cs are counted by a thread reading the signal wakeup fd, to which Python's C
+    handler writes every signal at once: a Python handler runs only when the main thread
+    returns to Python, which it does not while it waits in a collective for a stuck host,
+    the very case where a second Ctrl-C is pressed (and two Ctrl-Cs there were one call).
 
     Args:
       active: several hosts run.
@@ -762,7 +767,7 @@ class AgreedCtrlC:
 
     def __init__(self, active: bool):
         self.active = active
-        self._previous = None
+        self._installed = None  # (previous handler, previous wakeup fd, pipe write end)
 
     @property
     def interrupted(self) -> bool:
@@ -771,35 +776,62 @@ class AgreedCtrlC:
     def __enter__(self):
         if AgreedCtrlC._depth == 0:
             AgreedCtrlC._requested = False
-        AgreedCtrlC._depth += 1
         # signal handlers can only be installed from the main thread (not in notebooks' threads)
         if (
             self.active
-            and not AgreedCtrlC._requested
             and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         ):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            read, write = os.pipe()
+            os.set_blocking(write, False)  # the C handler must never block
+            previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            previous = signal.signal(signal.SIGINT, _counted_elsewhere)
+            self._installed = (previous, previous_fd, write)
+            threading.Thread(target=_count_ctrl_c, args=(read,), name="ctrl-c", daemon=True).start()
+        AgreedCtrlC._depth += 1  # last: an interrupt above leaves the count as it was
         return self
-
-    @staticmethod
-    def _handle(signum, frame):
-        AgreedCtrlC._requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
-        print(
-            f"\nCtrl-C on process {jax.process_index()}: every process stops at the same point "
-            "(training saves its step first); Ctrl-C again stops this one at once (the others "
-            "then wait until JAX's health check ends them)",
-            file=sys.stderr,
-            flush=True,
-        )
 
     def __exit__(self, *exc):
         AgreedCtrlC._depth -= 1
-        if self._previous is not None:
-            if signal.getsignal(signal.SIGINT) is self._handle:
-                signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed is not None:
+            previous, previous_fd, write = self._installed
+            self._installed = None
+            signal.signal(signal.SIGINT, previous)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(write)  # the counting thread reads the end and stops
+
+
+def _counted_elsewhere(signum, frame) -> None:
+    """SIGINT's Python handler under AgreedCtrlC: _count_ctrl_c does the work."""
+
+
+def _count_ctrl_c(read: int) -> None:
+    """AgreedCtrlC's thread: the first Ctrl-C sets the flag, the second ends the process."""
+    count = 0
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while data := pipe.read(64):  # b"" once AgreedCtrlC closed the other end
+            new = data.count(int(signal.SIGINT))  # other handled signals are written too
+            if not new:
+                continue
+            count += new
+            if count == 1:
+                AgreedCtrlC._requested = True
+                print(
+                    f"\nCtrl-C on process {jax.process_index()}: every process stops at the same "
+                    "point (training saves its step first); Ctrl-C again stops this one at "
+                    "once (the others then wait until JAX's health check ends them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif count > 1:
+                sys.stdout.flush()
+                print(
+                    f"\ninterrupted again: process {jax.process_index()} stopped at once; a "
+                    "checkpoint it was writing is left unfinished, which is never restored",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(130)
 
 
 class _Preemption:

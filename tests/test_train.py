@@ -2207,7 +2207,15 @@ def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_pa
     assert not (w / "eval").exists()
 
 
-def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises():
+def _soon(condition, timeout=10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (polled)."""
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_the_runs_share():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with train.AgreedCtrlC(True) as outer, train._Preemption() as stop:
@@ -2216,13 +2224,11 @@ def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises(
             assert stop.code == train.STOP_PREEMPTED
             # a validation inside training: its own use installs nothing, sees the same flag
             with train.AgreedCtrlC(True) as inner:
-                os.kill(os.getpid(), signal.SIGINT)  # the handler runs; nothing is raised
-                assert inner.interrupted and outer.interrupted
+                os.kill(os.getpid(), signal.SIGINT)  # counted; nothing is raised
+                assert _soon(lambda: inner.interrupted) and outer.interrupted
             assert stop.code == train.STOP_INTERRUPTED  # Ctrl-C outranks SIGTERM
-            # the second Ctrl-C raises at once, also inside a later evaluation
-            with train.AgreedCtrlC(True), pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
         with train.AgreedCtrlC(True) as fresh:  # the next run starts clear
             assert not fresh.interrupted
             assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -2234,10 +2240,72 @@ def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_and_the_second_raises(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with train.AgreedCtrlC(True) as ignored:
             os.kill(os.getpid(), signal.SIGINT)
-            assert not ignored.interrupted
+            assert not _soon(lambda: ignored.interrupted, timeout=0.5)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# process 0 waits in a collective for process 1, which is stuck; process 0 gets two Ctrl-Cs
+_STUCK_PEER = """
+import os, signal, sys, threading, time
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from signnet_jax import train
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+multihost_utils.process_allgather(np.int32(0))
+if pid == 1:
+    time.sleep(120)  # stuck
+    sys.exit(0)
+def ctrl_c_twice():
+    for _ in range(2):
+        time.sleep(3)
+        print("sending SIGINT", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=ctrl_c_twice, daemon=True).start()
+with train.AgreedCtrlC(True):
+    t = time.time()
+    multihost_utils.process_allgather(np.int32(0))
+print(f"the collective returned after {time.time() - t:.0f} s", flush=True)
+"""
+
+
+@pytest.mark.heavy
+def test_a_second_ctrl_c_stops_a_host_waiting_in_a_collective_for_a_stuck_one():
+    # a Python signal handler runs only when the main thread is back in Python, which it is
+    # not while it waits in a collective: both Ctrl-Cs used to wait for the stuck host
+    import portpicker
+
+    port = str(portpicker.pick_unused_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STUCK_PEER, str(i), port],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 130, err[-3000:]
+    # no "the collective returned" line: it ended at the second Ctrl-C, inside the wait
+    assert [line for line in out.splitlines() if not line.startswith("[Gloo]")] == [
+        "sending SIGINT",
+        "sending SIGINT",
+    ]
+    assert CTRL_C_NOTICE.replace("process 1", "process 0") in err  # at the first, not after
+    assert err.splitlines()[-1] == (
+        "interrupted again: process 0 stopped at once; a checkpoint it was writing is left "
+        "unfinished, which is never restored"
+    )
 
 
 def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
