@@ -1457,9 +1457,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if step % config.train.log_every == 0:  # not the last step's extra line
                         loss_since, loss_sum = step, jnp.float32(0)
                 val_metrics = None
-                # an agreed Ctrl-C saves the step without validating it
+                # a stop (SIGTERM, an agreed Ctrl-C) saves the step without validating it: a
+                # preemption's grace period is short, and validation can outlast it
                 validate = config.val_split and (step % val_every == 0 or step == last_step)
-                if validate and stop != STOP_INTERRUPTED:
+                stopping = stop if multi_host else preempt.requested
+                if validate and not stopping:
                     check_finite()
                     t_val = _clock()
                     try:
@@ -1467,8 +1469,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             setup, config, _eval_params(state), config.val_split, "val"
                         )
                     except AgreedInterrupt:  # every host at the same batch: save the step
-                        stop, validate = STOP_INTERRUPTED, False
-                if validate and stop != STOP_INTERRUPTED:
+                        stop = stopping = STOP_INTERRUPTED
+                if validate and not stopping:
                     val_metrics = {"val_top1": report["per_instance"]["top1"]}
                     best_val = max(best_val or 0.0, val_metrics["val_top1"])
                     val_log.append((step, val_metrics["val_top1"]))

@@ -2328,6 +2328,30 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypat
     assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [2, 4]
 
 
+def test_sigterm_before_a_validation_saves_the_step_without_validating(
+    records, tmp_path, monkeypatch, capsys
+):
+    # a preemption's grace period is short: the validation due at step 4 used to run first
+    from signnet_jax import sharding
+
+    calls = []
+    real = sharding.global_batch
+
+    def batch_then_signal(local, mesh):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4, the end of the first epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", batch_then_signal)
+    c = tiny_config(records, **{"test_split": "", "train.val_every_epochs": 1})
+    assert train.train_and_evaluate(c, tmp_path) == {"preempted_at": 4}
+    out = capsys.readouterr().out
+    assert "preempted (SIGTERM) at step 4: checkpoint saved, exiting" in out
+    assert not [line for line in out.splitlines() if line.startswith("val step")]
+    assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [4]
+
+
 def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
     import gzip
 
