@@ -4,7 +4,7 @@ python -m data_prep.build_records --dataset wlasl --split-file nslt_2000.json \
     --videos WLASL/videos --output records/wlasl2000
 
 Every manifest entry becomes one record (tf.train.Example, see signnet_jax.data.records and
-the record table in DESIGN.md) or one line of failures.jsonl. Finished videos are cached under
+the record table in README) or one line of failures.jsonl. Finished videos are cached under
 OUTPUT/work (one file each, written atomically), so a re-run skips them; shards are then
 written from the cache in manifest order, which makes them byte-identical whatever the number
 of workers or interruptions.
@@ -115,7 +115,7 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
 
 
 def make_example(entry: manifests.Entry, result: Any, jpeg_quality: int) -> bytes:
-    """Serializes one H&HT result as the record of DESIGN.md's table.
+    """Serializes one H&HT result as the record of README's table.
 
     Args:
       entry: the manifest entry (id, label, gloss).

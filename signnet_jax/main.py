@@ -4,8 +4,10 @@ Flags only: config.mode 'train' runs train_and_evaluate, 'eval' tests the
 checkpoint in the workdir (or config.init_from).
 """
 
+import ast
 import os
 import pathlib
+import re
 import sys
 
 import jax
@@ -121,8 +123,38 @@ def launched_together(environ) -> str:
     return ""
 
 
+def _usage() -> str:
+    """``--help``: the command, its modes, the configs and where their keys are explained."""
+    lines = [__doc__.strip(), "", "flags:"]
+    lines += [
+        "  --config FILE          a config file: one of configs/ below, or your own",
+        "  --workdir DIR          checkpoints, TensorBoard logs, metrics.json (same command "
+        "resumes)",
+        "  --config.KEY=VALUE     any key of the config, e.g. --config.data.batch_size=32 "
+        "--config.mode=eval",
+    ]
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    if configs.is_dir():
+        lines += ["", "configs:"]
+        for path in sorted(configs.glob("[!_]*.py")):
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            # the paragraph after the command line, to its first break
+            paragraph = " ".join((doc.split("\n\n") + ["", ""])[1].split())
+            what = re.split(r"[.;:] | \(", paragraph)[0]
+            lines.append(f"  configs/{path.name:<17} {what}")
+    lines += [
+        "",
+        "Every key, its default and what it does: configs/wlasl2000.py (groups model, data, "
+        "optim, loss, mesh, train, distributed, smoke). README: Training and evaluation.",
+    ]
+    return "\n".join(lines)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config mistakes reported in one line instead of a traceback."""
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        print(_usage())
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # absl's own errors (bad values, unknown flags)

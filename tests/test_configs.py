@@ -1,4 +1,4 @@
-"""The published configs hold the published recipe (DESIGN.md, "Facts to match")."""
+"""The published configs hold the published recipe ($SIGNNET_SHARED/DESIGN.md, "Facts to match")."""
 
 import importlib
 

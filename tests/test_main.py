@@ -1,8 +1,15 @@
-"""python -m signnet_jax.main: a Ctrl-C is one line saying what the run leaves, exit 130."""
+"""python -m signnet_jax.main: a Ctrl-C is one line saying what the run leaves, exit 130;
+--help."""
+
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from tests.helpers import interrupt_after
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = [
     "--config", "configs/smoke.py",
@@ -54,3 +61,22 @@ def test_ctrl_c_in_training_names_the_checkpoint_to_resume_from(records, tmp_pat
         "interrupted: the evaluation did not finish (no metrics.json written); run it again\n",
     )
     assert not list((workdir / "eval").glob("*/metrics.json"))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_flags_the_configs_and_where_the_keys_are(flag):
+    # absl's help exited 1 and listed no config; -h was an unknown flag
+    r = subprocess.run(
+        [sys.executable, "-m", "signnet_jax.main", flag],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == (
+        "python -m signnet_jax.main --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]"
+    )
+    listed = [line.split()[0] for line in lines if line.startswith("  configs/")]
+    assert listed == [f"configs/{p.name}" for p in sorted((REPO / "configs").glob("[!_]*.py"))]
+    assert "  configs/wlasl2000.py      SignNet on WLASL2000" in lines
+    assert any(line.startswith("  --config.KEY=VALUE ") for line in lines)
+    assert lines[-1].startswith("Every key, its default and what it does: configs/wlasl2000.py")
