@@ -127,7 +127,10 @@ def best_rates(jobs: dict, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--videos", type=int, default=16, help="synthetic videos in the records (>= 8: one batch)"
+        "--videos",
+        type=int,
+        default=16,
+        help="records cut from sign_sample.mp4 (>= 8: one batch; default 16)",
     )
     parser.add_argument("--clips", type=int, default=48, help="clips per timed run (default 48)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs, best kept (default 5)")
