@@ -241,11 +241,12 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                     np.asarray(multihost_utils.process_allgather(x, tiled=True))
                     for x in (p, gb["video_index"], gb["valid"], gb["label"])
                 )
-                if multi_host:  # 2: this host's input failed, 1: Ctrl-C here
-                    code = 2 if error is not None else int(ctrl_c.interrupted)
+                if multi_host:  # 2: this host's input failed, 1: Ctrl-C here (an input
+                    # failing after it failed for the Ctrl-C: it reaches the input workers too)
+                    code = 1 if ctrl_c.interrupted else 2 if error is not None else 0
                     codes = multihost_utils.process_allgather(np.int32(code))
                     failed = np.flatnonzero(codes == 2)
-                    if error is not None:
+                    if code == 2:
                         raise error
                     if len(failed):
                         raise train.TrainingError(

@@ -1536,7 +1536,9 @@ def _validations_left(step: int, last_step: int, val_every: int) -> int:
 
 
 # Codes of the stop rows (several hosts), the highest wins: 1 SIGTERM on some host, 2 Ctrl-C
-# on some host; STOP_FAILED + i the input of process i failed.
+# on some host; STOP_FAILED + i the input of process i failed, STOP_FAILED + process count
+# + i it failed after a Ctrl-C there (a Ctrl-C reaches the input workers too, and kills them
+# while they start up): no host updates in that step, every host stops as interrupted.
 STOP_PREEMPTED, STOP_INTERRUPTED, STOP_FAILED = 1, 2, 3
 
 
@@ -1572,15 +1574,20 @@ class _LocalBatches:
                 if k != "stop"
             }
         if self.multi_host:
-            code = STOP_FAILED + jax.process_index() if self.error else code
+            if self.error:
+                after_ctrl_c = jax.process_count() if AgreedCtrlC._requested else 0
+                code = STOP_FAILED + after_ctrl_c + jax.process_index()
             local["stop"] = np.full(len(local["label"]), code, np.int32)
         return local
 
     def raise_if_stopped(self, code: int, step: int, checkpoints) -> None:
-        """Raises when the agreed code says an input failed: this host's own error, or a
-        message naming the process whose input failed."""
+        """Raises when the agreed code says an input failed: KeyboardInterrupt when it failed
+        after a Ctrl-C, else this host's own error, or a message naming the process whose
+        input failed."""
         if code < STOP_FAILED:
             return
+        if code >= STOP_FAILED + jax.process_count():  # the step changed nothing
+            raise KeyboardInterrupt
         if self.error is not None:
             raise self.error
         raise TrainingError(

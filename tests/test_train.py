@@ -2308,6 +2308,39 @@ def test_a_second_ctrl_c_stops_a_host_waiting_in_a_collective_for_a_stuck_one():
     )
 
 
+def test_an_input_that_fails_after_a_ctrl_c_stops_every_host_as_interrupted():
+    # a Ctrl-C reaches the input workers too and kills them while they start up: on the host
+    # that got it, the failed input used to be an input error on every host (exit 1, no save)
+    spec = {"label": ((8,), np.int32), "stop": ((8,), np.int32)}
+
+    def failing():
+        raise RuntimeError("Worker process was terminated unexpectedly")
+        yield
+
+    for ctrl_c in (False, True):
+        train.AgreedCtrlC._requested = ctrl_c
+        try:
+            batches = train._LocalBatches(failing(), spec)
+            local = batches.next(0)
+        finally:
+            train.AgreedCtrlC._requested = False
+        assert (local["label"] == 0).all()  # zero rows: no host updates in this step
+        code = int(local["stop"][0])
+        assert code == (train.STOP_FAILED + 1 if ctrl_c else train.STOP_FAILED)
+        other = train._LocalBatches(iter([]), spec)  # a host whose input is fine
+        if ctrl_c:
+            for host in (batches, other):
+                with pytest.raises(KeyboardInterrupt):
+                    host.raise_if_stopped(code, 5, "ckpts")
+        else:
+            with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+                batches.raise_if_stopped(code, 5, "ckpts")
+            with pytest.raises(train.TrainingError, match="^process 0 stopped on an error"):
+                other.raise_if_stopped(code, 5, "ckpts")
+    # below the input codes nothing is raised
+    other.raise_if_stopped(train.STOP_INTERRUPTED, 5, "ckpts")
+
+
 def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
     from signnet_jax import sharding
 
