@@ -493,8 +493,8 @@ def prepare(config: ml_collections.ConfigDict, resume: pathlib.Path | None = Non
     if resume is None and not config.init_from and not config.smoke.enabled:
         setup.warnings.append(
             "training from a random init: the published recipe and its accuracies start from "
-            "a converted VideoMAEv2 checkpoint (--config.init_from=DIR; README, Converting "
-            "weights)"
+            "a warm start, the --config.init_from in the command atop the config file (a "
+            "converted VideoMAEv2 checkpoint for ASL-Citizen, the ASL-Citizen run for WLASL)"
         )
     if dropped:
         sizes = sorted({dim for _, dim, _ in dropped})
@@ -796,9 +796,11 @@ class AgreedCtrlC:
         if self._installed is not None:
             previous, previous_fd, write = self._installed
             self._installed = None
-            signal.signal(signal.SIGINT, previous)
+            # the fd first: a Ctrl-C between these lines then reaches the quiet handler, not
+            # a KeyboardInterrupt that would leave the pipe and its thread behind
             signal.set_wakeup_fd(previous_fd)
             os.close(write)  # the counting thread reads the end and stops
+            signal.signal(signal.SIGINT, previous)
 
 
 def _counted_elsewhere(signum, frame) -> None:
@@ -807,13 +809,15 @@ def _counted_elsewhere(signum, frame) -> None:
 
 def _count_ctrl_c(read: int) -> None:
     """AgreedCtrlC's thread: the first Ctrl-C sets the flag, the second ends the process."""
-    count = 0
+    count, first = 0, 0.0
     with os.fdopen(read, "rb", buffering=0) as pipe:
         while data := pipe.read(64):  # b"" once AgreedCtrlC closed the other end
-            new = data.count(int(signal.SIGINT))  # other handled signals are written too
-            if not new:
+            # other handled signals are written too; SIGINTs within half a second of the
+            # first are one press (a launcher forwarding the terminal's as well)
+            if int(signal.SIGINT) not in data or time.monotonic() - first < 0.5:
                 continue
-            count += new
+            count += 1
+            first = time.monotonic() if count == 1 else first
             if count == 1:
                 AgreedCtrlC._requested = True
                 print(
