@@ -213,12 +213,15 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     # on several hosts, this host's input failing (a record only it reads) must not leave
     # the others waiting in the next batch's collectives: it goes on with empty views
     # (valid False) and a flag that all hosts gather, so all of them stop together; a Ctrl-C
-    # likewise
+    # and a SIGTERM likewise
     error = empty = None
     ctrl_c = train.AgreedCtrlC(multi_host)
+    preempt = train.Preemption(active=False)  # the flag of the run's own use, if any
     try:
-        with ctrl_c, advice, train.damaged_records(config.records_dir):
+        with ctrl_c, preempt, advice, train.damaged_records(config.records_dir):
             for _ in range(info.num_steps):
+                if not multi_host and preempt.requested:  # one host: before the next batch
+                    raise train.AgreedPreemption
                 if error is None:
                     try:
                         batch = next(batches)
@@ -241,20 +244,28 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                     np.asarray(multihost_utils.process_allgather(x, tiled=True))
                     for x in (p, gb["video_index"], gb["valid"], gb["label"])
                 )
-                if multi_host:  # 2: this host's input failed, 1: Ctrl-C here (an input
-                    # failing after it failed for the Ctrl-C: it reaches the input workers too)
-                    code = 1 if ctrl_c.interrupted else 2 if error is not None else 0
+                if multi_host:  # the training loop's stop codes, the highest wins; a Ctrl-C
+                    # outranks this host's input error (it reaches the input workers too)
+                    code = (
+                        train.STOP_INTERRUPTED
+                        if ctrl_c.interrupted
+                        else train.STOP_FAILED
+                        if error is not None
+                        else preempt.code
+                    )
                     codes = multihost_utils.process_allgather(np.int32(code))
-                    failed = np.flatnonzero(codes == 2)
-                    if code == 2:
+                    failed = np.flatnonzero(codes == train.STOP_FAILED)
+                    if code == train.STOP_FAILED:
                         raise error
                     if len(failed):
                         raise train.TrainingError(
                             f"process {failed[0]} stopped on an error in its input while "
                             f"evaluating the {split} split (its message says what)"
                         )
-                    if (codes == 1).any():  # every host at this batch
+                    if (codes == train.STOP_INTERRUPTED).any():  # every host at this batch
                         raise train.AgreedInterrupt
+                    if (codes == train.STOP_PREEMPTED).any():
+                        raise train.AgreedPreemption
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():
                     index = int(vi[bad][0])

@@ -8,6 +8,7 @@ import ast
 import os
 import pathlib
 import re
+import signal
 import sys
 
 import jax
@@ -55,9 +56,12 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**kwargs)
     try:
-        # on several hosts a Ctrl-C from here on stops them all at the same point: one that
-        # stopped alone while setting up would leave the others waiting in a collective
-        with train.AgreedCtrlC(jax.process_count() > 1):
+        # on several hosts a Ctrl-C or a SIGTERM from here on stops them all at the same
+        # point: one that stopped alone while setting up would leave the others waiting in a
+        # collective (and JAX's own SIGTERM handler, installed by jax.distributed, would
+        # swallow the signal: nothing here reads it)
+        multi_host = jax.process_count() > 1
+        with train.AgreedCtrlC(multi_host), train.Preemption(multi_host):
             if config.mode == "train":
                 train.train_and_evaluate(config, _WORKDIR.value)
             elif config.mode == "eval":
@@ -71,6 +75,13 @@ def main(argv):
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(files.interrupted(_left_by_interrupted(config, _WORKDIR.value)))
+    except train.AgreedPreemption:  # several hosts, eval mode: every host at the same batch
+        print(
+            "preempted (SIGTERM): the evaluation did not finish (no metrics.json written); run "
+            "it again",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _left_by_interrupted(config, workdir: str) -> str:

@@ -838,34 +838,61 @@ def _count_ctrl_c(read: int) -> None:
                 os._exit(130)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps; on several hosts a Ctrl-C
-    (AgreedCtrlC, entered around the loop and the final test) travels with the batch the
-    same way, so every host saves the same step and exits as interrupted."""
+class AgreedPreemption(Exception):
+    """A SIGTERM every host agreed on at the same evaluation batch (see Preemption)."""
 
-    def __init__(self):
-        self.requested = False
+
+class Preemption:
+    """Turns SIGTERM into a flag checked between steps and between evaluation batches.
+
+    The training loop saves the step and exits; a validation stops at the next batch and the
+    step is saved unvalidated (a preemption's grace period is short, and a validation can
+    outlast it). On several hosts the flag travels with the batch rows (``code``) and the
+    evaluation's gathered flags, so every host stops at the same point even when only one
+    got the signal; there it is installed for the whole run (``main``): a SIGTERM while the
+    hosts set up stops them after their first step instead of going to JAX's own handler,
+    which nothing here reads. The flag is the process's, as AgreedCtrlC's; the outermost use
+    starts with it clear.
+
+    Args:
+      active: install the handler (in the main thread only; not in notebooks' threads).
+    """
+
+    _requested = False  # this process got a SIGTERM
+    _depth = 0
+
+    def __init__(self, active: bool = True):
+        self.active = active
         self._previous = None
+
+    @property
+    def requested(self) -> bool:
+        return Preemption._requested
 
     @property
     def code(self) -> int:
         """This host's stop code for the batch rows: 0, STOP_PREEMPTED or STOP_INTERRUPTED."""
         if AgreedCtrlC._requested:
             return STOP_INTERRUPTED
-        return STOP_PREEMPTED if self.requested else 0
+        return STOP_PREEMPTED if Preemption._requested else 0
 
     def __enter__(self):
-        # signal handlers can only be installed from the main thread (not in notebooks' threads)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if Preemption._depth == 0:
+            Preemption._requested = False
+        if self.active and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _note_sigterm)
+        Preemption._depth += 1
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
-
     def __exit__(self, *exc):
+        Preemption._depth -= 1
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _note_sigterm(signum, frame) -> None:
+    Preemption._requested = True
 
 
 class _StepTrace:
@@ -1374,6 +1401,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop_pending = metrics = None
         # on several hosts a Ctrl-C stops them together, in the loop and in the final test
         on_exit.enter_context(AgreedCtrlC(multi_host))
+        # a SIGTERM from here to the end of the final test stops the run at the next step or
+        # evaluation batch (before, it ends the process: nothing is lost that a save keeps)
+        preempt = on_exit.enter_context(Preemption())
+
+        def run_record() -> dict:
+            """The run's curves and counters, saved with each step."""
+            run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
+            run["loss_window"] = {"since": loss_since, "sum": loss_sum}  # read when saved
+            if scaling:
+                run["skipped_updates"] = skipped
+            return run
+
+        def validate(step: int, stop: int) -> tuple[dict | None, int]:
+            """The validation of ``step``: its metrics, or None and the stop code when a stop
+            cut it short (a SIGTERM, an agreed Ctrl-C: every host at the same batch)."""
+            nonlocal best_val, val_seconds, t_last
+            check_finite()
+            t_val = _clock()
+            try:
+                report = evaluate.evaluate_split(
+                    setup, config, _eval_params(state), config.val_split, "val"
+                )
+            except AgreedInterrupt:
+                return None, STOP_INTERRUPTED
+            except AgreedPreemption:
+                return None, STOP_PREEMPTED
+            val_metrics = {"val_top1": report["per_instance"]["top1"]}
+            best_val = max(best_val or 0.0, val_metrics["val_top1"])
+            val_log.append((step, val_metrics["val_top1"]))
+            plot_curves()
+            _log(
+                f"val step {step}: top-1 {report['per_instance']['top1']:.2%} "
+                f"top-5 {report['per_instance']['top5']:.2%} (best {best_val:.2%})"
+            )
+            _scalars(
+                writer,
+                step,
+                {
+                    "val/top1": report["per_instance"]["top1"],
+                    "val/top5": report["per_instance"]["top5"],
+                },
+            )
+            val_seconds = _clock() - t_val
+            t_last += val_seconds  # throughput counts steps only
+            return val_metrics, stop
+
+        def stopped(step: int, stop: int) -> dict:
+            """End the run at a stop whose step is saved: status 130 for Ctrl-C."""
+            ckpt.wait()
+            if stop == STOP_INTERRUPTED:  # main says what it leaves; status 130
+                _log(f"interrupted (Ctrl-C) at step {step}: checkpoint saved")
+                raise KeyboardInterrupt
+            _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
+            return {"preempted_at": step}
+
         # the trace starts after step profile_start, or after this run's first step when it
         # resumed past that (the first step pays for the restore and the input warm-up)
         after = config.train.profile_start if start <= config.train.profile_start else start + 1
@@ -1387,12 +1469,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         # closing the input pipeline stops its workers and frees the batches they prefetched
         with (
-            _Preemption() as preempt,
             _memory_advice(per_device),
             damaged_records(config.records_dir),
             trace,
             contextlib.closing(train_iter),
         ):
+            if run.get("val_pending") and config.val_split:
+                # the validation a stop skipped; its step is saved again with the result,
+                # so it can be the best (unless it is the only checkpoint: a kill between
+                # deleting and saving it would leave none)
+                _log(f"validating step {step}, whose validation the last stop skipped")
+                val_metrics, stop = validate(step, 0)
+                if val_metrics is None:
+                    return stopped(step, stop)
+                if len(ckpt.manager.all_steps()) > 1:
+                    ckpt.manager.delete(step)
+                    _save(
+                        ckpt, step, state, step * batch, meta | {"run": run_record()}, val_metrics
+                    )
+                else:
+                    _log(
+                        f"note: step {step} is the only checkpoint, so it is not saved again "
+                        "with its validation: it cannot be picked as the best"
+                    )
             while step < last_step:
                 trace.before(step)
                 for a in range(accum):
@@ -1462,42 +1561,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         loss_since, loss_sum = step, jnp.float32(0)
                 val_metrics = None
                 # a stop (SIGTERM, an agreed Ctrl-C) saves the step without validating it: a
-                # preemption's grace period is short, and validation can outlast it
-                validate = config.val_split and (step % val_every == 0 or step == last_step)
+                # preemption's grace period is short, and validation can outlast it; one
+                # during the validation cuts it short. The resumed run validates the step.
+                validate_now = config.val_split and (step % val_every == 0 or step == last_step)
                 stopping = stop if multi_host else preempt.requested
-                if validate and not stopping:
-                    check_finite()
-                    t_val = _clock()
-                    try:
-                        report = evaluate.evaluate_split(
-                            setup, config, _eval_params(state), config.val_split, "val"
-                        )
-                    except AgreedInterrupt:  # every host at the same batch: save the step
-                        stop = stopping = STOP_INTERRUPTED
-                if validate and not stopping:
-                    val_metrics = {"val_top1": report["per_instance"]["top1"]}
-                    best_val = max(best_val or 0.0, val_metrics["val_top1"])
-                    val_log.append((step, val_metrics["val_top1"]))
-                    plot_curves()
-                    _log(
-                        f"val step {step}: top-1 {report['per_instance']['top1']:.2%} "
-                        f"top-5 {report['per_instance']['top5']:.2%} (best {best_val:.2%})"
-                    )
-                    _scalars(
-                        writer,
-                        step,
-                        {
-                            "val/top1": report["per_instance"]["top1"],
-                            "val/top5": report["per_instance"]["top5"],
-                        },
-                    )
-                    val_seconds = _clock() - t_val
-                    t_last += val_seconds  # throughput counts steps only
+                if validate_now and not stopping:
+                    val_metrics, stop = validate(step, stop)
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
-                run = {"best_val_top1": best_val, "train_loss": loss_log, "val_top1": val_log}
-                run["loss_window"] = {"since": loss_since, "sum": loss_sum}  # read when saved
-                if scaling:
-                    run["skipped_updates"] = skipped
+                run = run_record()
+                if validate_now and val_metrics is None:
+                    run["val_pending"] = True
                 if saved:
                     check_finite()
                     _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
@@ -1505,12 +1578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     if not saved:  # a step is saved once; orbax refuses a second save
                         check_finite()
                         _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
-                    ckpt.wait()
-                    if stop == STOP_INTERRUPTED:  # main says what it leaves; status 130
-                        _log(f"interrupted (Ctrl-C) at step {step}: checkpoint saved")
-                        raise KeyboardInterrupt
-                    _log(f"preempted (SIGTERM) at step {step}: checkpoint saved, exiting")
-                    return {"preempted_at": step}
+                    return stopped(step, stop)
         ckpt.wait()
         check_finite()
 
@@ -1522,9 +1590,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "val_top1": val_log,
         } | ({"skipped_updates": int(skipped)} if scaling else {})
         if config.test_split:
-            report = evaluate.evaluate_split(
-                setup, config, _eval_params(state), config.test_split, "test", workdir_path
-            )
+            try:
+                report = evaluate.evaluate_split(
+                    setup, config, _eval_params(state), config.test_split, "test", workdir_path
+                )
+            except AgreedPreemption:  # the last step is saved: a restart runs the test again
+                _log(
+                    f"preempted (SIGTERM) in the final test: step {step} is saved, and the same "
+                    "command runs the test again"
+                )
+                return {"preempted_at": step}
             final["protocol"], final["test"] = evaluate.protocol(config), report
             _log(evaluate.summary_line(report))
             _scalars(writer, step, {"test/top1": report["per_instance"]["top1"]})

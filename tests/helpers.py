@@ -10,7 +10,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Runs ENTRY(argv) (MODULE:FUNCTION; a bare MODULE runs as `python -m MODULE ARGV`) in a fresh
 # process that gets SIGINT, as Ctrl-C in a terminal sends it, right after TARGET
 # (MODULE:ATTRIBUTE.PATH, or ...#N: its N-th call) returns: a known point of the run, with no
-# timing involved. With SIGINT_GROUP set the whole process group gets it, as from a terminal.
+# timing involved. With SIGINT_GROUP set the whole process group gets it, as from a terminal;
+# SIGNAL_AFTER names another signal (SIGTERM: a preemption at that point).
 _DRIVER = """
 import functools, importlib, os, runpy, signal, sys
 
@@ -34,10 +35,11 @@ def then_ctrl_c(*args, **kwargs):
     out = real(*args, **kwargs)
     calls.append(1)
     if len(calls) == int(nth or 1):
+        sig = getattr(signal, os.environ.get("SIGNAL_AFTER", "SIGINT"))
         if os.environ.get("SIGINT_GROUP"):
-            os.killpg(0, signal.SIGINT)
+            os.killpg(0, sig)
         else:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
     return out
 
 

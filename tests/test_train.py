@@ -1914,14 +1914,19 @@ def test_two_processes_follow_the_one_process_trajectory(records, tmp_path):
     )
 
 
-def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE, ctrl_c_in_1=None):
+def _start_two_processes(
+    records, workdirs, *extra, stderr=subprocess.PIPE, ctrl_c_in_1=None, sigterm_in_1=None
+):
     """``main`` started as two processes of 4 CPU devices on localhost (process i in
     workdirs[i]), stdout piped; with ``ctrl_c_in_1`` (a target of
-    ``helpers.interrupt_after``), process 1 gets SIGINT once that target has returned."""
+    ``helpers.interrupt_after``), process 1 gets SIGINT once that target has returned, with
+    ``sigterm_in_1`` SIGTERM."""
     import portpicker
 
     port = portpicker.pick_unused_port()
     env = _env() | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    if sigterm_in_1:
+        ctrl_c_in_1, env["SIGNAL_AFTER"] = sigterm_in_1, "SIGTERM"
 
     def command(i):
         args = _main_args(
@@ -1951,10 +1956,14 @@ def _start_two_processes(records, workdirs, *extra, stderr=subprocess.PIPE, ctrl
     ]
 
 
-def _run_two_processes(records, workdirs, *extra, ctrl_c_in_1=None) -> list[tuple[int, str, str]]:
+def _run_two_processes(
+    records, workdirs, *extra, ctrl_c_in_1=None, sigterm_in_1=None
+) -> list[tuple[int, str, str]]:
     """``_start_two_processes`` to the end: (exit status, stdout, stderr) of each, killed
     after 300 s."""
-    procs = _start_two_processes(records, workdirs, *extra, ctrl_c_in_1=ctrl_c_in_1)
+    procs = _start_two_processes(
+        records, workdirs, *extra, ctrl_c_in_1=ctrl_c_in_1, sigterm_in_1=sigterm_in_1
+    )
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -2077,37 +2086,51 @@ def test_work_done_by_process_0_first_stops_every_process_when_it_fails(monkeypa
 
 
 @pytest.mark.heavy
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(records, tmp_path):
-    def start(*extra):
-        run = tmp_path / "run"
-        return _start_two_processes(
-            records, [run, run], "--config.optim.epochs=100",
-            "--config.train.checkpoint_every_steps=1000", *extra, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+def test_sigterm_to_one_of_two_processes_in_a_validation_stops_both_and_resumes(records, tmp_path):
+    # only the second host is told, as hosts of a slice see the notice at different moments;
+    # it comes as its first validation starts (eval_step's first call compiled it at
+    # start-up): both stop at the same validation batch and save step 4 unvalidated
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    flags = ("--config.optim.epochs=100", *VAL, "--config.train.checkpoint_every_steps=2")
+    runs = _run_two_processes(
+        records, [run, run], *flags, sigterm_in_1="signnet_jax.evaluate:eval_step#2"
+    )
+    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+    assert "preempted (SIGTERM) at step 4: checkpoint saved, exiting" in runs[0][1]
+    assert not [line for line in runs[0][1].splitlines() if line.startswith("val step")]
+    assert checkpointing.checkpoint_steps(ckpts) == [2, 4]
+    assert checkpointing.load_meta(ckpts, 4)["run"]["val_pending"] is True
+    # the run goes on from there, both hosts together, first validating step 4 and saving it
+    # again with its score (a collective delete and save)
+    runs = _run_two_processes(records, [run, run], *flags, "--config.train.max_steps=6")
+    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+    out = runs[0][1]
+    assert "resuming from step 4" in out
+    assert "validating step 4, whose validation the last stop skipped" in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("val step")] == [
+        "val step 4",
+        "val step 6",
+    ]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and [s for s, _ in metrics["val_top1"]] == [4, 6]
+    assert checkpointing.select_step(ckpts, "best") in (4, 6)  # both scored
+    assert set(checkpointing.checkpoint_steps(ckpts)) >= {4, 6}
 
-    procs = start()
-    try:
-        _wait_for(procs[0], "step 3/")
-        # only the second host is told, as hosts of a slice see the notice at different
-        # moments; saving is collective, so stopping alone would leave both waiting
-        procs[1].send_signal(signal.SIGTERM)
-        out = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()  # a hung pair must not outlive the test
-    assert [p.returncode for p in procs] == [0, 0]
-    stop = int(out[0].split("preempted (SIGTERM) at step ")[1].split(":")[0])
-    assert checkpointing.checkpoint_steps(tmp_path / "run" / "checkpoints") == [stop]
-    # and the run goes on from there, both hosts together
-    procs = start("--config.train.max_steps=" + str(stop + 2))
-    try:
-        out = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0]
-    assert f"resuming from step {stop}" in out[0]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == stop + 2
+
+@pytest.mark.heavy
+def test_sigterm_to_one_of_two_processes_while_they_set_up_saves_an_early_step(records, tmp_path):
+    # jax.distributed's own SIGTERM handler, which nothing reads, used to take the signal:
+    # the hosts trained on until killed
+    run = tmp_path / "run"
+    runs = _run_two_processes(
+        records, [run, run], "--config.optim.epochs=100",
+        "--config.train.checkpoint_every_steps=1000", sigterm_in_1="signnet_jax.train:prepare",
+    )  # fmt: skip
+    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+    # the stop code travels with step 1's batch and is read after step 2 (no wait per step)
+    assert "preempted (SIGTERM) at step 2: checkpoint saved, exiting" in runs[0][1]
+    assert checkpointing.checkpoint_steps(run / "checkpoints") == [2]
 
 
 @pytest.mark.heavy
@@ -2207,6 +2230,24 @@ def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_pa
     assert not (w / "eval").exists()
 
 
+@pytest.mark.heavy
+def test_sigterm_to_one_of_two_processes_in_evaluation_stops_both(records, tmp_path):
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    w = tmp_path / "w"
+    runs = _run_two_processes(
+        records, [w, w], "--config.mode=eval", "--config.test_split=test",
+        f"--config.init_from={init}", sigterm_in_1="signnet_jax.sharding:global_batch",
+    )  # fmt: skip
+    assert [code for code, _, _ in runs] == [143, 143], [err[-2000:] for _, _, err in runs]
+    for _, _, err in runs:
+        assert err.splitlines()[-1] == (
+            "preempted (SIGTERM): the evaluation did not finish (no metrics.json written); run "
+            "it again"
+        )
+    assert not (w / "eval").exists()
+
+
 def _soon(condition, timeout=10.0) -> bool:
     """Whether ``condition()`` holds within ``timeout`` seconds (polled)."""
     deadline = time.time() + timeout
@@ -2218,7 +2259,7 @@ def _soon(condition, timeout=10.0) -> bool:
 def test_on_several_hosts_the_first_ctrl_c_is_a_stop_code_the_runs_share():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with train.AgreedCtrlC(True) as outer, train._Preemption() as stop:
+        with train.AgreedCtrlC(True) as outer, train.Preemption() as stop:
             assert stop.code == 0
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.code == train.STOP_PREEMPTED
@@ -2345,6 +2386,21 @@ def test_an_input_that_fails_after_a_ctrl_c_stops_every_host_as_interrupted():
     other.raise_if_stopped(train.STOP_INTERRUPTED, 5, "ckpts")
 
 
+def test_sigterm_is_the_process_flag_while_a_preemption_is_entered():
+    previous = signal.getsignal(signal.SIGTERM)
+    with train.Preemption() as outer:  # main's, on several hosts
+        assert not outer.requested and outer.code == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert outer.requested and outer.code == train.STOP_PREEMPTED
+        with train.Preemption() as inner:  # the training loop's inside it: the same flag
+            assert inner.requested
+        assert signal.getsignal(signal.SIGTERM) is train._note_sigterm  # main's stays
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with train.Preemption(active=False) as fresh:  # the next use starts clear
+        assert not fresh.requested
+        assert signal.getsignal(signal.SIGTERM) is previous  # installs nothing
+
+
 def test_sigterm_on_a_checkpoint_step_saves_it_once(records, tmp_path, monkeypatch):
     from signnet_jax import sharding
 
@@ -2387,6 +2443,121 @@ def test_sigterm_before_a_validation_saves_the_step_without_validating(
     assert "preempted (SIGTERM) at step 4: checkpoint saved, exiting" in out
     assert not [line for line in out.splitlines() if line.startswith("val step")]
     assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [4]
+
+
+def test_sigterm_in_a_validation_cuts_it_short_and_the_resumed_run_validates_that_step(
+    records, tmp_path, monkeypatch, capsys
+):
+    # a validation can outlast a preemption's grace period: it used to run to its end first
+    import orbax.checkpoint as ocp
+
+    from signnet_jax import sharding
+
+    kw = {
+        "test_split": "",
+        "train.val_every_epochs": 1,  # validations at steps 4, 8 and 12
+        "train.checkpoint_every_steps": 2,
+        "mesh.num_devices": 4,
+        "data.eval_batch_size": 4,  # 2 batches per validation
+    }
+    whole = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "whole")
+    assert [s for s, _ in whole["val_top1"]] == [4, 8, 12]
+    capsys.readouterr()
+    real, eval_batches = sharding.global_batch, []
+
+    def signal_in_the_second_validation(local, mesh):
+        if "valid" in local:  # an evaluation batch
+            eval_batches.append(1)
+            if len(eval_batches) == 3:  # the first batch of step 8's validation
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", signal_in_the_second_validation)
+    c = tiny_config(records, **kw)
+    w = tmp_path / "w"
+    assert train.train_and_evaluate(c, w) == {"preempted_at": 8}
+    assert len(eval_batches) == 3  # stopped before the validation's second batch
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("val step")] == [
+        "val step 4"
+    ]
+    assert "preempted (SIGTERM) at step 8: checkpoint saved, exiting" in out
+    ckpts = w / "checkpoints"
+    assert checkpointing.checkpoint_steps(ckpts) == [4, 6, 8]
+    assert checkpointing.load_meta(ckpts, 8)["run"]["val_pending"] is True
+    with ocp.CheckpointManager(ckpts) as mngr:
+        assert mngr.metrics(8) is None
+
+    monkeypatch.setattr(sharding, "global_batch", real)
+    c.train.max_steps = 8  # first only the skipped validation (later steps would drop step 8)
+    train.train_and_evaluate(c, w)
+    out = capsys.readouterr().out
+    assert "validating step 8, whose validation the last stop skipped" in out
+    assert checkpointing.checkpoint_steps(ckpts) == [4, 6, 8]
+    with ocp.CheckpointManager(ckpts) as mngr:  # saved again with its score: it can be the best
+        assert mngr.metrics(8) == {"val_top1": whole["val_top1"][1][1], "step": 8}
+    assert "val_pending" not in checkpointing.load_meta(ckpts, 8)["run"]
+    c.train.max_steps = 0
+    resumed = train.train_and_evaluate(c, w)
+    assert "validating step" not in capsys.readouterr().out
+    assert resumed["val_top1"] == whole["val_top1"]  # step 8's too, and nothing twice
+    assert resumed["best_val_top1"] == whole["best_val_top1"]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(w), _final_params(tmp_path / "whole"))
+
+
+def test_a_skipped_validation_of_the_only_checkpoint_is_run_but_not_saved_again(
+    records, tmp_path, monkeypatch, capsys
+):
+    # deleting the only checkpoint to save it again would leave none if killed in between
+    from signnet_jax import sharding
+
+    real, calls = sharding.global_batch, []
+
+    def batch_then_signal(local, mesh):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4, the first checkpoint and validation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", batch_then_signal)
+    c = tiny_config(records, **{"test_split": "", "train.val_every_epochs": 1})
+    assert train.train_and_evaluate(c, tmp_path) == {"preempted_at": 4}
+    monkeypatch.setattr(sharding, "global_batch", real)
+    c.train.max_steps = 5
+    resumed = train.train_and_evaluate(c, tmp_path)
+    out = capsys.readouterr().out
+    assert "note: step 4 is the only checkpoint, so it is not saved again" in out
+    assert [s for s, _ in resumed["val_top1"]] == [4, 5]
+    assert checkpointing.checkpoint_steps(tmp_path / "checkpoints") == [4, 5]
+
+
+def test_sigterm_in_the_final_test_stops_it_and_the_same_command_runs_it_again(
+    records, tmp_path, monkeypatch, capsys
+):
+    from signnet_jax import sharding
+
+    real, test_batches = sharding.global_batch, []
+
+    def signal_in_the_test(local, mesh):
+        if "valid" in local:  # a test batch (no validation split here)
+            test_batches.append(1)
+            if len(test_batches) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", signal_in_the_test)
+    kw = {"val_split": "", "train.max_steps": 2, "mesh.num_devices": 4}
+    c = tiny_config(records, **kw, **{"data.eval_batch_size": 4})  # 6 test batches
+    assert train.train_and_evaluate(c, tmp_path) == {"preempted_at": 2}
+    assert test_batches == [1]  # stopped before the second
+    assert "preempted (SIGTERM) in the final test: step 2 is saved, and the same command " \
+        "runs the test again" in capsys.readouterr().out  # fmt: skip
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(sharding, "global_batch", real)
+    again = train.train_and_evaluate(c, tmp_path)
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert again["steps"] == 2 and (tmp_path / "metrics.json").exists()
+    assert again["test"]["num_videos"] == 8
 
 
 def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
