@@ -314,6 +314,29 @@ class TrainCheckpointer:
             metrics = {**metrics, "step": step}
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
+    def score(self, step: int, metrics: dict[str, float]) -> bool:
+        """Give a saved step the metrics it was saved without (its validation was cut short),
+        so it can be the best; on every process at once.
+
+        Nothing is deleted or saved again: process 0 writes the metrics item where orbax
+        keeps it (``STEP/metrics/metrics``, replaced atomically) and every process reloads.
+        Returns whether orbax reads them back (an orbax that keeps them elsewhere: False,
+        and the step stays unscored).
+        """
+        from jax.experimental import multihost_utils
+
+        metrics = {**metrics, "step": step}
+        if jax.process_index() == 0:
+            folder = self.directory / str(step) / "metrics"
+            folder.mkdir(exist_ok=True)
+            partial = folder / f".metrics.{uuid.uuid4().hex}"
+            partial.write_text(json.dumps(metrics))
+            os.replace(partial, folder / "metrics")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"signnet_jax: step {step} scored")
+        self.manager.reload()
+        return self.manager.metrics(step) == metrics
+
     def saved_items(self, step: int) -> set[str]:
         """Names of the state trees saved at ``step`` (params, opt_state, ...)."""
         folder = self.directory / str(step)

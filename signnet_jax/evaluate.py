@@ -219,7 +219,7 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
     preempt = train.Preemption(active=False)  # the flag of the run's own use, if any
     try:
         with ctrl_c, preempt, advice, train.damaged_records(config.records_dir):
-            for _ in range(info.num_steps):
+            for i in range(info.num_steps):
                 if not multi_host and preempt.requested:  # one host: before the next batch
                     raise train.AgreedPreemption
                 if error is None:
@@ -264,7 +264,9 @@ def predict_split(setup, config: ml_collections.ConfigDict, params, split: str, 
                         )
                     if (codes == train.STOP_INTERRUPTED).any():  # every host at this batch
                         raise train.AgreedInterrupt
-                    if (codes == train.STOP_PREEMPTED).any():
+                    # after the last batch the pass is done: it is kept, and the training
+                    # loop's next step carries the SIGTERM
+                    if (codes == train.STOP_PREEMPTED).any() and i < info.num_steps - 1:
                         raise train.AgreedPreemption
                 bad = va & ~np.isfinite(p).all(axis=1)
                 if bad.any():

@@ -850,7 +850,7 @@ class Preemption:
     outlast it). On several hosts the flag travels with the batch rows (``code``) and the
     evaluation's gathered flags, so every host stops at the same point even when only one
     got the signal; there it is installed for the whole run (``main``): a SIGTERM while the
-    hosts set up stops them after their first step instead of going to JAX's own handler,
+    hosts set up stops them after their second step instead of going to JAX's own handler,
     which nothing here reads. The flag is the process's, as AgreedCtrlC's; the outermost use
     starts with it clear.
 
@@ -1402,7 +1402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # on several hosts a Ctrl-C stops them together, in the loop and in the final test
         on_exit.enter_context(AgreedCtrlC(multi_host))
         # a SIGTERM from here to the end of the final test stops the run at the next step or
-        # evaluation batch (before, it ends the process: nothing is lost that a save keeps)
+        # evaluation batch (before, on one host, it ends the process: there is nothing to save
+        # yet; on several, main's flag carries it here)
         preempt = on_exit.enter_context(Preemption())
 
         def run_record() -> dict:
@@ -1474,23 +1475,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             trace,
             contextlib.closing(train_iter),
         ):
-            if run.get("val_pending") and config.val_split:
-                # the validation a stop skipped; its step is saved again with the result,
-                # so it can be the best (unless it is the only checkpoint: a kill between
-                # deleting and saving it would leave none)
+            pending = run.get("val_pending") and config.val_split
+            scored = ckpt.manager.metrics(step) if pending else None
+            if scored:  # scored by a resumed run that stopped before its next save
+                val_log.append((step, scored["val_top1"]))
+                best_val = max(best_val or 0.0, scored["val_top1"])
+            elif pending:
+                # the validation a stop skipped; the step gets its score in place, so it can
+                # be the best (the curve saves with the next step)
                 _log(f"validating step {step}, whose validation the last stop skipped")
                 val_metrics, stop = validate(step, 0)
                 if val_metrics is None:
                     return stopped(step, stop)
-                if len(ckpt.manager.all_steps()) > 1:
-                    ckpt.manager.delete(step)
-                    _save(
-                        ckpt, step, state, step * batch, meta | {"run": run_record()}, val_metrics
-                    )
-                else:
+                if not ckpt.score(step, val_metrics):
                     _log(
-                        f"note: step {step} is the only checkpoint, so it is not saved again "
-                        "with its validation: it cannot be picked as the best"
+                        f"warning: step {step}'s validation could not be recorded with its "
+                        "checkpoint (this orbax keeps the metrics elsewhere): it cannot be "
+                        "picked as the best"
                     )
             while step < last_step:
                 trace.before(step)
