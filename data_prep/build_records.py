@@ -306,6 +306,8 @@ def _worker_main(conn, factory: TunnellerFactory, work_dir: str, jpeg_quality: i
     # Ctrl-C in a terminal reaches the whole process group; the parent stops the build and
     # ends its workers, so they leave it to the parent instead of each printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM ends a worker as it ends the build (ignored only while the worker imported)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(factory, work_dir, jpeg_quality)
     try:
         while (task := conn.recv()) is not None:

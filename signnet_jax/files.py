@@ -119,6 +119,9 @@ def interrupted(left: str) -> int:
 
 # The command lines run with `python -m` (their modules import JAX, MediaPipe: seconds).
 _COMMANDS = ("signnet_jax.", "data_prep.")
+# Set by a command for its worker processes (inherited): grain's input workers and the
+# dataset builder's start with `spawn`, which imports the command's module again first.
+_WORKER_OF = "SIGNNET_WORKER_OF"
 
 
 def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
@@ -132,6 +135,12 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
     Args:
       argv: the interpreter's command line (default ``sys.orig_argv``).
 
+    A worker process of a command (started with ``spawn``: it imports the command's module
+    again, for seconds) ignores SIGINT and SIGTERM from here on: a Ctrl-C or a preemption
+    reaches the whole process group, and the command stops its workers itself (a worker
+    stopped while starting printed a traceback, or failed the batch the command waited for
+    instead of letting it save). Its own start-up may set them otherwise.
+
     Returns:
       Whether the handler was installed: only for ``python -m`` of one of our modules,
       never when the package is imported as a library.
@@ -140,8 +149,15 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
     if _starting is not None:  # once per process: a package imported later, once the
         return False  # command runs (data_prep from train or convert), must not install it
     _starting = False
-    if not _run_module(sys.orig_argv if argv is None else argv).startswith(_COMMANDS):
+    argv = sys.orig_argv if argv is None else argv
+    if argv[-1:] == ["--multiprocessing-fork"] and os.environ.get(_WORKER_OF):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return False
+    module = _run_module(argv)
+    if not module.startswith(_COMMANDS):
+        return False
+    os.environ[_WORKER_OF] = module
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return False  # ignored (a background job), or somebody else's handler
     signal.signal(signal.SIGINT, _exit_quietly)

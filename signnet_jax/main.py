@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from signnet_jax import checkpointing, evaluate, files, train
+from signnet_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file from configs/")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and metrics")
@@ -73,8 +74,6 @@ def main(argv):
     except train.TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(files.interrupted(_left_by_interrupted(config, _WORKDIR.value)))
     except train.AgreedPreemption:  # several hosts, eval mode: every host at the same batch
         print(
             "preempted (SIGTERM): the evaluation did not finish (no metrics.json written); run "
@@ -82,6 +81,13 @@ def main(argv):
             file=sys.stderr,
         )
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        status = files.interrupted(_left_by_interrupted(config, _WORKDIR.value))
+    else:
+        return
+    # outside the handler the interrupt's traceback, and the batches its frames held, are gone
+    pipeline.unlink_freed()
+    sys.exit(status)
 
 
 def _left_by_interrupted(config, workdir: str) -> str:

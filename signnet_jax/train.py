@@ -1473,7 +1473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _memory_advice(per_device),
             damaged_records(config.records_dir),
             trace,
-            contextlib.closing(train_iter),
+            pipeline.released(train_iter, config.data.num_workers),
         ):
             pending = run.get("val_pending") and config.val_split
             scored = ckpt.manager.metrics(step) if pending else None

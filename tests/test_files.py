@@ -66,6 +66,8 @@ def test_the_module_run_with_python_m_is_read_off_the_command_line(argv, module)
 
 def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
     installed = []
+    monkeypatch.setenv(files._WORKER_OF, "")  # undone at the end: the marker set below too
+    monkeypatch.delenv(files._WORKER_OF)
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append((sig, handler)))
 
     def first_call(argv):  # as in a new process
@@ -92,6 +94,33 @@ def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
     assert not files.quiet_interrupt_while_starting(["python", "-m", "signnet_jax.main"])
     assert len(installed) == 2
+
+
+def test_a_command_s_spawned_workers_ignore_ctrl_c_and_sigterm_from_their_imports(monkeypatch):
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append((sig, handler)))
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
+    monkeypatch.setenv(files._WORKER_OF, "")  # undone at the end: the marker set below too
+    monkeypatch.delenv(files._WORKER_OF)
+    spawned = [
+        "python", "-B", "-c",
+        "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=4, pipe_handle=6)",
+        "--multiprocessing-fork",
+    ]  # fmt: skip
+
+    def first_call(argv):  # as in a new process
+        monkeypatch.setattr(files, "_starting", None)
+        return files.quiet_interrupt_while_starting(argv)
+
+    # a worker of a program of the user's own, importing the package: left alone
+    assert not first_call(spawned)
+    assert installed == []
+    # a command marks the environment its workers inherit
+    assert first_call(["python", "-m", "signnet_jax.main"])
+    assert os.environ[files._WORKER_OF] == "signnet_jax.main"
+    installed.clear()
+    assert not first_call(spawned)
+    assert installed == [(signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN)]
 
 
 def test_ctrl_c_once_a_command_runs_is_its_own_message(tmp_path):

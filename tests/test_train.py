@@ -2395,6 +2395,48 @@ def test_an_input_that_fails_after_a_ctrl_c_stops_every_host_as_interrupted():
     other.raise_if_stopped(train.STOP_INTERRUPTED, 5, "ckpts")
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("when", ["workers starting", "workers running"])
+def test_a_signal_to_the_process_group_is_left_to_the_trainer(records, tmp_path, sig, when):
+    # a terminal's Ctrl-C and a scheduler's SIGTERM reach the input workers too. Started
+    # with `spawn`, they import the command's module again for seconds, and died there: with
+    # a traceback each (Ctrl-C), or failing the batch the trainer waited for ("Worker process
+    # was terminated unexpectedly") instead of letting it save (SIGTERM). Once running, a
+    # Ctrl-C left their prefetched batches to Python's resource tracker, which warned of
+    # "leaked shared_memory objects".
+    w = tmp_path / "w"
+    proc = subprocess.Popen(
+        _main_args(records, w, "--config.data.num_workers=2"),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job
+    )  # fmt: skip
+    try:
+        if when == "workers starting":  # the loop's first batch starts them right after
+            _wait_for(proc, "training a ViT")
+            time.sleep(0.3)
+        else:
+            _wait_for(proc, "step 2/")
+        os.killpg(proc.pid, getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    steps = checkpointing.checkpoint_steps(w / "checkpoints")
+    if sig == "SIGTERM":
+        assert proc.returncode == 0, err[-3000:]
+        assert f"preempted (SIGTERM) at step {steps[-1]}: checkpoint saved, exiting" in out
+        assert err == ""
+    else:
+        assert proc.returncode == 130, err[-3000:]
+        assert err.splitlines() == [
+            f"interrupted: checkpoints saved up to step {steps[-1]} in {w / 'checkpoints'}; "
+            "the same command resumes from the latest"
+            if steps
+            else f"interrupted: no checkpoint saved yet in {w / 'checkpoints'}; the same "
+            "command starts the run again"
+        ]
+
+
 def test_sigterm_is_the_process_flag_while_a_preemption_is_entered():
     previous = signal.getsignal(signal.SIGTERM)
     with train.Preemption() as outer:  # main's, on several hosts

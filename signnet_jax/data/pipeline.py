@@ -25,6 +25,7 @@ iterator built with the same arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -341,10 +342,28 @@ def release(iterator, num_workers: int) -> None:
     """
     iterator.close()
     if num_workers > 0:
-        gc.collect()
-        deletions = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
-        if deletions is not None:  # grain 0.2.18's; without it, blocks are unlinked at once
-            deletions.apply(int)  # returns after every deletion queued before it
+        unlink_freed()
+
+
+def unlink_freed() -> None:
+    """Unlink the shared memory of batches no longer referenced (``release``'s second half).
+
+    A command that stops on a Ctrl-C calls this once the KeyboardInterrupt is handled: its
+    traceback held the frames of the step, and in them the batches.
+    """
+    gc.collect()
+    deletions = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+    if deletions is not None:  # grain 0.2.18's; without it, blocks are unlinked at once
+        deletions.apply(int)  # returns after every deletion queued before it
+
+
+@contextlib.contextmanager
+def released(iterator, num_workers: int):
+    """``release`` the iterator when the block ends, however it ends (a Ctrl-C, a stop)."""
+    try:
+        yield iterator
+    finally:
+        release(iterator, num_workers)
 
 
 def steps_per_epoch(num_videos: int, global_batch_size: int) -> int:
