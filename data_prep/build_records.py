@@ -420,8 +420,8 @@ def _pool_outcomes(
             proc.join(timeout=10)
     finally:
         for conn, (proc, _) in live.items():
-            if proc.is_alive():
-                proc.terminate()
+            if proc.is_alive():  # SIGKILL: a worker still importing ignores SIGTERM
+                proc.kill()
             conn.close()
 
 

@@ -319,21 +319,30 @@ class TrainCheckpointer:
         so it can be the best; on every process at once.
 
         Nothing is deleted or saved again: process 0 writes the metrics item where orbax
-        keeps it (``STEP/metrics/metrics``, replaced atomically) and every process reloads.
-        Returns whether orbax reads them back (an orbax that keeps them elsewhere: False,
-        and the step stays unscored).
+        keeps it (``STEP/metrics/metrics``, synced and replaced atomically, as a half-written
+        one would stop orbax opening the folder) and every process reloads. Returns whether
+        orbax reads them back; False on every process when process 0 could not write them
+        (an orbax that keeps them elsewhere, a disk error): the step stays unscored.
         """
         from jax.experimental import multihost_utils
 
         metrics = {**metrics, "step": step}
+        written = True
         if jax.process_index() == 0:
-            folder = self.directory / str(step) / "metrics"
-            folder.mkdir(exist_ok=True)
-            partial = folder / f".metrics.{uuid.uuid4().hex}"
-            partial.write_text(json.dumps(metrics))
-            os.replace(partial, folder / "metrics")
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"signnet_jax: step {step} scored")
+            folder = self.directory / str(step)
+            try:
+                if not folder.is_dir():  # not orbax 0.12's layout: write no folder of a step
+                    raise FileNotFoundError(f"no folder {folder}")
+                files.atomic_write(
+                    folder / "metrics" / "metrics", json.dumps(metrics).encode(), fsync=True
+                )
+            except OSError as e:
+                logging.getLogger(__name__).warning("could not score step %d: %s", step, e)
+                written = False
+        if jax.process_count() > 1:  # every process learns the outcome (and waits for it)
+            written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
+        if not written:
+            return False
         self.manager.reload()
         return self.manager.metrics(step) == metrics
 

@@ -150,14 +150,17 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
         return False  # command runs (data_prep from train or convert), must not install it
     _starting = False
     argv = sys.orig_argv if argv is None else argv
-    if argv[-1:] == ["--multiprocessing-fork"] and os.environ.get(_WORKER_OF):
+    # the command's own workers only: not a worker's workers, nor another program's it started
+    if argv[-1:] == ["--multiprocessing-fork"] and os.environ.get(_WORKER_OF, "").endswith(
+        f":{os.getppid()}"
+    ):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return False
     module = _run_module(argv)
     if not module.startswith(_COMMANDS):
         return False
-    os.environ[_WORKER_OF] = module
+    os.environ[_WORKER_OF] = f"{module}:{os.getpid()}"
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return False  # ignored (a background job), or somebody else's handler
     signal.signal(signal.SIGINT, _exit_quietly)

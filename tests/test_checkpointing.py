@@ -106,6 +106,29 @@ def test_the_best_step_survives_a_restart(tmp_path):
     assert checkpointing.select_step(tmp_path, "best") == 1
 
 
+def test_a_step_saved_unscored_is_scored_in_place_and_kept_as_the_best(tmp_path):
+    # a validation cut short by a stop: the resumed run scores the step afterwards
+    _train_run(tmp_path, {2: 0.5, 4: None}, keep=1)
+    ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=1)
+    before = sorted(p.name for p in (tmp_path / "4").iterdir())
+    assert ckpt.score(4, {"val_top1": 0.75})
+    assert sorted(p.name for p in (tmp_path / "4").iterdir()) == sorted([*before, "metrics"])
+    assert [p.name for p in (tmp_path / "4" / "metrics").iterdir()] == ["metrics"]  # no temp
+    assert ckpt.manager.metrics(4) == {"val_top1": 0.75, "step": 4}
+    # later steps do not push it out: it is the best
+    ckpt.save(6, _state(6.0), {"position": 6}, {"model": {}}, {"val_top1": 0.25})
+    ckpt.save(8, _state(8.0), {"position": 8}, {"model": {}})
+    ckpt.wait()
+    ckpt.close()
+    assert checkpointing.checkpoint_steps(tmp_path) == [4, 8]
+    assert checkpointing.select_step(tmp_path, "best") == 4
+    # a step whose folder is not where orbax 0.12 keeps it: unscored, no folder made
+    ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=1)
+    assert not ckpt.score(5, {"val_top1": 0.9})
+    assert not (tmp_path / "5").exists()
+    ckpt.close()
+
+
 def test_steps_without_validation_do_not_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _train_run(tmp_path / "quiet", {1: None, 2: 0.5, 3: None})

@@ -115,10 +115,14 @@ def test_a_command_s_spawned_workers_ignore_ctrl_c_and_sigterm_from_their_import
     # a worker of a program of the user's own, importing the package: left alone
     assert not first_call(spawned)
     assert installed == []
-    # a command marks the environment its workers inherit
+    # a command marks the environment its workers inherit, with its process id
     assert first_call(["python", "-m", "signnet_jax.main"])
-    assert os.environ[files._WORKER_OF] == "signnet_jax.main"
+    assert os.environ[files._WORKER_OF] == f"signnet_jax.main:{os.getpid()}"
     installed.clear()
+    assert not first_call(spawned)  # a process the command's worker started: left alone
+    assert installed == []
+    command = os.getpid()
+    monkeypatch.setattr(os, "getppid", lambda: command)  # the command's own worker
     assert not first_call(spawned)
     assert installed == [(signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN)]
 
