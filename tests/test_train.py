@@ -2235,6 +2235,33 @@ def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_pa
 
 
 @pytest.mark.heavy
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_one_of_two_processes_in_the_final_test_stops_both(records, tmp_path, sig):
+    # the batches of steps 1 and 2, then the test's: process 1 is signalled in its first
+    run = tmp_path / "run"
+    target = "signnet_jax.sharding:global_batch#3"
+    runs = _run_two_processes(
+        records, [run, run], "--config.train.max_steps=2", "--config.test_split=test",
+        "--config.data.num_workers=0",
+        **({"ctrl_c_in_1": target} if sig == "SIGINT" else {"sigterm_in_1": target}),
+    )  # fmt: skip
+    codes = [code for code, _, _ in runs]
+    assert codes == ([130, 130] if sig == "SIGINT" else [0, 0]), [e[-2000:] for *_, e in runs]
+    out = runs[0][1]  # process 0 logs
+    assert "test split (3 views per video" not in out
+    if sig == "SIGTERM":
+        assert "preempted (SIGTERM) in the final test: step 2 is saved, and the same command " \
+            "runs the test again" in out  # fmt: skip
+    for _, _, err in runs if sig == "SIGINT" else []:
+        assert err.splitlines()[-1] == (
+            f"interrupted: checkpoints saved up to step 2 in {run / 'checkpoints'}; the same "
+            "command resumes from the latest"
+        )
+    assert not (run / "metrics.json").exists()
+    assert checkpointing.checkpoint_steps(run / "checkpoints") == [2]
+
+
+@pytest.mark.heavy
 @pytest.mark.parametrize("batch", [1, 3])  # the test split's 24 views: 3 batches of 8
 def test_sigterm_to_one_of_two_processes_in_evaluation_stops_both(records, tmp_path, batch):
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
