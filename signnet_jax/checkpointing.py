@@ -269,7 +269,7 @@ class TrainCheckpointer:
     asynchronous; a half-written step (process killed mid-save) is never restored.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int, primary: bool = True):
+    def __init__(self, directory: str | os.PathLike, keep: int):
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
         self.directory = local_path(directory, write=True)

@@ -839,7 +839,8 @@ def _count_ctrl_c(read: int) -> None:
 
 
 class AgreedPreemption(Exception):
-    """A SIGTERM every host agreed on at the same evaluation batch (see Preemption)."""
+    """A SIGTERM every host agreed on at the same evaluation batch, or on one host seen
+    before the next batch (see Preemption)."""
 
 
 class Preemption:

@@ -53,8 +53,9 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 
 
 def interrupt_after_command(target: str, entry: str, *args) -> list[str]:
-    """The command line of ``entry`` with ``args`` getting SIGINT once ``target`` has returned
-    (see ``interrupt_after``), to run from the repository."""
+    """The command line of ``entry`` with ``args`` getting SIGINT (or the signal named by
+    $SIGNAL_AFTER) once ``target`` has returned (see ``interrupt_after``), to run from the
+    repository."""
     return [sys.executable, "-c", _DRIVER, target, entry, *map(str, args)]
 
 

@@ -2443,19 +2443,20 @@ def test_a_signal_to_the_process_group_is_left_to_the_trainer(records, tmp_path,
             _wait_for(proc, "training a ViT")
             time.sleep(0.3)
         else:
-            _wait_for(proc, "step 2/")
+            _wait_for(proc, "step 3/")  # not a checkpoint step
         os.killpg(proc.pid, getattr(signal, sig))
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     steps = checkpointing.checkpoint_steps(w / "checkpoints")
+    for bad in ("Traceback", "leaked shared_memory", "terminated unexpectedly"):
+        assert bad not in err, err[-3000:]
     if sig == "SIGTERM":
         assert proc.returncode == 0, err[-3000:]
         assert f"preempted (SIGTERM) at step {steps[-1]}: checkpoint saved, exiting" in out
-        assert err == ""
     else:
         assert proc.returncode == 130, err[-3000:]
-        assert err.splitlines() == [
+        assert err.splitlines()[-1:] == [
             f"interrupted: checkpoints saved up to step {steps[-1]} in {w / 'checkpoints'}; "
             "the same command resumes from the latest"
             if steps
