@@ -2123,21 +2123,6 @@ def test_sigterm_to_one_of_two_processes_in_a_validation_stops_both_and_resumes(
 
 
 @pytest.mark.heavy
-def test_sigterm_to_one_of_two_processes_while_they_set_up_saves_an_early_step(records, tmp_path):
-    # jax.distributed's own SIGTERM handler, which nothing reads, used to take the signal:
-    # the hosts trained on until killed
-    run = tmp_path / "run"
-    runs = _run_two_processes(
-        records, [run, run], "--config.optim.epochs=100",
-        "--config.train.checkpoint_every_steps=1000", sigterm_in_1="signnet_jax.train:prepare",
-    )  # fmt: skip
-    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
-    # the stop code travels with step 1's batch and is read after step 2 (no wait per step)
-    assert "preempted (SIGTERM) at step 2: checkpoint saved, exiting" in runs[0][1]
-    assert checkpointing.checkpoint_steps(run / "checkpoints") == [2]
-
-
-@pytest.mark.heavy
 def test_ctrl_c_on_one_of_two_processes_saves_and_stops_both(records, tmp_path):
     # the host that raised KeyboardInterrupt alone used to leave the other waiting in the
     # step's collectives until JAX's health check ended it, with nothing saved
@@ -2194,19 +2179,32 @@ def test_ctrl_c_on_one_of_two_processes_in_a_validation_saves_the_step(records, 
 
 
 @pytest.mark.heavy
-def test_ctrl_c_on_one_of_two_processes_while_they_set_up_saves_an_early_step(records, tmp_path):
-    # process 1 gets SIGINT once its setup has read the records: it used to stop alone and
-    # leave the other waiting in setup's collectives (checkpoint, compile checks, first step)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_one_of_two_processes_while_they_set_up_saves_an_early_step(
+    records, tmp_path, sig
+):
+    # process 1 is signalled once its setup has read the records. A Ctrl-C used to stop it
+    # alone and leave the other waiting in setup's collectives (checkpoint, compile checks,
+    # first step); jax.distributed's own SIGTERM handler, which nothing reads, used to take a
+    # SIGTERM: the hosts trained on until killed
     run = tmp_path / "run"
+    target = "signnet_jax.train:prepare"
     runs = _run_two_processes(
         records, [run, run], "--config.optim.epochs=100",
-        "--config.train.checkpoint_every_steps=1000", ctrl_c_in_1="signnet_jax.train:prepare",
+        "--config.train.checkpoint_every_steps=1000",
+        **({"ctrl_c_in_1": target} if sig == "SIGINT" else {"sigterm_in_1": target}),
     )  # fmt: skip
-    assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
+    codes = [code for code, _, _ in runs]
+    assert codes == ([130, 130] if sig == "SIGINT" else [0, 0]), [e[-2000:] for *_, e in runs]
     # the stop code travels with step 1's batch and is read after step 2 (no wait per step)
-    assert "interrupted (Ctrl-C) at step 2: checkpoint saved" in runs[0][1]
+    assert (
+        "interrupted (Ctrl-C) at step 2: checkpoint saved"
+        if sig == "SIGINT"
+        else "preempted (SIGTERM) at step 2: checkpoint saved, exiting"
+    ) in runs[0][1]
     assert checkpointing.checkpoint_steps(run / "checkpoints") == [2]
-    assert CTRL_C_NOTICE in runs[1][2]
+    if sig == "SIGINT":
+        assert CTRL_C_NOTICE in runs[1][2]
 
 
 @pytest.mark.heavy
