@@ -2207,6 +2207,19 @@ def test_a_signal_to_one_of_two_processes_while_they_set_up_saves_an_early_step(
         assert CTRL_C_NOTICE in runs[1][2]
 
 
+def _evaluate_on_two_processes(records, tmp_path, **signal_in_1):
+    """Eval mode of a converted checkpoint as two processes in ``tmp_path / "w"``, process 1
+    signalled as ``_start_two_processes`` says: (runs, workdir)."""
+    names = json.loads((records / "dataset_info.json").read_text())["classes"]
+    init = _converted(tmp_path, DIMS, names)
+    w = tmp_path / "w"
+    runs = _run_two_processes(
+        records, [w, w], "--config.mode=eval", "--config.test_split=test",
+        f"--config.init_from={init}", **signal_in_1,
+    )  # fmt: skip
+    return runs, w
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize(
     "target",
@@ -2216,13 +2229,7 @@ def test_a_signal_to_one_of_two_processes_while_they_set_up_saves_an_early_step(
     ],
 )
 def test_ctrl_c_on_one_of_two_processes_in_evaluation_stops_both(records, tmp_path, target):
-    names = json.loads((records / "dataset_info.json").read_text())["classes"]
-    init = _converted(tmp_path, DIMS, names)
-    w = tmp_path / "w"
-    runs = _run_two_processes(
-        records, [w, w], "--config.mode=eval", "--config.test_split=test",
-        f"--config.init_from={init}", ctrl_c_in_1=target,
-    )  # fmt: skip
+    runs, w = _evaluate_on_two_processes(records, tmp_path, ctrl_c_in_1=target)
     assert [code for code, _, _ in runs] == [130, 130], [err[-2000:] for _, _, err in runs]
     for _, _, err in runs:
         assert err.splitlines()[-1] == (
@@ -2262,13 +2269,8 @@ def test_a_signal_to_one_of_two_processes_in_the_final_test_stops_both(records, 
 @pytest.mark.heavy
 @pytest.mark.parametrize("batch", [1, 3])  # the test split's 24 views: 3 batches of 8
 def test_sigterm_to_one_of_two_processes_in_evaluation_stops_both(records, tmp_path, batch):
-    names = json.loads((records / "dataset_info.json").read_text())["classes"]
-    init = _converted(tmp_path, DIMS, names)
-    w = tmp_path / "w"
-    runs = _run_two_processes(
-        records, [w, w], "--config.mode=eval", "--config.test_split=test",
-        f"--config.init_from={init}", sigterm_in_1=f"signnet_jax.sharding:global_batch#{batch}",
-    )  # fmt: skip
+    target = f"signnet_jax.sharding:global_batch#{batch}"
+    runs, w = _evaluate_on_two_processes(records, tmp_path, sigterm_in_1=target)
     if batch == 3:  # in the last batch: the finished evaluation stands
         assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
         assert len(list(w.glob("eval/*/metrics.json"))) == 1
