@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing.util
 import os
 import pathlib
 import re
@@ -136,10 +138,12 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
       argv: the interpreter's command line (default ``sys.orig_argv``).
 
     A worker process of a command (started with ``spawn``: it imports the command's module
-    again, for seconds) ignores SIGINT and SIGTERM from here on: a Ctrl-C or a preemption
-    reaches the whole process group, and the command stops its workers itself (a worker
-    stopped while starting printed a traceback, or failed the batch the command waited for
-    instead of letting it save). Its own start-up may set them otherwise.
+    again, for seconds) ignores SIGINT and SIGTERM: a Ctrl-C or a preemption reaches the
+    whole process group, and the command stops its workers itself (a worker stopped while
+    starting printed a traceback, or failed the batch the command waited for instead of
+    letting it save). The command starts them with both signals blocked (as Python's
+    resource tracker is started), so one sent before the worker has come this far waits,
+    and is dropped here. Its own start-up may set them otherwise.
 
     Returns:
       Whether the handler was installed: only for ``python -m`` of one of our modules,
@@ -151,21 +155,43 @@ def quiet_interrupt_while_starting(argv: list[str] | None = None) -> bool:
     _starting = False
     argv = sys.orig_argv if argv is None else argv
     # the command's own workers only: not a worker's workers, nor another program's it started
-    if argv[-1:] == ["--multiprocessing-fork"] and os.environ.get(_WORKER_OF, "").endswith(
-        f":{os.getppid()}"
-    ):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if argv[-1:] == ["--multiprocessing-fork"] and _WORKER_OF in os.environ:
+        if os.environ[_WORKER_OF].endswith(f":{os.getppid()}"):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops one that waits
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SHIELDED)
         return False
     module = _run_module(argv)
     if not module.startswith(_COMMANDS):
         return False
     os.environ[_WORKER_OF] = f"{module}:{os.getpid()}"
+    multiprocessing.util.spawnv_passfds = _shielded(multiprocessing.util.spawnv_passfds)
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return False  # ignored (a background job), or somebody else's handler
     signal.signal(signal.SIGINT, _exit_quietly)
     _starting = True
     return True
+
+
+# What a command's worker processes ignore; blocked from their start until they do.
+_SHIELDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _shielded(spawn):
+    """``multiprocessing.util.spawnv_passfds`` (which starts every ``spawn`` process), starting
+    the new process with SIGINT and SIGTERM blocked: the blocked mask survives ``exec``."""
+
+    @functools.wraps(spawn)
+    def spawnv_passfds(path, args, passfds):
+        # this thread's mask only (grain starts its workers from its own threads): a signal
+        # for the command itself goes to another thread meanwhile, or waits microseconds
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELDED)
+        try:
+            return spawn(path, args, passfds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+    return spawnv_passfds
 
 
 # None until the first call of quiet_interrupt_while_starting; then whether it installed

@@ -1,3 +1,4 @@
+import multiprocessing.util
 import os
 import pathlib
 import signal
@@ -66,6 +67,7 @@ def test_the_module_run_with_python_m_is_read_off_the_command_line(argv, module)
 
 def test_the_startup_handler_is_only_for_our_commands(monkeypatch):
     installed = []
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", multiprocessing.util.spawnv_passfds)
     monkeypatch.setenv(files._WORKER_OF, "")  # undone at the end: the marker set below too
     monkeypatch.delenv(files._WORKER_OF)
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append((sig, handler)))
@@ -102,6 +104,8 @@ def test_a_command_s_spawned_workers_ignore_ctrl_c_and_sigterm_from_their_import
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.default_int_handler)
     monkeypatch.setenv(files._WORKER_OF, "")  # undone at the end: the marker set below too
     monkeypatch.delenv(files._WORKER_OF)
+    spawn = multiprocessing.util.spawnv_passfds
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", spawn)  # undone at the end
     spawned = [
         "python", "-B", "-c",
         "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=4, pipe_handle=6)",
@@ -118,6 +122,7 @@ def test_a_command_s_spawned_workers_ignore_ctrl_c_and_sigterm_from_their_import
     # a command marks the environment its workers inherit, with its process id
     assert first_call(["python", "-m", "signnet_jax.main"])
     assert os.environ[files._WORKER_OF] == f"signnet_jax.main:{os.getpid()}"
+    assert multiprocessing.util.spawnv_passfds.__wrapped__ is spawn  # starts them shielded
     installed.clear()
     assert not first_call(spawned)  # a process the command's worker started: left alone
     assert installed == []
@@ -125,6 +130,35 @@ def test_a_command_s_spawned_workers_ignore_ctrl_c_and_sigterm_from_their_import
     monkeypatch.setattr(os, "getppid", lambda: command)  # the command's own worker
     assert not first_call(spawned)
     assert installed == [(signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN)]
+
+
+def test_a_command_s_worker_signalled_before_its_first_import_lives_on(tmp_path):
+    # a Ctrl-C or SIGTERM to the process group while a worker's interpreter still starts
+    # (before it imports the package, seconds on a loaded machine) killed it: a traceback, or
+    # "Worker process was terminated unexpectedly" instead of the command's own stop
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import multiprocessing, os, signal, sys, time\n"
+        "from signnet_jax import files\n"
+        "if __name__ == '__main__':\n"
+        "    files._starting = None  # as if run with python -m signnet_jax.main\n"
+        "    files.quiet_interrupt_while_starting([sys.executable, '-m', 'signnet_jax.main'])\n"
+        "    worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(1,))\n"
+        "    worker.start()  # returns once the worker's interpreter is exec'd\n"
+        "    os.kill(worker.pid, signal.SIGINT)\n"
+        "    os.kill(worker.pid, signal.SIGTERM)\n"
+        "    worker.join(60)\n"
+        "    print(worker.exitcode, sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != files._WORKER_OF}
+    proc = subprocess.run(
+        [sys.executable, str(driver)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the worker slept its second and ended well; the command blocks nothing itself
+    assert proc.stdout.split("\n")[0] == "0 []", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_ctrl_c_once_a_command_runs_is_its_own_message(tmp_path):
