@@ -322,8 +322,25 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int, prefetch:
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
             worker_init_fn=_init_worker,
-        )
+        ).map(_unnamed)
     return it
+
+
+def _unnamed(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch from grain's workers with the names of its shared memory blocks removed.
+
+    Its arrays stay mapped, and the memory is freed once the last of them goes, whenever
+    that is. JAX on the CPU shares an array's memory instead of copying it, and lets go of
+    it when its own work is done: a block freed after the pipeline's ``release`` would keep
+    its name to the process's exit, where Python's resource tracker unlinks it and warns of
+    "leaked shared_memory objects". Batches still in grain's buffers keep theirs, for
+    ``release`` to unlink.
+    """
+    for leaf in jax.tree.leaves(batch):
+        if isinstance(leaf, grain.multiprocessing.SharedMemoryArray) and leaf._unlink_on_del:
+            leaf.shm.unlink()  # the name only (and the resource tracker's note of it)
+            leaf._unlink_on_del = False
+    return batch
 
 
 def release(iterator, num_workers: int) -> None:

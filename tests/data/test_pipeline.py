@@ -9,6 +9,7 @@ import sys
 import time
 
 import cv2
+import grain
 import numpy as np
 import pytest
 
@@ -211,6 +212,25 @@ def test_worker_processes_outlive_a_sigterm_to_the_process_group(records_dir):
     for p in workers:
         p.join(timeout=30)
     assert not any(p.is_alive() for p in workers)
+
+
+def test_a_batch_kept_past_release_holds_no_shared_memory_name(records_dir):
+    # JAX on the CPU shares a batch's memory and lets go of it when its work is done, which
+    # can be after the pipeline's release: a block still named then was unlinked only by the
+    # resource tracker at exit, which warned of "leaked shared_memory objects"
+    reference = _take(iter(_train(records_dir)), 2)
+    it = iter(_train(records_dir, num_workers=2))
+    kept = [next(it), next(it)]
+    blocks = [
+        leaf for batch in kept for leaf in batch.values()
+        if isinstance(leaf, grain.multiprocessing.SharedMemoryArray)
+    ]  # fmt: skip
+    assert len(blocks) >= 2 * 4  # the clip, labels, indices and flags of each batch
+    pipeline.release(it, 2)
+    assert [
+        b.shm.name for b in blocks if os.path.exists(f"/dev/shm/{b.shm.name.lstrip('/')}")
+    ] == []
+    _assert_same(kept, reference)  # still mapped: the memory goes with the last array
 
 
 def _running(pid: int) -> bool:
