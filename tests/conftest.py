@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +14,30 @@ import pytest
 jax.config.update("jax_platforms", "cpu")
 os.environ["JAX_PLATFORMS"] = "cpu"
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Compiled programs are kept on disk for the run and shared by pytest's workers and the
+# commands the tests start, which compile the same tiny models again and again. A run makes its
+# own folder and removes it at the end; set JAX_COMPILATION_CACHE_DIR to keep one across runs.
+# The size limit turns on JAX's file lock, so no process reads an entry another is writing.
+_XLA_CACHE_OWNER = "SIGNNET_TEST_XLA_CACHE_OWNER"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="signnet-test-xla-")
+    os.environ[_XLA_CACHE_OWNER] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+for _name, _kind in (
+    ("JAX_COMPILATION_CACHE_DIR", str),
+    ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", float),
+    ("JAX_COMPILATION_CACHE_MAX_SIZE", int),
+):
+    jax.config.update(_name.lower(), _kind(os.environ[_name]))
+
+
+def pytest_sessionfinish(session):
+    """The process that made the run's compilation cache (pytest's main one) removes it."""
+    if os.environ.get(_XLA_CACHE_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
