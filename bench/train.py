@@ -15,9 +15,11 @@ Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, dro
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
 data-parallel mesh; prints step time, clips/s, analytic FLOPs and, on an accelerator,
 MFU. ``--attention`` with several kernels (comma-separated) times each on the same
-weights and batch and prints their speeds relative to the first. On the CPU it also
-times the PyTorch reference training step on the same weights (tests/models/torch_vit.py)
-and prints PyTorch time / JAX time (min of repeats), JAX's time being the first kernel's.
+weights and batch and prints their speeds relative to the first that runs (a kernel the
+device cannot run, or a batch that does not fit, gets a line saying so; the run fails only if
+no kernel ran). On the CPU it also times the PyTorch reference training step on the same
+weights (tests/models/torch_vit.py) and prints PyTorch time / JAX time (min of repeats), JAX's
+time being that first kernel's.
 
 ``--topology`` compiles the step for devices that are not here: a TPU slice (``v5e:2x4``, a
 v5e-8) with JAX's TPU compiler (``pip install 'jax[tpu]'``) or a GPU node (``h100:8``) with
@@ -144,16 +146,38 @@ def eval_memory(setup, views: int, mesh, at_once: int):
         return _memory_of(lambda: evaluate.eval_step(setup, at_once).lower(params, clips))
 
 
+# What a kernel the device cannot run raises: XLA's compile error (JaxRuntimeError, a
+# RuntimeError), or cuDNN's or Pallas' own.
+CANNOT_RUN = (RuntimeError, ValueError, NotImplementedError)
+
+
 def _memory_of(lower):
     """The compiled memory analysis of ``lower()``, or a line saying why there is none."""
     try:
         return lower().compile().memory_analysis()
-    # a kernel the device cannot run: XLA's compile error, or cuDNN's or Pallas' own
-    except (RuntimeError, ValueError, NotImplementedError) as e:  # JaxRuntimeError too
-        if isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e):
+    except CANNOT_RUN as e:
+        if _out_of_memory(e):
             return "does not fit (the compiler ran out of device memory)"
-        first = (str(e).strip().splitlines() or [""])[0]
-        return f"does not compile for this device: {type(e).__name__}: {first}".rstrip(": ")
+        return f"does not compile for this device: {_first_line(e)}"
+
+
+def _out_of_memory(e: Exception) -> bool:
+    return isinstance(e, jax.errors.JaxRuntimeError) and train.is_out_of_memory(e)
+
+
+def _first_line(e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def why_not_timed(e: Exception) -> str:
+    """Why a kernel's step could not be timed, for its line in place of the time."""
+    if _out_of_memory(e):
+        return (
+            f"does not fit in device memory ({_first_line(e)}); try a smaller --batch or "
+            "--remat, or size the step with --memory"
+        )
+    return f"does not run on this device: {_first_line(e)}"
 
 
 def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
@@ -351,29 +375,35 @@ def main() -> None:
     if args.memory:
         print_memory(args, cfg, config, tx, mesh, kernels)
         return
-    times = {}
+    times = {}  # the kernels that ran; the first is the others' reference
     for kernel in kernels:
         kcfg = dataclasses.replace(cfg, attention=kernel)
         setup = trainer_setup(kcfg, config, mesh)
         trace = args.trace / kernel if args.trace else None
-        times[kernel] = t = time_step(
-            setup, config, tx, params, clip, labels, mesh, args.repeats, trace
-        )
         ran = vit.attention_implementation(
             kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
         )
-        print(
+        head = (
             f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
-            f"attention {kernel} ({ran}): step {t:.3f} s, {args.batch / t:.2f} clips/s, "
+            f"attention {kernel} ({ran}): "
+        )
+        try:
+            t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats, trace)
+        except CANNOT_RUN as e:
+            print(head + why_not_timed(e), flush=True)
+            continue
+        first = next(iter(times), kernel)
+        times[kernel] = t
+        print(
+            head + f"step {t:.3f} s, {args.batch / t:.2f} clips/s, "
             f"{_flop(flops)}/step ({_flop(flops / args.batch)} per clip)"
             + (f", MFU {flops / t / (peak * jax.device_count()):.1%}" if peak else "")
-            + (
-                f"; {times[kernels[0]] / t:.2f}x the speed of {kernels[0]}"
-                if times[kernels[0]] != t
-                else ""
-            )
+            + (f"; {times[first] / t:.2f}x the speed of {first}" if first != kernel else ""),
+            flush=True,
         )
-    t_jax = times[kernels[0]]
+    if not times:
+        sys.exit("train.py: error: no --attention kernel ran on this device (see above)")
+    t_jax = next(iter(times.values()))
     if not args.no_torch and device.platform == "cpu":
         import torch
 

@@ -27,21 +27,34 @@ def _bench(command: str, *extra, python=(), env=None):
 def test_train_bench_times_kernels_and_traces(tmp_path):
     tiny = "--preset S --frames 4 --size 32 --batch 2"
     r = _bench(
-        f"bench/train.py {tiny} --repeats 1 --no-torch --attention auto,explicit --trace",
+        f"bench/train.py {tiny} --repeats 1 --no-torch --attention cudnn,auto,explicit --trace",
         tmp_path / "trace",
         python=("-c", WITHOUT_TORCH),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
-    assert len(lines) == 2
-    assert re.match(r"ViT-S 4x32, batch 2, float32, attention auto \(explicit\): step ", lines[0])
-    assert re.search(r"attention explicit \(explicit\): .*x the speed of auto$", lines[1])
+    assert len(lines) == 3
+    # a kernel this device cannot run gets its line, and the others are timed against the first
+    # that ran
+    assert lines[0] == (
+        "ViT-S 4x32, batch 2, float32, attention cudnn (cudnn): does not run on this device: "
+        "RuntimeError: cuDNN is not detected."
+    )
+    assert re.match(r"ViT-S 4x32, batch 2, float32, attention auto \(explicit\): step ", lines[1])
+    assert not lines[1].endswith("x the speed of cudnn")
+    assert re.search(r"attention explicit \(explicit\): .*x the speed of auto$", lines[2])
     # a tiny model's FLOPs in a unit that shows them (it was "0.00 TFLOP/step")
-    assert re.search(r" \d+\.\d\d GFLOP/step \(\d+\.\d\d GFLOP per clip\)", lines[0]), lines[0]
+    assert re.search(r" \d+\.\d\d GFLOP/step \(\d+\.\d\d GFLOP per clip\)", lines[1]), lines[1]
+    assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == ["auto", "explicit"]
     for kernel in ("auto", "explicit"):
         (run,) = (tmp_path / "trace" / kernel / "plugins" / "profile").iterdir()
         assert len(list(run.glob("*.xplane.pb"))) == 1
         assert len(list(run.glob("*perfetto_trace.json.gz"))) == 1
+    none = _bench(f"bench/train.py {tiny} --no-torch --attention cudnn")
+    assert none.returncode == 1
+    assert none.stderr.splitlines()[-1] == (
+        "train.py: error: no --attention kernel ran on this device (see above)"
+    )
     bad = _bench("bench/train.py --attention auto,flash")
     assert bad.returncode == 2 and "--attention 'flash': choose from" in bad.stderr
     two = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -235,6 +248,25 @@ def test_gpu_topologies_name_nodes_and_link_to_the_device_tables():
         assert "cuda_compute_capability {{ major: {} minor: {} }}".format(*gpu.capability) in (
             config
         )
+
+
+def test_a_step_that_does_not_fit_says_how_to_size_it():
+    import jax
+
+    from bench.train import why_not_timed
+
+    oom = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory allocating 28359347784 bytes."
+    )
+    assert why_not_timed(oom) == (
+        "does not fit in device memory (JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory "
+        "allocating 28359347784 bytes.); try a smaller --batch or --remat, or size the step with "
+        "--memory"
+    )
+    pallas = NotImplementedError("Pallas TPU kernels need a TPU\nmore detail")
+    assert why_not_timed(pallas) == (
+        "does not run on this device: NotImplementedError: Pallas TPU kernels need a TPU"
+    )
 
 
 def test_memory_limit_per_kind_of_device(monkeypatch):
