@@ -123,6 +123,8 @@ def test_train_notebook_smoke(train_run):
     assert "per_instance" in text and "top-1" in text
     assert _images(nb) == 2  # the training curves and the confused-pairs figure
     assert not list(root.glob("bucket/runs/*.copying")) and not list(root.glob("bucket/runs/*.old"))
+    # the compiled training step is kept beside the runs, for the next session to load
+    assert len(list((root / "bucket" / "xla_cache").glob("jit_train_step-*-cache"))) == 1
 
 
 @pytest.mark.heavy
