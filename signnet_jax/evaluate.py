@@ -118,14 +118,21 @@ def compile_eval_steps(setup, config: ml_collections.ConfigDict, params, residen
             sharding=sharding.batch_sharding(setup.mesh, 5),
         )
         with eval_memory_advice(setup, config, split):
-            mem = fn.lower(params, views).compile().memory_analysis()
-        if mem is not None:
-            train._log(
-                f"eval step compiled ({size}x{size} views of the {split} split): "
-                f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
+            compiled, done, _ = train.timed_compile(
+                lambda views=views: fn.lower(params, views).compile(),
+                f"eval step ({size}x{size} views of the {split} split)",
             )
-            if resident is not None:
-                _check_fits_beside(setup, config, split, resident, views, mem.temp_size_in_bytes)
+        mem = compiled.memory_analysis()
+        train._log(
+            done
+            + (
+                f": temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB per device"
+                if mem is not None
+                else ""
+            )
+        )
+        if mem is not None and resident is not None:
+            _check_fits_beside(setup, config, split, resident, views, mem.temp_size_in_bytes)
 
 
 def _check_fits_beside(setup, config, split: str, resident, views, temps: int) -> None:

@@ -1635,7 +1635,7 @@ def _record_compiles_and_steps(monkeypatch, eval_error=None):
     return events
 
 
-def test_the_eval_step_is_compiled_before_training(records, tmp_path, monkeypatch, caplog):
+def test_the_eval_step_is_compiled_before_training(records, tmp_path, monkeypatch, caplog, capsys):
     """Validation's and the test's views (48-pixel test views: two shapes), compiled once each
     at start-up, after the training step and before its first step; validation and the test
     run those executables, compiled nowhere else."""
@@ -1652,6 +1652,16 @@ def test_the_eval_step_is_compiled_before_training(records, tmp_path, monkeypatc
     assert events == ["train", "eval", "eval", "step", "step"]
     compiled = [r.getMessage() for r in caplog.records if "jit(probs)" in r.getMessage()]
     assert len([m for m in compiled if m.startswith("Finished XLA compilation")]) == 2, compiled
+    # the start-up log: each step, how long it took and its memory
+    how = r"(compiled|loaded from JAX's compilation cache) in \d+\.\d s: "
+    lines = [x for x in capsys.readouterr().out.splitlines() if " step " in x and " in " in x]
+    assert len(lines) == 3, lines
+    assert re.fullmatch(
+        rf"train step {how}arguments \d+\.\d MiB, temporaries \d+\.\d MiB per device", lines[0]
+    )
+    for line, (size, split) in zip(lines[1:], ((32, "val"), (48, "test")), strict=True):
+        views = rf"eval step \({size}x{size} views of the {split} split\) "
+        assert re.fullmatch(rf"{views}{how}temporaries \d+\.\d MiB per device", line), line
 
 
 def test_an_eval_step_that_does_not_fit_stops_before_training(records, tmp_path, monkeypatch):
@@ -1801,6 +1811,40 @@ def test_bytes_per_device_and_the_memory_a_device_says_it_has():
     no_stats = jax.errors.JaxRuntimeError("UNIMPLEMENTED: compile-only device")
     assert sharding.device_memory_limit(device("tpu", no_stats)) is None
     assert sharding.device_memory_limit(jax.devices()[0]) is None  # this machine's CPU
+
+
+def test_the_start_up_log_says_how_long_a_step_compiled_and_when_the_cache_held_it(monkeypatch):
+    import jax.numpy as jnp
+
+    stamp = float(time.time_ns() % 10**9)  # a program no other run compiled
+    step = jax.jit(lambda x: jnp.sin(x) * stamp)
+    x = jax.ShapeDtypeStruct((64,), jnp.float32)
+    # the tests' run-wide cache (conftest) keeps programs from 0.1 s; this one is faster
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        first = train.timed_compile(lambda: step.lower(x).compile(), "the step")
+        jax.clear_caches()  # as a new process: nothing compiled in memory
+        again = train.timed_compile(lambda: step.lower(x).compile(), "the step")
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    assert re.fullmatch(r"the step compiled in \d+\.\d s", first[1]) and not first[2]
+    assert re.fullmatch(r"the step loaded from JAX's compilation cache in \d+\.\d s", again[1])
+    assert not again[2]
+    ones = np.ones(64, np.float32)
+    np.testing.assert_array_equal(np.asarray(again[0](ones)), np.asarray(first[0](ones)))
+    # a slow compile without a cache says how to keep it for a restart; with one it does not
+    monkeypatch.setattr(train, "SLOW_COMPILE_S", 0.0)
+    other = jax.jit(lambda x: jnp.cos(x) * stamp)
+    assert train.timed_compile(lambda: other.lower(x).compile(), "it")[2] is False
+    cache_dir = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        third = jax.jit(lambda x: jnp.tan(x) * stamp)
+        slow = train.timed_compile(lambda: third.lower(x).compile(), "it")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    assert slow[2] is True
 
 
 def test_step_compiles_once(records, tmp_path, monkeypatch):
