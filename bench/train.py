@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -108,9 +109,9 @@ def time_step(setup, config, tx, params, clip, labels, mesh, repeats, trace_dir=
         return best  # the state is freed on return
 
 
-def step_memory(setup, config, tx, batch: int, mesh):
-    """XLA's memory analysis of the compiled step (nothing runs), or why there is none: the
-    compiler says it does not fit the device, or cannot compile it for the device."""
+def step_memory(setup, config, tx, batch: int, mesh) -> Compiled:
+    """The step compiled (nothing runs): XLA's memory analysis, or why there is none (the
+    compiler says it does not fit the device, or cannot compile it for the device)."""
     cfg = setup.model_cfg
     _prepare_splash(cfg, mesh)
     state_sh, state = state_layout(setup, tx, mesh)
@@ -130,10 +131,10 @@ def _prepare_splash(cfg, mesh) -> None:
         splash.prepare(cfg.num_heads, cfg.num_patches, platform)
 
 
-def eval_memory(setup, views: int, mesh, at_once: int):
-    """XLA's memory analysis of the evaluation step on ``views`` views (``data.eval_batch_size``:
-    the training run's validation and test), each device taking ``at_once`` of its share at a
-    time (``data.eval_views_per_device``), or why there is none, as ``step_memory``."""
+def eval_memory(setup, views: int, mesh, at_once: int) -> Compiled:
+    """The evaluation step on ``views`` views (``data.eval_batch_size``: the training run's
+    validation and test) compiled, each device taking ``at_once`` of its share at a time
+    (``data.eval_views_per_device``), as ``step_memory``."""
     cfg = setup.model_cfg
     _prepare_splash(cfg, mesh)
     params = train.sharded_params(vit.abstract_params(cfg), setup.param_sh)
@@ -146,19 +147,45 @@ def eval_memory(setup, views: int, mesh, at_once: int):
         return _memory_of(lambda: evaluate.eval_step(setup, at_once).lower(params, clips))
 
 
+# --blocks: model.scan_layers of each way to run the blocks
+BLOCKS = {"unrolled": False, "scan": True}
+
 # What a kernel the device cannot run raises: XLA's compile error (JaxRuntimeError, a
 # RuntimeError), or cuDNN's or Pallas' own.
 CANNOT_RUN = (RuntimeError, ValueError, NotImplementedError)
 
 
-def _memory_of(lower):
-    """The compiled memory analysis of ``lower()``, or a line saying why there is none."""
-    try:
-        return lower().compile().memory_analysis()
-    except CANNOT_RUN as e:
-        if _out_of_memory(e):
-            return "does not fit (the compiler ran out of device memory)"
-        return f"does not compile for this device: {_first_line(e)}"
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """A step compiled for its memory: XLA's analysis, or a line saying why there is none; how
+    long the compiler took, and whether JAX's compilation cache held the step instead."""
+
+    memory: Any
+    seconds: float
+    cached: bool
+
+    def took(self, unrolled: Compiled | None = None) -> str:
+        """', compiled in 41.2 s', and the time against ``unrolled``'s where both compiled."""
+        if self.cached:
+            return f", loaded from JAX's compilation cache in {self.seconds:.1f} s"
+        against = ""
+        if unrolled is not None and not unrolled.cached:
+            against = f" ({self.seconds / unrolled.seconds:.2f}x the unrolled blocks' time)"
+        return f", compiled in {self.seconds:.1f} s{against}"
+
+
+def _memory_of(lower) -> Compiled:
+    """``lower()`` compiled: its memory analysis, or a line saying why there is none."""
+
+    def compile_():
+        try:
+            return lower().compile().memory_analysis()
+        except CANNOT_RUN as e:
+            if _out_of_memory(e):
+                return "does not fit (the compiler ran out of device memory)"
+            return f"does not compile for this device: {_first_line(e)}"
+
+    return Compiled(*train.compile_seconds(compile_))
 
 
 def _out_of_memory(e: Exception) -> bool:
@@ -180,17 +207,19 @@ def why_not_timed(e: Exception) -> str:
     return f"does not run on this device: {_first_line(e)}"
 
 
-def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
-    """--memory: per-device memory of the step for each kernel, without and with remat."""
+def print_memory(args, cfg, config, tx, mesh, kernels, scans) -> None:
+    """--memory: per-device memory of the step for each kernel and way to run the blocks,
+    without and with remat, and how long each took to compile."""
     device = mesh.devices.flat[0]
     limit, limit_name = memory_limit(device) or (None, None)
     per_device = args.batch // mesh.size
     gib = 2**30
     views = args.eval_batch // mesh.size
 
-    def report(head, mem):
+    def report(head, compiled, unrolled=None):
+        mem = compiled.memory
         if isinstance(mem, str):
-            print(head + mem)
+            print(head + mem, flush=True)
             return
         total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
         share = (
@@ -201,30 +230,39 @@ def print_memory(args, cfg, config, tx, mesh, kernels) -> None:
         )
         print(
             head + f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
-            f"{mem.temp_size_in_bytes / gib:.2f} GiB per device" + share
+            f"{mem.temp_size_in_bytes / gib:.2f} GiB per device" + share + compiled.took(unrolled),
+            flush=True,
         )
 
     for kernel in kernels:
         ran = vit.attention_implementation(
             kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
         )
-        model = (
-            f"ViT-{args.preset} {args.frames}x{args.size}, {{}} per device, {args.dtype}, "
-            f"attention {kernel}{f' ({ran})' if ran != kernel else ''}, "
-        )
-        clips = f"{per_device} clip{'s' * (per_device != 1)}"
-        for remat in () if args.eval else (False, True):
-            setup = trainer_setup(
-                dataclasses.replace(cfg, attention=kernel, remat=remat), config, mesh
+        unrolled = {}  # each step's compile with the blocks unrolled, to time the scan against
+        for scan in scans:
+            model = (
+                f"ViT-{args.preset} {args.frames}x{args.size}, {{}} per device, {args.dtype}, "
+                f"attention {kernel}{f' ({ran})' if ran != kernel else ''}, "
+                + ("scanned blocks, " if scan else "")
             )
-            mem = step_memory(setup, config, tx, args.batch, mesh)
-            report(model.format(clips) + f"remat {'on' if remat else 'off'}: ", mem)
-        setup = trainer_setup(dataclasses.replace(cfg, attention=kernel), config, mesh)
-        for at_once in args.eval_views:
-            mem = eval_memory(setup, args.eval_batch, mesh, at_once)
-            size = evaluate.eval_chunks(views, at_once)[1]
-            chunks = f" ({size} at a time)" if size < views else ""
-            report(model.format(f"{views} view{'s' * (views != 1)}") + f"evaluation{chunks}: ", mem)
+            clips = f"{per_device} clip{'s' * (per_device != 1)}"
+            kcfg = dataclasses.replace(cfg, attention=kernel, scan_layers=scan)
+            for remat in () if args.eval else (False, True):
+                setup = trainer_setup(dataclasses.replace(kcfg, remat=remat), config, mesh)
+                compiled = step_memory(setup, config, tx, args.batch, mesh)
+                if not scan:
+                    unrolled[remat] = compiled
+                head = model.format(clips) + f"remat {'on' if remat else 'off'}: "
+                report(head, compiled, unrolled.get(remat) if scan else None)
+            setup = trainer_setup(kcfg, config, mesh)
+            for at_once in args.eval_views:
+                compiled = eval_memory(setup, args.eval_batch, mesh, at_once)
+                if not scan:
+                    unrolled[at_once, "eval"] = compiled
+                size = evaluate.eval_chunks(views, at_once)[1]
+                chunks = f" ({size} at a time)" if size < views else ""
+                head = model.format(f"{views} view{'s' * (views != 1)}") + f"evaluation{chunks}: "
+                report(head, compiled, unrolled.get((at_once, "eval")) if scan else None)
 
 
 def _flop(n: float) -> str:
@@ -258,6 +296,12 @@ def main() -> None:
     p.add_argument(
         "--remat", action="store_true",
         help="model.remat: recompute each block in the backward pass (less memory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--blocks", default="unrolled", metavar="HOW[,HOW...]",
+        help="how the blocks run: unrolled (default unrolled) or scan (model.scan_layers: one "
+        "scan, so XLA compiles one block); both, comma-separated, to compare their speed, or "
+        "with --memory their memory and compile times",
     )  # fmt: skip
     p.add_argument(
         "--fsdp", type=int, default=1, metavar="N",
@@ -344,6 +388,11 @@ def main() -> None:
     for name in kernels:
         if name not in vit.ATTENTION:
             p.error(f"--attention {name!r}: choose from {', '.join(vit.ATTENTION)}")
+    blocks = args.blocks.split(",")
+    for name in blocks:
+        if name not in BLOCKS:
+            p.error(f"--blocks {name!r}: choose from {', '.join(BLOCKS)}")
+    scans = [BLOCKS[name] for name in blocks]
     if not (args.no_torch or args.memory) and devices[0].platform == "cpu":
         require_torch(p, "or time JAX alone with --no-torch")
 
@@ -373,34 +422,37 @@ def main() -> None:
         + (f"; parameters and optimizer state sharded over {args.fsdp}" if args.fsdp > 1 else "")
     )
     if args.memory:
-        print_memory(args, cfg, config, tx, mesh, kernels)
+        print_memory(args, cfg, config, tx, mesh, kernels, scans)
         return
     times = {}  # the kernels that ran; the first is the others' reference
     for kernel in kernels:
-        kcfg = dataclasses.replace(cfg, attention=kernel)
-        setup = trainer_setup(kcfg, config, mesh)
-        trace = args.trace / kernel if args.trace else None
         ran = vit.attention_implementation(
             kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
         )
-        head = (
-            f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
-            f"attention {kernel} ({ran}): "
-        )
-        try:
-            t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats, trace)
-        except CANNOT_RUN as e:
-            print(head + why_not_timed(e), flush=True)
-            continue
-        first = next(iter(times), kernel)
-        times[kernel] = t
-        print(
-            head + f"step {t:.3f} s, {args.batch / t:.2f} clips/s, "
-            f"{_flop(flops)}/step ({_flop(flops / args.batch)} per clip)"
-            + (f", MFU {flops / t / (peak * jax.device_count()):.1%}" if peak else "")
-            + (f"; {times[first] / t:.2f}x the speed of {first}" if first != kernel else ""),
-            flush=True,
-        )
+        for scan in scans:
+            name = kernel + " with scanned blocks" * scan
+            setup = trainer_setup(
+                dataclasses.replace(cfg, attention=kernel, scan_layers=scan), config, mesh
+            )
+            trace = args.trace / (kernel + "-scan" * scan) if args.trace else None
+            head = (
+                f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
+                f"attention {kernel} ({ran}){', scanned blocks' * scan}: "
+            )
+            try:
+                t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats, trace)
+            except CANNOT_RUN as e:
+                print(head + why_not_timed(e), flush=True)
+                continue
+            first = next(iter(times), name)
+            times[name] = t
+            print(
+                head + f"step {t:.3f} s, {args.batch / t:.2f} clips/s, "
+                f"{_flop(flops)}/step ({_flop(flops / args.batch)} per clip)"
+                + (f", MFU {flops / t / (peak * jax.device_count()):.1%}" if peak else "")
+                + (f"; {times[first] / t:.2f}x the speed of {first}" if first != name else ""),
+                flush=True,
+            )
     if not times:
         sys.exit("train.py: error: no --attention kernel ran on this device (see above)")
     t_jax = next(iter(times.values()))

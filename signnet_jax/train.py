@@ -165,6 +165,7 @@ def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT
             init_scale=m.init_scale,
             dtype=m.dtype,
             remat=m.remat,
+            scan_layers=m.scan_layers,
             attention=m.attention,
             **overrides,
         )
@@ -265,9 +266,9 @@ _RESUMABLE_WITH_CHANGES = {
     "mode", "records_dir", "val_split", "test_split", "init_from", "load_step",
     "init_reset_head", "model.preset", "model.embed_dim", "model.depth", "model.num_heads",
     "model.mlp_dim", "model.num_frames", "model.img_size", "model.dtype", "model.remat",
-    "model.attention", "model.init_scale", "data.short_side_size", "data.test_num_segment",
-    "data.test_num_crop", "data.eval_batch_size", "data.eval_views_per_device",
-    "data.num_workers", "data.num_threads",
+    "model.scan_layers", "model.attention", "model.init_scale", "data.short_side_size",
+    "data.test_num_segment", "data.test_num_crop", "data.eval_batch_size",
+    "data.eval_views_per_device", "data.num_workers", "data.num_threads",
     "data.prefetch", "optim.grad_accum", "optim.loss_scale", "optim.loss_scale_window",
     "optim.loss_scale_hysteresis",
 }  # fmt: skip
@@ -998,14 +999,11 @@ _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 SLOW_COMPILE_S = 20.0
 
 
-def timed_compile(compile_: Callable[[], jax.stages.Compiled], what: str):
-    """``compile_()`` (lower and compile a step) and the start-up log's words for it: ``WHAT
-    compiled in 41.2 s``, or ``WHAT loaded from JAX's compilation cache in 1.3 s`` when the
-    persistent cache (``JAX_COMPILATION_CACHE_DIR``) held it.
-
-    Returns:
-      (the compiled step, those words, whether a compile this slow ran without the cache).
-    """
+def compile_seconds(
+    compile_: Callable[[], jax.stages.Compiled],
+) -> tuple[jax.stages.Compiled, float, bool]:
+    """``compile_()`` timed: (its result, seconds, whether JAX's persistent compilation cache
+    (``JAX_COMPILATION_CACHE_DIR``) held it)."""
     hits = []
 
     def on_event(event: str, **_) -> None:
@@ -1018,8 +1016,19 @@ def timed_compile(compile_: Callable[[], jax.stages.Compiled], what: str):
         compiled = compile_()
     finally:
         jax.monitoring.unregister_event_listener(on_event)
-    seconds = time.perf_counter() - start
-    if hits:
+    return compiled, time.perf_counter() - start, bool(hits)
+
+
+def timed_compile(compile_: Callable[[], jax.stages.Compiled], what: str):
+    """``compile_()`` (lower and compile a step) and the start-up log's words for it: ``WHAT
+    compiled in 41.2 s``, or ``WHAT loaded from JAX's compilation cache in 1.3 s`` when the
+    persistent cache held it.
+
+    Returns:
+      (the compiled step, those words, whether a compile this slow ran without the cache).
+    """
+    compiled, seconds, cached = compile_seconds(compile_)
+    if cached:
         return compiled, f"{what} loaded from JAX's compilation cache in {seconds:.1f} s", False
     slow = seconds >= SLOW_COMPILE_S and not jax.config.jax_compilation_cache_dir
     return compiled, f"{what} compiled in {seconds:.1f} s", slow

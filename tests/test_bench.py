@@ -62,6 +62,10 @@ def test_train_bench_times_kernels_and_traces(tmp_path):
     assert odd.returncode == 2 and "--batch 3 must be a multiple of the 2 devices" in odd.stderr
 
 
+# how long the step took to compile, or to load from the tests' JAX compilation cache
+COMPILED = r"(compiled|loaded from JAX's compilation cache) in \d+\.\d s$"
+
+
 def test_train_bench_memory_compiles_only():
     r = _bench(
         "bench/train.py --preset S --frames 4 --size 32 --batch 2 --memory --attention explicit "
@@ -72,7 +76,7 @@ def test_train_bench_memory_compiles_only():
     pattern = (
         r"ViT-S 4x32, (2 clips|4 views) per device, float32, attention explicit, "
         r"(remat off|remat on|evaluation): "
-        r"arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device$"
+        r"arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device, " + COMPILED
     )
     matches = [re.match(pattern, line) for line in lines]
     assert len(lines) == 3 and all(matches), lines
@@ -108,7 +112,7 @@ def test_train_bench_memory_compiles_only():
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 16x224")]
     pattern = (
         r"ViT-S 16x224, 8 views per device, float32, attention explicit, evaluation(| \(3 at a "
-        r"time\)): arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device$"
+        r"time\)): arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device, " + COMPILED
     )
     matches = [re.match(pattern, line) for line in lines]
     assert len(lines) == 3 and all(matches), lines
@@ -117,6 +121,46 @@ def test_train_bench_memory_compiles_only():
     assert matches[0][3] == matches[1][3] and float(matches[2][3]) < 0.5 * float(matches[0][3])
     bad = _bench("bench/train.py --eval --eval-views 2,x")
     assert bad.returncode == 2 and "--eval-views 2,x: whole numbers >= 0" in bad.stderr
+
+
+def test_train_bench_compares_scanned_blocks_with_unrolled_ones():
+    # compile times against the unrolled blocks' need both compiled: no compilation cache
+    fresh = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    tiny = "bench/train.py --preset S --frames 4 --size 32 --batch 2 --attention explicit"
+    r = _bench(f"{tiny} --memory --eval-batch 4 --blocks unrolled,scan", env=fresh)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    pattern = (
+        r"ViT-S 4x32, (2 clips|4 views) per device, float32, attention explicit, "
+        r"(|scanned blocks, )(remat off|remat on|evaluation): arguments (\d+\.\d\d) GiB, "
+        r"temporaries (\d+\.\d\d) GiB per device, compiled in (\d+\.\d) s"
+        r"(| \((\d+\.\d\d)x the unrolled blocks' time\))$"
+    )
+    matches = [re.match(pattern, line) for line in lines]
+    assert len(lines) == 6 and all(matches), lines
+    assert [m[2] for m in matches] == [""] * 3 + ["scanned blocks, "] * 3
+    assert [m[3] for m in matches] == ["remat off", "remat on", "evaluation"] * 2
+    # the scan's time is given against its unrolled twin's
+    for unrolled, scanned in zip(matches[:3], matches[3:], strict=True):
+        assert unrolled[7] == ""
+        ratio = float(scanned[6]) / float(unrolled[6])
+        assert abs(float(scanned[8]) - ratio) < 0.02 + 0.1 * ratio, (unrolled[0], scanned[0])
+        # the same training state; the stack of the blocks' float32 weights (ViT-S: 21M, 0.08
+        # GiB) is one more temporary, with their gradients two in training
+        assert scanned[4] == unrolled[4]
+        extra = float(scanned[5]) - float(unrolled[5])
+        assert 0.07 <= extra <= (0.1 if scanned[3] == "evaluation" else 0.2), scanned[0]
+    # timed: the scan against the first that ran
+    timed = _bench(f"{tiny} --repeats 1 --no-torch --blocks unrolled,scan")
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    lines = [line for line in timed.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    assert len(lines) == 2
+    assert lines[0].startswith("ViT-S 4x32, batch 2, float32, attention explicit (explicit): ")
+    assert re.match(
+        r"ViT-S 4x32, batch 2, float32, attention explicit \(explicit\), scanned blocks: "
+        r"step .*; \d+\.\d\dx the speed of explicit$",
+        lines[1],
+    )
 
 
 def test_train_bench_runs_float16_with_the_trainers_loss_scale():
@@ -359,6 +403,7 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
             "--size 100: give a positive multiple of 14 (the patch size of ViT-g), e.g. --size 98",
         ),
         ("bench/model.py --batch 0", "argument --batch: give a whole number >= 1, not '0'"),
+        ("bench/train.py --blocks scan,loop", "--blocks 'loop': choose from unrolled, scan"),
     ],
 )
 def test_bad_bench_options_are_one_line_usage_errors(command, error):
@@ -400,7 +445,7 @@ def _option_help(text: str) -> dict[str, str]:
     "script, flags",
     [
         ("bench/model.py", ["--frames", "--size", "--batch", "--repeats", "--presets"]),
-        ("bench/train.py", ["--preset", "--frames", "--size", "--repeats"]),
+        ("bench/train.py", ["--preset", "--frames", "--size", "--repeats", "--blocks"]),
         ("bench/records.py", ["--shared"]),
     ],
 )

@@ -66,9 +66,13 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(records, tmp
     fsdp = train.train_and_evaluate(
         tiny_config(records, **{"mesh.fsdp": 4}, **kw), tmp_path / "fsdp"
     )
+    # the blocks as one scan (with remat), their stacked weights sharded over fsdp
+    scan = {"mesh.fsdp": 4, "model.scan_layers": True, "model.remat": True}
+    fsdp_scan = train.train_and_evaluate(tiny_config(records, **scan, **kw), tmp_path / "scan")
     assert len(_losses(single)) == 5
     np.testing.assert_allclose(_losses(dp), _losses(single), atol=1e-5, rtol=0)
     np.testing.assert_allclose(_losses(fsdp), _losses(single), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_losses(fsdp_scan), _losses(single), atol=1e-5, rtol=0)
     assert not np.allclose(_losses(single)[0], _losses(single)[-1])
 
 
@@ -866,8 +870,9 @@ def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path)
 def test_resume_with_other_workers_and_accumulation_follows_the_run(records, tmp_path):
     # a preempted run resumed on a smaller machine: another worker count (grain's iterator
     # state differs in structure), accumulation switched on (optax.MultiSteps wraps the
-    # optimizer state) and off again. Without random device-side parts (mixup, erasing, drop
-    # path) two micro-batches are one batch, so the run follows the uninterrupted one.
+    # optimizer state) and off again, then the blocks run as a scan. Without random
+    # device-side parts (mixup, erasing, drop path) two micro-batches are one batch, so the
+    # run follows the uninterrupted one.
     kw = {
         "val_split": "", "test_split": "", "mesh.num_devices": 4, "train.checkpoint_every_steps": 2,
         "loss.mixup": 0.0, "loss.cutmix": 0.0, "data.reprob": 0.0, "model.drop_path_rate": 0.0,
@@ -877,7 +882,7 @@ def test_resume_with_other_workers_and_accumulation_follows_the_run(records, tmp
     for over in (
         {"train.max_steps": 2},
         {"train.max_steps": 4, "data.num_workers": 2, "optim.grad_accum": 2},
-        {"train.max_steps": 6},
+        {"train.max_steps": 6, "model.scan_layers": True},  # the same numbers, compiled once
     ):
         done = train.train_and_evaluate(tiny_config(records, **kw, **over), run)
     np.testing.assert_allclose(_losses(done), _losses(ref), rtol=0, atol=1e-5)

@@ -107,6 +107,9 @@ class ViTConfig:
     init_scale: float = 0.001  # head weights scaled at init, as the original fine-tuning does
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    # Run the blocks as one jax.lax.scan over their stacked parameters: XLA compiles one block
+    # instead of ``depth``, the same numbers (drop path draws its masks from other keys).
+    scan_layers: bool = False
     # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
     # bfloat16 or float16, XLA's attention on TPUs and older GPUs, the explicit form with a
     # hand-written backward on CPUs).
@@ -448,18 +451,40 @@ class Block(nnx.Module):
             self.gamma_2 = _param(init, ("norm",))
         else:
             self.gamma_1 = self.gamma_2 = None
-        # Drop path = dropout of whole samples: broadcast over tokens and channels.
-        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2))
+        self.drop_rate = float(drop_path)  # of this block's two residual branches
 
-    def __call__(self, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, drop_key: jax.Array | None = None, drop_rate: Any = None
+    ) -> jax.Array:
+        """One block over tokens ``x``.
+
+        Args:
+          x: (batch, tokens, embed_dim).
+          drop_key: the random key of this block's drop path in training; None: no drop path.
+          drop_rate: the drop path rate in place of the block's own (a traced value when the
+            blocks run as a scan).
+        """
+        rate = self.drop_rate if drop_rate is None else drop_rate
+        keys = (None, None) if drop_key is None else jax.random.split(drop_key)
         y = self.attn(self.norm1(x))
         if self.gamma_1 is not None:
             y = y * self.gamma_1[...].astype(y.dtype)
-        x = x + self.drop_path(y, deterministic=not train, rngs=rngs)
+        x = x + drop_path(y, rate, keys[0])
         y = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             y = y * self.gamma_2[...].astype(y.dtype)
-        return x + self.drop_path(y, deterministic=not train, rngs=rngs)
+        return x + drop_path(y, rate, keys[1])
+
+
+def drop_path(y: jax.Array, rate: Any, key: jax.Array | None) -> jax.Array:
+    """timm's DropPath: each sample's residual branch ``y`` is dropped whole with probability
+    ``rate`` or kept and scaled by 1 / (1 - rate); ``y`` as it is without a ``key``."""
+    if key is None or (isinstance(rate, float) and rate == 0.0):
+        return y
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    # at rate 1 no sample is kept; the division stays finite, and so does its gradient
+    return jnp.where(mask, y / jnp.where(keep > 0, keep, 1.0).astype(y.dtype), 0)
 
 
 class VisionTransformer(nnx.Module):
@@ -509,12 +534,51 @@ class VisionTransformer(nnx.Module):
             # The sinusoid table is built for the actual token grid of this input.
             pos = jnp.asarray(sinusoid_table(int(np.prod(grid)), x.shape[-1]))[None]
         x = x + pos.astype(x.dtype)
-        block_fn = _apply_block
-        if self.cfg.remat:
-            block_fn = nnx.remat(_apply_block, static_argnums=(2,))
-        for blk in self.blocks:
-            x = block_fn(blk, x, train, rngs)
+        depth = len(self.blocks)
+        keys = None
+        if train and self.cfg.drop_path_rate > 0:
+            if rngs is None:
+                raise ValueError("training with drop path needs rngs with a 'dropout' stream")
+            keys = jax.random.split(rngs.dropout(), depth)  # one per block
+        if self.cfg.scan_layers:
+            x = self._scan_blocks(x, keys)
+        else:
+            block_fn = nnx.remat(_apply_block) if self.cfg.remat else _apply_block
+            for i, blk in enumerate(self.blocks):
+                x = block_fn(blk, x, None if keys is None else keys[i])
         return self.fc_norm(x.astype(jnp.float32).mean(axis=1))
+
+    def _scan_blocks(self, x: jax.Array, keys: jax.Array | None) -> jax.Array:
+        """The blocks as one ``jax.lax.scan`` over their parameters stacked on a leading axis.
+
+        The checkpoint layout stays one entry per block: the stack is built in the step (one
+        more copy of the blocks' parameters, and of their gradients, per device, in the
+        compute dtype), and each block's drop path rate and key ride along the scanned axis,
+        so the numbers are those of the blocks run one after another.
+        """
+        graphdef = nnx.graphdef(self.blocks[0])  # the blocks differ only in their drop rate
+        stacked = jax.tree.map_with_path(
+            self._stack, *(nnx.state(b, nnx.Param) for b in self.blocks)
+        )
+        rates = jnp.asarray([b.drop_rate for b in self.blocks], jnp.float32)
+
+        def body(x, layer):
+            params, rate, key = layer
+            blk = nnx.merge(graphdef, params)
+            return blk(x, key, None if key is None else rate), None
+
+        if self.cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        return jax.lax.scan(body, x, (stacked, rates, keys))[0]
+
+    def _stack(self, path, *layers: jax.Array) -> jax.Array:
+        """One parameter of every block stacked, in the compute dtype where the block casts it
+        to that anyway (all but the layer norms' and cosine attention's scale): half the copy
+        in bfloat16, and the same numbers."""
+        stacked = jnp.stack(layers)
+        if {getattr(k, "key", None) for k in path} & {"norm1", "norm2", "scale"}:
+            return stacked
+        return stacked.astype(self.cfg.dtype)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
@@ -525,8 +589,8 @@ class VisionTransformer(nnx.Module):
         return self.head(x)
 
 
-def _apply_block(blk: Block, x: jax.Array, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    return blk(x, train, rngs)
+def _apply_block(blk: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    return blk(x, key)
 
 
 def create_model(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:

@@ -124,9 +124,7 @@ def test_drop_path_rates_grow_linearly_and_act_only_in_training():
         "S", num_classes=4, num_frames=4, img_size=32, drop_path_rate=0.3, depth=4
     )
     model = vit.create_model(cfg)
-    np.testing.assert_allclose(
-        [b.drop_path.rate for b in model.blocks], [0, 0.1, 0.2, 0.3], atol=1e-7
-    )
+    np.testing.assert_allclose([b.drop_rate for b in model.blocks], [0, 0.1, 0.2, 0.3], atol=1e-7)
     x = jnp.asarray(random_clip(16, 4, 32))
     eval_out = model(x)
     np.testing.assert_array_equal(model(x), eval_out)
@@ -142,21 +140,27 @@ def test_drop_path_drops_whole_samples_of_each_residual_branch():
     # token and channel, or dropped whole; the residual stream itself is never dropped
     cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=1)
     p, n = 0.3, 2000
-    block = vit.Block(cfg, p, rngs=nnx.Rngs(0), dtype=jnp.float32)
     y = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (n, 8, 384)), jnp.float32)
-    ratio = np.asarray(block.drop_path(y, deterministic=False, rngs=nnx.Rngs(dropout=3)) / y)
+    ratio = np.asarray(vit.drop_path(y, p, jax.random.key(3)) / y)
     per_sample = ratio[:, :1, :1]
     np.testing.assert_allclose(ratio, np.broadcast_to(per_sample, ratio.shape), rtol=1e-6)
     kept = np.isclose(per_sample, 1 / (1 - p), rtol=1e-6)
     assert (kept | (per_sample == 0)).all()
     dropped = 1 - kept.mean()
     assert abs(dropped - p) < 5 * np.sqrt(p * (1 - p) / n), dropped  # binomial, 5 sigma
+    # a traced rate (the scanned blocks') draws the same samples
+    traced = jax.jit(vit.drop_path)(y, jnp.float32(p), jax.random.key(3))
+    np.testing.assert_allclose(traced, ratio * np.asarray(y), rtol=1e-6)
     # both branches of a block go through it, the residual stream does not: at rate 1 a
-    # training block returns its input unchanged
+    # training block returns its input unchanged, with finite gradients
+    cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=1)
     gone = vit.Block(cfg, 1.0, rngs=nnx.Rngs(0), dtype=jnp.float32)
     x = y[:4]
-    np.testing.assert_array_equal(gone(x, train=True, rngs=nnx.Rngs(dropout=0)), x)
-    assert not np.allclose(gone(x, train=False, rngs=None), x)
+    np.testing.assert_array_equal(gone(x, jax.random.key(0)), x)
+    np.testing.assert_array_equal(gone(x, jax.random.key(0), jnp.float32(1.0)), x)
+    assert not np.allclose(gone(x), x)  # no key: evaluation
+    grad = jax.grad(lambda r: vit.drop_path(x, r, jax.random.key(0)).sum())(jnp.float32(1.0))
+    assert np.isfinite(grad)
 
 
 def test_remat_gives_identical_outputs_and_gradients():
@@ -173,6 +177,63 @@ def test_remat_gives_identical_outputs_and_gradients():
     np.testing.assert_allclose(plain(x), remat(x), rtol=1e-6)
     for g1, g2 in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
         np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(remat=True), dict(cos_attn=True, learned_pos_emb=True, remat=True)],
+    ids=["scan", "scan+remat", "scan+remat, cosine attention"],
+)
+def test_scanned_blocks_give_the_numbers_of_the_blocks_one_after_another(options):
+    # layer scale and drop path on: the scan hands each block its own rate and key
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, depth=3, init_values=0.1,
+        drop_path_rate=0.5, **options,
+    )  # fmt: skip
+    params = vit.params_of(vit.create_model(cfg))
+    # other values per block and parameter, so a block given another's weights would show
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: a + 0.05 * rng.normal(size=a.shape).astype(a.dtype), params)
+    x = jnp.asarray(random_clip(4, 4, 32))
+    results = {}
+    for scan in (False, True):
+        model_cfg = dataclasses.replace(cfg, scan_layers=scan)
+
+        def loss(params, key, train, model_cfg=model_cfg):
+            model = vit.model_from_params(model_cfg, params)
+            return jnp.sum(model(x, train=train, rngs=nnx.Rngs(dropout=key)) ** 2)
+
+        grad = jax.jit(jax.value_and_grad(loss), static_argnums=(2, 3))
+        runs = ((0, True), (1, True), (0, False))
+        results[scan] = [grad(params, jax.random.key(k), train) for k, train in runs]
+    (trained, other_key, evaluated), scanned = results[False], results[True]
+    assert not np.isclose(trained[0], other_key[0]) and not np.isclose(trained[0], evaluated[0])
+    for (v1, g1), (v2, g2) in zip(results[False], scanned, strict=True):
+        np.testing.assert_allclose(v2, v1, rtol=1e-5)
+        named = jax.tree_util.tree_leaves_with_path(g1)
+        for (path, a), b in zip(named, jax.tree.leaves(g2), strict=True):
+            scale = float(np.abs(a).max())  # elements near 0 in a leaf: float32 rounding
+            err = jax.tree_util.keystr(path)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale, err_msg=err)
+
+
+def test_scanned_blocks_stack_their_weights_in_the_compute_dtype():
+    # the stack is the scan's extra copy: bfloat16 where the block casts to it anyway, float32
+    # for the layer norms, whose parameters the block uses in float32
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, depth=2, dtype="bfloat16",
+        scan_layers=True, init_values=0.1,
+    )  # fmt: skip
+    model = vit.create_model(cfg)
+    jaxpr = jax.make_jaxpr(lambda x: model(x))(jnp.zeros((1, 4, 32, 32, 3))).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    xs = scan.invars[scan.params["num_consts"] + scan.params["num_carry"] :]
+    shapes = sorted((str(v.aval.dtype), v.aval.shape) for v in xs)
+    d, mlp = 384, 1536
+    half = [(2, d), (2, d), (2, d), (2, d), (2, d), (2, d, d), (2, d, 3 * d), (2, d),
+            (2, mlp), (2, d, mlp), (2, mlp, d)]  # fmt: skip
+    full = [(2,), (2, d), (2, d), (2, d), (2, d)]  # the rates, then norm1's and norm2's
+    assert shapes == sorted([("bfloat16", s) for s in half] + [("float32", s) for s in full])
 
 
 def test_fresh_head_is_scaled_like_the_original():
