@@ -108,7 +108,7 @@ class ViTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
     # Run the blocks as one jax.lax.scan over their stacked parameters: XLA compiles one block
-    # instead of ``depth``, the same numbers (drop path draws its masks from other keys).
+    # instead of ``depth``; the same numbers (each block keeps its drop path rate and key).
     scan_layers: bool = False
     # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
     # bfloat16 or float16, XLA's attention on TPUs and older GPUs, the explicit form with a
