@@ -10,6 +10,7 @@
     python bench/train.py --topology h100 --batch 32 --dtype bfloat16  # one H100: fits?
     python bench/train.py --topology h100:8 --preset L --batch 32 --dtype bfloat16 --fsdp 8
     python bench/train.py --topology t4 --batch 1 --dtype float16  # Colab's T4: float16
+    python bench/train.py --topology v5e:2x4 --preset L --dtype bfloat16 --blocks unrolled,scan
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -28,7 +29,10 @@ the memory as ``--memory`` does: whether a batch fits before the hardware is ren
 ``--memory`` the evaluation step (``--eval-batch`` views, the config's ``data.eval_batch_size``,
 each device taking ``--eval-views`` of its share at a time, ``data.eval_views_per_device``) is
 compiled too: the training run's validation and test need it to fit as well. ``--eval`` compiles
-the evaluation step alone (one line per kernel and ``--eval-views`` value).
+the evaluation step alone (one line per kernel and ``--eval-views`` value). Each memory line
+ends with the compile time; ``--blocks unrolled,scan`` compiles (or times) each step with the
+blocks unrolled and as one scan (``model.scan_layers``) and gives the scan's compile time against
+the unrolled blocks'.
 """
 
 from __future__ import annotations
@@ -169,7 +173,7 @@ class Compiled:
         if self.cached:
             return f", loaded from JAX's compilation cache in {self.seconds:.1f} s"
         against = ""
-        if unrolled is not None and not unrolled.cached:
+        if unrolled is not None and not unrolled.cached and not isinstance(unrolled.memory, str):
             against = f" ({self.seconds / unrolled.seconds:.2f}x the unrolled blocks' time)"
         return f", compiled in {self.seconds:.1f} s{against}"
 
@@ -239,7 +243,7 @@ def print_memory(args, cfg, config, tx, mesh, kernels, scans) -> None:
             kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
         )
         unrolled = {}  # each step's compile with the blocks unrolled, to time the scan against
-        for scan in scans:
+        for scan in sorted(scans):  # unrolled first
             model = (
                 f"ViT-{args.preset} {args.frames}x{args.size}, {{}} per device, {args.dtype}, "
                 f"attention {kernel}{f' ({ran})' if ran != kernel else ''}, "

@@ -380,9 +380,12 @@ class Predictor:
         where = self.checkpoint
         self.notes: list[str] = []
         try:
-            # the attention kernel is this machine's choice, not the training machine's
+            # the attention kernel and the scan over the blocks are this machine's choices,
+            # not the training machine's
             self.model_cfg, note = model_for_platform(
-                vit.ViTConfig.from_dict({**meta["model"], "attention": "auto"}),
+                vit.ViTConfig.from_dict(
+                    {**meta["model"], "attention": "auto", "scan_layers": False}
+                ),
                 jax.devices()[0].platform,
             )
             self.notes += [note] if note else []

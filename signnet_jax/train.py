@@ -980,12 +980,14 @@ def memory_advice(what: str, advice: str):
         ) from e
 
 
-def _memory_advice(clips_per_device: int):
+def _memory_advice(clips_per_device: int, cfg: vit.ViTConfig):
+    # scanned blocks without remat keep every block's activations: remat first, or unroll them
+    scan = " or --config.model.scan_layers=False" if cfg.scan_layers and not cfg.remat else ""
     return memory_advice(
         "the training step",
         f"with {clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
         "--config.optim.grad_accum=2 or more (smaller micro-batches, the same update), "
-        "--config.model.remat=True, or on TPUs --config.model.attention=splash",
+        f"--config.model.remat=True{scan}, or on TPUs --config.model.attention=splash",
     )
 
 
@@ -1355,7 +1357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches = _LocalBatches(train_iter, spec)
         step_fn, abstract_batch = jit_train_step(setup, config, tx, state_sh, spec)
         per_device = clips // mesh.size
-        with _memory_advice(per_device):
+        with _memory_advice(per_device, setup.model_cfg):
             compiled, done, slow = timed_compile(
                 lambda: step_fn.lower(
                     abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.int32)
@@ -1524,7 +1526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         # closing the input pipeline stops its workers and frees the batches they prefetched
         with (
-            _memory_advice(per_device),
+            _memory_advice(per_device, setup.model_cfg),
             damaged_records(config.records_dir),
             trace,
             pipeline.released(train_iter, config.data.num_workers),

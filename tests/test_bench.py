@@ -140,11 +140,13 @@ def test_train_bench_compares_scanned_blocks_with_unrolled_ones():
     assert len(lines) == 6 and all(matches), lines
     assert [m[2] for m in matches] == [""] * 3 + ["scanned blocks, "] * 3
     assert [m[3] for m in matches] == ["remat off", "remat on", "evaluation"] * 2
-    # the scan's time is given against its unrolled twin's
+    # the scan's time is given against its unrolled twin's (from the times before rounding to
+    # 0.1 s, so within the range the rounded ones allow)
     for unrolled, scanned in zip(matches[:3], matches[3:], strict=True):
         assert unrolled[7] == ""
-        ratio = float(scanned[6]) / float(unrolled[6])
-        assert abs(float(scanned[8]) - ratio) < 0.02 + 0.1 * ratio, (unrolled[0], scanned[0])
+        s, u = float(scanned[6]), float(unrolled[6])
+        low, high = max(s - 0.05, 0) / (u + 0.05), (s + 0.05) / max(u - 0.05, 1e-9)
+        assert low - 0.005 <= float(scanned[8]) <= high + 0.005, (unrolled[0], scanned[0])
         # the same training state; the stack of the blocks' float32 weights (ViT-S: 21M, 0.08
         # GiB) is one more temporary, with their gradients two in training
         assert scanned[4] == unrolled[4]

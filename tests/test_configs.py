@@ -34,6 +34,12 @@ def test_model_config_built_from_it_is_the_published_vit_b(name):
     assert (cfg.drop_path_rate, cfg.init_scale) == (0.3, 0.001)
     # VideoMAEv2 fine-tuning defaults: no layer scale, no cosine attention, fixed sinusoid table
     assert (cfg.init_values, cfg.cos_attn, cfg.learned_pos_emb) == (0.0, False, False)
+    # how the step runs is the config's, unrolled blocks by default
+    assert (cfg.remat, cfg.scan_layers) == (False, False)
+    config = _config(name)
+    config.model.remat, config.model.scan_layers = True, True
+    cfg = train.model_config(config, num_classes=2000)
+    assert (cfg.remat, cfg.scan_layers) == (True, True)
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

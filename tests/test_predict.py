@@ -193,11 +193,13 @@ def test_batch_size_does_not_change_the_probabilities(workdir, tiny_run):
 
 
 def test_the_training_machines_attention_kernel_is_not_reused(tmp_path, tiny_run):
-    # a run trained on a GPU with cuDNN attention, predicted on this CPU
+    # a run trained on a GPU with cuDNN attention (and on a TPU with the blocks as one scan),
+    # predicted on this CPU
     cfg, _ = _tiny_model()
-    ckpt = _save_tiny(tmp_path / "gpu_run", model={**cfg.to_dict(), "attention": "cudnn"})
+    trained = {**cfg.to_dict(), "attention": "cudnn", "scan_layers": True}
+    ckpt = _save_tiny(tmp_path / "gpu_run", model=trained)
     with predict.Predictor(ckpt) as p:
-        assert p.model_cfg.attention == "auto"
+        assert p.model_cfg.attention == "auto" and not p.model_cfg.scan_layers
         probs = p._average_probabilities(tiny_run.views)
     np.testing.assert_allclose(probs, tiny_run.probabilities, rtol=1e-6, atol=1e-8)
 

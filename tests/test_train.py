@@ -66,7 +66,7 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(records, tmp
     fsdp = train.train_and_evaluate(
         tiny_config(records, **{"mesh.fsdp": 4}, **kw), tmp_path / "fsdp"
     )
-    # the blocks as one scan (with remat), their stacked weights sharded over fsdp
+    # the blocks as one scan (with remat), with fsdp
     scan = {"mesh.fsdp": 4, "model.scan_layers": True, "model.remat": True}
     fsdp_scan = train.train_and_evaluate(tiny_config(records, **scan, **kw), tmp_path / "scan")
     assert len(_losses(single)) == 5
@@ -1039,6 +1039,10 @@ def test_splash_attention_trains_like_the_default(records, tmp_path):
     np.testing.assert_allclose(_losses(splash), _losses(default), atol=1e-5, rtol=0)
     _, meta = checkpointing.load_model(tmp_path / "splash" / "checkpoints")
     assert meta["model"]["attention"] == "splash"
+    # its shard_map inside the scanned blocks, rematerialised (the interpreter was named once)
+    scan = {"model.attention": "splash", "model.scan_layers": True, "model.remat": True}
+    scanned = train.train_and_evaluate(tiny_config(records, **scan, **kw), tmp_path / "scan")
+    np.testing.assert_allclose(_losses(scanned), _losses(default), atol=1e-5, rtol=0)
 
 
 def test_hht_flip_on_strip_records(records, tmp_path):
@@ -1558,6 +1562,13 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
     )
     with pytest.raises(train.TrainingError, match=message):
         train.train_and_evaluate(c, tmp_path)
+    # scanned blocks without remat: remat, or the blocks unrolled
+    scanned = tiny_config(records, **{"val_split": "", "test_split": "", "model.scan_layers": True})
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(scanned, tmp_path / "scan")
+    assert "--config.model.remat=True or --config.model.scan_layers=False, or on TPUs" in str(
+        e.value
+    )
     # other runtime errors pass through unchanged
     monkeypatch.setattr(
         jax.stages.Lowered,

@@ -108,7 +108,8 @@ class ViTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
     # Run the blocks as one jax.lax.scan over their stacked parameters: XLA compiles one block
-    # instead of ``depth``; the same numbers (each block keeps its drop path rate and key).
+    # instead of ``depth``; each block keeps its drop path rate and key, so the numbers are the
+    # unrolled blocks' (in float32; within rounding in bfloat16 and float16).
     scan_layers: bool = False
     # 'auto': see attention_implementation (cuDNN flash attention on Ampere or newer GPUs in
     # bfloat16 or float16, XLA's attention on TPUs and older GPUs, the explicit form with a
@@ -554,7 +555,8 @@ class VisionTransformer(nnx.Module):
         The checkpoint layout stays one entry per block: the stack is built in the step (one
         more copy of the blocks' parameters, and of their gradients, per device, in the
         compute dtype), and each block's drop path rate and key ride along the scanned axis,
-        so the numbers are those of the blocks run one after another.
+        so the numbers are those of the blocks run one after another (in half precision XLA
+        rounds differently across the loop: within a rounding step).
         """
         graphdef = nnx.graphdef(self.blocks[0])  # the blocks differ only in their drop rate
         stacked = jax.tree.map_with_path(
@@ -573,8 +575,8 @@ class VisionTransformer(nnx.Module):
 
     def _stack(self, path, *layers: jax.Array) -> jax.Array:
         """One parameter of every block stacked, in the compute dtype where the block casts it
-        to that anyway (all but the layer norms' and cosine attention's scale): half the copy
-        in bfloat16, and the same numbers."""
+        to that anyway (all but the layer norms' and cosine attention's scale, used in
+        float32): half the copy in bfloat16, and the same values in the block."""
         stacked = jnp.stack(layers)
         if {getattr(k, "key", None) for k in path} & {"norm1", "norm2", "scale"}:
             return stacked

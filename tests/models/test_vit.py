@@ -219,10 +219,10 @@ def test_scanned_blocks_give_the_numbers_of_the_blocks_one_after_another(options
 
 def test_scanned_blocks_stack_their_weights_in_the_compute_dtype():
     # the stack is the scan's extra copy: bfloat16 where the block casts to it anyway, float32
-    # for the layer norms, whose parameters the block uses in float32
+    # for the layer norms and cosine attention's scale, which the block uses in float32
     cfg = vit.ViTConfig.from_preset(
         "S", num_classes=4, num_frames=4, img_size=32, depth=2, dtype="bfloat16",
-        scan_layers=True, init_values=0.1,
+        scan_layers=True, init_values=0.1, cos_attn=True,
     )  # fmt: skip
     model = vit.create_model(cfg)
     jaxpr = jax.make_jaxpr(lambda x: model(x))(jnp.zeros((1, 4, 32, 32, 3))).jaxpr
@@ -232,7 +232,7 @@ def test_scanned_blocks_stack_their_weights_in_the_compute_dtype():
     d, mlp = 384, 1536
     half = [(2, d), (2, d), (2, d), (2, d), (2, d), (2, d, d), (2, d, 3 * d), (2, d),
             (2, mlp), (2, d, mlp), (2, mlp, d)]  # fmt: skip
-    full = [(2,), (2, d), (2, d), (2, d), (2, d)]  # the rates, then norm1's and norm2's
+    full = [(2,), (2, d), (2, d), (2, d), (2, d), (2, 6, 1, 1)]  # rates, norms, scale
     assert shapes == sorted([("bfloat16", s) for s in half] + [("float32", s) for s in full])
 
 
