@@ -1,5 +1,6 @@
 """Training on 8 simulated CPU devices: parallelism parity, resume, preemption, guards."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -417,7 +418,19 @@ def _main_args(records, workdir, *extra):
 def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    env["PYTHONFAULTHANDLER"] = "1"  # an aborted child prints its threads' stacks
     return env
+
+
+def _exit_or_stacks(proc, timeout):
+    """``proc.communicate(timeout=timeout)``; a child still running then is aborted and the test
+    fails with its output and where its threads waited."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"still running {timeout} s on; stdout:\n{out[-3000:]}\nstderr:\n{err[-8000:]}")
 
 
 def _run(args, **env):
@@ -2505,9 +2518,10 @@ def test_a_signal_to_the_process_group_is_left_to_the_trainer(records, tmp_path,
         else:
             _wait_for(proc, "step 3/")  # not a checkpoint step
         os.killpg(proc.pid, getattr(signal, sig))
-        out, err = proc.communicate(timeout=120)
+        out, err = _exit_or_stacks(proc, 120)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # the input workers too
+            os.killpg(proc.pid, signal.SIGKILL)
     steps = checkpointing.checkpoint_steps(w / "checkpoints")
     for bad in ("Traceback", "leaked shared_memory", "terminated unexpectedly"):
         assert bad not in err, err[-3000:]
