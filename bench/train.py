@@ -170,12 +170,15 @@ class Compiled:
 
     def took(self, unrolled: Compiled | None = None) -> str:
         """', compiled in 41.2 s', and the time against ``unrolled``'s where both compiled."""
-        if self.cached:
-            return f", loaded from JAX's compilation cache in {self.seconds:.1f} s"
         against = ""
-        if unrolled is not None and not unrolled.cached and not isinstance(unrolled.memory, str):
+        if (
+            not self.cached
+            and unrolled is not None
+            and not unrolled.cached
+            and not isinstance(unrolled.memory, str)
+        ):
             against = f" ({self.seconds / unrolled.seconds:.2f}x the unrolled blocks' time)"
-        return f", compiled in {self.seconds:.1f} s{against}"
+        return f", {train.compile_words(self.seconds, self.cached)}{against}"
 
 
 def _memory_of(lower) -> Compiled:

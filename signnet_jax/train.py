@@ -1021,6 +1021,13 @@ def compile_seconds(
     return compiled, time.perf_counter() - start, bool(hits)
 
 
+def compile_words(seconds: float, cached: bool) -> str:
+    """``compiled in 41.2 s``, or ``loaded from JAX's compilation cache in 1.3 s``."""
+    if cached:
+        return f"loaded from JAX's compilation cache in {seconds:.1f} s"
+    return f"compiled in {seconds:.1f} s"
+
+
 def timed_compile(compile_: Callable[[], jax.stages.Compiled], what: str):
     """``compile_()`` (lower and compile a step) and the start-up log's words for it: ``WHAT
     compiled in 41.2 s``, or ``WHAT loaded from JAX's compilation cache in 1.3 s`` when the
@@ -1030,10 +1037,8 @@ def timed_compile(compile_: Callable[[], jax.stages.Compiled], what: str):
       (the compiled step, those words, whether a compile this slow ran without the cache).
     """
     compiled, seconds, cached = compile_seconds(compile_)
-    if cached:
-        return compiled, f"{what} loaded from JAX's compilation cache in {seconds:.1f} s", False
-    slow = seconds >= SLOW_COMPILE_S and not jax.config.jax_compilation_cache_dir
-    return compiled, f"{what} compiled in {seconds:.1f} s", slow
+    slow = not cached and seconds >= SLOW_COMPILE_S and not jax.config.jax_compilation_cache_dir
+    return compiled, f"{what} {compile_words(seconds, cached)}", slow
 
 
 def _model_name(cfg: vit.ViTConfig) -> str:
