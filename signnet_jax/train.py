@@ -165,6 +165,7 @@ def model_config(config: ml_collections.ConfigDict, num_classes: int) -> vit.ViT
             init_scale=m.init_scale,
             dtype=m.dtype,
             remat=m.remat,
+            remat_policy=m.remat_policy,
             scan_layers=m.scan_layers,
             attention=m.attention,
             **overrides,
@@ -266,8 +267,8 @@ _RESUMABLE_WITH_CHANGES = {
     "mode", "records_dir", "val_split", "test_split", "init_from", "load_step",
     "init_reset_head", "model.preset", "model.embed_dim", "model.depth", "model.num_heads",
     "model.mlp_dim", "model.num_frames", "model.img_size", "model.dtype", "model.remat",
-    "model.scan_layers", "model.attention", "model.init_scale", "data.short_side_size",
-    "data.test_num_segment", "data.test_num_crop", "data.eval_batch_size",
+    "model.remat_policy", "model.scan_layers", "model.attention", "model.init_scale",
+    "data.short_side_size", "data.test_num_segment", "data.test_num_crop", "data.eval_batch_size",
     "data.eval_views_per_device", "data.num_workers", "data.num_threads",
     "data.prefetch", "optim.grad_accum", "optim.loss_scale", "optim.loss_scale_window",
     "optim.loss_scale_hysteresis",
@@ -981,13 +982,21 @@ def memory_advice(what: str, advice: str):
 
 
 def _memory_advice(clips_per_device: int, cfg: vit.ViTConfig):
-    # scanned blocks without remat keep every block's activations: remat first, or unroll them
-    scan = " or --config.model.scan_layers=False" if cfg.scan_layers and not cfg.remat else ""
+    if not cfg.remat:
+        # scanned blocks without remat keep every block's activations: remat, or unroll them
+        remat = "--config.model.remat=True" + (
+            " or --config.model.scan_layers=False" if cfg.scan_layers else ""
+        )
+    elif cfg.remat_policy != "full":
+        remat = "--config.model.remat_policy=full (blocks that keep nothing but their input)"
+    else:
+        remat = ""
     return memory_advice(
         "the training step",
         f"with {clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
         "--config.optim.grad_accum=2 or more (smaller micro-batches, the same update), "
-        f"--config.model.remat=True{scan}, or on TPUs --config.model.attention=splash",
+        + (f"{remat}, " if remat else "")
+        + "or on TPUs --config.model.attention=splash",
     )
 
 

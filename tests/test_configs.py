@@ -35,11 +35,15 @@ def test_model_config_built_from_it_is_the_published_vit_b(name):
     # VideoMAEv2 fine-tuning defaults: no layer scale, no cosine attention, fixed sinusoid table
     assert (cfg.init_values, cfg.cos_attn, cfg.learned_pos_emb) == (0.0, False, False)
     # how the step runs is the config's, unrolled blocks by default
-    assert (cfg.remat, cfg.scan_layers) == (False, False)
+    assert (cfg.remat, cfg.remat_policy, cfg.scan_layers) == (False, "full", False)
     config = _config(name)
-    config.model.remat, config.model.scan_layers = True, True
+    config.model.update(remat=True, remat_policy="save_dots", scan_layers=True)
     cfg = train.model_config(config, num_classes=2000)
-    assert (cfg.remat, cfg.scan_layers) == (True, True)
+    assert (cfg.remat, cfg.remat_policy, cfg.scan_layers) == (True, "save_dots", True)
+    config.model.remat = False  # a policy is of remat: named with its key
+    with pytest.raises(train.TrainingError, match="^config.model: remat_policy='save_dots' .*"
+                       "set remat=True too$"):  # fmt: skip
+        train.model_config(config, num_classes=2000)
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

@@ -883,19 +883,20 @@ def test_float16_training_follows_float32_and_resumes_exactly(records, tmp_path)
 def test_resume_with_other_workers_and_accumulation_follows_the_run(records, tmp_path):
     # a preempted run resumed on a smaller machine: another worker count (grain's iterator
     # state differs in structure), accumulation switched on (optax.MultiSteps wraps the
-    # optimizer state) and off again, then the blocks run as a scan. Without random
-    # device-side parts (mixup, erasing, drop path) two micro-batches are one batch, so the
-    # run follows the uninterrupted one.
+    # optimizer state) and off again, then the blocks run as a scan, rematerialised keeping
+    # their matmuls' outputs. Without random device-side parts (mixup, erasing, drop path) two
+    # micro-batches are one batch, so the run follows the uninterrupted one.
     kw = {
         "val_split": "", "test_split": "", "mesh.num_devices": 4, "train.checkpoint_every_steps": 2,
         "loss.mixup": 0.0, "loss.cutmix": 0.0, "data.reprob": 0.0, "model.drop_path_rate": 0.0,
     }  # fmt: skip
     ref = train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 6}), tmp_path)
     run = tmp_path / "run"
+    scan = {"model.scan_layers": True, "model.remat": True, "model.remat_policy": "save_dots"}
     for over in (
         {"train.max_steps": 2},
         {"train.max_steps": 4, "data.num_workers": 2, "optim.grad_accum": 2},
-        {"train.max_steps": 6, "model.scan_layers": True},  # the same numbers, compiled once
+        {"train.max_steps": 6, **scan},  # the same numbers, compiled once
     ):
         done = train.train_and_evaluate(tiny_config(records, **kw, **over), run)
     np.testing.assert_allclose(_losses(done), _losses(ref), rtol=0, atol=1e-5)
@@ -1582,6 +1583,19 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
     assert "--config.model.remat=True or --config.model.scan_layers=False, or on TPUs" in str(
         e.value
     )
+    # remat on: the policy that keeps the least, or nothing more of remat
+    for policy, advice in (
+        ("save_dots", "2 or more (smaller micro-batches, the same update), "
+         "--config.model.remat_policy=full (blocks that keep nothing but their input), or on "
+         "TPUs --config.model.attention=splash"),
+        ("full", "2 or more (smaller micro-batches, the same update), or on TPUs "
+         "--config.model.attention=splash"),
+    ):  # fmt: skip
+        over = {"val_split": "", "test_split": "", "model.remat": True}
+        c = tiny_config(records, **over, **{"model.remat_policy": policy})
+        with pytest.raises(train.TrainingError) as e:
+            train.train_and_evaluate(c, tmp_path / policy)
+        assert str(e.value).endswith(advice), str(e.value)
     # other runtime errors pass through unchanged
     monkeypatch.setattr(
         jax.stages.Lowered,

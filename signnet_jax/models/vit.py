@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from signnet_jax import sharding
 from signnet_jax.models import splash
@@ -46,6 +47,13 @@ ATTENTION = ("auto", "dot_product_attention", "cudnn", "splash", "explicit")
 # compute dtypes: float16 is for GPUs whose tensor cores have no bfloat16 (T4, V100); training
 # in it scales the loss (optim.LossScaleConfig)
 DTYPES = ("float32", "bfloat16", "float16")
+# What a rematerialised block keeps for its backward pass (ViTConfig.remat_policy): nothing but
+# its input ('full': the whole block runs again), or also the outputs of its matmuls with
+# weights, the q/k/v projection, the attention's output projection and the MLP's first layer
+# ('save_dots': the layer norms, the attention and the GELU run again, about a fifth of the
+# block's forward work at 1568 tokens, for 8 of embed_dim's values per token and block).
+REMAT_POLICIES = ("full", "save_dots")
+SAVED_DOTS = ("qkv", "proj", "fc1")  # checkpoint_name of each kept output
 
 
 def resolve_preset(name: str) -> str:
@@ -107,6 +115,7 @@ class ViTConfig:
     init_scale: float = 0.001  # head weights scaled at init, as the original fine-tuning does
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    remat_policy: str = "full"  # with remat: what each block keeps (REMAT_POLICIES)
     # Run the blocks as one jax.lax.scan over their stacked parameters: XLA compiles one block
     # instead of ``depth``; each block keeps its drop path rate and key, so the numbers are the
     # unrolled blocks' (in float32; within rounding in bfloat16 and float16).
@@ -131,6 +140,15 @@ class ViTConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}"
+            )
+        if self.remat_policy != "full" and not self.remat:
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r} says what a rematerialised block keeps: "
+                "set remat=True too"
+            )
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> ViTConfig:
@@ -289,7 +307,7 @@ class Attention(nnx.Module):
         # The k bias is zero by construction (VideoMAEv2 has only q and v biases).
         q_bias, v_bias = self.q_bias[...], self.v_bias[...]
         bias = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
-        qkv = self.qkv(x) + bias.astype(self.dtype)
+        qkv = checkpoint_name(self.qkv(x) + bias.astype(self.dtype), "qkv")
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, self.head_dim), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, heads, head_dim)
         if self.cos_attn:
@@ -319,7 +337,7 @@ class Attention(nnx.Module):
         elif impl == "explicit":
             q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (b, heads, n, head_dim)
             out = explicit_attention(q * jnp.asarray(scale, q.dtype), k, v).transpose(0, 2, 1, 3)
-        return self.proj(out.reshape(b, n, d))
+        return checkpoint_name(self.proj(out.reshape(b, n, d)), "proj")
 
 
 def attention_implementation(
@@ -437,7 +455,7 @@ class Mlp(nnx.Module):
         self.fc2 = _linear(cfg.mlp_dim, cfg.embed_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(jax.nn.gelu(checkpoint_name(self.fc1(x), "fc1"), approximate=False))
 
 
 class Block(nnx.Module):
@@ -544,7 +562,9 @@ class VisionTransformer(nnx.Module):
         if self.cfg.scan_layers:
             x = self._scan_blocks(x, keys)
         else:
-            block_fn = nnx.remat(_apply_block) if self.cfg.remat else _apply_block
+            block_fn = _apply_block
+            if self.cfg.remat:
+                block_fn = nnx.remat(_apply_block, policy=self._policy())
             for i, blk in enumerate(self.blocks):
                 x = block_fn(blk, x, None if keys is None else keys[i])
         return self.fc_norm(x.astype(jnp.float32).mean(axis=1))
@@ -570,8 +590,14 @@ class VisionTransformer(nnx.Module):
             return blk(x, key, None if key is None else rate), None
 
         if self.cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = jax.checkpoint(body, prevent_cse=False, policy=self._policy())
         return jax.lax.scan(body, x, (stacked, rates, keys))[0]
+
+    def _policy(self):
+        """The jax.checkpoint policy of ``remat_policy`` (None: nothing saved)."""
+        if self.cfg.remat_policy == "save_dots":
+            return jax.checkpoint_policies.save_only_these_names(*SAVED_DOTS)
+        return None
 
     def _stack(self, path, *layers: jax.Array) -> jax.Array:
         """One parameter of every block stacked, in the compute dtype where the block casts it

@@ -1,6 +1,7 @@
 """VideoMAEv2 ViT in Flax against the independent PyTorch reference in torch_vit.py."""
 
 import dataclasses
+import re
 import types
 
 import jax
@@ -163,11 +164,12 @@ def test_drop_path_drops_whole_samples_of_each_residual_branch():
     assert np.isfinite(grad)
 
 
-def test_remat_gives_identical_outputs_and_gradients():
+@pytest.mark.parametrize("policy", vit.REMAT_POLICIES)
+def test_remat_gives_identical_outputs_and_gradients(policy):
     cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=2)
     plain = vit.create_model(cfg)
     remat = vit.model_from_params(
-        vit.ViTConfig.from_dict({**cfg.to_dict(), "remat": True}), vit.params_of(plain)
+        dataclasses.replace(cfg, remat=True, remat_policy=policy), vit.params_of(plain)
     )
     x = jnp.asarray(random_clip(2, 4, 32))
 
@@ -181,8 +183,13 @@ def test_remat_gives_identical_outputs_and_gradients():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(remat=True), dict(cos_attn=True, learned_pos_emb=True, remat=True)],
-    ids=["scan", "scan+remat", "scan+remat, cosine attention"],
+    [
+        dict(),
+        dict(remat=True),
+        dict(remat=True, remat_policy="save_dots"),
+        dict(cos_attn=True, learned_pos_emb=True, remat=True),
+    ],
+    ids=["scan", "scan+remat", "scan+remat saving dots", "scan+remat, cosine attention"],
 )
 def test_scanned_blocks_give_the_numbers_of_the_blocks_one_after_another(options):
     # layer scale and drop path on: the scan hands each block its own rate and key
@@ -215,6 +222,47 @@ def test_scanned_blocks_give_the_numbers_of_the_blocks_one_after_another(options
             scale = float(np.abs(a).max())  # elements near 0 in a leaf: float32 rounding
             err = jax.tree_util.keystr(path)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale, err_msg=err)
+
+
+def _kept_activations(cfg, capsys):
+    """What the model's backward pass keeps of its activations (what has a token axis), as
+    ``(shape, name)``: the name of a checkpoint_name, else ''."""
+    graphdef, params = nnx.split(vit.create_model(cfg))
+    x = jnp.asarray(random_clip(2, cfg.num_frames, cfg.img_size))
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p)(x).sum(), params)
+    kept = []
+    for line in capsys.readouterr().out.splitlines():
+        shape, how = re.match(r"f32\[([\d,]*)\] (.*)", line).groups()
+        dims = tuple(int(n) for n in shape.split(",") if n)
+        # weights (the arguments, and their stack in a scan) and fc_norm's (batch, ...) values
+        if len(dims) >= 3 and "from the argument" not in how and "_stack" not in how:
+            kept.append((dims, (re.match(r"named '(\w+)'", how) or [None, ""])[1]))
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_a_rematerialised_block_keeps_what_its_policy_names(scan, capsys):
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, depth=2, remat=True, scan_layers=scan,
+        attention="explicit",
+    )  # fmt: skip
+    d, mlp, tokens = 384, 1536, 8  # 2 x 2 x 2 patches of 2 x 16 x 16: 1536 values each
+    patches = ((2, tokens, 2 * 16 * 16 * 3), "")  # the patch embedding's input
+    if scan:  # the scan's outputs: a value per block on a leading axis
+        inputs = [((2, 2, tokens, d), "")]
+        dots = [((2, 2, tokens, n), "") for n in (3 * d, d, mlp)]
+    else:
+        inputs = [((2, tokens, d), "")] * 2
+        dots = [((2, tokens, n), name) for n, name in ((3 * d, "qkv"), (d, "proj"), (mlp, "fc1"))]
+        dots = dots * 2
+    # full: each block's input and nothing else of it
+    assert _kept_activations(cfg, capsys) == sorted([patches, *inputs])
+    # save_dots: also its q/k/v projection, output projection and first MLP layer
+    kept = _kept_activations(dataclasses.replace(cfg, remat_policy="save_dots"), capsys)
+    assert kept == sorted([patches, *inputs, *dots])
+    # without remat a block keeps much more (its layer norms, attention probabilities, GELU)
+    assert len(_kept_activations(dataclasses.replace(cfg, remat=False), capsys)) > 20
 
 
 def test_scanned_blocks_stack_their_weights_in_the_compute_dtype():
@@ -250,6 +298,14 @@ def test_fresh_head_is_scaled_like_the_original():
         (dict(num_frames=15), "num_frames=15 is not divisible by tubelet_size=2"),
         (dict(img_size=100), "img_size=100 is not divisible by patch_size=16"),
         (dict(dtype="float64"), r"dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
+        (
+            dict(remat=True, remat_policy="dots"),
+            r"remat_policy must be one of \('full', 'save_dots'\), got 'dots'",
+        ),
+        (
+            dict(remat_policy="save_dots"),
+            "^remat_policy='save_dots' says what a rematerialised block keeps: set remat=True too$",
+        ),
     ],
 )
 def test_bad_config_is_named(kwargs, message):
