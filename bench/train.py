@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import pathlib
 import sys
 from typing import Any
@@ -153,6 +154,16 @@ def eval_memory(setup, views: int, mesh, at_once: int) -> Compiled:
 
 # --blocks: model.scan_layers of each way to run the blocks
 BLOCKS = {"unrolled": False, "scan": True}
+# --remat: off, or a model.remat_policy
+REMAT = ("off", *vit.REMAT_POLICIES)
+
+
+def with_remat(cfg: vit.ViTConfig, remat: str) -> vit.ViTConfig:
+    """``cfg`` without remat (``off``) or rematerialised by the policy ``remat``."""
+    if remat == "off":
+        return dataclasses.replace(cfg, remat=False, remat_policy="full")
+    return dataclasses.replace(cfg, remat=True, remat_policy=remat)
+
 
 # What a kernel the device cannot run raises: XLA's compile error (JaxRuntimeError, a
 # RuntimeError), or cuDNN's or Pallas' own.
@@ -214,9 +225,9 @@ def why_not_timed(e: Exception) -> str:
     return f"does not run on this device: {_first_line(e)}"
 
 
-def print_memory(args, cfg, config, tx, mesh, kernels, scans) -> None:
-    """--memory: per-device memory of the step for each kernel and way to run the blocks,
-    without and with remat, and how long each took to compile."""
+def print_memory(args, cfg, config, tx, mesh, kernels, scans, remats) -> None:
+    """--memory: per-device memory of the step for each kernel, way to run the blocks and
+    remat, and how long each took to compile."""
     device = mesh.devices.flat[0]
     limit, limit_name = memory_limit(device) or (None, None)
     per_device = args.batch // mesh.size
@@ -254,14 +265,14 @@ def print_memory(args, cfg, config, tx, mesh, kernels, scans) -> None:
             )
             clips = f"{per_device} clip{'s' * (per_device != 1)}"
             kcfg = dataclasses.replace(cfg, attention=kernel, scan_layers=scan)
-            for remat in () if args.eval else (False, True):
-                setup = trainer_setup(dataclasses.replace(kcfg, remat=remat), config, mesh)
+            for remat in () if args.eval else remats:
+                setup = trainer_setup(with_remat(kcfg, remat), config, mesh)
                 compiled = step_memory(setup, config, tx, args.batch, mesh)
                 if not scan:
                     unrolled[remat] = compiled
-                head = model.format(clips) + f"remat {'on' if remat else 'off'}: "
+                head = model.format(clips) + f"remat {remat}: "
                 report(head, compiled, unrolled.get(remat) if scan else None)
-            setup = trainer_setup(kcfg, config, mesh)
+            setup = trainer_setup(with_remat(kcfg, "off"), config, mesh)
             for at_once in args.eval_views:
                 compiled = eval_memory(setup, args.eval_batch, mesh, at_once)
                 if not scan:
@@ -301,8 +312,11 @@ def main() -> None:
         "--dtype", default="float32", choices=vit.DTYPES, help="compute dtype (default float32)"
     )
     p.add_argument(
-        "--remat", action="store_true",
-        help="model.remat: recompute each block in the backward pass (less memory)",
+        "--remat", nargs="?", const="full", metavar="WHAT[,WHAT...]",
+        help="model.remat: recompute each block in the backward pass (less memory): off, full "
+        "(the block keeps its input; the default of a bare --remat) or save_dots (it also keeps "
+        "its matmuls' outputs, model.remat_policy); several comma-separated to compare their "
+        "speed, or with --memory their memory (default off; with --memory off,full)",
     )  # fmt: skip
     p.add_argument(
         "--blocks", default="unrolled", metavar="HOW[,HOW...]",
@@ -400,6 +414,10 @@ def main() -> None:
         if name not in BLOCKS:
             p.error(f"--blocks {name!r}: choose from {', '.join(BLOCKS)}")
     scans = [BLOCKS[name] for name in blocks]
+    remats = (args.remat or ("off,full" if args.memory else "off")).split(",")
+    for name in remats:
+        if name not in REMAT:
+            p.error(f"--remat {name!r}: choose from {', '.join(REMAT)}")
     if not (args.no_torch or args.memory) and devices[0].platform == "cpu":
         require_torch(p, "or time JAX alone with --no-torch")
 
@@ -407,7 +425,7 @@ def main() -> None:
     classes = 2000
     cfg = vit.ViTConfig.from_preset(
         args.preset, num_classes=classes, num_frames=args.frames, img_size=args.size,
-        drop_path_rate=config.model.drop_path_rate, dtype=args.dtype, remat=args.remat,
+        drop_path_rate=config.model.drop_path_rate, dtype=args.dtype,
     )  # fmt: skip
     config.mesh.fsdp = args.fsdp
     mesh = sharding.make_mesh(args.fsdp, devices)
@@ -429,22 +447,23 @@ def main() -> None:
         + (f"; parameters and optimizer state sharded over {args.fsdp}" if args.fsdp > 1 else "")
     )
     if args.memory:
-        print_memory(args, cfg, config, tx, mesh, kernels, scans)
+        print_memory(args, cfg, config, tx, mesh, kernels, scans, remats)
         return
     times = {}  # the kernels that ran; the first is the others' reference
     for kernel in kernels:
         ran = vit.attention_implementation(
             kernel, device.platform, args.dtype, getattr(device, "compute_capability", None)
         )
-        for scan in scans:
-            name = kernel + " with scanned blocks" * scan
-            setup = trainer_setup(
-                dataclasses.replace(cfg, attention=kernel, scan_layers=scan), config, mesh
-            )
-            trace = args.trace / (kernel + "-scan" * scan) if args.trace else None
+        for scan, remat in itertools.product(scans, remats):
+            how = ["scanned blocks"] * scan + [f"remat {remat}"] * (remat != "off")
+            name = kernel + (" with " + " and ".join(how) if how else "")
+            kcfg = dataclasses.replace(cfg, attention=kernel, scan_layers=scan)
+            setup = trainer_setup(with_remat(kcfg, remat), config, mesh)
+            traced = kernel + "-scan" * scan + ("" if remat == "off" else f"-remat-{remat}")
+            trace = args.trace / traced if args.trace else None
             head = (
                 f"ViT-{args.preset} {args.frames}x{args.size}, batch {args.batch}, {args.dtype}, "
-                f"attention {kernel} ({ran}){', scanned blocks' * scan}: "
+                f"attention {kernel} ({ran}){''.join(', ' + h for h in how)}: "
             )
             try:
                 t = time_step(setup, config, tx, params, clip, labels, mesh, args.repeats, trace)

@@ -75,12 +75,12 @@ def test_train_bench_memory_compiles_only():
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     pattern = (
         r"ViT-S 4x32, (2 clips|4 views) per device, float32, attention explicit, "
-        r"(remat off|remat on|evaluation): "
+        r"(remat off|remat full|evaluation): "
         r"arguments (\d+\.\d\d) GiB, temporaries (\d+\.\d\d) GiB per device, " + COMPILED
     )
     matches = [re.match(pattern, line) for line in lines]
     assert len(lines) == 3 and all(matches), lines
-    assert [m[2] for m in matches] == ["remat off", "remat on", "evaluation"]
+    assert [m[2] for m in matches] == ["remat off", "remat full", "evaluation"]
     assert [m[1] for m in matches] == ["2 clips", "2 clips", "4 views"]
     assert float(matches[0][3]) > 0.2  # ViT-S and its AdamW state: 22M parameters, 3 copies
     assert 0.07 < float(matches[2][3]) < 0.1  # evaluation: the float32 parameters alone
@@ -99,7 +99,7 @@ def test_train_bench_memory_compiles_only():
     assert lines[:3] == [
         f"ViT-S 4x32, {what} per device, bfloat16, attention cudnn, {step}: does not "
         "compile for this device: RuntimeError: cuDNN is not detected."
-        for what, step in (("2 clips", "remat off"), ("2 clips", "remat on"),
+        for what, step in (("2 clips", "remat off"), ("2 clips", "remat full"),
                            ("64 views", "evaluation (4 at a time)"))
     ]  # fmt: skip
     assert len(lines) == 6 and all(" arguments " in line for line in lines[3:])
@@ -132,14 +132,14 @@ def test_train_bench_compares_scanned_blocks_with_unrolled_ones():
     lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
     pattern = (
         r"ViT-S 4x32, (2 clips|4 views) per device, float32, attention explicit, "
-        r"(|scanned blocks, )(remat off|remat on|evaluation): arguments (\d+\.\d\d) GiB, "
+        r"(|scanned blocks, )(remat off|remat full|evaluation): arguments (\d+\.\d\d) GiB, "
         r"temporaries (\d+\.\d\d) GiB per device, compiled in (\d+\.\d) s"
         r"(| \((\d+\.\d\d)x the unrolled blocks' time\))$"
     )
     matches = [re.match(pattern, line) for line in lines]
     assert len(lines) == 6 and all(matches), lines
     assert [m[2] for m in matches] == [""] * 3 + ["scanned blocks, "] * 3
-    assert [m[3] for m in matches] == ["remat off", "remat on", "evaluation"] * 2
+    assert [m[3] for m in matches] == ["remat off", "remat full", "evaluation"] * 2
     # the scan's time is given against its unrolled twin's (from the times before rounding to
     # 0.1 s, so within the range the rounded ones allow)
     for unrolled, scanned in zip(matches[:3], matches[3:], strict=True):
@@ -163,6 +163,36 @@ def test_train_bench_compares_scanned_blocks_with_unrolled_ones():
         r"step .*; \d+\.\d\dx the speed of explicit$",
         lines[1],
     )
+
+
+def test_train_bench_compares_remat_policies(tmp_path):
+    tiny = "bench/train.py --preset S --frames 4 --size 32 --batch 2"
+    r = _bench(f"{tiny} --repeats 1 --no-torch --remat off,full,save_dots --trace", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    assert len(lines) == 3
+    head = "ViT-S 4x32, batch 2, float32, attention auto (explicit)"
+    assert lines[0].startswith(f"{head}: step ") and "x the speed of" not in lines[0]
+    for line, policy in zip(lines[1:], ("full", "save_dots"), strict=True):
+        assert re.match(
+            rf"{re.escape(head)}, remat {policy}: step .*; \d+\.\d\dx the speed of auto$", line
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "auto", "auto-remat-full", "auto-remat-save_dots"
+    ]  # fmt: skip
+    # --remat alone is full; with --memory the policies named replace off,full
+    bare = _bench(f"{tiny} --repeats 1 --no-torch --remat --blocks scan")
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert f"{head}, scanned blocks, remat full: step " in bare.stdout
+    mem = _bench(f"{tiny} --memory --eval-batch 2 --remat save_dots")
+    assert mem.returncode == 0, mem.stderr[-3000:]
+    lines = [line for line in mem.stdout.splitlines() if line.startswith("ViT-S 4x32")]
+    assert [line.split(": ")[0] for line in lines] == [
+        "ViT-S 4x32, 2 clips per device, float32, attention auto (explicit), remat save_dots",
+        "ViT-S 4x32, 2 views per device, float32, attention auto (explicit), evaluation",
+    ]
+    bad = _bench("bench/train.py --remat full,dots")
+    assert bad.returncode == 2 and "--remat 'dots': choose from off, full, save_dots" in bad.stderr
 
 
 def test_train_bench_runs_float16_with_the_trainers_loss_scale():
