@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing.util
 import os
@@ -10,6 +11,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 
 
@@ -226,3 +228,31 @@ def interrupt_as_usual() -> None:
     if signal.getsignal(signal.SIGINT) is _exit_quietly:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _starting = False
+
+
+@contextlib.contextmanager
+def ctrl_c_after():
+    """Holds a Ctrl-C back to the end of the block: its KeyboardInterrupt is raised there.
+
+    For calls into code that wakes its own threads. A KeyboardInterrupt raised inside
+    ``threading.Condition.notify`` after it woke a waiting thread and before it took that
+    thread's waiter off its list leaves the waiter there, acquired again by the thread; the
+    next notify releases that one, and the thread it was meant for sleeps on (CPython 3.11 to
+    3.13). tensorboardX's writer passes events to its thread that way: a Ctrl-C while scalars
+    were written left the thread asleep, and ``close()``, which waits for it, never returned.
+    Off the main thread, or where SIGINT is ignored or has another handler, nothing changes.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt

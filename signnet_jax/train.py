@@ -1843,6 +1843,7 @@ def _summary_writer(workdir: pathlib.Path):
 def _scalars(writer, step: int, values: dict[str, float]) -> None:
     if writer is None:
         return
-    for k, v in values.items():
-        writer.add_scalar(k, v, step)
-    writer.flush()
+    with files.ctrl_c_after():  # a Ctrl-C inside tensorboardX's queue hung its close()
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+        writer.flush()

@@ -230,3 +230,31 @@ def test_creation_problem_probes_the_nearest_existing_folder(tmp_path, monkeypat
 
     monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     assert files.creation_problem(tmp_path / "a" / "b") == f"{tmp_path}: Permission denied"
+
+
+def test_ctrl_c_after_raises_at_the_end_of_the_block():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with files.ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now
+            done.append("the block went on")
+    assert done == ["the block went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with files.ctrl_c_after():  # no Ctrl-C: nothing raised
+        pass
+    with pytest.raises(ValueError, match="^boom$"):  # the block's own error comes through
+        with files.ctrl_c_after():
+            raise ValueError("boom")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # an ignored SIGINT stays ignored
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with files.ctrl_c_after():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,6 +1,7 @@
 """Training on 8 simulated CPU devices: parallelism parity, resume, preemption, guards."""
 
 import contextlib
+import inspect
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -2551,6 +2553,52 @@ def test_a_signal_to_the_process_group_is_left_to_the_trainer(records, tmp_path,
             else f"interrupted: no checkpoint saved yet in {w / 'checkpoints'}; the same "
             "command starts the run again"
         ]
+
+
+def _sigint_inside_condition_notify():
+    """A tracer for ``sys.settrace`` that sends SIGINT once ``threading.Condition.notify`` has
+    woken a waiting thread and not yet taken its waiter off the list (whether it came there
+    by chance is the trace's list)."""
+    lines, start = inspect.getsourcelines(threading.Condition.notify)
+    (at,) = [start + i for i, line in enumerate(lines) if "waiters.remove(waiter)" in line]
+    sent = []
+
+    def in_notify(frame, event, arg):
+        if event == "line" and frame.f_lineno == at and not sent:
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return in_notify
+
+    def tracer(frame, event, arg):
+        return in_notify if frame.f_code is threading.Condition.notify.__code__ else None
+
+    return tracer, sent
+
+
+def test_ctrl_c_while_scalars_are_written_leaves_tensorboard_closable(tmp_path):
+    # a Ctrl-C inside Condition.notify, as tensorboardX's queue woke its feeder thread, left
+    # that thread asleep: the writer's close() then waited forever (once in some 10 Ctrl-Cs
+    # to a training run under load, logging every step). Now it is raised after the write.
+    writer = train._summary_writer(tmp_path)
+    train._scalars(writer, 1, {"train/loss": 1.0})  # starts the feeder; it then waits
+    waiting = writer.file_writer.event_writer._event_queue._notempty._waiters
+    deadline = time.monotonic() + 10
+    while not waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waiting, "tensorboardX's feeder thread never waited"
+    tracer, sent = _sigint_inside_condition_notify()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train._scalars(writer, 2, {"train/loss": 0.5})
+    finally:
+        sys.settrace(None)
+    assert sent == [signal.SIGINT]
+    closing = threading.Thread(target=writer.close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive(), "the TensorBoard writer's close() hangs"
+    assert _tensorboard_scalars(tmp_path) == {"train/loss": {1: 1.0, 2: 0.5}}
 
 
 def test_sigterm_is_the_process_flag_while_a_preemption_is_entered():
