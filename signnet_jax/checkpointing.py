@@ -312,7 +312,11 @@ class TrainCheckpointer:
         items[META] = ocp.args.JsonSave(json.loads(json.dumps(meta)))
         if metrics is not None:  # the step breaks ties between equal val top-1 (_best_rank)
             metrics = {**metrics, "step": step}
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        # a Ctrl-C inside orbax's hand-over to its threads lost the step, with asyncio's
+        # warnings of never-awaited coroutines; held back, it lets the save start, and the
+        # trainer's exit waits for it (wait)
+        with files.ctrl_c_after():
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def score(self, step: int, metrics: dict[str, float]) -> bool:
         """Give a saved step the metrics it was saved without (its validation was cut short),
