@@ -11,6 +11,7 @@
     python bench/train.py --topology h100:8 --preset L --batch 32 --dtype bfloat16 --fsdp 8
     python bench/train.py --topology t4 --batch 1 --dtype float16  # Colab's T4: float16
     python bench/train.py --topology v5e:2x4 --preset L --dtype bfloat16 --blocks unrolled,scan
+    python bench/train.py --batch 32 --dtype bfloat16 --no-torch --remat off,full,save_dots
 
 Times ``train.make_train_step`` (normalise + random erasing, mixup / cutmix, drop path,
 forward, backward, AdamW with layer decay) on all local devices, batch split over a
@@ -32,7 +33,8 @@ compiled too: the training run's validation and test need it to fit as well. ``-
 the evaluation step alone (one line per kernel and ``--eval-views`` value). Each memory line
 ends with the compile time; ``--blocks unrolled,scan`` compiles (or times) each step with the
 blocks unrolled and as one scan (``model.scan_layers``) and gives the scan's compile time against
-the unrolled blocks'.
+the unrolled blocks'. ``--remat off,full,save_dots`` times (or compiles) the step without remat
+and under each ``model.remat_policy``; with ``--memory`` the default is ``off,full``.
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # What a rematerialised block keeps for its backward pass (ViTConfig.remat_policy): nothing but
 # its input ('full': the whole block runs again), or also the outputs of its matmuls with
 # weights, the q/k/v projection, the attention's output projection and the MLP's first layer
-# ('save_dots': the layer norms, the attention and the GELU run again, about a fifth of the
-# block's forward work at 1568 tokens, for 8 of embed_dim's values per token and block).
+# ('save_dots': the layer norms, the attention and the GELU run again, at 1568 tokens about a
+# quarter of ViT-B's forward work and a fifth of ViT-L's, for 8 values of embed_dim per token
+# and block).
 REMAT_POLICIES = ("full", "save_dots")
 SAVED_DOTS = ("qkv", "proj", "fc1")  # checkpoint_name of each kept output
 
