@@ -345,8 +345,9 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument(
         "--memory", action="store_true",
-        help="compile only and print each kernel's per-device memory without and with remat "
-        "(XLA's memory analysis; nothing runs, so settings that do not fit are safe to try)",
+        help="compile only and print each kernel's per-device memory under each --remat "
+        "(default off,full; XLA's memory analysis: nothing runs, so settings that do not fit "
+        "are safe to try)",
     )  # fmt: skip
     p.add_argument(
         "--eval-batch", type=int, metavar="N",

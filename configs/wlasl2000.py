@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     # recompute each block in the backward pass: less memory for more work. remat_policy: what
     # a rematerialised block keeps, nothing but its input (full) or also its matmuls' outputs
-    # (save_dots: the attention runs again, not the matmuls; README: Device memory)
+    # (save_dots: the attention runs again, not the matmuls with weights; README: Device memory)
     c.model.remat = False
     c.model.remat_policy = "full"
     # run the blocks as one scan over their stacked weights: XLA compiles one block instead of

@@ -240,7 +240,11 @@ def ctrl_c_after():
     next notify releases that one, and the thread it was meant for sleeps on (CPython 3.11 to
     3.13). tensorboardX's writer passes events to its thread that way: a Ctrl-C while scalars
     were written left the thread asleep, and ``close()``, which waits for it, never returned.
-    Off the main thread, or where SIGINT is ignored or has another handler, nothing changes.
+
+    A second Ctrl-C in the block raises at once (a call that hangs can still be left). An
+    error of the block's own ends it as usual, before a Ctrl-C held back. A handler the block
+    installs stays. Off the main thread, or where SIGINT is ignored or has another handler,
+    nothing changes.
     """
     if (
         threading.current_thread() is not threading.main_thread()
@@ -249,10 +253,17 @@ def ctrl_c_after():
         yield
         return
     held = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if held:
         raise KeyboardInterrupt

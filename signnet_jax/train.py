@@ -983,19 +983,19 @@ def memory_advice(what: str, advice: str):
 
 def _memory_advice(clips_per_device: int, cfg: vit.ViTConfig):
     if not cfg.remat:
-        # scanned blocks without remat keep every block's activations: remat, or unroll them
-        remat = "--config.model.remat=True" + (
-            " or --config.model.scan_layers=False" if cfg.scan_layers else ""
-        )
+        remat = ["--config.model.remat=True"]
     elif cfg.remat_policy != "full":
-        remat = "--config.model.remat_policy=full (blocks that keep nothing but their input)"
+        remat = ["--config.model.remat_policy=full (blocks that keep nothing but their input)"]
     else:
-        remat = ""
+        remat = []
+    # scanned blocks keep a stacked copy of the weights, and without remat every block's
+    # activations: unrolled ones take less
+    remat += ["--config.model.scan_layers=False"] * cfg.scan_layers
     return memory_advice(
         "the training step",
         f"with {clips_per_device} clip{'s' * (clips_per_device != 1)} per device, try "
         "--config.optim.grad_accum=2 or more (smaller micro-batches, the same update), "
-        + (f"{remat}, " if remat else "")
+        + (f"{' or '.join(remat)}, " if remat else "")
         + "or on TPUs --config.model.attention=splash",
     )
 
@@ -1398,7 +1398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         writer = _summary_writer(workdir_path)
         if writer is not None:  # closed (its last scalars written) also when training stops
-            on_exit.callback(writer.close)
+            on_exit.callback(_close_writer, writer)
         meta = checkpoint_meta(setup, config)
         every_ckpt = config.train.checkpoint_every_steps or per_epoch
         val_every = max(1, config.train.val_every_epochs) * per_epoch
@@ -1838,6 +1838,11 @@ def _summary_writer(workdir: pathlib.Path):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _close_writer(writer) -> None:
+    with files.ctrl_c_after():  # close hands its thread a stop signal as _scalars hand events
+        writer.close()
 
 
 def _scalars(writer, step: int, values: dict[str, float]) -> None:

@@ -4,6 +4,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -258,3 +259,49 @@ def test_ctrl_c_after_raises_at_the_end_of_the_block():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_after_lets_a_second_ctrl_c_through_and_keeps_what_the_block_installs():
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with files.ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached.append("held")
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+            time.sleep(0.05)
+            reached.append("never")
+    assert reached == ["held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # nested: the inner one finds the outer one's handler and leaves it be
+    with pytest.raises(KeyboardInterrupt):
+        with files.ctrl_c_after():
+            outer = signal.getsignal(signal.SIGINT)
+            with files.ctrl_c_after():
+                assert signal.getsignal(signal.SIGINT) is outer
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            assert signal.getsignal(signal.SIGINT) is outer
+            reached.append("after the inner block")
+    assert reached == ["held", "after the inner block"]
+
+    def own(signum, frame):
+        pass
+
+    try:
+        with files.ctrl_c_after():
+            signal.signal(signal.SIGINT, own)
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # off the main thread nothing is installed (signal handlers belong to the main thread)
+    seen = []
+
+    def in_thread():
+        with files.ctrl_c_after():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert seen == [signal.default_int_handler]

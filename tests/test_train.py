@@ -1585,18 +1585,23 @@ def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
     assert "--config.model.remat=True or --config.model.scan_layers=False, or on TPUs" in str(
         e.value
     )
-    # remat on: the policy that keeps the least, or nothing more of remat
-    for policy, advice in (
-        ("save_dots", "2 or more (smaller micro-batches, the same update), "
+    # remat on: the policy that keeps the least, or nothing more of remat; scanned blocks
+    # with remat: unrolled ones too
+    for policy, scan, advice in (
+        ("save_dots", False, "2 or more (smaller micro-batches, the same update), "
          "--config.model.remat_policy=full (blocks that keep nothing but their input), or on "
          "TPUs --config.model.attention=splash"),
-        ("full", "2 or more (smaller micro-batches, the same update), or on TPUs "
+        ("full", False, "2 or more (smaller micro-batches, the same update), or on TPUs "
          "--config.model.attention=splash"),
+        ("full", True, "2 or more (smaller micro-batches, the same update), "
+         "--config.model.scan_layers=False, or on TPUs --config.model.attention=splash"),
     ):  # fmt: skip
         over = {"val_split": "", "test_split": "", "model.remat": True}
-        c = tiny_config(records, **over, **{"model.remat_policy": policy})
+        c = tiny_config(
+            records, **over, **{"model.remat_policy": policy, "model.scan_layers": scan}
+        )
         with pytest.raises(train.TrainingError) as e:
-            train.train_and_evaluate(c, tmp_path / policy)
+            train.train_and_evaluate(c, tmp_path / f"{policy}{scan}")
         assert str(e.value).endswith(advice), str(e.value)
     # other runtime errors pass through unchanged
     monkeypatch.setattr(

@@ -265,6 +265,25 @@ def test_a_rematerialised_block_keeps_what_its_policy_names(scan, capsys):
     assert len(_kept_activations(dataclasses.replace(cfg, remat=False), capsys)) > 20
 
 
+def test_the_scanned_blocks_body_keeps_the_named_dots(capsys, monkeypatch):
+    # a scan's saved values come out nameless; with the scan run as a Python loop over the
+    # same body, the names show which three outputs each scanned block keeps
+    def loop(body, carry, xs):
+        for i in range(len(xs[1])):  # xs: (stacked weights, rates, keys)
+            carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        return carry, None
+
+    monkeypatch.setattr(jax.lax, "scan", loop)
+    cfg = vit.ViTConfig.from_preset(
+        "S", num_classes=4, num_frames=4, img_size=32, depth=2, remat=True, scan_layers=True,
+        remat_policy="save_dots", attention="explicit",
+    )  # fmt: skip
+    named = [(shape, name) for shape, name in _kept_activations(cfg, capsys) if name]
+    assert named == sorted(
+        [((2, 8, 384 * 3), "qkv"), ((2, 8, 384), "proj"), ((2, 8, 1536), "fc1")] * 2
+    )
+
+
 def test_scanned_blocks_stack_their_weights_in_the_compute_dtype():
     # the stack is the scan's extra copy: bfloat16 where the block casts to it anyway, float32
     # for the layer norms and cosine attention's scale, which the block uses in float32
