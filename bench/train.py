@@ -274,7 +274,7 @@ def print_memory(args, cfg, config, tx, mesh, kernels, scans, remats) -> None:
                     unrolled[remat] = compiled
                 head = model.format(clips) + f"remat {remat}: "
                 report(head, compiled, unrolled.get(remat) if scan else None)
-            setup = trainer_setup(with_remat(kcfg, "off"), config, mesh)
+            setup = trainer_setup(kcfg, config, mesh)  # the evaluation: no remat
             for at_once in args.eval_views:
                 compiled = eval_memory(setup, args.eval_batch, mesh, at_once)
                 if not scan:
