@@ -51,8 +51,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # its input ('full': the whole block runs again), or also the outputs of its matmuls with
 # weights, the q/k/v projection, the attention's output projection and the MLP's first layer
 # ('save_dots': the layer norms, the attention and the GELU run again, at 1568 tokens about a
-# quarter of ViT-B's forward work and a fifth of ViT-L's, for 8 values of embed_dim per token
-# and block).
+# quarter of ViT-B's forward work and a fifth of ViT-L's, at 3136 two fifths and a third, for 8
+# values of embed_dim per token and block).
 REMAT_POLICIES = ("full", "save_dots")
 SAVED_DOTS = ("qkv", "proj", "fc1")  # checkpoint_name of each kept output
 
