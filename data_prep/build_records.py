@@ -16,6 +16,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import errno
 import faulthandler
 import fcntl
 import functools
@@ -42,6 +43,7 @@ from signnet_jax.data import records
 from signnet_jax.files import (
     RemotePathError,
     atomic_write,
+    creation_problem,
     interrupt_as_usual,
     interrupted,
     local_path,
@@ -78,7 +80,23 @@ class BuildError(RuntimeError):
 
 
 class SetupError(BuildError):
-    """H&HT cannot start (e.g. model files missing): the build stops."""
+    """H&HT cannot start (e.g. model files missing), or the cache cannot be written (a full
+    disk): the build stops instead of failing every video."""
+
+
+def _cache_write(path: str, data: bytes) -> None:
+    """Writes a cache file; a full disk stops the build at once (else every video would be
+    tunnelled and then fail to be kept, for hours)."""
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SetupError(
+            f"cannot write {path}: {e.strerror}; free space there (or build into another "
+            f"--output), then run the same command again: the videos finished so far are "
+            f"cached in {os.path.dirname(path)}"
+        ) from e
 
 
 @functools.cache
@@ -254,7 +272,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
                     out.detail = f"{task.video_path}: no frames in [{start}, {end})"
                 else:
                     record = make_example(task.entry, result, jpeg_quality)
-                    atomic_write(os.path.join(work_dir, task.key + ".rec"), record)
+                    _cache_write(os.path.join(work_dir, task.key + ".rec"), record)
                     out.ok, out.num_frames = True, len(result.frames)
     except TruncatedVideoError as e:
         out.reason, out.detail = TRUNCATED, str(e)
@@ -274,7 +292,7 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
         out.detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
     if not out.ok and out.reason not in UNCACHED:
         info = {"reason": out.reason, "detail": out.detail}
-        atomic_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
+        _cache_write(os.path.join(work_dir, task.key + ".fail"), json.dumps(info).encode())
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -1068,6 +1086,11 @@ def main(
                 f"--output {args.output} already holds other files (e.g. {sorted(entries)[0]}); "
                 "give a new or empty folder, or one an earlier build_records wrote"
             )
+    problem = creation_problem(args.output)
+    if problem:
+        parser.error(
+            f"cannot write --output {args.output}: {problem}; give a folder you can write to"
+        )
     try:
         values = {f.name: getattr(args, f.name) for f in _hht_settings_fields()}
         values["quadrants"] = parse_quadrants(args.quadrants)
@@ -1122,6 +1145,15 @@ def main(
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing the shards or dataset_info.json: a full disk, most often
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"error: cannot write the records in {args.output}: {where}{e.strerror or e}; free "
+            "space there (or build into another --output), then run the same command again: "
+            f"the videos finished so far are cached in {os.path.join(args.output, WORK)}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return interrupted(
             f"the videos finished so far are cached in {os.path.join(args.output, WORK)}; run "

@@ -3,6 +3,7 @@ worker-count determinism, corruption detection; a small stand-in Tunneller for t
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -1242,3 +1243,72 @@ def test_an_output_with_a_corrupt_dataset_info_is_refused_untouched(dataset, tmp
         f"(char 13)); {FOLDER_FIX.format(out)}\n"
     )
     assert _everything(out) == {"dataset_info.json": b'{"classes": ['}
+
+
+def test_a_full_disk_stops_the_build_at_once_and_a_rerun_goes_on(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "records"
+    work = out / build_records.WORK
+    tunnelled = []
+
+    class Counting(FakeTunneller):
+        def process_video(self, path, *args):
+            tunnelled.append(path)
+            return super().process_video(path, *args)
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    args = _cli(dataset, out, "--workers", "0")
+    # the cache write of the first video fails: the build stops there, not after tunnelling
+    # every video only to fail keeping each (it went on to the end, with a traceback)
+    write = build_records.atomic_write
+
+    def no_space_for_videos(path, *args, **kwargs):
+        (no_space if str(path).endswith(".rec") else write)(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_records, "atomic_write", no_space_for_videos)
+    assert build_records.main(args, tunneller_factory=Counting) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        rf"error: cannot write {re.escape(str(work))}/\w+\.rec: No space left on device; free "
+        rf"space there \(or build into another --output\), then run the same command again: the "
+        rf"videos finished so far are cached in {re.escape(str(work))}\n",
+        err.splitlines(keepends=True)[-1],
+    ), err
+    assert len(tunnelled) == 1 and _final_names(out) == []
+    monkeypatch.undo()
+    # the shards cannot be written: named, with the way on; nothing under a final name
+    tunnelled.clear()
+    monkeypatch.setattr(records.TFRecordWriter, "write", no_space)
+    assert build_records.main(args, tunneller_factory=Counting) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: cannot write the records in {out}: ")
+    assert err.splitlines()[-1].endswith(
+        ": No space left on device; free space there (or build into another --output), then run "
+        f"the same command again: the videos finished so far are cached in {work}"
+    )
+    assert len(tunnelled) == 6 and _final_names(out) == []  # the 7 entries but the missing one
+    monkeypatch.undo()
+    tunnelled.clear()
+    assert build_records.main(args, tunneller_factory=Counting) == 0
+    assert tunnelled == []  # every video came from the cache
+    assert records.load_dataset_info(out)["num_records"] > 0
+
+
+def test_an_output_that_cannot_be_made_is_refused_first(dataset, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "records"
+    with pytest.raises(SystemExit) as e:
+        build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller)
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f"error: cannot write --output {out}: {tmp_path / 'file'} is a file, not a folder; "
+            "give a folder you can write to"
+        )
+    )
