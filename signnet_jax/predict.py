@@ -654,11 +654,17 @@ def _count(n: int, noun: str) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable summary of a prediction (what the CLI prints without --json)."""
-    h = report["hht"]
+    h, src = report["hht"], report["source"]
     v = report["views"]
+    # the file as read (its span), then what --fps made of it
+    resampled = (
+        f" (resampled to {src['resampled_to_fps']:g} fps: {h['frames']} frames)"
+        if src.get("resampled_to_fps") is not None
+        else ""
+    )
     lines = [
-        f"{report['video']}: {h['frames']} frames, {h['fps']:g} fps, "
-        f"{h['source_size'][1]}x{h['source_size'][0]}",
+        f"{report['video']}: {src['frames']} frames, {src['fps']:g} fps, "
+        f"{h['source_size'][1]}x{h['source_size'][0]}{resampled}",
         f"checkpoint {report['checkpoint']} (step {report['step']})",
         "H&HT: "
         + ", ".join(
@@ -840,25 +846,32 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # What a --video folder is searched for (by file suffix, case-insensitive).
 VIDEO_SUFFIXES = (
-    ".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp",
+    ".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+    ".flv", ".wmv", ".3gp", ".ogv",
 )  # fmt: skip
 
 
-def find_videos(paths: Sequence[str | os.PathLike]) -> list[str]:
+def find_videos(paths: Sequence[str | os.PathLike], skipped: list[str] | None = None) -> list[str]:
     """The videos behind ``--video``: files as given, folders as their video files (by
     ``VIDEO_SUFFIXES``, sorted, not recursive); a file named twice is kept once. Paths are
-    spelled as given (reports name the video as the user typed it).
+    spelled as given (reports name the video as the user typed it). ``skipped``, when given,
+    receives what the folders hold besides (other files, and subfolders with a trailing /).
 
     Raises:
       PredictError: a path that does not exist, or a folder without video files.
     """
     found: list[str] = []
+    passed: list[str] = []
     for given in map(os.fspath, paths):
         path = pathlib.Path(given)
         if path.is_dir():
-            inside = sorted(
-                p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-            )
+            entries = sorted(path.iterdir())
+            inside = [p.name for p in entries if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+            passed += [
+                os.path.join(given, p.name) + ("/" if p.is_dir() else "")
+                for p in entries
+                if p.name not in inside and not p.name.startswith(".")
+            ]
             if not inside:
                 raise PredictError(
                     f"video folder {path} holds no video files ({' '.join(VIDEO_SUFFIXES)})"
@@ -875,6 +888,8 @@ def find_videos(paths: Sequence[str | os.PathLike]) -> list[str]:
         if resolved not in seen:
             seen.add(resolved)
             unique.append(video)
+    if skipped is not None:  # those also given as files are not skipped
+        skipped += [p for p in passed if pathlib.Path(p).resolve() not in seen]
     return unique
 
 
@@ -969,7 +984,17 @@ def _run(args: argparse.Namespace, progress: dict[str, int]) -> int:
     try:
         # Everything that can be checked without the checkpoint is, before seconds are spent
         # loading and compiling it.
-        videos = find_videos(args.video)
+        skipped: list[str] = []
+        videos = find_videos(args.video, skipped)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (
+                f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            )
+            print(
+                f"note: skipping {len(skipped)} entries of the --video folders that are not "
+                f"video files by their names ({shown}); give a file itself to predict it",
+                file=sys.stderr,
+            )
         if len(videos) > 1 and (args.start_frame != 0 or args.end_frame is not None):
             raise PredictError(
                 f"--start-frame/--end-frame cut one video, but {len(videos)} videos are given; "

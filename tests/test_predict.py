@@ -650,6 +650,10 @@ def test_cli_high_frame_rate_warns_and_fps_resamples(workdir, sign_sample, tmp_p
     assert report["notes"][-1] == (
         "--fps 60 is above the video's 50 fps: frames are repeated (182 from 152)"
     )
+    # the text report names the file as it is, then what --fps made of it
+    assert predict.format_report(report).splitlines()[0] == (
+        f"{fast}: 152 frames, 50 fps, 256x256 (resampled to 60 fps: 182 frames)"
+    )
     with pytest.raises(SystemExit) as e:
         _cli(capsys, "--checkpoint", workdir, "--video", fast, "--fps", "0")
     assert e.value.code == 2 and "--fps must be > 0, got 0.0" in capsys.readouterr().err
@@ -784,6 +788,9 @@ def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_p
         (videos / name).write_bytes(sign_sample.read_bytes())
     (videos / "c.mp4").write_text("not a video\n")
     (videos / "notes.txt").write_text("not looked at\n")
+    (videos / "sub").mkdir()  # not looked into
+    (videos / "sub" / "d.mp4").write_bytes(b"")
+    (videos / ".DS_Store").write_bytes(b"")  # hidden files go unmentioned
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, out, err = _cli(
@@ -803,7 +810,12 @@ def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_p
     for r in lines[:2]:
         assert r["top_k"] == tiny_run.report["top_k"][:5]
     assert "load" in lines[0]["timings_ms"] and "load" not in lines[1]["timings_ms"]
-    assert err.splitlines()[0] == f"[1/3] {videos / 'a.mp4'}"
+    # what the folder holds besides its videos is named, not passed over in silence
+    assert err.splitlines()[0] == (
+        f"note: skipping 2 entries of the --video folders that are not video files by their "
+        f"names ({videos / 'notes.txt'}, {videos / 'sub'}/); give a file itself to predict it"
+    )
+    assert err.splitlines()[1] == f"[1/3] {videos / 'a.mp4'}"
     assert err.splitlines()[-1] == f"predicted 2 of 3 videos; failed: {videos / 'c.mp4'}"
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "a_hht.mp4", "a_preview.png", "b_hht.mp4", "b_preview.png",
@@ -824,6 +836,18 @@ def test_cli_several_videos_share_one_load(workdir, sign_sample, tiny_run, tmp_p
     assert json.loads(line)["top_k"] == tiny_run.report["top_k"][:5]
     assert err.splitlines()[0] == f"[1/1] {single / 'a.mp4'}"
     assert err.splitlines()[-1] == "predicted 1 of 1 videos"
+
+
+def test_a_folder_s_videos_by_their_names(tmp_path):
+    names = ["a.MTS", "b.m2ts", "c.ogv", "d.mp4", "e.txt", ".hidden.mp4x"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    skipped = []
+    found = predict.find_videos([tmp_path, tmp_path / "e.txt"], skipped)
+    assert found == [str(tmp_path / n) for n in ("a.MTS", "b.m2ts", "c.ogv", "d.mp4", "e.txt")]
+    assert skipped == [str(tmp_path / "sub") + "/"]  # e.txt is given as a file as well
+    assert predict.find_videos([tmp_path]) == found[:4]
 
 
 def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_path, capsys):
