@@ -64,7 +64,10 @@ def save_model(directory: str | os.PathLike, params: dict, meta: dict[str, Any])
         )
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with ocp.CheckpointManager(tmp) as mngr:
+        # a Ctrl-C is held to the end of orbax's save (else its threads went on writing into
+        # the folder being removed, which could stay, and it logged their failure): the save
+        # completes under its temporary name, which the interrupt then removes
+        with files.ctrl_c_after(), ocp.CheckpointManager(tmp) as mngr:
             mngr.save(
                 0,
                 args=ocp.args.Composite(
@@ -94,6 +97,67 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _reason(error: Exception) -> str:
+    """The first part of a read error: tensorstore appends kilobytes of its spec."""
+    text = str(error).split(" [tensorstore_spec=")[0].strip()
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+class _AbandonedReads(logging.Filter):
+    """When one array of a step cannot be read, orbax gives up on the others: their reads
+    still end, each failing the same way, and asyncio logs each as 'Future exception was
+    never retrieved' (with kilobytes of tensorstore's spec) when it is collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            str(record.msg).startswith("Future exception was never retrieved")
+            and "tensorstore_spec" in str(exc)
+        )
+
+
+_ABANDONED_READS = _AbandonedReads()
+
+
+def _closed_loop_hook(previous):
+    def hook(unraisable) -> None:
+        # the same abandoned reads finish after orbax closed their event loop
+        if isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    hook.signnet_quiet = True
+    return hook
+
+
+def _hush_abandoned_reads() -> None:
+    """Keeps the aftermath of a failed step read off the console (where unreadable_step's
+    message says what is wrong): the reads orbax abandoned, logged and reported as they end,
+    some before the failure reaches the caller, so this is set up before each read."""
+    import sys
+
+    logging.getLogger("asyncio").addFilter(_ABANDONED_READS)  # a set: added once
+    if not getattr(sys.unraisablehook, "signnet_quiet", False):
+        sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+
+
+def unreadable_step(directory: pathlib.Path, step: int, error: Exception) -> CheckpointError:
+    """A step whose files cannot be read (a copy cut short, a disk error), with the steps
+    before it that may still be good."""
+    earlier = [s for s in checkpoint_steps(directory) if s < step]
+    way = (
+        f"move {directory / str(step)} aside to use step {earlier[-1]} (earlier steps: "
+        f"{earlier}), or copy the step again"
+        if earlier
+        else "copy the step again, or write it anew"
+    )
+    return CheckpointError(
+        f"{directory} step {step} is damaged or incomplete ({_reason(error)}): {way}"
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
@@ -210,6 +274,7 @@ def load_model(
     """
     directory = local_path(directory)
     step = select_step(directory, step)
+    _hush_abandoned_reads()
     # Every item a step may hold has a handler (only metadata is read for the others),
     # else orbax warns about each item it could not restore.
     handlers = {
@@ -235,8 +300,10 @@ def load_model(
             params = mngr.restore(
                 step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
             )[item]
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except KeyError as e:
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
+        except (FileNotFoundError, ValueError) as e:
+            raise unreadable_step(directory, step, e) from e
     params = jax.tree.map(np.asarray, params)
     return params, meta
 
@@ -360,7 +427,11 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
         items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        _hush_abandoned_reads()
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise unreadable_step(self.directory, step, e) from e
         state = {k: out[k] for k in abstract_state}
         return state, out[DATA], out[META]
 

@@ -3,6 +3,7 @@
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import sys
 
@@ -229,3 +230,42 @@ def test_ctrl_c_inside_a_save_lets_it_start_and_be_waited_for(tmp_path, capfd, m
     err = capfd.readouterr().err
     for noise in ("Traceback", "never awaited", "Task was destroyed"):
         assert noise not in err, err[-3000:]
+
+
+def test_ctrl_c_inside_a_model_save_leaves_nothing_and_no_noise(tmp_path, capfd, monkeypatch):
+    # convert's save: Ctrl-C inside orbax's save left its threads writing into the temporary
+    # folder being removed, which could stay, or stopped it with a TimeoutError logged
+    params = {"w": np.ones((64, 64), np.float32)}
+    manager = checkpointing.ocp.CheckpointManager
+    orbax_save = manager.save
+    lines, at = [0], [None]
+
+    def count(frame, event, arg):
+        lines[0] += 1
+        if lines[0] == at[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return count
+
+    def traced(self, *args, **kwargs):
+        sys.settrace(count)
+        try:
+            return orbax_save(self, *args, **kwargs)
+        finally:
+            sys.settrace(None)
+
+    monkeypatch.setattr(manager, "save", traced)
+    checkpointing.save_model(tmp_path / "whole", params, {"model": {}})
+    whole = lines[0]  # the lines a save runs, some 15,000
+    shutil.rmtree(tmp_path / "whole")
+    for fraction in (0.05, 0.5, 0.8):
+        lines[0], at[0] = 0, int(whole * fraction)
+        with pytest.raises(KeyboardInterrupt):
+            checkpointing.save_model(tmp_path / "model", params, {"model": {}})
+        assert lines[0] > 0.9 * whole  # the save ran to its end, then the interrupt came
+        assert list(tmp_path.iterdir()) == []  # nothing at the output, no temporary folder
+    err = capfd.readouterr().err
+    for noise in ("Traceback", "never awaited", "Task was destroyed", "ERROR"):
+        assert noise not in err, err[-3000:]
+    monkeypatch.undo()
+    checkpointing.save_model(tmp_path / "model", params, {"model": {}})  # and it can be run again
+    np.testing.assert_array_equal(checkpointing.load_model(tmp_path / "model")[0]["w"], params["w"])
