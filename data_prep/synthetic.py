@@ -39,7 +39,7 @@ import numpy as np
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
-from signnet_jax.files import atomic_write, interrupt_as_usual, interrupted
+from signnet_jax.files import atomic_write, creation_problem, interrupt_as_usual, interrupted
 from signnet_jax.hht import HHTSettings, compose_frames
 
 TOOL = "data_prep.synthetic"
@@ -775,6 +775,13 @@ def ensure_smoke_dataset(
         raise SmokeDatasetError(
             f"{output} is not empty and holds no dataset ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder"
+        )
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise SmokeDatasetError(f"{output} is a file; give a folder for the smoke dataset")
+    problem = creation_problem(output)
+    if problem:
+        raise SmokeDatasetError(
+            f"cannot write the smoke dataset in {output}: {problem}; give a folder you can write to"
         )
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, LOCK), "w") as lock:

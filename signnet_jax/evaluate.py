@@ -460,7 +460,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test the checkpoint in ``workdir``, else ``config.init_from`` (step: config.load_step)."""
     from signnet_jax import train
 
-    train.check_workdir(workdir)
+    train.check_workdir(workdir, "eval")
     train.check_eval_batch(config)
     train.check_value_ranges(config, "eval")
     if config.smoke.enabled:

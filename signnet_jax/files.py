@@ -17,8 +17,11 @@ import uuid
 
 def creation_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` (a file or folder, with any missing parent folders) cannot be created, or
-    None: checked with a probe file in its nearest existing folder, before long work."""
-    ancestor = pathlib.Path(os.path.abspath(path)).parent
+    an existing folder ``path`` cannot be written into, or None: checked with a probe file in
+    ``path`` when it is a folder, else in its nearest existing folder, before long work."""
+    ancestor = pathlib.Path(os.path.abspath(path))
+    if not ancestor.is_dir():
+        ancestor = ancestor.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():

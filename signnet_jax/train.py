@@ -65,6 +65,11 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
         ) from e
     except (ImportError, NotADirectoryError) as e:
         raise TrainingError(f"config.records_dir: {e}") from e
+    except records.DatasetInfoError as e:
+        raise TrainingError(
+            f"{e}: restore it from a good copy, or build the records again (python -m "
+            "data_prep.build_records)"
+        ) from e
     classes = list(info["classes"])
     try:
         augment.check_flip_layout(config.data.flip, info.get("hht_settings"), config.records_dir)
@@ -78,13 +83,23 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
                 f"(records per split: {counts}); rebuild it, or set --config.train_split / "
                 "val_split / test_split ('' skips validation or the test)"
             )
+    used = [s for s in (config.train_split, config.val_split, config.test_split) if s]
+    missing = records.missing_files(config.records_dir, info, used)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise TrainingError(
+            f"records folder {config.records_dir} lacks {len(missing)} of the files its "
+            f"{records.DATASET_INFO} lists ({shown}): copy the whole folder again, or build "
+            "the records again (python -m data_prep.build_records)"
+        )
     return classes, info
 
 
 def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     """Generate the synthetic smoke dataset into records_dir unless it is there (the model
     settings are checked first: generating takes a while)."""
-    from data_prep.synthetic import SmokeDatasetError, ensure_smoke_dataset
+    from data_prep.synthetic import ensure_smoke_dataset
 
     model_config(config, config.smoke.classes)
     if not config.records_dir:
@@ -99,7 +114,7 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     def build() -> None:
         try:
             ensure_smoke_dataset(config.records_dir, **opts)
-        except SmokeDatasetError as e:
+        except ValueError as e:  # bad options, or a folder holding something else
             raise TrainingError(
                 f"config.smoke: {e} (the smoke config makes its synthetic records in "
                 "config.records_dir; for records of your own add --config.smoke.enabled=False)"
@@ -191,7 +206,10 @@ def load_init(
         source = checkpointing.resolve_checkpoint(config.init_from)
         params, meta = checkpointing.load_model(source, config.load_step)
     except checkpointing.CheckpointError as e:
-        raise TrainingError(f"config.init_from: {e}") from e
+        # eval mode reads its checkpoint (the workdir's own, or init_from) through here; the
+        # message names it
+        label = "" if config.mode == "eval" else "config.init_from: "
+        raise TrainingError(f"{label}{e}") from e
     src = vit.ViTConfig.from_dict(meta["model"])
     differ = [k for k in _ARCH if getattr(src, k) != getattr(cfg, k)]
     if differ:
@@ -1090,8 +1108,14 @@ def checkpoint_meta(setup: Setup, config) -> dict:
     }
 
 
-def check_workdir(workdir: str | os.PathLike) -> None:
-    """A workdir must be a local (or mounted) folder: a bucket URL is refused up front."""
+# what each mode writes in the workdir
+_WORKDIR_FOLDERS = {"train": ("checkpoints", "tensorboard"), "eval": ("eval",)}
+
+
+def check_workdir(workdir: str | os.PathLike, mode: str = "train") -> None:
+    """A workdir must be a local (or mounted) folder that ``mode`` can write its folders in:
+    a bucket URL, a file in the way or a folder without write permission is refused up front,
+    not at the first checkpoint or once the evaluation is done."""
     try:
         path = checkpointing.local_path(workdir, write=True)
     except checkpointing.CheckpointError as e:
@@ -1100,6 +1124,18 @@ def check_workdir(workdir: str | os.PathLike) -> None:
         ) from e
     if path.exists() and not path.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file; give a folder (new or a run's)")
+    for name in _WORKDIR_FOLDERS[mode]:
+        folder = path / name
+        if folder.exists() and not folder.is_dir():
+            raise TrainingError(
+                f"{folder} is a file where the run keeps its {name} folder; move it away or "
+                "give another --workdir"
+            )
+        problem = files.creation_problem(folder)
+        if problem:
+            raise TrainingError(
+                f"cannot write in --workdir {workdir} ({problem}); give a folder you can write to"
+            )
 
 
 _SHARED_CHECK = ".signnet-shared-check"
@@ -1188,9 +1224,27 @@ _EVAL_RANGES = {
     "data.test_num_segment": _whole(1),
     "data.test_num_crop": _whole(1),
     "data.num_workers": _whole(0),
+    "data.num_threads": _whole(0),
+    "data.prefetch": _whole(0),
 }
+
+
+def _area_range(v) -> bool:
+    return (
+        isinstance(v, tuple | list)
+        and len(v) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        and 0 < v[0] <= v[1] <= 1
+    )
+
+
 _TRAIN_RANGES = _EVAL_RANGES | {
     "data.reprob": _between(0, 1),
+    "data.crop_scale": (
+        _area_range,
+        "the least and most of the area a crop takes, 0 < least <= most <= 1, as "
+        "--config.data.crop_scale='(0.08,1.0)'",
+    ),
     "loss.label_smoothing": _between(0, 1, high_too=False),
     "loss.mixup": (lambda v: v >= 0, "an alpha >= 0 (0: off)"),
     "loss.cutmix": (lambda v: v >= 0, "an alpha >= 0 (0: off)"),
@@ -1815,7 +1869,10 @@ def _restore(ckpt, step: int, abstract_state: dict, scaling, accumulation=None):
     wanted = {k: v for k, v in abstract_state.items() if k in saved or k != "loss_scale"}
     if accumulation is not None:
         wanted["opt_state"] = accumulation[0]
-    state, data_state, meta = ckpt.restore(step, wanted)
+    try:
+        state, data_state, meta = ckpt.restore(step, wanted)
+    except checkpointing.CheckpointError as e:
+        raise TrainingError(str(e)) from e
     if accumulation is not None:
         state["opt_state"] = accumulation[1](state["opt_state"], state["params"])
     if "loss_scale" in abstract_state and "loss_scale" not in state:

@@ -231,6 +231,18 @@ def test_creation_problem_probes_the_nearest_existing_folder(tmp_path, monkeypat
 
     monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     assert files.creation_problem(tmp_path / "a" / "b") == f"{tmp_path}: Permission denied"
+    # an existing folder is probed inside: the run writes there (eval mode in a read-only
+    # workdir used to evaluate, then fail to write the result)
+    (tmp_path / "run").mkdir()
+    probed = []
+
+    def denied_inside(**kwargs):
+        probed.append(kwargs["dir"])
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied_inside)
+    assert files.creation_problem(tmp_path / "run") == f"{tmp_path / 'run'}: Permission denied"
+    assert probed == [tmp_path / "run"]
 
 
 def test_ctrl_c_after_raises_at_the_end_of_the_block():

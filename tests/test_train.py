@@ -3022,3 +3022,183 @@ def test_grain_worker_batches_leave_no_shared_memory_at_exit(records, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         leaks[mode] = [line for line in r.stderr.splitlines() if "leaked shared_memory" in line]
     assert leaks == {"train": [], "eval": []}
+
+
+def test_records_lacking_a_listed_file_or_with_a_broken_dataset_info_are_refused_up_front(
+    records, tmp_path
+):
+    # a missing test shard used to surface after the whole training, a missing index at the
+    # first batch, a broken dataset_info.json as a traceback
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    info_file = copy / "dataset_info.json"
+    info = json.loads(info_file.read_text())
+
+    def refused(**over):
+        kw = {"smoke.enabled": False, "train.max_steps": 1} | over
+        with pytest.raises(train.TrainingError) as e:
+            train.train_and_evaluate(tiny_config(copy, **kw), tmp_path / "w")
+        assert not (tmp_path / "w").exists()
+        return str(e.value)
+
+    test_shard = copy / info["splits"]["test"]["shards"][0]["file"]
+    test_shard.rename(tmp_path / "aside")
+    assert refused() == (
+        f"records folder {copy} lacks 1 of the files its dataset_info.json lists ({test_shard}): "
+        "copy the whole folder again, or build the records again (python -m "
+        "data_prep.build_records)"
+    )
+    (tmp_path / "aside").rename(test_shard)
+    indexes = [
+        copy / (s["file"] + ".index")
+        for split in ("train", "val")
+        for s in info["splits"][split]["shards"]
+    ]
+    for index in indexes:
+        index.rename(tmp_path / index.name)
+    shown = ", ".join(map(str, indexes[:3])) + (
+        f" and {len(indexes) - 3} more" if len(indexes) > 3 else ""
+    )
+    assert refused() == (
+        f"records folder {copy} lacks {len(indexes)} of the files its dataset_info.json lists "
+        f"({shown}): copy the whole folder again, or build the records again (python -m "
+        "data_prep.build_records)"
+    )
+    for index in indexes:
+        (tmp_path / index.name).rename(index)
+
+    fix = (
+        ": restore it from a good copy, or build the records again (python -m "
+        "data_prep.build_records)"
+    )
+    info_file.write_text(json.dumps(info) + "\n}")
+    assert refused() == (
+        f"{info_file} is not valid JSON (Extra data: line 2 column 1 (char "
+        f"{len(json.dumps(info)) + 1})){fix}"
+    )
+    broken = json.loads(json.dumps(info))
+    del broken["splits"]["val"]["shards"]
+    info_file.write_text(json.dumps(broken))
+    assert (
+        refused()
+        == f"{info_file}: split 'val' has no 'shards' list of {{'file', 'num_records'}}{fix}"
+    )
+    broken = json.loads(json.dumps(info))
+    broken["splits"]["train"]["num_records"] += 1
+    info_file.write_text(json.dumps(broken))
+    n = info["splits"]["train"]["num_records"]
+    assert refused() == (
+        f"{info_file}: split 'train' says num_records {n + 1}, its shards hold {n}{fix}"
+    )
+    broken = json.loads(json.dumps(info))
+    broken["classes"] = "abc"
+    info_file.write_text(json.dumps(broken))
+    assert refused() == f"{info_file}: 'classes' is not a list of class names{fix}"
+
+    # a class list shorter than the labels (an edited or mixed-up dataset_info.json): the
+    # first record past it stops training, named, instead of a traceback after an epoch
+    broken = json.loads(json.dumps(info))
+    broken["classes"] = info["classes"][:3]
+    info_file.write_text(json.dumps(broken))
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(
+            tiny_config(copy, **{"smoke.enabled": False, "train.max_steps": 4}), tmp_path / "l"
+        )
+    assert re.fullmatch(
+        rf"{re.escape(str(copy))}/train-\S+\.tfrecord: record \d+ \(video \S+\): label 3 is out "
+        rf"of range for the 3 classes of its dataset_info.json: the records in "
+        rf"{re.escape(str(copy))} are damaged; restore the file from a good copy, or build the "
+        r"records again \(python -m data_prep.build_records\)",
+        str(e.value),
+    ), str(e.value)
+
+
+def test_a_workdir_that_cannot_hold_the_run_s_folders_is_refused_before_the_work(records, tmp_path):
+    # each used to surface at the first checkpoint, or after the evaluation, as a traceback
+    (tmp_path / "file").write_text("")
+    run = tmp_path / "file" / "run"
+    for mode in ("train", "eval"):
+        with pytest.raises(train.TrainingError) as e:
+            train.check_workdir(run, mode)
+        assert str(e.value) == (
+            f"cannot write in --workdir {run} ({tmp_path / 'file'} is a file, not a folder); "
+            "give a folder you can write to"
+        )
+    for mode, name in (("train", "checkpoints"), ("train", "tensorboard"), ("eval", "eval")):
+        workdir = tmp_path / f"{mode}_{name}"
+        workdir.mkdir()
+        (workdir / name).write_text("")
+        run_mode = train.train_and_evaluate if mode == "train" else evaluate.evaluate
+        with pytest.raises(train.TrainingError) as e:
+            run_mode(tiny_config(records, mode=mode), workdir)
+        assert str(e.value) == (
+            f"{workdir / name} is a file where the run keeps its {name} folder; move it away or "
+            "give another --workdir"
+        )
+        assert sorted(p.name for p in workdir.iterdir()) == [name]
+    train.check_workdir(tmp_path / "train_checkpoints", "eval")  # eval mode writes in eval/
+
+
+def test_a_damaged_checkpoint_step_is_named_with_the_steps_before_it(records, tmp_path, capsys):
+    kw = {"val_split": "", "test_split": "", "train.checkpoint_every_steps": 1}
+    kw |= {"train.keep_checkpoints": 3}
+    train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 2}), tmp_path)
+    ckpt = tmp_path / "checkpoints"
+    assert checkpointing.checkpoint_steps(ckpt) == [1, 2]
+    shutil.rmtree(ckpt / "2" / "params" / "d")  # a copy cut short
+    way = f": move {ckpt / '2'} aside to use step 1 (earlier steps: [1]), or copy the step again"
+    pattern = re.escape(f"{ckpt} step 2 is damaged or incomplete (") + r".+\)" + re.escape(way)
+    with pytest.raises(train.TrainingError) as e:  # resuming
+        train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 3}), tmp_path)
+    assert re.fullmatch(pattern, str(e.value)), str(e.value)
+    assert "tensorstore_spec" not in str(e.value) and len(str(e.value)) < 800
+    with pytest.raises(train.TrainingError) as e:  # eval mode: no config.init_from to blame
+        evaluate.evaluate(tiny_config(records, mode="eval", test_split="test"), tmp_path)
+    assert re.fullmatch(pattern, str(e.value)), str(e.value)
+    with pytest.raises(checkpointing.CheckpointError) as e:  # predict and convert read here
+        checkpointing.load_model(ckpt)
+    assert re.fullmatch(pattern, str(e.value)), str(e.value)
+    # the way out works: the run resumes from step 1
+    (ckpt / "2").rename(tmp_path / "step2")
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(records, **kw, **{"train.max_steps": 3}), tmp_path)
+    assert "resuming from step 1" in capsys.readouterr().out
+    assert checkpointing.checkpoint_steps(ckpt) == [1, 2, 3]
+
+
+def test_bad_smoke_settings_and_input_settings_are_named(records, tmp_path):
+    with pytest.raises(train.TrainingError) as e:
+        train.check_value_ranges(
+            tiny_config(records, **{"data.crop_scale": (0.5,), "data.prefetch": -1})
+        )
+    give = (
+        "the least and most of the area a crop takes, 0 < least <= most <= 1, as "
+        "--config.data.crop_scale='(0.08,1.0)'"
+    )
+    assert str(e.value) == (
+        f"data.prefetch=-1 (a whole number >= 0), data.crop_scale=(0.5,) ({give}): change them"
+    )
+    for bad in ((1.0, 0.0), (0.0, 1.0), (0.5, 1.5), ("a", 1.0)):
+        with pytest.raises(train.TrainingError, match=re.escape(f"data.crop_scale={bad!r}")):
+            train.check_value_ranges(tiny_config(records, **{"data.crop_scale": bad}))
+    for good in ((0.08, 1.0), [1.0, 1.0], (1, 1)):  # a list as a run's saved config holds it
+        train.check_value_ranges(tiny_config(records, **{"data.crop_scale": good}))
+    # the smoke dataset's own options, and a folder for it that cannot be made
+    with pytest.raises(train.TrainingError) as e:
+        train.ensure_smoke(tiny_config(tmp_path / "s", **{"smoke.classes": 1}))
+    assert str(e.value).startswith(
+        "config.smoke: invalid smoke dataset options: classes must be in 2.."
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(train.TrainingError) as e:
+        train.ensure_smoke(tiny_config(tmp_path / "file" / "smoke"))
+    assert str(e.value).startswith(
+        f"config.smoke: cannot write the smoke dataset in {tmp_path / 'file' / 'smoke'}: "
+        f"{tmp_path / 'file'} is a file, not a folder; give a folder you can write to"
+    )
+    with pytest.raises(train.TrainingError) as e:
+        train.ensure_smoke(tiny_config(tmp_path / "file"))
+    assert str(e.value).startswith(
+        f"config.smoke: {tmp_path / 'file'} is a file; give a folder for the smoke dataset"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

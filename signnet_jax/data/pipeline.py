@@ -43,7 +43,7 @@ import numpy as np
 from absl import flags
 
 from signnet_jax.data import augment, sampling
-from signnet_jax.data.records import RecordSource
+from signnet_jax.data.records import DATASET_INFO, CorruptRecordError, RecordSource
 
 EVAL_MODES = ("val", "test")
 
@@ -53,6 +53,23 @@ def _first(element: dict, key: str, where: str) -> Any:
     if value is None or len(value) == 0:
         raise ValueError(f"{where}: feature {key!r} missing; rebuild the records with data_prep")
     return value[0]
+
+
+def _label(element: dict, where: str, located) -> int:
+    """The record's label, refused (as a damaged record) when its folder's class list has no
+    such class: the head would index past its last class. ``located``: a ``_Located`` (a
+    record of a folder), or any callable naming the record (predict's video, no label)."""
+    label = int(_first(element, "label", where))
+    source = getattr(located, "source", None)
+    if source is None:
+        return label
+    classes = len(source.info["classes"])
+    if not 0 <= label < classes:
+        raise CorruptRecordError(
+            f"{where}: label {label} is out of range for the {classes} classes of its "
+            f"{DATASET_INFO}"
+        )
+    return label
 
 
 class _Located:
@@ -142,7 +159,7 @@ class TrainClip(grain.transforms.RandomMap):
             # A view when there is one repeat: batching copies the clip anyway.
             "clip": clips[0][None] if r == 1 else np.stack(clips),
             "erase_box": np.stack(boxes),
-            "label": np.full(r, _first(element, "label", where), np.int32),
+            "label": np.full(r, _label(element, where, self.located), np.int32),
             "video_index": np.full(r, element["index"], np.int32),
         }
 
@@ -244,7 +261,7 @@ class EvalClip(grain.transforms.Map):
         record = element["record"]
         where = self.located(element["video"], record)
         frames = _frames(record, where)
-        out["label"] = np.int32(_first(record, "label", where))
+        out["label"] = np.int32(_label(record, where, self.located))
         if self.mode == "test":
             idx = sampling.test_indices(
                 len(frames), self.clip_len, self.sampling_rate, self.num_segment, element["segment"]

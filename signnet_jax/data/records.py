@@ -40,7 +40,12 @@ _MASK_DELTA = 0xA282EAD8
 
 
 class CorruptRecordError(IOError):
-    """A record whose framing or CRC does not check out; the message names file and record."""
+    """A record whose framing or CRC does not check out, or a shard or index file that is
+    missing; the message names the file (and record)."""
+
+
+class DatasetInfoError(ValueError):
+    """A dataset_info.json that is not JSON, or lacks what readers need; names the file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +325,11 @@ def read_index(path: str) -> np.ndarray:
     Returns:
       (num_records, 2) int64 array of byte offset and framed length.
     """
-    with fsspec.open(str(path) + INDEX_SUFFIX, "rt") as f:
-        text = f.read()
+    try:
+        with fsspec.open(str(path) + INDEX_SUFFIX, "rt") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise CorruptRecordError(f"{path}{INDEX_SUFFIX}: missing (the shard's index)") from e
     rows = [line.split() for line in text.splitlines() if line.strip()]
     try:
         index = np.array(rows, dtype=np.int64).reshape(-1, 2)
@@ -362,11 +370,17 @@ class ShardReader:
             if self._fd is None:
                 with self._lock:
                     if self._fd is None:
-                        self._fd = os.open(_local(self.path), os.O_RDONLY)
+                        try:
+                            self._fd = os.open(_local(self.path), os.O_RDONLY)
+                        except FileNotFoundError as e:
+                            raise CorruptRecordError(f"{self.path}: missing") from e
             return os.pread(self._fd, size, offset)
         with self._lock:
             if self._file is None:
-                self._file = fsspec.open(self.path, "rb").open()
+                try:
+                    self._file = fsspec.open(self.path, "rb").open()
+                except FileNotFoundError as e:
+                    raise CorruptRecordError(f"{self.path}: missing") from e
             self._file.seek(offset)
             return self._file.read(size)
 
@@ -483,7 +497,7 @@ def load_dataset_info(records_dir: str | os.PathLike) -> dict:
     path = _join(os.fspath(records_dir), DATASET_INFO)
     try:
         with fsspec.open(path, "rt") as f:
-            return json.load(f)
+            info = json.load(f)
     except NotADirectoryError as e:
         raise NotADirectoryError(
             f"{records_dir} is a file, not a records folder: give the folder that "
@@ -496,6 +510,57 @@ def load_dataset_info(records_dir: str | os.PathLike) -> dict:
         ) from e
     except ImportError as e:  # fsspec's protocol for a URL is not installed
         raise ImportError(f"reading {records_dir}: {e} (pip install -e '.[gcs]')") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetInfoError(f"{path} is not valid JSON ({e})") from e
+    problem = _info_problem(info)
+    if problem:
+        raise DatasetInfoError(f"{path}: {problem}")
+    return info
+
+
+def _info_problem(info: Any) -> str | None:
+    """What a parsed dataset_info.json lacks that readers rely on, or None."""
+    if not isinstance(info, dict):
+        return f"holds a {type(info).__name__}, not the object build_records writes"
+    classes, splits = info.get("classes"), info.get("splits")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of class names"
+    if not isinstance(splits, dict):
+        return "'splits' is not an object of splits"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(
+            isinstance(sh, dict)
+            and isinstance(sh.get("file"), str)
+            and isinstance(sh.get("num_records"), int)
+            for sh in shards
+        ):
+            return f"split {name!r} has no 'shards' list of {{'file', 'num_records'}}"
+        if "num_records" in split and split["num_records"] != sum(
+            sh["num_records"] for sh in shards
+        ):
+            return (
+                f"split {name!r} says num_records {split.get('num_records')!r}, its shards "
+                f"hold {sum(sh['num_records'] for sh in shards)}"
+            )
+    return None
+
+
+def missing_files(records_dir: str | os.PathLike, info: dict, splits) -> list[str]:
+    """The shards and shard indexes of ``splits`` that dataset_info.json lists but the folder
+    lacks (a copy cut short, a shard deleted): checked before training, where a missing test
+    shard used to surface only after the whole run."""
+    root = os.fspath(records_dir)
+    paths = [
+        _join(root, shard["file"]) + suffix
+        for split in splits
+        for shard in info["splits"].get(split, {}).get("shards", [])
+        for suffix in ("", INDEX_SUFFIX)
+    ]
+    if _is_local(root):
+        return [p for p in paths if not os.path.isfile(_local(p))]
+    fs, _ = fsspec.core.url_to_fs(root)
+    return [p for p in paths if not fs.exists(p)]
 
 
 class RecordSource:
