@@ -9,12 +9,15 @@ items to its steps. ``load_model`` reads either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 import jax
@@ -67,7 +70,8 @@ def save_model(directory: str | os.PathLike, params: dict, meta: dict[str, Any])
         # a Ctrl-C is held to the end of orbax's save (else its threads went on writing into
         # the folder being removed, which could stay, and it logged their failure): the save
         # completes under its temporary name, which the interrupt then removes
-        with files.ctrl_c_after(), ocp.CheckpointManager(tmp) as mngr:
+        _hush_abandoned_io()
+        with files.ctrl_c_after(), ocp.CheckpointManager(tmp) as mngr, _write_errors(directory):
             mngr.save(
                 0,
                 args=ocp.args.Composite(
@@ -105,20 +109,29 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
-class _AbandonedReads(logging.Filter):
-    """When one array of a step cannot be read, orbax gives up on the others: their reads
-    still end, each failing the same way, and asyncio logs each as 'Future exception was
-    never retrieved' (with kilobytes of tensorstore's spec) when it is collected."""
+# tensorstore's status text, as in "NOT_FOUND: Error reading ..." or "RESOURCE_EXHAUSTED: Error
+# writing ..."
+_TENSORSTORE_ERROR = re.compile(r"^[A-Z_]+: Error (reading|writing|opening)")
+
+
+class _AbandonedIO(logging.Filter):
+    """When one array of a step cannot be read or written, orbax gives up on the others: they
+    still end, each failing the same way, and asyncio logs each as '... exception was never
+    retrieved' (with kilobytes of tensorstore's spec). A full disk also has orbax log each
+    failed thread with its traceback. The error the caller gets says it all once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (
-            str(record.msg).startswith("Future exception was never retrieved")
-            and "tensorstore_spec" in str(exc)
-        )
+        if record.name == "asyncio":
+            return not (
+                str(record.msg).split("\n")[0].endswith("exception was never retrieved")
+                and bool(_TENSORSTORE_ERROR.match(str(exc)))
+            )
+        return not ("orbax" in record.pathname and _NO_SPACE in f"{record.getMessage()} {exc}")
 
 
-_ABANDONED_READS = _AbandonedReads()
+_NO_SPACE = "No space left on device"
+_ABANDONED_IO = _AbandonedIO()
 
 
 def _closed_loop_hook(previous):
@@ -134,15 +147,34 @@ def _closed_loop_hook(previous):
     return hook
 
 
-def _hush_abandoned_reads() -> None:
-    """Keeps the aftermath of a failed step read off the console (where unreadable_step's
-    message says what is wrong): the reads orbax abandoned, logged and reported as they end,
-    some before the failure reaches the caller, so this is set up before each read."""
+def _hush_abandoned_io() -> None:
+    """Keeps the aftermath of a failed step read or write off the console (where the
+    CheckpointError says what is wrong): what orbax abandoned, logged and reported as it ends,
+    some before the failure reaches the caller, so this is set up before each read and save."""
     import sys
 
-    logging.getLogger("asyncio").addFilter(_ABANDONED_READS)  # a set: added once
+    for name in ("asyncio", "absl"):
+        logging.getLogger(name).addFilter(_ABANDONED_IO)  # a set: added once
+    # the writes orbax never started once one failed, collected at exit
+    warnings.filterwarnings(
+        "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
+    )
     if not getattr(sys.unraisablehook, "signnet_quiet", False):
         sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def _write_errors(directory: pathlib.Path, way: str = "make room there, or give another path"):
+    """orbax's failure to write a checkpoint (a full disk, most often) as a CheckpointError
+    naming ``directory``, the first line of the cause and ``way``."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if not (isinstance(e, OSError) or "Error writing" in str(e)):
+            raise
+        raise CheckpointError(
+            f"cannot write a checkpoint in {directory} ({_reason(e)}); {way}"
+        ) from e
 
 
 def unreadable_step(directory: pathlib.Path, step: int, error: Exception) -> CheckpointError:
@@ -274,7 +306,7 @@ def load_model(
     """
     directory = local_path(directory)
     step = select_step(directory, step)
-    _hush_abandoned_reads()
+    _hush_abandoned_io()
     # Every item a step may hold has a handler (only metadata is read for the others),
     # else orbax warns about each item it could not restore.
     handlers = {
@@ -382,8 +414,21 @@ class TrainCheckpointer:
         # a Ctrl-C inside orbax's hand-over to its threads lost the step, with asyncio's
         # warnings of never-awaited coroutines; held back, it lets the save start, and the
         # trainer's exit waits for it (wait)
-        with files.ctrl_c_after():
+        with files.ctrl_c_after(), self._writing():  # (it also waits for the previous save)
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A save that fails to write (a full disk, most often) ends with what to do and the
+        step a rerun resumes from, not orbax's traceback from its threads."""
+        _hush_abandoned_io()  # the writes orbax abandons end as its reads do
+        steps = checkpoint_steps(self.directory)
+        resume = f"it resumes from step {steps[-1]}" if steps else "no step was saved"
+        with _write_errors(
+            self.directory,
+            f"make room there (or fix the folder), then run the same command again: {resume}",
+        ):
+            yield
 
     def score(self, step: int, metrics: dict[str, float]) -> bool:
         """Give a saved step the metrics it was saved without (its validation was cut short),
@@ -427,7 +472,7 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
         items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
-        _hush_abandoned_reads()
+        _hush_abandoned_io()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (FileNotFoundError, KeyError, ValueError) as e:
@@ -436,7 +481,8 @@ class TrainCheckpointer:
         return state, out[DATA], out[META]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

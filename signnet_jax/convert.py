@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -733,7 +734,16 @@ def export_pytorch(
         if classes is not None:  # the names first, so a .pth is never left without them
             lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
             files.atomic_write(names, lines.encode("utf-8"))
-        torch.save(sd, tmp)
+        try:
+            torch.save(sd, tmp)
+        except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "enforce fail"
+            need = sum(t.numel() * t.element_size() for t in sd.values()) / 2**20
+            free = shutil.disk_usage(tmp.parent).free / 2**20
+            reason = str(e).strip().splitlines()[0][:200]
+            raise ConversionError(
+                f"cannot write {output} ({reason}); it takes about {need:.0f} MiB, {free:.0f} MiB "
+                "are free there: make room, or give another path"
+            ) from e
         os.replace(tmp, output)
     except BaseException:  # Ctrl-C too
         # nothing of a failed export stays (a rerun would refuse it); a Ctrl-C right after the

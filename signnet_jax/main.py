@@ -71,7 +71,7 @@ def main(argv):
                 raise train.TrainingError(
                     f"config.mode must be 'train' or 'eval', got {config.mode!r}"
                 )
-    except train.TrainingError as e:
+    except (train.TrainingError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except train.AgreedPreemption:  # several hosts, eval mode: every host at the same batch

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import signal
 import sys
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -269,3 +270,49 @@ def test_ctrl_c_inside_a_model_save_leaves_nothing_and_no_noise(tmp_path, capfd,
     monkeypatch.undo()
     checkpointing.save_model(tmp_path / "model", params, {"model": {}})  # and it can be run again
     np.testing.assert_array_equal(checkpointing.load_model(tmp_path / "model")[0]["w"], params["w"])
+
+
+def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from(tmp_path, caplog):
+    # a full disk ended training with some 1,100 lines of orbax's and asyncio's tracebacks
+    ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=3)
+    ckpt.save(1, _state(1.0), {"position": 1}, {"model": {}})
+    ckpt.wait()
+    full = (
+        'RESOURCE_EXHAUSTED: Error writing local file "X/_sharding": Failed to write 13699 bytes '
+        "to file 14: No space left on device [os_error_code='28']"
+    )
+
+    def no_space():
+        raise ValueError(full + " [tensorstore_spec='{...}']")
+
+    ckpt.manager.wait_until_finished = no_space
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        ckpt.wait()
+    assert str(e.value) == (
+        f"cannot write a checkpoint in {tmp_path} ({full}); make room there (or fix the folder), "
+        "then run the same command again: it resumes from step 1"
+    )
+    # orbax's own error logs of that disk, and asyncio's of the writes it abandoned, are kept
+    # off the console; other errors are not
+    import asyncio
+    import gc
+    import logging
+
+    absl = logging.getLogger("absl")
+    for path, text in (("/x/orbax/checkpoint/future.py", full), ("/x/mine.py", full)):
+        absl.handle(absl.makeRecord("absl", logging.ERROR, path, 1, text, (), None))
+    loop = asyncio.new_event_loop()
+    for error in (ValueError(full), ValueError("another failure")):
+        future = loop.create_future()
+        future.set_exception(error)
+        del future
+    loop.close()
+    gc.collect()
+    shown = [(r.name, r.pathname, r.getMessage()) for r in caplog.records]
+    assert shown == [
+        ("absl", "/x/mine.py", full),
+        ("asyncio", ANY, "Future exception was never retrieved\nfuture: <Future finished "
+         "exception=ValueError('another failure')>"),
+    ]  # fmt: skip
+    ckpt.manager.wait_until_finished = lambda: None
+    ckpt.close()

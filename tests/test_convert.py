@@ -4,6 +4,7 @@ import argparse
 import collections
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -984,3 +985,49 @@ def test_ctrl_c_while_exporting_is_one_line_and_leaves_neither_file(tmodel, tmp_
     assert (r.returncode, r.stderr) == (130, f"interrupted: after {out} was written\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "b.pth", "b.classes.txt"])
     assert set(torch.load(out, weights_only=True)) == set(tmodel.state_dict())
+
+
+def test_a_full_disk_in_either_direction_is_one_line_and_leaves_nothing(
+    tmodel, tmp_path, capsys, monkeypatch
+):
+    # the .pth side: torch's zip writer said only "[enforce fail at inline_container.cc:672]"
+    # in a traceback; the orbax side printed some 600 lines and could leave its temporary folder
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    assert _convert(tmp_path / "s.pth", tmp_path / "run") == 0
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 3200 vs 3094"
+        )
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        assert _run("--to-pytorch", "--input", tmp_path / "run", "--output", out / "x.pth") == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        re.escape(f"error: cannot write {out / 'x.pth'} ([enforce fail at inline_container.cc:672] "
+                  ". unexpected pos 3200 vs 3094); it takes about ")
+        + r"\d+ MiB, \d+ MiB are free there: make room, or give another path\n",
+        err,
+    ), err  # fmt: skip
+    assert list(out.iterdir()) == []
+
+    manager = checkpointing.ocp.CheckpointManager
+
+    def no_space(self, *args, **kwargs):
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "blocks.0.attn.proj.bias/0": No space left on '
+            "device [os_error_code='28'] [tensorstore_spec='{...}']"
+        )
+
+    monkeypatch.setattr(manager, "save", no_space)
+    assert _convert(tmp_path / "s.pth", out / "ck") == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write a checkpoint in {out / 'ck'} (RESOURCE_EXHAUSTED: Error writing "
+        "\"blocks.0.attn.proj.bias/0\": No space left on device [os_error_code='28']); make room "
+        "there, or give another path\n"
+    )
+    assert list(out.iterdir()) == []
