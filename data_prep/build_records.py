@@ -1147,10 +1147,15 @@ def main(
         return 2
     except OSError as e:  # writing the shards or dataset_info.json: a full disk, most often
         where = f"{e.filename}: " if e.filename else ""
+        fix = (
+            "free space there (or build into another --output)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "fix that"
+        )
         print(
-            f"error: cannot write the records in {args.output}: {where}{e.strerror or e}; free "
-            "space there (or build into another --output), then run the same command again: "
-            f"the videos finished so far are cached in {os.path.join(args.output, WORK)}",
+            f"error: cannot write the records in {args.output}: {where}{e.strerror or e}; {fix}, "
+            "then run the same command again: the videos finished so far are cached in "
+            f"{os.path.join(args.output, WORK)}",
             file=sys.stderr,
         )
         return 1

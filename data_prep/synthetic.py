@@ -194,7 +194,7 @@ class SmokeOptions:
             if not isinstance(value, int | np.integer) or isinstance(value, bool):
                 problems.append(f"{f.name} must be an integer, got {value!r}")
         if problems:
-            raise ValueError("invalid smoke dataset options: " + "; ".join(problems))
+            raise SmokeDatasetError("invalid smoke dataset options: " + "; ".join(problems))
         if not 2 <= self.classes <= MAX_CLASSES:
             problems.append(f"classes must be in 2..{MAX_CLASSES}, got {self.classes}")
         for name in ("train_per_class", "val_per_class", "test_per_class"):
@@ -207,7 +207,7 @@ class SmokeOptions:
         if self.seed < 0:
             problems.append(f"seed must be >= 0, got {self.seed}")
         if problems:
-            raise ValueError("invalid smoke dataset options: " + "; ".join(problems))
+            raise SmokeDatasetError("invalid smoke dataset options: " + "; ".join(problems))
 
     def per_class(self, split: str) -> int:
         """Videos per class in `split`."""
@@ -674,7 +674,8 @@ def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) ->
 
 
 class SmokeDatasetError(ValueError):
-    """The folder holds something other than the requested smoke dataset."""
+    """Options the smoke dataset cannot take, or a folder it cannot use: one holding something
+    other than the requested dataset, a remote path, one that cannot be written."""
 
 
 def _check_existing(output: str, info: dict, options: SmokeOptions) -> None:
@@ -759,7 +760,7 @@ def ensure_smoke_dataset(
     )
     output = os.fspath(output_dir)
     if "://" in output:
-        raise ValueError(
+        raise SmokeDatasetError(
             f"{output}: the smoke dataset is built in a local folder; give a local path "
             "(copy it to remote storage afterwards if needed)"
         )

@@ -127,7 +127,19 @@ class _AbandonedIO(logging.Filter):
                 str(record.msg).split("\n")[0].endswith("exception was never retrieved")
                 and bool(_TENSORSTORE_ERROR.match(str(exc)))
             )
-        return not ("orbax" in record.pathname and _NO_SPACE in f"{record.getMessage()} {exc}")
+        if not ("orbax" in record.pathname and _NO_SPACE in f"{record.getMessage()} {exc}"):
+            return True
+        if self.told:
+            return False
+        # the first one stays, as one line: a save in the background fails long before the
+        # next save or the run's end reports it
+        self.told = True
+        first = f"{record.getMessage()} {exc or ''}".split(" [tensorstore_spec")[0].strip()
+        record.msg = f"checkpoint save failed: {first[:400]}"
+        record.args, record.exc_info = (), None
+        return True
+
+    told = False
 
 
 _NO_SPACE = "No space left on device"
@@ -153,27 +165,28 @@ def _hush_abandoned_io() -> None:
     some before the failure reaches the caller, so this is set up before each read and save."""
     import sys
 
+    if getattr(sys.unraisablehook, "signnet_quiet", False):
+        return  # set up already (a warnings filter added each time would reset warnings' once)
     for name in ("asyncio", "absl"):
-        logging.getLogger(name).addFilter(_ABANDONED_IO)  # a set: added once
+        logging.getLogger(name).addFilter(_ABANDONED_IO)
     # the writes orbax never started once one failed, collected at exit
     warnings.filterwarnings(
         "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
     )
-    if not getattr(sys.unraisablehook, "signnet_quiet", False):
-        sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+    sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
 
 @contextlib.contextmanager
-def _write_errors(directory: pathlib.Path, way: str = "make room there, or give another path"):
+def _write_errors(directory: pathlib.Path, way=lambda: "make room there, or give another path"):
     """orbax's failure to write a checkpoint (a full disk, most often) as a CheckpointError
-    naming ``directory``, the first line of the cause and ``way``."""
+    naming ``directory``, the first line of the cause and ``way()``, what to do."""
     try:
         yield
     except (OSError, ValueError) as e:
         if not (isinstance(e, OSError) or "Error writing" in str(e)):
             raise
         raise CheckpointError(
-            f"cannot write a checkpoint in {directory} ({_reason(e)}); {way}"
+            f"cannot write a checkpoint in {directory} ({_reason(e)}); {way()}"
         ) from e
 
 
@@ -422,12 +435,13 @@ class TrainCheckpointer:
         """A save that fails to write (a full disk, most often) ends with what to do and the
         step a rerun resumes from, not orbax's traceback from its threads."""
         _hush_abandoned_io()  # the writes orbax abandons end as its reads do
-        steps = checkpoint_steps(self.directory)
-        resume = f"it resumes from step {steps[-1]}" if steps else "no step was saved"
-        with _write_errors(
-            self.directory,
-            f"make room there (or fix the folder), then run the same command again: {resume}",
-        ):
+
+        def way() -> str:  # the steps as they are once it failed (a save waits for the last)
+            steps = checkpoint_steps(self.directory)
+            resume = f"it resumes from step {steps[-1]}" if steps else "no step was saved"
+            return f"make room there (or fix the folder), then run the same command again: {resume}"
+
+        with _write_errors(self.directory, way):
             yield
 
     def score(self, step: int, metrics: dict[str, float]) -> bool:
@@ -475,8 +489,12 @@ class TrainCheckpointer:
         _hush_abandoned_io()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise unreadable_step(self.directory, step, e) from e
+        except (FileNotFoundError, ValueError) as e:
+            # a file missing or unreadable; not a tree that differs (the run's own checks
+            # name those), which every step would share
+            if isinstance(e, FileNotFoundError) or _TENSORSTORE_ERROR.match(str(e)):
+                raise unreadable_step(self.directory, step, e) from e
+            raise
         state = {k: out[k] for k in abstract_state}
         return state, out[DATA], out[META]
 

@@ -689,7 +689,9 @@ def hht_settings(value: str) -> dict:
 
 
 def _check_creatable(output: pathlib.Path) -> None:
-    problem = files.creation_problem(output)
+    # probed beside it, where the checkpoint is built under a temporary name (an empty folder
+    # at output is replaced by it)
+    problem = files.creation_problem(output.parent / f".{output.name}.probe")
     if problem:
         raise ConversionError(
             f"cannot write --output {output}: {problem}; choose a folder you can write to"
@@ -731,12 +733,13 @@ def export_pytorch(
     classes, names = meta.get("classes"), class_list_path(output)
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        if classes is not None:  # the names first, so a .pth is never left without them
-            lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-            files.atomic_write(names, lines.encode("utf-8"))
         try:
+            if classes is not None:  # the names first, so a .pth is never left without them
+                lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+                files.atomic_write(names, lines.encode("utf-8"))
             torch.save(sd, tmp)
         except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer says "enforce fail"
+            tmp.unlink(missing_ok=True)  # (the space it took is free again)
             need = sum(t.numel() * t.element_size() for t in sd.values()) / 2**20
             free = shutil.disk_usage(tmp.parent).free / 2**20
             reason = str(e).strip().splitlines()[0][:200]

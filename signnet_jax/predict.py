@@ -888,8 +888,12 @@ def find_videos(paths: Sequence[str | os.PathLike], skipped: list[str] | None = 
         if resolved not in seen:
             seen.add(resolved)
             unique.append(video)
-    if skipped is not None:  # those also given as files are not skipped
-        skipped += [p for p in passed if pathlib.Path(p).resolve() not in seen]
+    if skipped is not None:  # those also given as files are not skipped; each named once
+        for p in passed:
+            resolved = pathlib.Path(p).resolve()
+            if resolved not in seen:
+                seen.add(resolved)
+                skipped.append(p)
     return unique
 
 

@@ -83,23 +83,30 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
                 f"(records per split: {counts}); rebuild it, or set --config.train_split / "
                 "val_split / test_split ('' skips validation or the test)"
             )
-    used = [s for s in (config.train_split, config.val_split, config.test_split) if s]
-    missing = records.missing_files(config.records_dir, info, used)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        shown = ", ".join(missing[:3]) + more
-        raise TrainingError(
-            f"records folder {config.records_dir} lacks {len(missing)} of the files its "
-            f"{records.DATASET_INFO} lists ({shown}): copy the whole folder again, or build "
-            "the records again (python -m data_prep.build_records)"
-        )
+    # what the mode reads (eval mode: the test split alone); each host looks at its own copy,
+    # and a host that lacks files stops the others too
+    splits = (config.train_split, config.val_split, config.test_split)
+    used = [s for s in (splits if config.mode != "eval" else splits[2:]) if s]
+
+    def look_for_files() -> None:
+        missing = records.missing_files(config.records_dir, info, used)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            shown = ", ".join(missing[:3]) + more
+            raise TrainingError(
+                f"records folder {config.records_dir} lacks {len(missing)} of the files its "
+                f"{records.DATASET_INFO} lists ({shown}): copy the whole folder again, or "
+                "build the records again (python -m data_prep.build_records)"
+            )
+
+    first_on_process_0(look_for_files, "find the records' files")
     return classes, info
 
 
 def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     """Generate the synthetic smoke dataset into records_dir unless it is there (the model
     settings are checked first: generating takes a while)."""
-    from data_prep.synthetic import ensure_smoke_dataset
+    from data_prep.synthetic import SmokeDatasetError, ensure_smoke_dataset
 
     model_config(config, config.smoke.classes)
     if not config.records_dir:
@@ -114,7 +121,7 @@ def ensure_smoke(config: ml_collections.ConfigDict) -> None:
     def build() -> None:
         try:
             ensure_smoke_dataset(config.records_dir, **opts)
-        except ValueError as e:  # bad options, or a folder holding something else
+        except SmokeDatasetError as e:  # bad options, or a folder it cannot use
             raise TrainingError(
                 f"config.smoke: {e} (the smoke config makes its synthetic records in "
                 "config.records_dir; for records of your own add --config.smoke.enabled=False)"
@@ -1124,18 +1131,25 @@ def check_workdir(workdir: str | os.PathLike, mode: str = "train") -> None:
         ) from e
     if path.exists() and not path.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file; give a folder (new or a run's)")
-    for name in _WORKDIR_FOLDERS[mode]:
-        folder = path / name
-        if folder.exists() and not folder.is_dir():
-            raise TrainingError(
-                f"{folder} is a file where the run keeps its {name} folder; move it away or "
-                "give another --workdir"
-            )
-        problem = files.creation_problem(folder)
-        if problem:
-            raise TrainingError(
-                f"cannot write in --workdir {workdir} ({problem}); give a folder you can write to"
-            )
+
+    def probe() -> None:
+        for name in _WORKDIR_FOLDERS[mode]:
+            if name != "checkpoints" and jax.process_index() != 0:
+                continue  # process 0 alone writes these (each process writes checkpoints)
+            folder = path / name
+            if folder.exists() and not folder.is_dir():
+                raise TrainingError(
+                    f"{folder} is a file where the run keeps its {name} folder; move it away "
+                    "or give another --workdir"
+                )
+            problem = files.creation_problem(folder)
+            if problem:
+                raise TrainingError(
+                    f"cannot write in --workdir {workdir} ({problem}); give a folder you can "
+                    "write to"
+                )
+
+    first_on_process_0(probe, "write in the workdir")  # a refusal on one host stops them all
 
 
 _SHARED_CHECK = ".signnet-shared-check"
@@ -1225,7 +1239,7 @@ _EVAL_RANGES = {
     "data.test_num_crop": _whole(1),
     "data.num_workers": _whole(0),
     "data.num_threads": _whole(0),
-    "data.prefetch": _whole(0),
+    "data.prefetch": _whole(1),
 }
 
 

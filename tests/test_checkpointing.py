@@ -272,7 +272,9 @@ def test_ctrl_c_inside_a_model_save_leaves_nothing_and_no_noise(tmp_path, capfd,
     np.testing.assert_array_equal(checkpointing.load_model(tmp_path / "model")[0]["w"], params["w"])
 
 
-def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from(tmp_path, caplog):
+def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from(
+    tmp_path, caplog, monkeypatch
+):
     # a full disk ended training with some 1,100 lines of orbax's and asyncio's tracebacks
     ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=3)
     ckpt.save(1, _state(1.0), {"position": 1}, {"model": {}})
@@ -299,8 +301,14 @@ def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from
     import logging
 
     absl = logging.getLogger("absl")
-    for path, text in (("/x/orbax/checkpoint/future.py", full), ("/x/mine.py", full)):
-        absl.handle(absl.makeRecord("absl", logging.ERROR, path, 1, text, (), None))
+    monkeypatch.setattr(checkpointing._ABANDONED_IO, "told", False)
+    orbax_log = "/x/orbax/checkpoint/future.py"
+    for path, text in ((orbax_log, full), (orbax_log, full), ("/x/mine.py", full)):
+        try:
+            raise ValueError(text + " [tensorstore_spec='{...}']")
+        except ValueError:
+            info = sys.exc_info()
+        absl.handle(absl.makeRecord("absl", logging.ERROR, path, 1, "thread raised", (), info))
     loop = asyncio.new_event_loop()
     for error in (ValueError(full), ValueError("another failure")):
         future = loop.create_future()
@@ -310,7 +318,10 @@ def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from
     gc.collect()
     shown = [(r.name, r.pathname, r.getMessage()) for r in caplog.records]
     assert shown == [
-        ("absl", "/x/mine.py", full),
+        # the first of orbax's, as one line: a save in the background fails before the next
+        # save reports it
+        ("absl", orbax_log, f"checkpoint save failed: thread raised {full}"),
+        ("absl", "/x/mine.py", "thread raised"),
         ("asyncio", ANY, "Future exception was never retrieved\nfuture: <Future finished "
          "exception=ValueError('another failure')>"),
     ]  # fmt: skip

@@ -653,12 +653,12 @@ def test_a_failed_export_leaves_neither_file(tmodel, tmp_path, monkeypatch):
     # the class names cannot be written: no .pth without them is left
     with monkeypatch.context() as m:
         m.setattr(convert.files, "atomic_write", lambda path, data: full_disk(data, path))
-        with pytest.raises(OSError, match="No space left on device"):
+        with pytest.raises(convert.ConversionError, match="No space left on device"):
             convert.export_pytorch(tmp_path / "a", tmp_path / "out" / "b.pth")
     assert list((tmp_path / "out").iterdir()) == []  # a rerun is not refused
     # the state dict cannot be written: its names are removed again
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(convert.ConversionError, match="No space left on device"):
         convert.export_pytorch(tmp_path / "a", tmp_path / "out" / "b.pth")
     assert list((tmp_path / "out").iterdir()) == []
 

@@ -848,6 +848,9 @@ def test_a_folder_s_videos_by_their_names(tmp_path):
     assert found == [str(tmp_path / n) for n in ("a.MTS", "b.m2ts", "c.ogv", "d.mp4", "e.txt")]
     assert skipped == [str(tmp_path / "sub") + "/"]  # e.txt is given as a file as well
     assert predict.find_videos([tmp_path]) == found[:4]
+    skipped = []  # a folder given twice: its entries named once
+    assert predict.find_videos([tmp_path, tmp_path], skipped) == found[:4]
+    assert skipped == [str(tmp_path / "e.txt"), str(tmp_path / "sub") + "/"]
 
 
 def test_cli_several_videos_bad_options_stop_before_loading(sign_sample, tmp_path, capsys):

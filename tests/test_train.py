@@ -3049,6 +3049,13 @@ def test_records_lacking_a_listed_file_or_with_a_broken_dataset_info_are_refused
         "data_prep.build_records)"
     )
     (tmp_path / "aside").rename(test_shard)
+    # eval mode reads the test split alone: a folder kept for it without the training shards
+    train_shard = copy / info["splits"]["train"]["shards"][0]["file"]
+    train_shard.rename(tmp_path / "aside")
+    eval_mode = tiny_config(copy, **{"smoke.enabled": False, "mode": "eval"})
+    assert train.dataset_classes(eval_mode)[0] == info["classes"]
+    assert refused().startswith(f"records folder {copy} lacks 1 of the files")
+    (tmp_path / "aside").rename(train_shard)
     indexes = [
         copy / (s["file"] + ".index")
         for split in ("train", "val")
@@ -3176,13 +3183,14 @@ def test_bad_smoke_settings_and_input_settings_are_named(records, tmp_path):
         "--config.data.crop_scale='(0.08,1.0)'"
     )
     assert str(e.value) == (
-        f"data.prefetch=-1 (a whole number >= 0), data.crop_scale=(0.5,) ({give}): change them"
+        f"data.prefetch=-1 (a whole number >= 1), data.crop_scale=(0.5,) ({give}): change them"
     )
     for bad in ((1.0, 0.0), (0.0, 1.0), (0.5, 1.5), ("a", 1.0)):
         with pytest.raises(train.TrainingError, match=re.escape(f"data.crop_scale={bad!r}")):
             train.check_value_ranges(tiny_config(records, **{"data.crop_scale": bad}))
-    for good in ((0.08, 1.0), [1.0, 1.0], (1, 1)):  # a list as a run's saved config holds it
+    for good in ((0.08, 1.0), (1, 1)):
         train.check_value_ranges(tiny_config(records, **{"data.crop_scale": good}))
+    assert train._area_range([0.5, 1.0])  # as a run's saved config (JSON) holds it
     # the smoke dataset's own options, and a folder for it that cannot be made
     with pytest.raises(train.TrainingError) as e:
         train.ensure_smoke(tiny_config(tmp_path / "s", **{"smoke.classes": 1}))
