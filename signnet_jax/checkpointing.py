@@ -103,8 +103,8 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def _reason(error: Exception) -> str:
-    """The first part of a read error: tensorstore appends kilobytes of its spec."""
+def _reason(error: Exception | str) -> str:
+    """The first part of a read or write error: tensorstore appends kilobytes of its spec."""
     text = str(error).split(" [tensorstore_spec=")[0].strip()
     return text if len(text) <= 400 else text[:400] + " ..."
 
@@ -134,8 +134,8 @@ class _AbandonedIO(logging.Filter):
         # the first one stays, as one line: a save in the background fails long before the
         # next save or the run's end reports it
         self.told = True
-        first = f"{record.getMessage()} {exc or ''}".split(" [tensorstore_spec")[0].strip()
-        record.msg = f"checkpoint save failed: {first[:400]}"
+        text = f"{record.getMessage()} {exc or ''}"
+        record.msg = f"checkpoint save failed: {_reason(text)}"
         record.args, record.exc_info = (), None
         return True
 
