@@ -536,12 +536,10 @@ def _info_problem(info: Any) -> str | None:
             for sh in shards
         ):
             return f"split {name!r} has no 'shards' list of {{'file', 'num_records'}}"
-        if "num_records" in split and split["num_records"] != sum(
-            sh["num_records"] for sh in shards
-        ):
+        held = sum(sh["num_records"] for sh in shards)
+        if "num_records" in split and split["num_records"] != held:
             return (
-                f"split {name!r} says num_records {split.get('num_records')!r}, its shards "
-                f"hold {sum(sh['num_records'] for sh in shards)}"
+                f"split {name!r} says num_records {split['num_records']!r}, its shards hold {held}"
             )
     return None
 
