@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -81,28 +82,71 @@ class Manifest:
         return dict(collections.Counter(e.split for e in self.entries))
 
 
-def load_class_list(path: str | os.PathLike) -> list[str]:
+def read_text(path: str | os.PathLike, what: str, suffixes: Sequence[str] = ()) -> str:
+    """The text of a small input file, or an error naming it (as `what`) and the fix.
+
+    Args:
+      path: the file.
+      what: how messages name it, e.g. "split file" or "--class-list".
+      suffixes: the usual suffixes of such files; a folder given instead is answered with the
+        files in it that have one.
+
+    Returns:
+      The text, a leading byte order mark dropped.
+
+    Raises:
+      FileNotFoundError: nothing at `path`.
+      ValueError: a folder, a file that is not UTF-8 text, or one that cannot be read.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = sorted(
+            name
+            for name in os.listdir(path)
+            if name.lower().endswith(tuple(suffixes)) and os.path.isfile(os.path.join(path, name))
+        )
+        fix = (
+            f"give one of the files in it, e.g. {os.path.join(path, inside[0])}"
+            if inside
+            else ("give the file itself")
+        )
+        more = f" ({len(inside)} such files there)" if len(inside) > 1 else ""
+        raise ValueError(f"{what} {path} is a folder; {fix}{more}")
+    try:
+        with open(path, encoding=ENCODING, newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def load_class_list(path: str | os.PathLike, what: str = "class list") -> list[str]:
     """Reads a class list: `index gloss` lines (as wlasl_class_list.txt) or one gloss a line.
 
     Args:
       path: text file; with indices they must run 0, 1, 2, ... in order.
+      what: how errors name the file (e.g. the command-line flag that gave it).
 
     Returns:
       Glosses; label i is element i.
     """
     path = os.fspath(path)
-    with open(path, encoding=ENCODING) as f:
-        lines = [line.rstrip("\n\r") for line in f]
+    lines = read_text(path, what, (".txt",)).splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
-        raise ValueError(f"{path}: class list is empty")
+        raise ValueError(f"{what} {path} is empty; give one gloss a line")
     indexed = [re.fullmatch(r"\s*(\d+)\s+(\S.*?)\s*", line) for line in lines]
     if all(indexed):
         glosses = []
         for lineno, m in enumerate(indexed):
             if int(m.group(1)) != lineno:
                 raise ValueError(
-                    f"{path}: line {lineno + 1} has index {m.group(1)}, expected {lineno} "
+                    f"{what} {path}: line {lineno + 1} has index {m.group(1)}, expected {lineno} "
                     "(indices must run 0, 1, 2, ... in order)"
                 )
             glosses.append(m.group(2))
@@ -110,14 +154,13 @@ def load_class_list(path: str | os.PathLike) -> list[str]:
         glosses = [line.strip() for line in lines]
     dupes = [g for g, n in collections.Counter(glosses).items() if n > 1]
     if dupes:
-        raise ValueError(f"{path}: duplicate classes {dupes[:5]}")
+        raise ValueError(f"{what} {path}: duplicate classes {dupes[:5]}")
     return glosses
 
 
 def _load_json(path: str) -> object:
     try:
-        with open(path, encoding=ENCODING) as f:
-            return json.load(f)
+        return json.loads(read_text(path, "split file"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
@@ -250,23 +293,22 @@ def load_csv(
     entries = []
     for split_file in map(os.fspath, split_files):
         split = _split_name(split_file)
-        with open(split_file, encoding=ENCODING) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                parts = line.strip().rsplit(maxsplit=1)
-                if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-                    raise ValueError(
-                        f"{split_file}:{lineno}: expected 'relative/path.mp4 label', "
-                        f"got {line.strip()[:80]!r}{'...' if len(line.strip()) > 80 else ''}"
-                    )
-                rel, label = parts[0], int(parts[1])
-                if not 0 <= label < len(classes):
-                    raise ValueError(
-                        f"{split_file}:{lineno}: label {label} outside the class list "
-                        f"{class_list} ({len(classes)} classes)"
-                    )
-                entries.append(Entry(split, rel, rel, label, classes[label]))
+        for lineno, line in enumerate(read_text(split_file, "split file").splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+                raise ValueError(
+                    f"{split_file}:{lineno}: expected 'relative/path.mp4 label', "
+                    f"got {line.strip()[:80]!r}{'...' if len(line.strip()) > 80 else ''}"
+                )
+            rel, label = parts[0], int(parts[1])
+            if not 0 <= label < len(classes):
+                raise ValueError(
+                    f"{split_file}:{lineno}: label {label} outside the class list "
+                    f"{class_list} ({len(classes)} classes)"
+                )
+            entries.append(Entry(split, rel, rel, label, classes[label]))
     return Manifest(classes, entries)
 
 
@@ -274,31 +316,30 @@ ASL_CITIZEN_COLUMNS = ("Participant ID", "Video file", "Gloss", "ASL-LEX Code")
 
 
 def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
-    with open(path, encoding=ENCODING, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames:  # "Video file , Gloss": spaces around names are not part of them
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        missing = [c for c in ("Video file", "Gloss") if c not in (reader.fieldnames or [])]
-        if missing:
+    reader = csv.DictReader(io.StringIO(read_text(path, "split file"), newline=""))
+    if reader.fieldnames:  # "Video file , Gloss": spaces around names are not part of them
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    missing = [c for c in ("Video file", "Gloss") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; ASL-Citizen CSVs have the header "
+            f"{','.join(ASL_CITIZEN_COLUMNS)}"
+        )
+    rows = []
+    for row in reader:
+        lineno = reader.line_num
+        # More fields than the header (empty ones, a trailing comma, aside): a comma in
+        # an unquoted value, which would otherwise shift the gloss silently.
+        if any(v.strip() for v in row.get(None) or []):
             raise ValueError(
-                f"{path}: missing column(s) {missing}; ASL-Citizen CSVs have the header "
-                f"{','.join(ASL_CITIZEN_COLUMNS)}"
+                f"{path}:{lineno}: {len(reader.fieldnames) + len(row[None])} fields, the "
+                f"header has {len(reader.fieldnames)}; quote values that hold a comma "
+                '(e.g. "BOOK, RED")'
             )
-        rows = []
-        for row in reader:
-            lineno = reader.line_num
-            # More fields than the header (empty ones, a trailing comma, aside): a comma in
-            # an unquoted value, which would otherwise shift the gloss silently.
-            if any(v.strip() for v in row.get(None) or []):
-                raise ValueError(
-                    f"{path}:{lineno}: {len(reader.fieldnames) + len(row[None])} fields, the "
-                    f"header has {len(reader.fieldnames)}; quote values that hold a comma "
-                    '(e.g. "BOOK, RED")'
-                )
-            video, gloss = (row["Video file"] or "").strip(), (row["Gloss"] or "").strip()
-            if not video or not gloss:
-                raise ValueError(f"{path}:{lineno}: empty 'Video file' or 'Gloss'")
-            rows.append((lineno, video, gloss))
+        video, gloss = (row["Video file"] or "").strip(), (row["Gloss"] or "").strip()
+        if not video or not gloss:
+            raise ValueError(f"{path}:{lineno}: empty 'Video file' or 'Gloss'")
+        rows.append((lineno, video, gloss))
     if not rows:
         raise ValueError(f"split file {path} has a header but no rows; {SPLIT_FIX}")
     return rows
@@ -341,15 +382,6 @@ def load_asl_citizen(
     return Manifest(classes, entries)
 
 
-def _blank(path: str | os.PathLike) -> bool:
-    """True for a file holding nothing but whitespace (0 bytes, blank lines, a byte order mark)."""
-    with open(path, encoding=ENCODING) as f:
-        while chunk := f.read(1 << 16):
-            if chunk.strip():
-                return False
-    return True
-
-
 def load_manifest(
     dataset: str,
     split_files: Sequence[str | os.PathLike],
@@ -366,9 +398,8 @@ def load_manifest(
       The manifest.
     """
     for p in split_files:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"split file {p} not found")
-        if _blank(p):
+        # 0 bytes, blank lines, a byte order mark
+        if not read_text(p, "split file", (".json", ".csv", ".txt")).strip():
             raise ValueError(f"split file {p} is empty; {SPLIT_FIX}")
     if dataset == "wlasl":
         if len(split_files) != 1:

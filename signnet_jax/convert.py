@@ -599,16 +599,10 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     sides): one gloss a line, or `index gloss` lines like wlasl_class_list.txt."""
     from data_prep import manifests
 
-    if not pathlib.Path(path).is_file():
-        raise ConversionError(f"--class-list {path}: no such file")
     try:
-        return manifests.load_class_list(path)
-    except UnicodeDecodeError as e:  # a ValueError whose message does not name the file
-        raise ConversionError(
-            f"--class-list {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-        ) from e
-    except ValueError as e:  # the message starts with the path
-        raise ConversionError(f"--class-list {e}") from e
+        return manifests.load_class_list(path, "--class-list")
+    except (FileNotFoundError, ValueError) as e:  # each message names the file
+        raise ConversionError(str(e)) from e
 
 
 def convert(

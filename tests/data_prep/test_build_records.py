@@ -864,6 +864,31 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     missing[missing.index("--split-file") + 1] = str(tmp_path / "nope.json")
     assert build_records.main(missing, tunneller_factory=FakeTunneller) == 2
     assert capsys.readouterr().err == f"error: split file {tmp_path / 'nope.json'} not found\n"
+    # the folder the split files are in, a file that is not text, a class list that is a folder
+    missing[missing.index("--split-file") + 1] = str(dataset)
+    assert build_records.main(missing, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: split file {dataset} is a folder; give one of the files in it, e.g. "
+        f"{dataset / 'WLASL_v0.3.json'}\n"
+    )
+    (tmp_path / "split.json").write_bytes(b"\x1f\x8b\x08\x00gzip")
+    missing[missing.index("--split-file") + 1] = str(tmp_path / "split.json")
+    assert build_records.main(missing, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: split file {tmp_path / 'split.json'}: not UTF-8 text (invalid start byte at "
+        "byte 1); save it as UTF-8\n"
+    )
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "classes.txt").write_text("a\n")
+    (tmp_path / "lists" / "glosses.txt").write_text("a\n")
+    listed = _cli(dataset, tmp_path / "o", "--class-list", str(tmp_path / "lists"))
+    listed[listed.index("--split-file") + 1] = str(tmp_path / "nslt_2.json")
+    (tmp_path / "nslt_2.json").write_text('{"00001": {"subset": "train", "action": [0, 1, 2]}}')
+    assert build_records.main(listed, tunneller_factory=FakeTunneller) == 2
+    assert capsys.readouterr().err == (
+        f"error: class list {tmp_path / 'lists'} is a folder; give one of the files in it, e.g. "
+        f"{tmp_path / 'lists' / 'classes.txt'} (2 such files there)\n"
+    )
     with pytest.raises(SystemExit) as e:
         build_records.main(_cli(dataset, tmp_path / "o", "--jpeg-quality", "0"))
     assert e.value.code == 2
