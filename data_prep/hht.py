@@ -130,15 +130,39 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_as_usual()
     args = parse_args(argv)
     wanted = {p: stamp(p) for p in (args.output, args.preview) if p}
+    made = _missing_folders(wanted)  # made for the outputs; removed again if nothing goes in
     try:
-        return _run(args)
+        status = _run(args)
     except KeyboardInterrupt:  # each output is written under a temporary name, then renamed
+        _remove_empty(made)
         written = [p for p, before in wanted.items() if stamp(p) != before]
         if not written:
             return interrupted(f"nothing written at {' or '.join(wanted)}")
         missing = [p for p in wanted if p not in written]
         left = f"wrote {' and '.join(written)}"
         return interrupted(left + (f", not {missing[0]}" if missing else ""))
+    if status:
+        _remove_empty(made)
+    return status
+
+
+def _missing_folders(paths) -> list[pathlib.Path]:
+    """The folders above ``paths`` that do not exist yet, deepest first."""
+    missing = set()
+    for path in paths:
+        folder = pathlib.Path(path).absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda f: len(f.parts), reverse=True)
+
+
+def _remove_empty(folders: list[pathlib.Path]) -> None:
+    for folder in folders:  # deepest first; one that holds anything stays
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -86,8 +86,9 @@ def test_bad_inputs_fail_cleanly(kind, sign_sample, tmp_path, capsys):
         video.write_bytes(bytes(data).replace(b"mp4v", b"zzzz"))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    new = out_dir / "new"  # the folders made for the outputs go again
     code, _, err = run(
-        capsys, "--video", video, "--output", out_dir / "o.mp4", "--preview", out_dir / "o.png"
+        capsys, "--video", video, "--output", new / "hht" / "o.mp4", "--preview", new / "o.png"
     )
     assert code == 1
     assert err.startswith(f"error: {video}: ")
@@ -287,11 +288,12 @@ def test_a_models_folder_that_does_not_exist_is_named_before_any_progress(
     ],
 )
 def test_ctrl_c_is_one_line_saying_what_was_written(target, left, sign_sample, tmp_path):
-    out, preview = tmp_path / "o.mp4", tmp_path / "sheet.png"
+    out, preview = tmp_path / "new" / "o.mp4", tmp_path / "sheet.png"  # new/: made by the run
     r = interrupt_after(
         target, "data_prep.hht:main", "--video", sign_sample, "--output", out, "--preview",
         preview, "--quiet",
     )  # fmt: skip
     assert (r.returncode, r.stdout) == (130, "")
     assert r.stderr == f"interrupted: {left.format(out=out, preview=preview)}\n"
-    assert [p.name for p in tmp_path.iterdir()] == (["o.mp4"] if "wrote" in left else [])
+    assert [p.name for p in tmp_path.iterdir()] == (["new"] if "wrote" in left else [])
+    assert "wrote" not in left or [p.name for p in out.parent.iterdir()] == ["o.mp4"]
