@@ -89,7 +89,13 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
     used = [s for s in (splits if config.mode != "eval" else splits[2:]) if s]
 
     def look_for_files() -> None:
-        missing = records.missing_files(config.records_dir, info, used)
+        try:
+            missing = records.missing_files(config.records_dir, info, used)
+        except OSError as e:  # a bucket that refuses this machine's account, say
+            raise TrainingError(
+                f"cannot look for the files of records folder {config.records_dir} ({e}); "
+                "check that this machine may read it"
+            ) from e
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             shown = ", ".join(missing[:3]) + more

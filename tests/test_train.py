@@ -3025,7 +3025,7 @@ def test_grain_worker_batches_leave_no_shared_memory_at_exit(records, tmp_path):
 
 
 def test_records_lacking_a_listed_file_or_with_a_broken_dataset_info_are_refused_up_front(
-    records, tmp_path
+    records, tmp_path, monkeypatch
 ):
     # a missing test shard used to surface after the whole training, a missing index at the
     # first batch, a broken dataset_info.json as a traceback
@@ -3073,6 +3073,16 @@ def test_records_lacking_a_listed_file_or_with_a_broken_dataset_info_are_refused
     )
     for index in indexes:
         (tmp_path / index.name).rename(index)
+    with monkeypatch.context() as m:  # a bucket that refuses this machine's account
+
+        def denied(*args):
+            raise PermissionError("403 storage.objects.get denied")
+
+        m.setattr(train.records, "missing_files", denied)
+        assert refused() == (
+            f"cannot look for the files of records folder {copy} (403 storage.objects.get "
+            "denied); check that this machine may read it"
+        )
 
     fix = (
         ": restore it from a good copy, or build the records again (python -m "

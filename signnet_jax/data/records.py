@@ -558,7 +558,24 @@ def missing_files(records_dir: str | os.PathLike, info: dict, splits) -> list[st
     if _is_local(root):
         return [p for p in paths if not os.path.isfile(_local(p))]
     fs, _ = fsspec.core.url_to_fs(root)
-    return [p for p in paths if not fs.exists(p)]
+    name = fs._strip_protocol  # "gs://b/r/x" and the listing's "b/r/x" alike
+    try:  # one listing a folder rather than a request a file
+        there = set()
+        for folder in {name(p).rsplit("/", 1)[0] for p in paths}:
+            try:
+                there.update(map(name, fs.ls(folder, detail=False)))
+            except FileNotFoundError:
+                pass
+        return [p for p in paths if name(p) not in there]
+    except PermissionError:  # may read the files but not list them
+        pass
+    missing = []
+    for p in paths:  # not fs.exists, which reads a refused request as a missing file
+        try:
+            fs.info(p)
+        except FileNotFoundError:
+            missing.append(p)
+    return missing
 
 
 class RecordSource:

@@ -263,3 +263,37 @@ def test_reader_through_fsspec_url(tmp_path):
     r = records.ShardReader("memory://bucket/s.tfrecord")
     assert [r.read(2), r.read(0)] == [b"gamma", b"alpha"]
     assert list(records.read_records("memory://bucket/s.tfrecord")) == datas
+
+
+def test_missing_files_of_a_remote_folder(tmp_path, monkeypatch):
+    """A bucket folder is listed once, not asked about file by file; when listing is refused
+    each file is looked up, and a refused lookup is an error, not a missing file."""
+    fs = fsspec.filesystem("memory")
+    root = "memory://bucket/missing_files"
+    for name in ("train-0.tfrecord", "train-0.tfrecord.index", "test-0.tfrecord"):
+        fs.pipe(f"{root}/{name}", b"x")
+    shards = {"train": ["train-0.tfrecord", "train-1.tfrecord"], "test": ["test-0.tfrecord"]}
+    info = {"splits": {k: {"shards": [{"file": f} for f in v]} for k, v in shards.items()}}
+    expected = [f"{root}/train-1.tfrecord", f"{root}/train-1.tfrecord.index"]
+    calls = []
+    listing, lookup = fs.ls, fs.info
+    monkeypatch.setattr(fs, "ls", lambda *a, **k: calls.append("ls") or listing(*a, **k))
+    monkeypatch.setattr(fs, "info", lambda *a, **k: calls.append("info") or lookup(*a, **k))
+    assert records.missing_files(root, info, ["train"]) == expected
+    assert calls == ["ls"]
+    assert records.missing_files(root, info, ["test"]) == [f"{root}/test-0.tfrecord.index"]
+    assert records.missing_files(root + "/nowhere", info, ["test"]) == [
+        f"{root}/nowhere/test-0.tfrecord",
+        f"{root}/nowhere/test-0.tfrecord.index",
+    ]
+
+    def refused(*args, **kwargs):
+        raise PermissionError("403 storage.objects.list denied")
+
+    monkeypatch.setattr(fs, "ls", refused)
+    calls.clear()
+    assert records.missing_files(root, info, ["train"]) == expected
+    assert calls == ["info"] * 4
+    monkeypatch.setattr(fs, "info", refused)
+    with pytest.raises(PermissionError, match="403"):
+        records.missing_files(root, info, ["train"])
