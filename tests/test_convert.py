@@ -704,17 +704,20 @@ def test_giant_checkpoint_is_recognised_by_its_patch_14_embedding(monkeypatch):
     sd["patch_embed.proj.weight"] = np.zeros((d, 3, 2, 16, 16), np.float32)
     assert convert._guess_preset(sd) == "no preset (embed dim 1408, 40 blocks, patch 16)"
 
-    # the whole conversion, with the giant shrunk to a small width and depth but its patch 14
+    # the whole conversion, with the giant shrunk to a small width and depth but its patch 14,
+    # against the PyTorch reference at patch 14
     small = dict(embed_dim=64, depth=2, num_heads=4, mlp_dim=128, patch_size=14)
     monkeypatch.setitem(vit.PRESETS, "g", small)
-    ref = vit.ViTConfig.from_preset("g", num_classes=CLASSES, num_frames=FRAMES, img_size=28)
-    sd = convert.to_torch(vit.params_of(vit.create_model(ref)), ref)
-    assert sd["patch_embed.proj.weight"].shape == (64, 3, 2, 14, 14)
-    source = convert.Source(sd, "videomae_v2", False, [])
+    tm = torch_vit.make("g_shrunk", CLASSES, num_frames=FRAMES, img_size=28, patch=14, seed=3)
+    source = convert.Source(torch_state(tm), "videomae_v2", False, [])
+    assert source.state["patch_embed.proj.weight"].shape == (64, 3, 2, 14, 14)
     cfg, params, report = convert.to_flax(source, "vit_giant_patch14_224", FRAMES, CLASSES, 28)
     assert (cfg.preset, cfg.patch_size, cfg.grid) == ("g", 14, (2, 2, 2))
     assert params["patch_embed"]["proj"]["kernel"].shape == (2, 14, 14, 3, 64)
     assert report.fresh == [] and report.warnings == []
+    clip = random_clip(2, FRAMES, 28, seed=5)
+    logits = vit.model_from_params(cfg, params)(jnp.asarray(clip))
+    assert rel_err(logits, torch_logits(tm, clip)) <= 1e-5
 
 
 def test_unknown_preset(tmodel, tmp_path, capsys):

@@ -114,10 +114,15 @@ def test_every_layer_norm_uses_epsilon_1e_6():
 def test_sinusoid_table_matches_reference_and_follows_the_token_grid():
     ref = torch_vit.sinusoid_table(3136, 768)[0].numpy()
     np.testing.assert_allclose(vit.sinusoid_table(3136, 768), ref, rtol=0, atol=1e-6)
-    # one model serves other clip sizes: the table is built for the actual grid
-    cfg = vit.ViTConfig.from_preset("S", num_classes=4, num_frames=4, img_size=32, depth=1)
-    model = vit.create_model(cfg)
-    assert model(jnp.zeros((1, 8, 48, 32, 3))).shape == (1, 4)
+    # one model serves other clip sizes: the table is built for the actual grid (tokens in
+    # time, row, column order), as the reference given a table of that grid's length
+    tm = torch_vit.make("S", 4, num_frames=4, img_size=32, seed=2)
+    model = flax_twin(tm, "S", 4, 4, 32)
+    clip = np.random.default_rng(4).standard_normal((2, 8, 48, 32, 3)).astype(np.float32)
+    tm.pos_embed = torch_vit.sinusoid_table(4 * 3 * 2, 384)
+    logits = model(jnp.asarray(clip))
+    assert logits.shape == (2, 4)
+    assert rel_err(logits, torch_logits(tm, clip)) <= 1e-5
 
 
 def test_drop_path_rates_grow_linearly_and_act_only_in_training():

@@ -128,10 +128,11 @@ class VisionTransformer(nn.Module):
         init_values=0.0,
         cos_attn=False,
         learned_pos_emb=False,
+        patch=16,
     ):
         super().__init__()
-        self.patch_embed = PatchEmbed(embed_dim)
-        n = (num_frames // 2) * (img_size // 16) ** 2
+        self.patch_embed = PatchEmbed(embed_dim, patch)
+        n = (num_frames // 2) * (img_size // patch) ** 2
         if learned_pos_emb:
             self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
         else:
@@ -157,7 +158,11 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x))
 
 
-PRESETS = {"S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072)}
+PRESETS = {
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "g_shrunk": (64, 2, 4, 128),  # the giant's blocks, narrow and shallow (it takes patch=14)
+}
 
 
 def make(preset, num_classes, num_frames=16, img_size=224, seed=0, **kw) -> VisionTransformer:
