@@ -4,6 +4,7 @@ import json
 import os
 
 import cv2
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -314,14 +315,21 @@ def test_cli_json_schema_and_saved_hht_video(converted, sign_sample, tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["hht.mp4"]  # no temp files left
 
 
-def test_cli_text_output(workdir, sign_sample, capsys):
+def test_cli_text_output(workdir, tiny_run, sign_sample, capsys):
     code, out, err = _cli(capsys, "--checkpoint", workdir, "--video", sign_sample, "--top-k", "3")
     assert code == 0, err
-    lines = out.splitlines()
-    assert lines[0] == f"{sign_sample}: 76 frames, 25 fps, 256x256"
-    assert lines[3] == "views: 2 clips x 2 crops of 4 frames (every 3), 48 px"
-    ranked = lines[4:]
-    assert len(ranked) == 3 and ranked[0].lstrip().startswith("1. gloss")
+    c = {part: n["located"] for part, n in tiny_run.report["hht"]["coverage"].items()}
+    assert out.splitlines()[:4] == [
+        f"{sign_sample}: 76 frames, 25 fps, 256x256",
+        f"checkpoint {workdir / 'checkpoints'} (step 0)",
+        f"H&HT: head {c['head']}/76 frames, right hand {c['right_hand']}/76 frames, left hand "
+        f"{c['left_hand']}/76 frames",
+        "views: 2 clips x 2 crops of 4 frames (every 3), 48 px",
+    ]
+    # the in-process run's three most likely glosses, ranked, probabilities to 4 places
+    assert out.splitlines()[4:] == [
+        f"  {t['rank']}. {t['gloss']}  {t['probability']:.4f}" for t in tiny_run.report["top_k"][:3]
+    ]
 
 
 def _expect_error(capsys, message, *args):
@@ -582,7 +590,12 @@ def test_one_device_process_predicts_with_an_eight_device_run(smoke_workdir, sig
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
-    assert report["step"] == 3 and report["top_k"][0]["rank"] == 1
+    with predict.Predictor(run) as p:  # this process: the 8 devices the run trained on
+        here = p.run(sign_sample, top_k=1).report
+    assert jax.device_count() == 8 and (report["step"], here["step"]) == (3, 3)
+    [(top, expected)] = zip(report["top_k"], here["top_k"], strict=True)
+    assert (top["label"], top["gloss"]) == (expected["label"], expected["gloss"])
+    assert top["probability"] == pytest.approx(expected["probability"], abs=1e-6)
 
 
 def test_cli_frame_span_and_long_video_warning(workdir, sign_sample, tmp_path, capsys):
