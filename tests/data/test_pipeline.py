@@ -132,7 +132,7 @@ def test_fresh_shuffle_every_epoch(records_dir):
     epochs = [[int(next(it)["video_index"][0]) for _ in range(11)] for _ in range(3)]
     for order in epochs:
         assert sorted(order) == list(range(11))
-    assert epochs[0] != epochs[1] != epochs[2]
+    assert len({tuple(order) for order in epochs}) == 3  # three different orders
 
 
 def test_each_epoch_uses_whole_batches_of_its_own_permutation(records_dir):
@@ -437,11 +437,49 @@ def test_steps_per_epoch_drops_the_partial_batch():
     assert pipeline.steps_per_epoch(11, 4) == 2
 
 
-def test_hht_flip_mode_runs_through_the_pipeline(records_dir, tmp_path):
-    options = augment.AugmentOptions(crop_size=16, flip="hht")
-    batch = next(iter(_train(records_dir, augment_options=options)))
-    assert batch["clip"].shape == (4, 4, 16, 16, 3)
+QUADRANT_COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def _quadrant_means(clip):
+    """Mean colour of each quadrant (top-left, top-right, bottom-left, bottom-right), away from
+    the edges JPEG blurs."""
+    h, w = clip.shape[-3] // 2, clip.shape[-2] // 2
+    m = h // 4
+    cells = [clip[..., r + m : r + h - m, c + m : c + w - m, :] for r in (0, h) for c in (0, w)]
+    return [tuple(np.round(q.reshape(-1, 3).mean(0)).astype(int)) for q in cells]
+
+
+def test_hht_flip_mode_runs_through_the_pipeline(tmp_path):
+    # frames of four solid cells (frame, right hand / head, left hand): the hht flip swaps the
+    # hands' cells and keeps the others; a plain flip would swap the columns
+    frame = np.zeros((32, 32, 3), np.uint8)
+    for (r, c), colour in zip([(0, 0), (0, 16), (16, 0), (16, 16)], QUADRANT_COLOURS, strict=True):
+        frame[r : r + 16, c : c + 16] = colour
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+    root = tmp_path / "grid"
+    root.mkdir()
+    with records.TFRecordWriter(str(root / records.shard_name("train", 0, 1))) as w:
+        for k in range(8):
+            example = {"video_id": f"v{k}", "label": k % 5, "gloss": "g", "frames": [jpeg] * 6,
+                       "height": 32, "width": 32, "num_frames": 6}  # fmt: skip
+            w.write(records.encode_example(example))
+    shards = [{"file": records.shard_name("train", 0, 1), "num_records": 8}]
+    info = {"classes": list("abcde"), "splits": {"train": {"num_records": 8, "shards": shards}}}
+    (root / records.DATASET_INFO).write_text(json.dumps(info))
+    options = augment.AugmentOptions(
+        crop_size=32, scale=(1.0, 1.0), flip="hht", rand_augment=None, erase_prob=0.0
+    )  # the whole frame, not resized
+    kept, hht = list(QUADRANT_COLOURS), [QUADRANT_COLOURS[i] for i in (0, 3, 2, 1)]
+    seen = []
+    for batch in _take(iter(_train(str(root), augment_options=options)), 4):
+        for clip in batch["clip"]:
+            means = _quadrant_means(clip.astype(np.float64))
+            [match] = [name for name, want in (("kept", kept), ("hht", hht))
+                       if np.abs(np.subtract(means, want)).max() <= 3]  # fmt: skip
+            seen.append(match)
+    assert sorted(set(seen)) == ["hht", "kept"]
     # records of the strip layout have no 2x2 grid for it to mirror
+    options = augment.AugmentOptions(crop_size=16, flip="hht")
     strip = _make_records(tmp_path)
     info_path = os.path.join(strip, records.DATASET_INFO)
     with open(info_path) as f:
