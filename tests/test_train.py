@@ -226,7 +226,7 @@ def _tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
 def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
     records, tmp_path, monkeypatch, capsys
 ):
-    from signnet_jax.models.flops import train_flops
+    from signnet_jax.models.flops import forward_flops
 
     peak_per_device = 1e9
     # the peak of the run's compute dtype (the tiny config's float32: bfloat16's by convention)
@@ -239,7 +239,7 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
     assert len(logged) == 3 and all(" MFU " in line for line in logged)
     tb = _tensorboard_scalars(tmp_path)
     cfg = train.model_config(c, 4)
-    flops_per_clip = train_flops(cfg)
+    flops_per_clip = 3 * forward_flops(cfg)  # forward and backward: MFU's convention
     for step in (1, 2, 3):
         clips_s = tb["train/clips_per_s"][step]
         tflops = tb["train/tflops_per_s"][step]
@@ -249,8 +249,9 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
         assert f"MFU {mfu:.1%}" in logged[step - 1]
 
 
+@pytest.mark.parametrize("repeats", [1, 2])
 def test_throughput_leaves_validation_time_out_and_the_eta_counts_it(
-    records, tmp_path, monkeypatch, capsys
+    repeats, records, tmp_path, monkeypatch, capsys
 ):
     from signnet_jax import sharding
 
@@ -274,11 +275,15 @@ def test_throughput_leaves_validation_time_out_and_the_eta_counts_it(
     c = tiny_config(
         records,
         **{"train.max_steps": 6, "train.log_every": 3, "train.val_every_epochs": 1},
-        **{"data.test_num_segment": 3, "data.test_num_crop": 2},
+        **{"data.test_num_segment": 3, "data.test_num_crop": 2, "data.repeated_aug": repeats},
     )
     train.train_and_evaluate(c, tmp_path)
-    step_time = _tensorboard_scalars(tmp_path)["train/step_time_s"]
+    tb = _tensorboard_scalars(tmp_path)
+    step_time = tb["train/step_time_s"]
     assert step_time[3] == pytest.approx(1.0) and step_time[6] == pytest.approx(1.0)
+    # 8 videos a step, each seen `repeats` times (repeated augmentation): clips, not videos
+    assert tb["train/clips_per_s"][3] == pytest.approx(8.0 * repeats)
+    assert tb["train/clips_per_s"][6] == pytest.approx(8.0 * repeats)
     # ETA at step 3: 3 steps of 1 s (no validation timed yet); at step 6: no steps left, the
     # validation at step 6 and the test, 8 videos x 6 views against 8 validation views; a
     # validation took 11 s (10, and 1 for its one batch through the clocked global_batch)
