@@ -209,15 +209,29 @@ def test_huggingface_encoder_with_layernorm_and_no_classifier_is_a_backbone(tmp_
     capsys.readouterr()
     assert _convert(tmp_path / "hf" / "model.safetensors", tmp_path / "ckpt") == 0
     assert "dropped 2 pre-training keys" in capsys.readouterr().err
-    _, meta = checkpointing.load_model(tmp_path / "ckpt")
+    params, meta = checkpointing.load_model(tmp_path / "ckpt")
     assert meta["source"]["fresh"] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+    # the encoder's weights themselves, in the Flax layouts (kernels input-first, channels last)
+    hf_sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    np.testing.assert_array_equal(
+        params["patch_embed"]["proj"]["kernel"],
+        hf_sd["embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 4, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        params["blocks"]["5"]["mlp"]["fc1"]["kernel"],
+        hf_sd["encoder.layer.5.intermediate.dense.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        params["blocks"]["11"]["norm2"]["scale"], hf_sd["encoder.layer.11.layernorm_after.weight"]
+    )
 
 
 def test_a_model_folder_names_its_weights_file_and_suffixes_may_be_upper_case(tmp_path, capsys):
     from transformers import VideoMAEModel
 
     torch.manual_seed(0)
-    VideoMAEModel(_hf_config(False)).save_pretrained(tmp_path / "hf")
+    hf = VideoMAEModel(_hf_config(False))
+    hf.save_pretrained(tmp_path / "hf")
     capsys.readouterr()
     assert _convert(tmp_path / "hf", tmp_path / "ckpt") == 1
     assert capsys.readouterr().err == (
@@ -230,7 +244,18 @@ def test_a_model_folder_names_its_weights_file_and_suffixes_may_be_upper_case(tm
     assert _convert(upper, tmp_path / "ckpt") == 0
     out = tmp_path / "BACK.PTH"
     assert _run("--to-pytorch", "--input", tmp_path / "ckpt", "--output", out) == 0
-    assert out.is_file()
+    # the Hugging Face weights, back in VideoMAEv2's names and layouts
+    back, hf_sd = torch.load(out, weights_only=True), hf.state_dict()
+
+    def exact(a, b):
+        assert torch.equal(a, b)
+
+    exact(back["patch_embed.proj.weight"], hf_sd["embeddings.patch_embeddings.projection.weight"])
+    query, key, value = (hf_sd[f"encoder.layer.7.attention.attention.{n}.weight"]
+                         for n in ("query", "key", "value"))  # fmt: skip
+    exact(back["blocks.7.attn.qkv.weight"], torch.cat([query, key, value]))
+    exact(back["blocks.7.attn.q_bias"], hf_sd["encoder.layer.7.attention.attention.query.bias"])
+    assert len(back) == len(torch_vit.make("S", CLASSES, FRAMES, SIZE).state_dict())
 
 
 @pytest.mark.parametrize("direction", ["forward", "to-pytorch"])
