@@ -97,7 +97,11 @@ def test_missing_parts_leave_their_cells_black_but_keep_the_frame():
     cells = layout_cells("grid2x2", 64)
     for part in ("head", "right_hand", "left_hand"):
         assert (cell(out, cells[part]) == 0).all()
-    assert cell(out, cells["frame"]).any()
+    # the whole frame as ever: 200x100 -> 32x16, 8 black rows above and below
+    frame_cell = cell(out, cells["frame"])
+    assert (frame_cell[:8] == 0).all() and (frame_cell[24:] == 0).all()
+    expected = cv2.resize(source_frame(), (32, 16), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(frame_cell[8:24], expected)
 
 
 def test_source_none_wins_over_a_valid_box():

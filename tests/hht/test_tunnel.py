@@ -105,9 +105,24 @@ def test_tunnelled_frame_holds_the_crops(result, source):
     t = 40
     expected = cv2.resize(source[t], (128, 128), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(result.frames[t, :128, :128], expected)
-    for part in ("head", "right_hand", "left_hand"):
+    height, width = source.shape[1:3]
+    for i, part in enumerate(("head", "right_hand", "left_hand")):
+        assert result.box_source[t, i] > 0, part  # found at this frame
+        # the box's pixels (it lies inside the frame here), fitted into the 128 px cell with
+        # its aspect ratio kept, centred on black: bilinear when enlarged, area when shrunk
+        bx0, by0, bx1, by1 = np.rint(result.boxes[t, i] * [width, height, width, height]).astype(
+            int
+        )
+        assert 0 <= bx0 < bx1 <= width and 0 <= by0 < by1 <= height, part
+        crop = source[t, by0:by1, bx0:bx1]
+        scale = min(128 / crop.shape[1], 128 / crop.shape[0])
+        nw, nh = round(crop.shape[1] * scale), round(crop.shape[0] * scale)
+        shrink = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        expected = np.zeros((128, 128, 3), np.uint8)
+        ox, oy = (128 - nw) // 2, (128 - nh) // 2
+        expected[oy : oy + nh, ox : ox + nw] = cv2.resize(crop, (nw, nh), interpolation=shrink)
         x0, y0, x1, y1 = cells[part]
-        assert result.frames[t, y0:y1, x0:x1].mean() > 20, part
+        np.testing.assert_array_equal(result.frames[t, y0:y1, x0:x1], expected, err_msg=part)
 
 
 def test_reused_tunneller_gives_the_same_result(tunneller, result, sign_sample):
