@@ -205,6 +205,34 @@ def unreadable_step(directory: pathlib.Path, step: int, error: Exception) -> Che
     )
 
 
+def _damage(error: BaseException | None) -> BaseException | None:
+    """The error, along ``error``'s causes, that says a step's files are missing or damaged:
+    a file not found, JSON cut short, or a tensorstore read error (orbax wraps the last in a
+    bare Exception). A tree that differs from the one asked for is not damage."""
+    while error is not None:
+        if isinstance(error, FileNotFoundError | json.JSONDecodeError) or (
+            isinstance(error, ValueError) and _TENSORSTORE_ERROR.match(str(error))
+        ):
+            return error
+        error = error.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def _reading(directory: pathlib.Path, step: int):
+    """Reads of one step: damaged files become ``unreadable_step``; other errors pass."""
+    _hush_abandoned_io()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        damage = _damage(e)
+        if damage is None:
+            raise
+        raise unreadable_step(directory, step, damage) from e
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     """The checkpoint folder behind ``path``: the folder itself or a workdir's ``checkpoints``.
 
@@ -319,7 +347,6 @@ def load_model(
     """
     directory = local_path(directory)
     step = select_step(directory, step)
-    _hush_abandoned_io()
     # Every item a step may hold has a handler (only metadata is read for the others),
     # else orbax warns about each item it could not restore.
     handlers = {
@@ -329,26 +356,30 @@ def load_model(
         DATA: ocp.JsonCheckpointHandler(),
         META: ocp.JsonCheckpointHandler(),
     }
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+    with (
+        ocp.CheckpointManager(directory, item_handlers=handlers) as mngr,
+        _reading(directory, step),
+    ):
         try:
             meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
                 META
             ]
-            # Restore as host numpy arrays whatever mesh wrote them: a checkpoint from
-            # an 8-device run must load in a 1-device process (predict on a laptop).
-            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            stored = mngr.item_metadata(step)
-            item = EMA if stored.get(EMA) is not None else PARAMS
-            target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), stored[item]
-            )
-            params = mngr.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-            )[item]
-        except KeyError as e:
+        except KeyError as e:  # another program's orbax checkpoint
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
-        except (FileNotFoundError, ValueError) as e:
-            raise unreadable_step(directory, step, e) from e
+        # Restore as host numpy arrays whatever mesh wrote them: a checkpoint from
+        # an 8-device run must load in a 1-device process (predict on a laptop).
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = mngr.item_metadata(step)
+        item = EMA if stored.get(EMA) is not None else PARAMS
+        if stored.get(item) is None:  # the metadata is there, the weights are not
+            gone = FileNotFoundError(f"its {item} folder is missing")
+            raise unreadable_step(directory, step, gone)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), stored[item]
+        )
+        params = mngr.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        )[item]
     params = jax.tree.map(np.asarray, params)
     return params, meta
 
@@ -486,15 +517,13 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
         items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
-        _hush_abandoned_io()
-        try:
+        gone = sorted(set(abstract_state) - self.saved_items(step))
+        if gone:  # the run's settings are checked before: the step lacks what it saved
+            folders = " and ".join(gone) + (" folders are" if len(gone) > 1 else " folder is")
+            raise unreadable_step(self.directory, step, FileNotFoundError(f"its {folders} missing"))
+        # a tree that differs is not damage: the run's own checks name those
+        with _reading(self.directory, step):
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (FileNotFoundError, ValueError) as e:
-            # a file missing or unreadable; not a tree that differs (the run's own checks
-            # name those), which every step would share
-            if isinstance(e, FileNotFoundError) or _TENSORSTORE_ERROR.match(str(e)):
-                raise unreadable_step(self.directory, step, e) from e
-            raise
         state = {k: out[k] for k in abstract_state}
         return state, out[DATA], out[META]
 

@@ -3,11 +3,13 @@
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
 from unittest.mock import ANY
 
+import jax
 import numpy as np
 import pytest
 
@@ -326,4 +328,71 @@ def test_a_save_that_cannot_be_written_says_so_once_with_the_step_to_resume_from
          "exception=ValueError('another failure')>"),
     ]  # fmt: skip
     ckpt.manager.wait_until_finished = lambda: None
+    ckpt.close()
+
+
+def _cut_short(path: pathlib.Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        # the file of the weights' values cut in half: orbax raised a bare Exception whose
+        # message held the whole tensorstore spec
+        (
+            lambda step: _cut_short(
+                max((step / "ema" / "ocdbt.process_0" / "d").iterdir(), key=os.path.getsize)
+            ),
+            r'OUT_OF_RANGE: Error reading "w/0\.0" in OCDBT database at local file ',
+        ),
+        # every file of the tree cut in half: the first read fails opening it
+        (
+            lambda step: [_cut_short(f) for f in (step / "ema").rglob("d/*")],
+            r"OUT_OF_RANGE: Error opening .* in OCDBT database at local file ",
+        ),
+        (lambda step: _cut_short(step / "ema" / "_METADATA"), r"Unterminated string starting at"),
+        (lambda step: (step / "meta" / "metadata").unlink(), r"File .*metadata not found"),
+        # the metadata kept, the weights gone: it used to say "not a model checkpoint"
+        (
+            lambda step: [shutil.rmtree(step / item) for item in ("ema", "params")],
+            r"its (params folder is|ema and params folders are) missing",
+        ),
+    ],
+    ids=[
+        "values_cut_short",
+        "tree_cut_short",
+        "tree_metadata_cut_short",
+        "meta_missing",
+        "weights_missing",
+    ],
+)
+def test_a_damaged_step_is_named_by_every_reader(damage, reason, tmp_path):
+    rng = np.random.default_rng(0)  # values that do not compress to nothing
+    states = {}
+    ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=2)
+    for step in (1, 2):
+        params = {"w": rng.standard_normal((64, 64)).astype(np.float32), "b": np.ones(64, "f4")}
+        states[step] = {"params": params, "ema": {k: v + 100 for k, v in params.items()}}
+        ckpt.save(step, states[step], {"position": step}, {"model": {}}, {"val_top1": 0.5})
+    ckpt.wait()
+    ckpt.close()
+    damage(tmp_path / "2")
+    way = (
+        f": move {tmp_path / '2'} aside to use step 1 (earlier steps: [1]), or copy the step again"
+    )
+    pattern = re.escape(f"{tmp_path} step 2 is damaged or incomplete (") + reason + r".*\)"
+    with pytest.raises(checkpointing.CheckpointError) as e:  # predict and convert
+        checkpointing.load_model(tmp_path)
+    assert re.fullmatch(pattern + re.escape(way), str(e.value)), str(e.value)
+    assert "tensorstore_spec" not in str(e.value) and len(str(e.value)) < 800  # (was 2-7 KB)
+    ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=3)  # resuming training
+    abstract = {k: {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in tree.items()}
+                for k, tree in states[1].items()}  # fmt: skip
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        ckpt.restore(2, abstract)
+    assert re.fullmatch(pattern + re.escape(way), str(e.value)), str(e.value)
+    restored = ckpt.restore(1, abstract)[0]  # the step before is good
+    np.testing.assert_array_equal(restored["ema"]["w"], states[1]["ema"]["w"])
     ckpt.close()
