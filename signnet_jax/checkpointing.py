@@ -9,13 +9,16 @@ items to its steps. ``load_model`` reads either.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import json
 import logging
 import os
 import pathlib
 import re
 import shutil
+import types
 import uuid
 import warnings
 from typing import Any
@@ -146,12 +149,16 @@ _NO_SPACE = "No space left on device"
 _ABANDONED_IO = _AbandonedIO()
 
 
-def _closed_loop_hook(previous):
+def _abandoned_io_hook(previous):
     def hook(unraisable) -> None:
-        # the same abandoned reads finish after orbax closed their event loop
+        # the same abandoned reads finish after orbax closed their event loop, or are
+        # collected unfinished, failing as the read the caller was told of
         if isinstance(unraisable.exc_value, RuntimeError) and (
             str(unraisable.exc_value) == "Event loop is closed"
         ):
+            return
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename and _damage(unraisable.exc_value):
             return
         previous(unraisable)
 
@@ -173,7 +180,7 @@ def _hush_abandoned_io() -> None:
     warnings.filterwarnings(
         "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
     )
-    sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+    sys.unraisablehook = _abandoned_io_hook(sys.unraisablehook)
 
 
 @contextlib.contextmanager
@@ -230,7 +237,29 @@ def _reading(directory: pathlib.Path, step: int):
         damage = _damage(e)
         if damage is None:
             raise
+        if not _close_abandoned_reads.registered:
+            _close_abandoned_reads.registered = True
+            atexit.register(_close_abandoned_reads)
         raise unreadable_step(directory, step, damage) from e
+
+
+def _close_abandoned_reads() -> None:
+    """At exit after a damaged step: the reads of it orbax abandoned, still held by its event
+    loop, are closed while the hook that keeps them quiet is in place (the interpreter's
+    teardown would report each with its tensorstore spec)."""
+    for obj in gc.get_objects():
+        if (
+            type(obj) is types.CoroutineType  # (isinstance reads __class__: some objects warn)
+            and "orbax" in obj.cr_code.co_filename
+            and obj.cr_frame is not None
+        ):
+            try:
+                obj.close()
+            except Exception:  # noqa: BLE001 - the read failed as the caller was told
+                pass
+
+
+_close_abandoned_reads.registered = False
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
@@ -320,13 +349,24 @@ def load_meta(directory: str | os.PathLike, step: int | str | None = "latest") -
     directory = local_path(directory)
     step = select_step(directory, step)
     handlers = {META: ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
-        try:
-            return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
-                META
-            ]
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{directory} step {step} has no metadata: {e}") from e
+    with (
+        ocp.CheckpointManager(directory, item_handlers=handlers) as mngr,
+        _reading(directory, step),
+    ):
+        return _read_meta(mngr, directory, step)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, directory: pathlib.Path, step: int) -> dict:
+    """A step's metadata (inside ``_reading``)."""
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    except KeyError as e:
+        if not any((directory / str(step) / item).is_dir() for item in (PARAMS, EMA)):
+            # another program's orbax checkpoint
+            raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
+        # the weights are there, what they are is not
+        gone = FileNotFoundError(f"its {META} folder is missing")
+        raise unreadable_step(directory, step, gone) from e
 
 
 def load_model(
@@ -360,17 +400,15 @@ def load_model(
         ocp.CheckpointManager(directory, item_handlers=handlers) as mngr,
         _reading(directory, step),
     ):
-        try:
-            meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[
-                META
-            ]
-        except KeyError as e:  # another program's orbax checkpoint
-            raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
+        meta = _read_meta(mngr, directory, step)
         # Restore as host numpy arrays whatever mesh wrote them: a checkpoint from
         # an 8-device run must load in a 1-device process (predict on a laptop).
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         stored = mngr.item_metadata(step)
-        item = EMA if stored.get(EMA) is not None else PARAMS
+        # a run that kept an EMA saved it beside the raw weights; one without it would
+        # quietly give the weights training did not validate
+        kept_ema = meta.get("config", {}).get("optim", {}).get("ema_decay", 0) > 0
+        item = EMA if kept_ema or stored.get(EMA) is not None else PARAMS
         if stored.get(item) is None:  # the metadata is there, the weights are not
             gone = FileNotFoundError(f"its {item} folder is missing")
             raise unreadable_step(directory, step, gone)
@@ -517,7 +555,8 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
         items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
-        gone = sorted(set(abstract_state) - self.saved_items(step))
+        saved = {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()}
+        gone = sorted({*abstract_state, DATA, META} - saved)
         if gone:  # the run's settings are checked before: the step lacks what it saved
             folders = " and ".join(gone) + (" folders are" if len(gone) > 1 else " folder is")
             raise unreadable_step(self.directory, step, FileNotFoundError(f"its {folders} missing"))
