@@ -92,8 +92,9 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
         try:
             missing = records.missing_files(config.records_dir, info, used)
         except OSError as e:  # a bucket that refuses this machine's account, say
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(
-                f"cannot look for the files of records folder {config.records_dir} ({e}); "
+                f"cannot look for the files of records folder {config.records_dir} ({reason}); "
                 "check that this machine may read it"
             ) from e
         if missing:

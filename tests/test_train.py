@@ -3081,12 +3081,12 @@ def test_records_lacking_a_listed_file_or_with_a_broken_dataset_info_are_refused
     with monkeypatch.context() as m:  # a bucket that refuses this machine's account
 
         def denied(*args):
-            raise PermissionError("403 storage.objects.get denied")
+            raise OSError("Forbidden: bucket/records\n{'error': {'code': 403, 'message': ''}}")
 
         m.setattr(train.records, "missing_files", denied)
         assert refused() == (
-            f"cannot look for the files of records folder {copy} (403 storage.objects.get "
-            "denied); check that this machine may read it"
+            f"cannot look for the files of records folder {copy} (Forbidden: bucket/records); "
+            "check that this machine may read it"
         )
 
     fix = (

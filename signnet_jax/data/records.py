@@ -567,7 +567,7 @@ def missing_files(records_dir: str | os.PathLike, info: dict, splits) -> list[st
             except FileNotFoundError:
                 pass
         return [p for p in paths if name(p) not in there]
-    except PermissionError:  # may read the files but not list them
+    except OSError:  # may read the files but not list them (gcsfs: "Forbidden", a 403)
         pass
     missing = []
     for p in paths:  # not fs.exists, which reads a refused request as a missing file

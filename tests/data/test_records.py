@@ -287,13 +287,13 @@ def test_missing_files_of_a_remote_folder(tmp_path, monkeypatch):
         f"{root}/nowhere/test-0.tfrecord.index",
     ]
 
-    def refused(*args, **kwargs):
-        raise PermissionError("403 storage.objects.list denied")
+    def refused(*args, **kwargs):  # as gcsfs answers a 403
+        raise OSError("Forbidden: bucket/missing_files\n{'error': {'code': 403}}")
 
     monkeypatch.setattr(fs, "ls", refused)
     calls.clear()
     assert records.missing_files(root, info, ["train"]) == expected
     assert calls == ["info"] * 4
     monkeypatch.setattr(fs, "info", refused)
-    with pytest.raises(PermissionError, match="403"):
+    with pytest.raises(OSError, match="^Forbidden: bucket/missing_files"):
         records.missing_files(root, info, ["train"])
