@@ -130,39 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_as_usual()
     args = parse_args(argv)
     wanted = {p: stamp(p) for p in (args.output, args.preview) if p}
-    made = _missing_folders(wanted)  # made for the outputs; removed again if nothing goes in
     try:
-        status = _run(args)
+        return _run(args)
     except KeyboardInterrupt:  # each output is written under a temporary name, then renamed
-        _remove_empty(made)
         written = [p for p, before in wanted.items() if stamp(p) != before]
         if not written:
             return interrupted(f"nothing written at {' or '.join(wanted)}")
         missing = [p for p in wanted if p not in written]
         left = f"wrote {' and '.join(written)}"
         return interrupted(left + (f", not {missing[0]}" if missing else ""))
-    if status:
-        _remove_empty(made)
-    return status
-
-
-def _missing_folders(paths) -> list[pathlib.Path]:
-    """The folders above ``paths`` that do not exist yet, deepest first."""
-    missing = set()
-    for path in paths:
-        folder = pathlib.Path(path).absolute().parent
-        while not folder.exists() and folder != folder.parent:
-            missing.add(folder)
-            folder = folder.parent
-    return sorted(missing, key=lambda f: len(f.parts), reverse=True)
-
-
-def _remove_empty(folders: list[pathlib.Path]) -> None:
-    for folder in folders:  # deepest first; one that holds anything stays
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -188,22 +164,24 @@ def _run(args: argparse.Namespace) -> int:
     if preview is not None and preview.suffix.lower() != ".png":
         print(f"error: --preview {preview} must end in .png", file=sys.stderr)
         return 2
-    # checked before the work: a bad output path must not cost the whole run; both before
-    # either folder is made
+    # checked before the work: a bad output path must not cost the whole run; a missing folder
+    # is made only when its file is written, so a run that fails leaves none (and removes
+    # none another run is about to write in)
     outputs = [(flag, path) for flag, path in (("--output", output), ("--preview", preview))]
-    outputs = [(flag, path) for flag, path in outputs if path is not None]
     for flag, path in outputs:
-        problem = None if path.parent.is_dir() else creation_problem(path)
-        if problem:
-            print(f"error: cannot create the folder of {flag} {path}: {problem}; choose a "
-                  "folder you can write to", file=sys.stderr)  # fmt: skip
-            return 1
-    for flag, path in outputs:
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            problem = creation_problem(path)
+            if problem:
+                print(f"error: cannot create the folder of {flag} {path}: {problem}; choose a "
+                      "folder you can write to", file=sys.stderr)  # fmt: skip
+                return 1
+            continue
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(path, flag, source=args.video)
-        except (OSError, VideoError) as e:
-            print(f"error: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        except VideoError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
 
     bar = None
@@ -245,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     writing = output
     try:  # each written under a temporary name, renamed when whole
+        output.parent.mkdir(parents=True, exist_ok=True)
         write_video(output, result.frames, result.fps)
         encode = time.perf_counter() - t0
         if preview is not None:
@@ -252,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
             sheet = contact_sheet(
                 source, result.frames, result.boxes, result.box_source, first_frame=args.start_frame
             )
+            preview.parent.mkdir(parents=True, exist_ok=True)
             _write_png(preview, sheet)
     except OSError as e:  # a disk that filled up during the run, a folder removed
         written = f" ({output} was written)" if writing == preview else ""
