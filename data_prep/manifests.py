@@ -82,7 +82,14 @@ class Manifest:
         return dict(collections.Counter(e.split for e in self.entries))
 
 
-def read_text(path: str | os.PathLike, what: str, suffixes: Sequence[str] = ()) -> str:
+# Split files and class lists are text of a few MB (WLASL_v0.3.json: 11 MB); far larger is
+# another file given by mistake (a video), refused before it is read.
+MAX_TEXT_BYTES = 256 << 20
+
+
+def read_text(
+    path: str | os.PathLike, what: str, suffixes: Sequence[str] = (), newline: str | None = None
+) -> str:
     """The text of a small input file, or an error naming it (as `what`) and the fix.
 
     Args:
@@ -90,30 +97,44 @@ def read_text(path: str | os.PathLike, what: str, suffixes: Sequence[str] = ()) 
       what: how messages name it, e.g. "split file" or "--class-list".
       suffixes: the usual suffixes of such files; a folder given instead is answered with the
         files in it that have one.
+      newline: as for `open`: None turns every line ending into "\n"; "" keeps them (csv).
 
     Returns:
       The text, a leading byte order mark dropped.
 
     Raises:
       FileNotFoundError: nothing at `path`.
-      ValueError: a folder, a file that is not UTF-8 text, or one that cannot be read.
+      ValueError: a folder, not a regular file (a pipe), far too large, not UTF-8 text, or
+        unreadable.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
+        try:
+            names = os.listdir(path)
+        except OSError:
+            names = []
         inside = sorted(
             name
-            for name in os.listdir(path)
+            for name in names
             if name.lower().endswith(tuple(suffixes)) and os.path.isfile(os.path.join(path, name))
         )
         fix = (
             f"give one of the files in it, e.g. {os.path.join(path, inside[0])}"
             if inside
-            else ("give the file itself")
+            else "give the file itself"
         )
         more = f" ({len(inside)} such files there)" if len(inside) > 1 else ""
         raise ValueError(f"{what} {path} is a folder; {fix}{more}")
+    if os.path.exists(path) and not os.path.isfile(path):  # read twice: a pipe would be empty
+        raise ValueError(f"{what} {path} is not a regular file; save it to a file and give that")
     try:
-        with open(path, encoding=ENCODING, newline="") as f:
+        size = os.path.getsize(path)
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(
+                f"{what} {path} is {size / 2**20:.0f} MiB, too large for one (they are text of "
+                "a few MB): give the right file"
+            )
+        with open(path, encoding=ENCODING, newline=newline) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found") from None
@@ -136,7 +157,7 @@ def load_class_list(path: str | os.PathLike, what: str = "class list") -> list[s
       Glosses; label i is element i.
     """
     path = os.fspath(path)
-    lines = read_text(path, what, (".txt",)).splitlines()
+    lines = read_text(path, what, (".txt",)).split("\n")
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise ValueError(f"{what} {path} is empty; give one gloss a line")
@@ -293,7 +314,7 @@ def load_csv(
     entries = []
     for split_file in map(os.fspath, split_files):
         split = _split_name(split_file)
-        for lineno, line in enumerate(read_text(split_file, "split file").splitlines(), 1):
+        for lineno, line in enumerate(read_text(split_file, "split file").split("\n"), 1):
             if not line.strip():
                 continue
             parts = line.strip().rsplit(maxsplit=1)
@@ -316,7 +337,8 @@ ASL_CITIZEN_COLUMNS = ("Participant ID", "Video file", "Gloss", "ASL-LEX Code")
 
 
 def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
-    reader = csv.DictReader(io.StringIO(read_text(path, "split file"), newline=""))
+    text = read_text(path, "split file", newline="")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames:  # "Video file , Gloss": spaces around names are not part of them
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
     missing = [c for c in ("Video file", "Gloss") if c not in (reader.fieldnames or [])]

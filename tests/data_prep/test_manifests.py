@@ -329,3 +329,32 @@ def test_a_split_file_without_entries_is_named_not_dropped(tmp_path):
             manifests.load_manifest("wlasl", [tmp_path / name])
         what = "is empty" if not content else "lists no videos"
         assert str(e.value) == f"split file {tmp_path / name} {what}; {FIX}"
+
+
+def test_split_files_line_endings_and_files_that_are_not_split_files(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "classes.txt").write_bytes(b"apple\r\nbook\rcar\n")  # Windows, old Mac, Unix
+    # a line ends at \n, \r\n or \r only: a path may hold other separators (\u2028, \f)
+    (tmp_path / "train.csv").write_text("we\u2028ird.mp4 0\r\nform\ffeed.mp4 2\n", newline="")
+    m = manifests.load_manifest("csv", [tmp_path / "train.csv"], tmp_path / "classes.txt")
+    assert [(e.path, e.label, e.gloss) for e in m.entries] == [
+        ("we\u2028ird.mp4", 0, "apple"),
+        ("form\ffeed.mp4", 2, "car"),
+    ]
+    # a pipe (a shell's <(...)) is read twice, the second time empty: refused up front
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("csv", [tmp_path / "pipe.csv"], tmp_path / "classes.txt")
+    assert str(e.value) == (
+        f"split file {tmp_path / 'pipe.csv'} is not a regular file; save it to a file and give that"
+    )
+    # a video given by mistake is refused by its size, not read into memory
+    monkeypatch.setattr(manifests, "MAX_TEXT_BYTES", 1 << 20)
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * (3 << 20))
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("csv", [tmp_path / "clip.mp4"], tmp_path / "classes.txt")
+    assert str(e.value) == (
+        f"split file {tmp_path / 'clip.mp4'} is 3 MiB, too large for one (they are text of a few "
+        "MB): give the right file"
+    )
