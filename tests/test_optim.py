@@ -133,6 +133,32 @@ def test_cutmix_box_is_shared_by_all_frames_and_lambda_is_its_area():
         np.testing.assert_allclose(np.asarray(y).sum(1), 1.0, rtol=1e-6)
 
 
+def test_cutmix_box_is_timm_s_rand_bbox_of_its_draws():
+    # timm's rand_bbox, by hand: sides int(side * sqrt(1 - lam)) around a uniform centre,
+    # half a side (floored) each way, clipped to the frame; lambda corrected to the box
+    h, w = 12, 10
+    cfg = optim.MixupConfig(mixup=0.0, cutmix=1.0, label_smoothing=0.0)
+    clipped = 0
+    for seed in range(12):
+        key = jax.random.key(seed)
+        _, _, _, k_lam, k_y, k_x = jax.random.split(key, 6)  # apply, switch, mixup's lambda
+        lam = np.float32(jax.random.beta(k_lam, 1.0, 1.0))
+        cy, cx = int(jax.random.randint(k_y, (), 0, h)), int(jax.random.randint(k_x, (), 0, w))
+        rat = np.sqrt(np.float32(1.0) - lam)
+        cut_h, cut_w = int(np.float32(h) * rat), int(np.float32(w) * rat)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        clipped += (y0, x0, y1, x1) != (cy - cut_h // 2, cx - cut_w // 2, cy + cut_h // 2,
+                                        cx + cut_w // 2)  # fmt: skip
+        expected = np.zeros((h, w), bool)
+        expected[y0:y1, x0:x1] = True
+        x, y = optim.mixup_cutmix(key, _clips(h=h, w=w), jnp.arange(4), 4, cfg)
+        np.testing.assert_array_equal(np.asarray(x)[0, :, :, :, 0] == 3.0, [expected] * 2)
+        lam_box = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        np.testing.assert_allclose(y[0], [lam_box, 0, 0, 1 - lam_box], atol=1e-6)
+    assert clipped  # boxes over the edge were among them
+
+
 def test_mixup_blends_with_the_reversed_batch():
     cfg = optim.MixupConfig(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     x, y = optim.mixup_cutmix(jax.random.key(3), _clips(), jnp.arange(4), 4, cfg)
