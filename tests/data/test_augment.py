@@ -214,16 +214,30 @@ def test_train_clip_is_reproducible_from_the_generator():
 
 def test_crop_without_randaugment_samples_the_source_pixels():
     # No RandAugment, no flip: the output is a bilinear resize of a crop of the input.
+    import torch
+
     clip = _image(64, 64)[None]
     options = augment.AugmentOptions(crop_size=32, flip="none", rand_augment=None)
-    out, _ = augment.augment_train_clip(clip, np.random.default_rng(0), options)
-    top, left, h, w = augment.sample_crop_box(
-        np.random.default_rng(0), 64, 64, options.scale, options.ratio
-    )
-    expected = cv2.resize(
-        clip[0, top : top + h, left : left + w], (32, 32), interpolation=cv2.INTER_LINEAR
-    )
-    np.testing.assert_array_equal(out[0], expected)
+    sides = set()
+    for seed in range(6):
+        out, _ = augment.augment_train_clip(clip, np.random.default_rng(seed), options)
+        top, left, h, w = augment.sample_crop_box(
+            np.random.default_rng(seed), 64, 64, options.scale, options.ratio
+        )
+        sides.update(("up" if side < 32 else "down") for side in (h, w))
+        crop = clip[0, top : top + h, left : left + w]
+        expected = cv2.resize(crop, (32, 32), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(out[0], expected)
+        # the reference's resize: torch bilinear (align_corners=False) on the crop, within
+        # the rounding of 8-bit arithmetic
+        reference = torch.nn.functional.interpolate(
+            torch.from_numpy(crop.astype(np.float32)).permute(2, 0, 1)[None],
+            size=(32, 32),
+            mode="bilinear",
+            align_corners=False,
+        )[0].permute(1, 2, 0)
+        assert np.abs(out[0].astype(np.float32) - reference.numpy()).max() <= 1.0
+    assert sides == {"up", "down"}  # enlarged and shrunk crops both
 
 
 def _quadrant_clip(h=8, w=12):
