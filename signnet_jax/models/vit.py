@@ -314,7 +314,8 @@ class Attention(nnx.Module):
         if self.cos_attn:
             q = _l2_normalize(q)
             k = _l2_normalize(k)
-            logit_scale = jnp.exp(jnp.minimum(self.scale[...], np.log(100.0)))
+            # VideoMAEv2's literal clamp (about log 100: a temperature of at least 0.01)
+            logit_scale = jnp.exp(jnp.minimum(self.scale[...], 4.6052))
             q = q * logit_scale.reshape(1, 1, self.num_heads, 1).astype(q.dtype)
             scale = 1.0
         else:

@@ -6,8 +6,6 @@ indistinguishable from real VideoMAEv2 files for the converter.
 Inputs are (B, C, T, H, W), as in PyTorch.
 """
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,7 +60,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.cos_attn:
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-            attn = attn * torch.clamp(self.scale, max=math.log(100.0)).exp()
+            attn = attn * torch.clamp(self.scale, max=4.6052).exp()  # VideoMAEv2's literal
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
