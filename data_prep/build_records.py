@@ -947,6 +947,13 @@ def make_parser() -> argparse.ArgumentParser:
         "gloss a line); required for csv (default: for nslt files the wlasl_class_list.txt "
         "beside them, for asl_citizen the sorted glosses of train.csv)",
     )
+    p.add_argument(
+        "--num-glosses",
+        type=int,
+        metavar="K",
+        help="WLASL-K from WLASL_v0.3.json: keep its first K glosses and their videos (e.g. "
+        "100 for WLASL100; nslt_K.json files hold their K already)",
+    )
     cores = os.cpu_count() or 1
     p.add_argument(
         "--workers", type=parse_workers, default=cores,
@@ -1095,7 +1102,9 @@ def main(
         values = {f.name: getattr(args, f.name) for f in _hht_settings_fields()}
         values["quadrants"] = parse_quadrants(args.quadrants)
         settings = HHTSettings(**values)
-        manifest = manifests.load_manifest(args.dataset, args.split_file, args.class_list)
+        manifest = manifests.load_manifest(
+            args.dataset, args.split_file, args.class_list, args.num_glosses
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

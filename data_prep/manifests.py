@@ -187,7 +187,9 @@ def _load_json(path: str) -> object:
 
 
 def load_wlasl(
-    split_file: str | os.PathLike, class_list: str | os.PathLike | None = None
+    split_file: str | os.PathLike,
+    class_list: str | os.PathLike | None = None,
+    num_glosses: int | None = None,
 ) -> Manifest:
     """Reads WLASL_v0.3.json or an nslt_*.json split file.
 
@@ -195,6 +197,7 @@ def load_wlasl(
       split_file: `WLASL_v0.3.json` (list of glosses) or `nslt_K.json` (dict of video ids).
       class_list: for nslt files, `wlasl_class_list.txt`; defaults to the one beside the
         split file. Refused for WLASL_v0.3.json, whose gloss order defines the classes.
+      num_glosses: WLASL-K from WLASL_v0.3.json: its first K glosses (all by default).
 
     Returns:
       The manifest; for nslt_K.json the classes are the first K of the class list.
@@ -207,7 +210,19 @@ def load_wlasl(
                 f"{split_file}: a WLASL_v0.3.json's classes are its glosses in file order; "
                 f"drop --class-list {class_list}"
             )
+        if num_glosses is not None:
+            if not 1 <= num_glosses <= len(data):
+                raise ValueError(
+                    f"--num-glosses {num_glosses}: {split_file} has {len(data)} glosses; give "
+                    f"1 to {len(data)} (WLASL-K is its first K glosses)"
+                )
+            data = data[:num_glosses]
         return _load_wlasl_v03(split_file, data)
+    if num_glosses is not None:
+        raise ValueError(
+            f"--num-glosses applies to WLASL_v0.3.json; {split_file} is an nslt split file, "
+            "whose K glosses are set already (nslt_100.json is WLASL100): drop --num-glosses"
+        )
     if isinstance(data, dict):
         return _load_nslt(split_file, data, class_list)
     raise ValueError(f"{split_file}: expected WLASL_v0.3.json (a list) or nslt_*.json (a dict)")
@@ -408,6 +423,7 @@ def load_manifest(
     dataset: str,
     split_files: Sequence[str | os.PathLike],
     class_list: str | os.PathLike | None = None,
+    num_glosses: int | None = None,
 ) -> Manifest:
     """Reads the split files of a dataset.
 
@@ -415,6 +431,7 @@ def load_manifest(
       dataset: "wlasl", "csv" or "asl_citizen".
       split_files: the split file(s); for wlasl exactly one JSON.
       class_list: class list file (see the loaders).
+      num_glosses: wlasl from WLASL_v0.3.json only: keep its first K glosses (WLASL-K).
 
     Returns:
       The manifest.
@@ -428,7 +445,11 @@ def load_manifest(
             raise ValueError(
                 "--dataset wlasl takes one --split-file (WLASL_v0.3.json or nslt_K.json)"
             )
-        manifest = load_wlasl(split_files[0], class_list)
+        manifest = load_wlasl(split_files[0], class_list, num_glosses)
+    elif num_glosses is not None:
+        raise ValueError(
+            f"--num-glosses applies to --dataset wlasl (WLASL_v0.3.json), not {dataset}"
+        )
     elif dataset == "csv":
         manifest = load_csv(split_files, class_list)
     elif dataset == "asl_citizen":

@@ -196,6 +196,17 @@ def test_end_to_end_real_hht(built, dataset, sign_sample):
         assert err.mean() < 3.0, f"{vid}: JPEG q90 error {err.mean():.2f} too large"
 
 
+def test_wlasl_k_from_v03_keeps_the_first_k_glosses_and_their_videos(dataset, tmp_path):
+    out = tmp_path / "wlasl1"
+    args = _cli(dataset, out, "--num-glosses", "1", "--workers", "0")
+    args[args.index("--max-failure-fraction") + 1] = "1"  # 00004 and 00005 fail
+    assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
+    info = records.load_dataset_info(out)
+    assert info["classes"] == ["hello"]
+    assert {k: v["num_records"] for k, v in info["splits"].items()} == {"train": 1}
+    assert records.RecordSource(out, "train")[0]["video_id"] == [b"00001"]
+
+
 def test_record_features_have_the_kinds_of_the_design_table(tmp_path):
     # Readers (tf.data's parse_example among them) type each feature by its kind: a label
     # written as a float, or boxes as ints, would be another record format.

@@ -127,6 +127,37 @@ def test_wlasl_v03_spans_and_classes(tmp_path):
     ]  # fmt: skip
 
 
+def test_wlasl_k_is_the_first_k_glosses_of_v03(tmp_path):
+    path = tmp_path / "WLASL_v0.3.json"
+    path.write_text(json.dumps(_v03()))
+    m = manifests.load_manifest("wlasl", [path], num_glosses=2)
+    assert m.classes == ["book", "drink"]
+    assert [(e.split, e.video_id, e.label) for e in m.entries] == [
+        ("train", "69241", 0), ("test", "65225", 0), ("val", "69302", 1)
+    ]  # fmt: skip
+    assert manifests.load_manifest("wlasl", [path], num_glosses=3).classes == m.classes + ["all"]
+    for k in (0, 4):
+        with pytest.raises(ValueError) as e:
+            manifests.load_manifest("wlasl", [path], num_glosses=k)
+        assert str(e.value) == (
+            f"--num-glosses {k}: {path} has 3 glosses; give 1 to 3 (WLASL-K is its first K glosses)"
+        )
+    # nslt_K.json files are WLASL-K already; the CSV formats have no gloss order to cut
+    nslt = tmp_path / "nslt_1.json"
+    nslt.write_text(json.dumps({"69241": {"subset": "train", "action": [0, 1, 10]}}))
+    (tmp_path / "wlasl_class_list.txt").write_text("0\tbook\n")
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("wlasl", [nslt], num_glosses=1)
+    assert str(e.value) == (
+        f"--num-glosses applies to WLASL_v0.3.json; {nslt} is an nslt split file, whose K "
+        "glosses are set already (nslt_100.json is WLASL100): drop --num-glosses"
+    )
+    (tmp_path / "train.csv").write_text("a.mp4 0\n")
+    with pytest.raises(ValueError) as e:
+        manifests.load_manifest("csv", [tmp_path / "train.csv"], nslt, num_glosses=1)
+    assert str(e.value) == "--num-glosses applies to --dataset wlasl (WLASL_v0.3.json), not csv"
+
+
 def test_wlasl_v03_youtube_spans_to_the_end_use_the_whole_file(tmp_path):
     url = "https://www.youtube.com/watch?v=F5J1dMXxMGY"
     data = [
