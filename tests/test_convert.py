@@ -733,7 +733,7 @@ def test_giant_checkpoint_is_recognised_by_its_patch_14_embedding(monkeypatch):
     # against the PyTorch reference at patch 14
     small = dict(embed_dim=64, depth=2, num_heads=4, mlp_dim=128, patch_size=14)
     monkeypatch.setitem(vit.PRESETS, "g", small)
-    tm = torch_vit.make("g_shrunk", CLASSES, num_frames=FRAMES, img_size=28, patch=14, seed=3)
+    tm = torch_vit.make("g", CLASSES, FRAMES, 28, seed=3, dims=(64, 2, 4, 128), patch=14)
     source = convert.Source(torch_state(tm), "videomae_v2", False, [])
     assert source.state["patch_embed.proj.weight"].shape == (64, 3, 2, 14, 14)
     cfg, params, report = convert.to_flax(source, "vit_giant_patch14_224", FRAMES, CLASSES, 28)

@@ -156,17 +156,18 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x))
 
 
-PRESETS = {
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
-    "g_shrunk": (64, 2, 4, 128),  # the giant's blocks, narrow and shallow (it takes patch=14)
-}
+PRESETS = {"S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072)}
 
 
-def make(preset, num_classes, num_frames=16, img_size=224, seed=0, **kw) -> VisionTransformer:
-    """A reference model with random (non-trivial) weights, biases and norms included."""
+def make(
+    preset, num_classes, num_frames=16, img_size=224, seed=0, dims=None, **kw
+) -> VisionTransformer:
+    """A reference model with random (non-trivial) weights, biases and norms included.
+
+    ``dims``: (width, depth, heads, mlp width) in place of the preset's (e.g. a giant shrunk).
+    """
     torch.manual_seed(seed)
-    dim, depth, heads, mlp = PRESETS[preset]
+    dim, depth, heads, mlp = dims or PRESETS[preset]
     model = VisionTransformer(num_classes, dim, depth, heads, mlp, num_frames, img_size, **kw)
     with torch.no_grad():
         for name, p in model.named_parameters():
