@@ -223,11 +223,28 @@ def _tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
+def test_throughput_and_mfu_are_logged_from_the_analytic_flops_and_the_step_erases_then_mixes(
     records, tmp_path, monkeypatch, capsys
 ):
+    from signnet_jax.data import device as device_module
     from signnet_jax.models.flops import forward_flops
 
+    # as the original: random erasing is part of each clip's augmentation (its dataset), and
+    # mixup / cutmix mixes the erased clips (its training loop); traced once, so the wrappers
+    # see the step's data flow
+    calls = []
+    erase, mix = device_module.normalize_and_erase, optim.mixup_cutmix
+
+    def erasing(clip, box, key):
+        calls.append(("erase", erased := erase(clip, box, key)))
+        return erased
+
+    def mixing(key, x, labels, *args):
+        calls.append(("mix", x))
+        return mix(key, x, labels, *args)
+
+    monkeypatch.setattr(device_module, "normalize_and_erase", erasing)
+    monkeypatch.setattr(optim, "mixup_cutmix", mixing)
     peak_per_device = 1e9
     # the peak of the run's compute dtype (the tiny config's float32: bfloat16's by convention)
     monkeypatch.setattr(
@@ -247,29 +264,6 @@ def test_throughput_and_mfu_are_logged_from_the_analytic_flops(
         mfu = tb["train/mfu"][step]
         np.testing.assert_allclose(mfu, tflops * 1e12 / (peak_per_device * 8), rtol=1e-5)
         assert f"MFU {mfu:.1%}" in logged[step - 1]
-
-
-def test_the_step_erases_before_it_mixes(records, tmp_path, monkeypatch):
-    # as the original: random erasing is part of each clip's augmentation (its dataset), and
-    # mixup / cutmix mixes the erased clips (its training loop); traced once, so the wrappers
-    # see the step's data flow
-    from signnet_jax.data import device as device_module
-
-    calls = []
-    erase, mix = device_module.normalize_and_erase, optim.mixup_cutmix
-
-    def erasing(clip, box, key):
-        calls.append(("erase", erased := erase(clip, box, key)))
-        return erased
-
-    def mixing(key, x, labels, *args):
-        calls.append(("mix", x))
-        return mix(key, x, labels, *args)
-
-    monkeypatch.setattr(device_module, "normalize_and_erase", erasing)
-    monkeypatch.setattr(optim, "mixup_cutmix", mixing)
-    c = tiny_config(records, **{"train.max_steps": 1, "val_split": "", "test_split": ""})
-    train.train_and_evaluate(c, tmp_path)
     assert [name for name, _ in calls] == ["erase", "mix"]
     assert calls[1][1] is calls[0][1]  # the mixing takes the erased clips themselves
 
