@@ -361,8 +361,14 @@ def _read_meta(mngr: ocp.CheckpointManager, directory: pathlib.Path, step: int) 
     try:
         return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     except KeyError as e:
-        if not any((directory / str(step) / item).is_dir() for item in (PARAMS, EMA)):
-            # another program's orbax checkpoint
+        # ours when its other folders or another step's metadata say so; else another
+        # program's orbax checkpoint (which may well hold "params" too)
+        here = directory / str(step)
+        if not (
+            (here / DATA).is_dir()
+            or (here / EMA).is_dir()
+            or any((directory / str(s) / META).is_dir() for s in checkpoint_steps(directory))
+        ):
             raise CheckpointError(f"{directory} step {step} is not a model checkpoint: {e}") from e
         # the weights are there, what they are is not
         gone = FileNotFoundError(f"its {META} folder is missing")

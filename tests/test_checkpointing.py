@@ -403,7 +403,10 @@ def _cut_short(path: pathlib.Path) -> None:
         "data_missing",
     ],
 )
-def test_a_damaged_step_is_named_by_every_reader(damage, reason, readers, tmp_path):
+def test_a_damaged_step_is_named_by_every_reader(damage, reason, readers, tmp_path, monkeypatch):
+    registered = []  # the close of orbax's abandoned reads at exit, after a damaged read
+    monkeypatch.setattr(checkpointing.atexit, "register", registered.append)
+    monkeypatch.setattr(checkpointing._close_abandoned_reads, "registered", False)
     rng = np.random.default_rng(0)  # values that do not compress to nothing
     states = {}
     ckpt = checkpointing.TrainCheckpointer(tmp_path, keep=2)
@@ -438,6 +441,22 @@ def test_a_damaged_step_is_named_by_every_reader(damage, reason, readers, tmp_pa
     restored = ckpt.restore(1, abstract)[0]  # the step before is good
     np.testing.assert_array_equal(restored["ema"]["w"], states[1]["ema"]["w"])
     ckpt.close()
+    # registered once where orbax read and failed (not where a folder was found missing first)
+    read_failed = "folder" not in reason
+    assert registered == ([checkpointing._close_abandoned_reads] if read_failed else [])
+
+
+def test_another_programs_orbax_checkpoint_is_not_called_damaged(tmp_path):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path) as manager:  # "params" alone, as many programs save
+        for step in (100, 200):
+            params = {"w": np.full(3, step, np.float32)}
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    for reader in (checkpointing.load_model, checkpointing.load_meta):
+        with pytest.raises(checkpointing.CheckpointError) as e:
+            reader(tmp_path)
+        assert str(e.value).startswith(f"{tmp_path} step 200 is not a model checkpoint: ")
 
 
 def test_reads_orbax_abandoned_are_not_reported_as_they_are_collected():

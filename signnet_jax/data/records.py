@@ -562,6 +562,7 @@ def missing_files(records_dir: str | os.PathLike, info: dict, splits) -> list[st
     try:  # one listing a folder rather than a request a file
         there = set()
         for folder in {name(p).rsplit("/", 1)[0] for p in paths}:
+            fs.invalidate_cache(folder)  # gcsfs keeps listings for the process: a copy since
             try:
                 there.update(map(name, fs.ls(folder, detail=False)))
             except FileNotFoundError:

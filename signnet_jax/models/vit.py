@@ -43,6 +43,9 @@ PRESET_ALIASES = {
 }
 
 LN_EPS = 1e-6
+# cosine attention's clamp of its log logit scale: VideoMAEv2's literal (about log 100, a
+# temperature of at least 0.01)
+MAX_LOG_LOGIT_SCALE = 4.6052
 ATTENTION = ("auto", "dot_product_attention", "cudnn", "splash", "explicit")
 # compute dtypes: float16 is for GPUs whose tensor cores have no bfloat16 (T4, V100); training
 # in it scales the loss (optim.LossScaleConfig)
@@ -314,8 +317,7 @@ class Attention(nnx.Module):
         if self.cos_attn:
             q = _l2_normalize(q)
             k = _l2_normalize(k)
-            # VideoMAEv2's literal clamp (about log 100: a temperature of at least 0.01)
-            logit_scale = jnp.exp(jnp.minimum(self.scale[...], 4.6052))
+            logit_scale = jnp.exp(jnp.minimum(self.scale[...], MAX_LOG_LOGIT_SCALE))
             q = q * logit_scale.reshape(1, 1, self.num_heads, 1).astype(q.dtype)
             scale = 1.0
         else:

@@ -281,6 +281,17 @@ def test_missing_files_of_a_remote_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(fs, "info", lambda *a, **k: calls.append("info") or lookup(*a, **k))
     assert records.missing_files(root, info, ["train"]) == expected
     assert calls == ["ls"]
+    # a listing kept from before (gcsfs keeps them for the process) is not trusted: the folder
+    # copied again in a notebook's kernel is looked at anew
+    invalidated = []
+    monkeypatch.setattr(fs, "invalidate_cache", invalidated.append)
+    fs.pipe(f"{root}/train-1.tfrecord", b"x")
+    fs.pipe(f"{root}/train-1.tfrecord.index", b"x")
+    assert records.missing_files(root, info, ["train"]) == []
+    assert invalidated == ["/bucket/missing_files"]
+    for name in ("train-1.tfrecord", "train-1.tfrecord.index"):
+        fs.rm(f"{root}/{name}")
+    calls.clear()
     assert records.missing_files(root, info, ["test"]) == [f"{root}/test-0.tfrecord.index"]
     assert records.missing_files(root + "/nowhere", info, ["test"]) == [
         f"{root}/nowhere/test-0.tfrecord",

@@ -55,6 +55,9 @@ def test_layer_scale_cosine_attention_and_learned_positions_match_pytorch():
                 p[:3] = torch.tensor([5.0, 7.0, 9.0])[:, None, None]
     model = flax_twin(tmodel, "S", 5, 4, 32)
     assert model.cfg.cos_attn and model.cfg.init_values > 0 and model.cfg.learned_pos_emb
+    # the clamp's value itself: 4.6052 as written in VideoMAEv2, not log(100) = 4.605170...,
+    # a difference the logits cannot show
+    assert vit.MAX_LOG_LOGIT_SCALE == 4.6052
     clip = random_clip(3, 4, 32, seed=4)
     assert rel_err(model(jnp.asarray(clip)), torch_logits(tmodel, clip)) <= 1e-5
 
