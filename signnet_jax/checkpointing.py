@@ -561,7 +561,10 @@ class TrainCheckpointer:
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_state.items()}
         items[DATA] = ocp.args.JsonRestore()
         items[META] = ocp.args.JsonRestore()
-        saved = {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()}
+        folder = self.directory / str(step)
+        if not folder.is_dir():  # removed since the steps were listed
+            raise unreadable_step(self.directory, step, FileNotFoundError(f"{folder} is gone"))
+        saved = {p.name for p in folder.iterdir() if p.is_dir()}
         gone = sorted({*abstract_state, DATA, META} - saved)
         if gone:  # the run's settings are checked before: the step lacks what it saved
             folders = " and ".join(gone) + (" folders are" if len(gone) > 1 else " folder is")
