@@ -157,8 +157,12 @@ def _abandoned_io_hook(previous):
             str(unraisable.exc_value) == "Event loop is closed"
         ):
             return
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and "orbax" in code.co_filename and _damage(unraisable.exc_value):
+        obj = unraisable.object  # (getattr could run an object's __getattr__: type only)
+        if (
+            type(obj) is types.CoroutineType
+            and "orbax" in obj.cr_code.co_filename
+            and _damage(unraisable.exc_value)
+        ):
             return
         previous(unraisable)
 
@@ -413,7 +417,7 @@ def load_model(
         stored = mngr.item_metadata(step)
         # a run that kept an EMA saved it beside the raw weights; one without it would
         # quietly give the weights training did not validate
-        kept_ema = meta.get("config", {}).get("optim", {}).get("ema_decay", 0) > 0
+        kept_ema = ((meta.get("config") or {}).get("optim") or {}).get("ema_decay", 0) > 0
         item = EMA if kept_ema or stored.get(EMA) is not None else PARAMS
         if stored.get(item) is None:  # the metadata is there, the weights are not
             gone = FileNotFoundError(f"its {item} folder is missing")

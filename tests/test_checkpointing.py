@@ -479,11 +479,17 @@ def test_reads_orbax_abandoned_are_not_reported_as_they_are_collected():
         (orbax_read, Exception("another failure"), True),  # not damage: reported
         (own_read, damaged, True),  # not orbax's: reported
     ]
+
+    class Composite:  # as orbax's: any attribute is looked up as an item
+        def __getattr__(self, name):
+            raise KeyError(f"Unknown key: {name}")
+
+    cases.append((Composite(), damaged, True))  # passed on, the hook itself not failing
     for obj, error, shown in cases:
         unraisable = types.SimpleNamespace(exc_value=error, object=obj)
         hook(unraisable)
         assert (reported[-1:] == [unraisable]) == shown, (obj, error)
-    assert len(reported) == 2
+    assert len(reported) == 3
     orbax_read.close()
     own_read.close()
 
