@@ -952,7 +952,7 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="K",
         help="WLASL-K from WLASL_v0.3.json: keep its first K glosses and their videos (e.g. "
-        "100 for WLASL100; nslt_K.json files hold their K already)",
+        "100 for WLASL100; nslt_K.json files hold their K already) (default: all of them)",
     )
     cores = os.cpu_count() or 1
     p.add_argument(

@@ -1135,7 +1135,7 @@ def test_help_states_every_options_default():
 
     parser = build_records.make_parser()
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert len(options) == 10 + len(dataclasses.fields(HHTSettings))
+    assert len(options) == 11 + len(dataclasses.fields(HHTSettings))
     for action in options:
         name = action.option_strings[0]
         if action.required:
@@ -1147,6 +1147,7 @@ def test_help_states_every_options_default():
     assert "--faithful, --no-faithful default off" in text
     assert "--gate-hands, --no-gate-hands default on" in text
     assert "--size SIZE default 256" in text
+    assert "nslt_K.json files hold their K already) (default: all of them)" in text
     assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
     assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text
 
