@@ -165,8 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: --preview {preview} must end in .png", file=sys.stderr)
         return 2
     # checked before the work: a bad output path must not cost the whole run; a missing folder
-    # is made only when its file is written, so a run that fails leaves none (and removes
-    # none another run is about to write in)
+    # is made only when its file is written, so a run that fails before it leaves none (and
+    # removes none another run is about to write in)
     outputs = [(flag, path) for flag, path in (("--output", output), ("--preview", preview))]
     for flag, path in outputs:
         if path is None:

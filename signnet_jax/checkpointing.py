@@ -149,6 +149,12 @@ _NO_SPACE = "No space left on device"
 _ABANDONED_IO = _AbandonedIO()
 
 
+def _orbax_coroutine(obj: object) -> bool:
+    # by type alone: isinstance reads __class__ (some objects warn), getattr can run an
+    # object's own __getattr__ (orbax's Composite raises KeyError)
+    return type(obj) is types.CoroutineType and "orbax" in obj.cr_code.co_filename
+
+
 def _abandoned_io_hook(previous):
     def hook(unraisable) -> None:
         # the same abandoned reads finish after orbax closed their event loop, or are
@@ -157,12 +163,7 @@ def _abandoned_io_hook(previous):
             str(unraisable.exc_value) == "Event loop is closed"
         ):
             return
-        obj = unraisable.object  # (getattr could run an object's __getattr__: type only)
-        if (
-            type(obj) is types.CoroutineType
-            and "orbax" in obj.cr_code.co_filename
-            and _damage(unraisable.exc_value)
-        ):
+        if _orbax_coroutine(unraisable.object) and _damage(unraisable.exc_value):
             return
         previous(unraisable)
 
@@ -252,11 +253,7 @@ def _close_abandoned_reads() -> None:
     loop, are closed while the hook that keeps them quiet is in place (the interpreter's
     teardown would report each with its tensorstore spec)."""
     for obj in gc.get_objects():
-        if (
-            type(obj) is types.CoroutineType  # (isinstance reads __class__: some objects warn)
-            and "orbax" in obj.cr_code.co_filename
-            and obj.cr_frame is not None
-        ):
+        if _orbax_coroutine(obj) and obj.cr_frame is not None:
             try:
                 obj.close()
             except Exception:  # noqa: BLE001 - the read failed as the caller was told
@@ -557,8 +554,10 @@ class TrainCheckpointer:
 
     def saved_items(self, step: int) -> set[str]:
         """Names of the state trees saved at ``step`` (params, opt_state, ...)."""
-        folder = self.directory / str(step)
-        return {p.name for p in folder.iterdir() if p.is_dir()} - {DATA, META}
+        return self._folders(step) - {DATA, META}
+
+    def _folders(self, step: int) -> set[str]:
+        return {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()}
 
     def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict, dict, dict]:
         """Restore ``(state, data_state, meta)``; arrays land with the abstract tree's shardings."""
@@ -568,8 +567,7 @@ class TrainCheckpointer:
         folder = self.directory / str(step)
         if not folder.is_dir():  # removed since the steps were listed
             raise unreadable_step(self.directory, step, FileNotFoundError(f"{folder} is gone"))
-        saved = {p.name for p in folder.iterdir() if p.is_dir()}
-        gone = sorted({*abstract_state, DATA, META} - saved)
+        gone = sorted({*abstract_state, DATA, META} - self._folders(step))
         if gone:  # the run's settings are checked before: the step lacks what it saved
             folders = " and ".join(gone) + (" folders are" if len(gone) > 1 else " folder is")
             raise unreadable_step(self.directory, step, FileNotFoundError(f"its {folders} missing"))
