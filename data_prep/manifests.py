@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 
 DATASETS = ("wlasl", "csv", "asl_citizen")
@@ -104,8 +105,8 @@ def read_text(
 
     Raises:
       FileNotFoundError: nothing at `path`.
-      ValueError: a folder, not a regular file (a pipe), far too large, not UTF-8 text, or
-        unreadable.
+      ValueError: a folder, neither a file nor a pipe (a device), far too large, not UTF-8
+        text, or unreadable.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -125,16 +126,22 @@ def read_text(
         )
         more = f" ({len(inside)} such files there)" if len(inside) > 1 else ""
         raise ValueError(f"{what} {path} is a folder; {fix}{more}")
-    if os.path.exists(path) and not os.path.isfile(path):  # read twice: a pipe would be empty
-        raise ValueError(f"{what} {path} is not a regular file; save it to a file and give that")
+    # A pipe (a shell's <(curl ...)) is read as it comes; a device or socket is no text file.
+    if os.path.exists(path) and not (os.path.isfile(path) or stat.S_ISFIFO(os.stat(path).st_mode)):
+        raise ValueError(f"{what} {path} is neither a file nor a pipe; give the file itself")
     try:
-        size = os.path.getsize(path)
-        if size > MAX_TEXT_BYTES:
+        size = os.path.getsize(path)  # 0 for a pipe, whose size shows only as it is read
+        data = b""
+        if size <= MAX_TEXT_BYTES:
+            with open(path, "rb") as f:
+                data = f.read(MAX_TEXT_BYTES + 1)
+        if max(size, len(data)) > MAX_TEXT_BYTES:
+            size = f"{size / 2**20:.0f} MiB" if size else f"over {MAX_TEXT_BYTES >> 20} MiB"
             raise ValueError(
-                f"{what} {path} is {size / 2**20:.0f} MiB, too large for one (they are text of "
-                "a few MB): give the right file"
+                f"{what} {path} is {size}, too large for one (they are text of a few MB): give "
+                "the right file"
             )
-        with open(path, encoding=ENCODING, newline=newline) as f:
+        with io.TextIOWrapper(io.BytesIO(data), encoding=ENCODING, newline=newline) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found") from None
@@ -179,9 +186,17 @@ def load_class_list(path: str | os.PathLike, what: str = "class list") -> list[s
     return glosses
 
 
+def _read_split(path: str, newline: str | None = None) -> str:
+    """A split file's text, read once; refused when blank (0 bytes, blank lines, a BOM)."""
+    text = read_text(path, "split file", (".json", ".csv", ".txt"), newline)
+    if not text.strip():
+        raise ValueError(f"split file {path} is empty; {SPLIT_FIX}")
+    return text
+
+
 def _load_json(path: str) -> object:
     try:
-        return json.loads(read_text(path, "split file"))
+        return json.loads(_read_split(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
@@ -329,7 +344,7 @@ def load_csv(
     entries = []
     for split_file in map(os.fspath, split_files):
         split = _split_name(split_file)
-        for lineno, line in enumerate(read_text(split_file, "split file").split("\n"), 1):
+        for lineno, line in enumerate(_read_split(split_file).split("\n"), 1):
             if not line.strip():
                 continue
             parts = line.strip().rsplit(maxsplit=1)
@@ -352,7 +367,7 @@ ASL_CITIZEN_COLUMNS = ("Participant ID", "Video file", "Gloss", "ASL-LEX Code")
 
 
 def _read_asl_citizen(path: str) -> list[tuple[int, str, str]]:
-    text = read_text(path, "split file", newline="")
+    text = _read_split(path, newline="")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames:  # "Video file , Gloss": spaces around names are not part of them
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
@@ -436,10 +451,6 @@ def load_manifest(
     Returns:
       The manifest.
     """
-    for p in split_files:
-        # 0 bytes, blank lines, a byte order mark
-        if not read_text(p, "split file", (".json", ".csv", ".txt")).strip():
-            raise ValueError(f"split file {p} is empty; {SPLIT_FIX}")
     if dataset == "wlasl":
         if len(split_files) != 1:
             raise ValueError(

@@ -2,6 +2,8 @@
 
 import collections
 import json
+import os
+import threading
 
 import pytest
 
@@ -362,9 +364,46 @@ def test_a_split_file_without_entries_is_named_not_dropped(tmp_path):
         assert str(e.value) == f"split file {tmp_path / name} {what}; {FIX}"
 
 
-def test_split_files_line_endings_and_files_that_are_not_split_files(tmp_path, monkeypatch):
-    import os
+def _through_pipe(pipe, data, class_list):
+    """load_manifest("csv") of a named pipe another thread writes `data` into.
 
+    Reader and writer run in threads of their own, so a pipe never opened, or opened a second
+    time (which waits for a writer forever), fails the test instead of hanging it.
+    """
+    os.mkfifo(pipe)
+    result = {}
+
+    def load():
+        try:
+            result["manifest"] = manifests.load_manifest("csv", [pipe], class_list)
+        except Exception as e:
+            result["error"] = e
+
+    def write():
+        with open(pipe, "wb") as f:
+            try:
+                f.write(data)
+            except BrokenPipeError:  # the reader stopped at the size limit
+                pass
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (load, write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    reader, writer = threads
+    if writer.is_alive():  # never opened: let the writer through
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+    if reader.is_alive():  # waiting for a writer again: let it read nothing
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    assert not reader.is_alive(), f"{pipe} was opened a second time after it was read"
+    os.remove(pipe)
+    if "error" in result:
+        raise result["error"]
+    return result["manifest"]
+
+
+def test_split_files_line_endings_and_files_that_are_not_split_files(tmp_path, monkeypatch):
     (tmp_path / "classes.txt").write_bytes(b"apple\r\nbook\rcar\n")  # Windows, old Mac, Unix
     # a line ends at \n, \r\n or \r only: a path may hold other separators (\u2028, \f)
     (tmp_path / "train.csv").write_text("we\u2028ird.mp4 0\r\nform\ffeed.mp4 2\n", newline="")
@@ -373,13 +412,16 @@ def test_split_files_line_endings_and_files_that_are_not_split_files(tmp_path, m
         ("we\u2028ird.mp4", 0, "apple"),
         ("form\ffeed.mp4", 2, "car"),
     ]
-    # a pipe (a shell's <(...)) is read twice, the second time empty: refused up front
-    os.mkfifo(tmp_path / "pipe.csv")
+    # a pipe (a shell's <(curl ...)) is read once, as it comes
+    m = _through_pipe(tmp_path / "pipe.csv", b"a.mp4 1\nb.mp4 0\n", tmp_path / "classes.txt")
+    assert [(e.split, e.path, e.gloss) for e in m.entries] == [
+        ("pipe", "a.mp4", "book"),
+        ("pipe", "b.mp4", "apple"),
+    ]
+    # a device is no text file
     with pytest.raises(ValueError) as e:
-        manifests.load_manifest("csv", [tmp_path / "pipe.csv"], tmp_path / "classes.txt")
-    assert str(e.value) == (
-        f"split file {tmp_path / 'pipe.csv'} is not a regular file; save it to a file and give that"
-    )
+        manifests.load_manifest("csv", ["/dev/zero"], tmp_path / "classes.txt")
+    assert str(e.value) == "split file /dev/zero is neither a file nor a pipe; give the file itself"
     # a video given by mistake is refused by its size, not read into memory
     monkeypatch.setattr(manifests, "MAX_TEXT_BYTES", 1 << 20)
     (tmp_path / "clip.mp4").write_bytes(b"\0" * (3 << 20))
@@ -388,4 +430,11 @@ def test_split_files_line_endings_and_files_that_are_not_split_files(tmp_path, m
     assert str(e.value) == (
         f"split file {tmp_path / 'clip.mp4'} is 3 MiB, too large for one (they are text of a few "
         "MB): give the right file"
+    )
+    # a pipe shows its size only as it is read: the read stops just past the limit
+    with pytest.raises(ValueError) as e:
+        _through_pipe(tmp_path / "pipe.csv", b"x" * (3 << 20), tmp_path / "classes.txt")
+    assert str(e.value) == (
+        f"split file {tmp_path / 'pipe.csv'} is over 1 MiB, too large for one (they are text of "
+        "a few MB): give the right file"
     )
