@@ -1593,6 +1593,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t_last += val_seconds  # throughput counts steps only
             return val_metrics, stop
 
+        def keep_unvalidated(step: int) -> None:
+            """Save ``step`` unvalidated as its validation fails (a damaged val record, ...),
+            rather than lose the steps since the last save; the resumed run validates it."""
+            check_finite()
+            run = run_record() | {"val_pending": True}
+            _save(ckpt, step, state, step * batch, meta | {"run": run}, None)
+            ckpt.wait()
+            _log(
+                f"the validation of step {step} failed: step {step} is saved unvalidated, and "
+                "the same command validates it when it resumes"
+            )
+
         def stopped(step: int, stop: int) -> dict:
             """End the run at a stop whose step is saved: status 130 for Ctrl-C."""
             ckpt.wait()
@@ -1712,7 +1724,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 validate_now = config.val_split and (step % val_every == 0 or step == last_step)
                 stopping = stop if multi_host else preempt.requested
                 if validate_now and not stopping:
-                    val_metrics, stop = validate(step, stop)
+                    try:
+                        val_metrics, stop = validate(step, stop)
+                    except Exception:
+                        if not multi_host:  # several hosts save together, and others may not
+                            keep_unvalidated(step)
+                        raise
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
                 run = run_record()
                 if validate_now and val_metrics is None:

@@ -2780,6 +2780,47 @@ def test_a_skipped_validation_scores_even_the_only_checkpoint_and_runs_once(
     assert checkpointing.checkpoint_steps(ckpts) == [4, 5]
 
 
+def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_validates_it(
+    records, tmp_path, monkeypatch, capsys
+):
+    # steps 5-8 were trained and lost when step 8's validation met a damaged val record: the
+    # step was saved only after its validation
+    from signnet_jax import evaluate
+
+    kw = {"test_split": "", "train.val_every_epochs": 1, "train.checkpoint_every_steps": 100}
+    whole = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "whole")
+    assert [s for s, _ in whole["val_top1"]] == [4, 8, 12]
+    capsys.readouterr()
+    real, calls = evaluate.evaluate_split, []
+
+    def fails_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise train.TrainingError("shard val-00000: record 3 fails its checksum")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_split", fails_the_second)
+    c = tiny_config(records, **kw)
+    w = tmp_path / "w"
+    with pytest.raises(train.TrainingError, match="^shard val-00000: record 3 fails its checksum$"):
+        train.train_and_evaluate(c, w)
+    assert (
+        "the validation of step 8 failed: step 8 is saved unvalidated, and the same command "
+        "validates it when it resumes"
+    ) in capsys.readouterr().out
+    ckpts = w / "checkpoints"
+    assert checkpointing.checkpoint_steps(ckpts) == [4, 8]
+    assert checkpointing.load_meta(ckpts, 8)["run"]["val_pending"] is True
+
+    monkeypatch.setattr(evaluate, "evaluate_split", real)  # the record mended
+    resumed = train.train_and_evaluate(c, w)
+    out = capsys.readouterr().out
+    assert "resuming from step 8" in out
+    assert "validating step 8, whose validation the last stop skipped" in out
+    assert resumed["val_top1"] == whole["val_top1"]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(w), _final_params(tmp_path / "whole"))
+
+
 def test_sigterm_in_the_final_test_stops_it_and_the_same_command_runs_it_again(
     records, tmp_path, monkeypatch, capsys
 ):
