@@ -382,8 +382,25 @@ def eval_folder_name(
     return f"{path.parent.name if path.name == 'checkpoints' else path.name}_{name}"
 
 
-def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dict) -> None:
-    """Refuses to replace a result of another checkpoint or protocol (same folder name)."""
+def _same_checkpoint(a: Any, b: str) -> bool:
+    """Whether two spellings of a checkpoint folder name the same one (local folders are
+    compared as resolved paths; a bucket's as written)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or "://" in a or "://" in b:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_same_result(
+    path: pathlib.Path, source: str, step: int, settings: dict, own: bool
+) -> None:
+    """Refuses to replace a result of another checkpoint or protocol (same folder name).
+
+    ``own``: ``source`` is the workdir's own ``checkpoints/``, whose results are named with no
+    checkpoint (``step_N_...``): a result there is of this run's step however its path was
+    spelled, or after the run was copied or moved.
+    """
     from signnet_jax import train
 
     if not path.is_file():
@@ -393,7 +410,8 @@ def _check_same_result(path: pathlib.Path, source: str, step: int, settings: dic
     except (OSError, ValueError):
         return  # not a result of ours: replaced
     before = (old.get("checkpoint"), old.get("step"), old.get("protocol"))
-    if before != (source, step, settings):
+    same = own or _same_checkpoint(before[0], source)
+    if not same or before[1:] != (step, settings):
         raise train.TrainingError(
             f"{path.parent} holds the result of checkpoint {before[0]} step {before[1]} with "
             f"protocol {before[2]}, not of {source} step {step} with {settings}; move it "
@@ -506,7 +524,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for warning in setup.warnings:
         train._log(f"warning: {warning}")
     out = workdir_path / "eval" / eval_folder_name(source, step, own, config, other_views)
-    _check_same_result(out / "metrics.json", str(source), step, protocol(config))
+    _check_same_result(out / "metrics.json", str(source), step, protocol(config), own)
     with jax.set_mesh(setup.mesh):
         params = train.place_params(setup, config.seed)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)

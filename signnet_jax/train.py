@@ -75,18 +75,18 @@ def dataset_classes(config: ml_collections.ConfigDict) -> tuple[list[str], dict]
         augment.check_flip_layout(config.data.flip, info.get("hht_settings"), config.records_dir)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    for split in (config.train_split, config.val_split, config.test_split):
-        if split and not info["splits"].get(split, {}).get("num_records"):
+    # what the mode reads (eval mode: the test split alone); each host looks at its own copy,
+    # and a host that lacks files stops the others too
+    splits = (config.train_split, config.val_split, config.test_split)
+    used = [s for s in (splits if config.mode != "eval" else splits[2:]) if s]
+    for split in used:
+        if not info["splits"].get(split, {}).get("num_records"):
             counts = {k: v.get("num_records", 0) for k, v in sorted(info["splits"].items())}
             raise TrainingError(
                 f"records folder {config.records_dir} has no records in split {split!r} "
                 f"(records per split: {counts}); rebuild it, or set --config.train_split / "
                 "val_split / test_split ('' skips validation or the test)"
             )
-    # what the mode reads (eval mode: the test split alone); each host looks at its own copy,
-    # and a host that lacks files stops the others too
-    splits = (config.train_split, config.val_split, config.test_split)
-    used = [s for s in (splits if config.mode != "eval" else splits[2:]) if s]
 
     def look_for_files() -> None:
         try:

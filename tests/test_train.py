@@ -111,7 +111,7 @@ def test_fsdp_really_shards_parameters(records):
     assert "pick a mesh.fsdp that divides 36" in odd.warnings[0]
 
 
-def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
+def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path, monkeypatch):
     result = train.train_and_evaluate(tiny_config(records), tmp_path)
     assert result["steps"] == 12  # 32 videos / 8 per step x 3 epochs
     test = result["test"]
@@ -174,6 +174,17 @@ def test_train_eval_cycle_writes_metrics_and_checkpoints(records, tmp_path):
     )):  # fmt: skip
         evaluate.evaluate(one, str(tmp_path))
     assert json.loads(old.read_text())["protocol"] == {"num_frames": 8}
+    # the run's own result, its workdir spelled otherwise or the run copied elsewhere: the same
+    # step and protocol, tested again in place (the path as written used to be compared)
+    monkeypatch.chdir(tmp_path.parent)
+    respelled = evaluate.evaluate(c, os.path.join(tmp_path.name, "..", tmp_path.name))
+    assert respelled["test"]["per_instance"] == test["per_instance"]
+    copy = tmp_path.parent / f"{tmp_path.name}_copy"
+    shutil.copytree(tmp_path, copy)
+    assert evaluate.evaluate(c, str(copy))["step"] == 12
+    assert json.loads((copy / "eval" / "step_12_test_3x1" / "metrics.json").read_text())[
+        "checkpoint"
+    ] == str(copy / "checkpoints")
 
 
 def test_checkpoints_give_the_ema_weights_and_eval_picks_the_step(records, tmp_path, capsys):
@@ -1433,6 +1444,28 @@ def test_a_split_without_records_is_named_with_the_counts(records, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_eval_mode_needs_the_test_split_alone(records, tmp_path):
+    # records built from test.csv alone, or a copy of the test shards alone: eval mode used to
+    # demand the train and val splits it never reads
+    classes = json.loads((records / "dataset_info.json").read_text())["classes"]
+    only_test = tmp_path / "only_test"
+    shutil.copytree(records, only_test)
+    info = json.loads((only_test / "dataset_info.json").read_text())
+    for split in ("train", "val"):
+        for shard in info["splits"].pop(split)["shards"]:
+            (only_test / shard["file"]).unlink()
+    (only_test / "dataset_info.json").write_text(json.dumps(info))
+    for mode in ("eval", "train"):
+        c = tiny_config(only_test, mode=mode, **{"smoke.enabled": False})
+        if mode == "eval":
+            assert train.dataset_classes(c)[0] == classes
+            continue
+        with pytest.raises(train.TrainingError, match=(
+            r"has no records in split 'train' \(records per split: \{'test': 8\}\)"
+        )):  # fmt: skip
+            train.dataset_classes(c)
+
+
 def _converted(tmp_path, preset_dims, classes):
     from signnet_jax.models import vit
 
@@ -1584,6 +1617,16 @@ def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path):
     )
     assert result["checkpoint"] == str(tmp_path / "run" / "checkpoints")
     assert [p.name for p in (tmp_path / "w" / "eval").iterdir()] == ["run_step_0_test_3x1"]
+    # the same init_from spelled otherwise is the same checkpoint; another of that name is not
+    respelled = os.path.join(tmp_path, "run", "..", "run")
+    evaluate_mode(tiny_config(records, mode="eval", init_from=respelled), tmp_path / "w")
+    other = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tmp_path / "run", other)
+    with pytest.raises(train.TrainingError, match=(
+        rf"holds the result of checkpoint {re.escape(os.path.join(respelled, 'checkpoints'))} "
+        rf"step 0 .*, not of {re.escape(str(other / 'checkpoints'))} step 0"
+    )):  # fmt: skip
+        evaluate_mode(tiny_config(records, mode="eval", init_from=str(other)), tmp_path / "w")
 
 
 def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
