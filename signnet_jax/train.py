@@ -1214,7 +1214,7 @@ _TRAIN_MINIMA = {
     "log_every": 1,
     "keep_checkpoints": 1,  # 0 would delete every checkpoint but the best one
     "checkpoint_every_steps": 0,
-    "val_every_epochs": 0,
+    "val_every_epochs": 1,  # 0 validated every epoch; val_split='' is the way to skip it
     "max_steps": 0,
     "profile_steps": 0,
     "profile_start": 0,
@@ -1476,7 +1476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             on_exit.callback(_close_writer, writer)
         meta = checkpoint_meta(setup, config)
         every_ckpt = config.train.checkpoint_every_steps or per_epoch
-        val_every = max(1, config.train.val_every_epochs) * per_epoch
+        val_every = config.train.val_every_epochs * per_epoch
         _log(
             f"training {_model_name(cfg)} on {len(setup.classes)} "
             f"classes: {num_train} videos, batch {batch}, {per_epoch} steps/epoch, "

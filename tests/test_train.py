@@ -2933,12 +2933,15 @@ def test_profile_traces_the_configured_steps(records, tmp_path, capsys):
 def test_counts_below_their_least_value_are_refused_before_anything_is_written(records, tmp_path):
     # keep_checkpoints=0 would delete every checkpoint it saved (a preemption's included);
     # log_every=0 failed with a ZeroDivisionError after the first step
+    # val_every_epochs=0 validated every epoch as 1 does
     bad = {"train.log_every": 0, "train.keep_checkpoints": 0, "train.checkpoint_every_steps": -2}
+    bad["train.val_every_epochs"] = 0
     with pytest.raises(train.TrainingError) as e:
         train.train_and_evaluate(tiny_config(records, **bad), tmp_path / "w")
     assert str(e.value) == (
         "train.log_every=0 (least 1), train.keep_checkpoints=0 (least 1), "
-        "train.checkpoint_every_steps=-2 (least 0): set them higher"
+        "train.checkpoint_every_steps=-2 (least 0), train.val_every_epochs=0 (least 1): set "
+        "them higher"
     )
     assert not (tmp_path / "w").exists()
 
