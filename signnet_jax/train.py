@@ -679,6 +679,21 @@ def jit_train_step(setup: Setup, config, tx, state_sh, spec: dict):
     return step_fn, abstract
 
 
+def step_key(seed: int, micro_step: jax.Array, accum: int) -> jax.Array:
+    """The device randomness (drop path, mixup, erasing noise) of micro-step ``micro_step``
+    (``update step * accum + micro-step within it``).
+
+    Keyed by the update step and the micro-step within it, so a run resumed with another
+    ``optim.grad_accum`` draws no key twice (the index alone repeats earlier ones); without
+    accumulation it is ``fold_in(key(seed), step)``, as it always was.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), micro_step // accum)
+    if accum == 1:
+        return key
+    a = micro_step % accum
+    return jax.lax.cond(a > 0, lambda k: jax.random.fold_in(k, a), lambda k: k, key)
+
+
 def make_train_step(setup: Setup, config, tx, num_classes: int):
     mix = optim.MixupConfig(
         mixup=config.loss.mixup,
@@ -696,7 +711,7 @@ def make_train_step(setup: Setup, config, tx, num_classes: int):
 
     def train_step(state, batch, micro_step):
         # made inside the step: no array is created before it is compiled for its devices
-        key = jax.random.fold_in(jax.random.key(seed), micro_step)
+        key = step_key(seed, micro_step, accum)
         k_drop, k_mix, k_erase = jax.random.split(key, 3)
         x = device.normalize_and_erase(batch["clip"], batch["erase_box"], k_erase)
         x, targets = optim.mixup_cutmix(k_mix, x, batch["label"], num_classes, mix)

@@ -681,6 +681,31 @@ def test_the_train_step_mixes_with_the_configs_loss_settings(monkeypatch, loss, 
     assert seen == [(5, expected)]
 
 
+def test_step_keys_never_repeat_when_a_run_changes_its_accumulation():
+    # the key was fold_in(key(seed), step * accum + a): steps 100-199 with accum 1 after steps
+    # 0-99 with accum 2 drew every key of micro-steps 100-199 a second time
+    import jax.numpy as jnp
+
+    key = jax.jit(train.step_key, static_argnums=(0, 2))
+    data = jax.random.key_data
+
+    def keys(steps, accum):
+        return [
+            tuple(np.asarray(data(key(7, jnp.int32(s * accum + a), accum))))
+            for s in steps
+            for a in range(accum)
+        ]
+
+    drawn = keys(range(100), 2) + keys(range(100, 150), 1) + keys(range(150, 200), 4)
+    assert len(set(drawn)) == len(drawn) == 200 + 50 + 200
+    # without accumulation (and for a step's first micro-step) the key is what it was, so
+    # runs keep their trajectories
+    assert keys(range(5), 1) == [tuple(np.asarray(data(jax.random.fold_in(jax.random.key(7), s))))
+                                 for s in range(5)]  # fmt: skip
+    assert keys([3], 2)[0] == keys([3], 1)[0] == keys([3], 4)[0]
+    assert keys([3], 2)[1] == keys([3], 4)[1] != keys([3], 4)[2]
+
+
 def test_gradient_accumulation_moves_params_and_ema_like_one_big_batch():
     """Two micro-batches of two clips = one step of four: parameters, EMA and gradient norm."""
     import jax.numpy as jnp
