@@ -151,13 +151,18 @@ def _torch_safe_globals() -> list:
     ]
 
 
-def _load_torch_file(path: pathlib.Path) -> Any:
+def _torch(needs: str) -> Any:
+    """The torch module; without it (optional for users who only run the model) an error
+    saying what ``needs`` it and how to install it."""
     try:
         import torch
-    except ImportError as e:  # torch is optional for users who only run the model
-        raise ConversionError(
-            f"reading {path} needs PyTorch: pip install 'signnet_jax[convert]'"
-        ) from e
+    except ImportError as e:
+        raise ConversionError(f"{needs} needs PyTorch: pip install 'signnet_jax[convert]'") from e
+    return torch
+
+
+def _load_torch_file(path: pathlib.Path) -> Any:
+    torch = _torch(f"reading {path}")
     import pickle
 
     with open(path, "rb") as f:
@@ -307,6 +312,13 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
             if inside
             else ""
         )
+        ours = [path, path / "checkpoints"] + ([path.parent] if path.name.isdigit() else [])
+        # a training run, its checkpoints/, a step of them: the other direction's input
+        if not inside and any(map(checkpointing.checkpoint_steps, ours)):
+            hint = (
+                ", a signnet_jax checkpoint (orbax); to write it as a PyTorch state dict, add "
+                "--to-pytorch and give --output FILE.pth"
+            )
         raise ConversionError(f"input checkpoint {path} is a folder{hint}")
     if not path.is_file():
         raise ConversionError(f"input checkpoint {path} does not exist")
@@ -699,7 +711,7 @@ def class_list_path(output: str | os.PathLike) -> pathlib.Path:
 
 def export_pytorch(
     checkpoint: str | os.PathLike, output: str | os.PathLike, step: int | str = "latest"
-) -> tuple[int, list[str] | None]:
+) -> tuple[int, list[str] | None, int]:
     """Write a signnet_jax checkpoint as a VideoMAEv2-named PyTorch state dict (.pth).
 
     A state dict holds tensors only, so the class names (which head row is which gloss) go
@@ -708,10 +720,10 @@ def export_pytorch(
     ``step``: 'latest', 'best' (highest validation top-1 of a training run) or a number.
 
     Returns:
-      The number of tensors written and the class names (None: the checkpoint has none).
+      The number of tensors written, the class names (None: the checkpoint has none) and
+      the step exported.
     """
-    import torch
-
+    torch = _torch(f"writing {output}, a PyTorch state dict,")
     output = checkpointing.local_path(output, write=True)
     if output.suffix.lower() not in (".pth", ".pt"):
         raise ConversionError(f"--output {output}: give a .pth (or .pt) file name")
@@ -720,7 +732,9 @@ def export_pytorch(
             raise ConversionError(f"output {path} already exists; choose a new path or delete it")
     _check_creatable(output)
     # a training workdir works as well as its checkpoints folder (as for predict)
-    params, meta = checkpointing.load_model(checkpointing.resolve_checkpoint(checkpoint), step)
+    checkpoint = checkpointing.resolve_checkpoint(checkpoint)
+    step = checkpointing.select_step(checkpoint, step)
+    params, meta = checkpointing.load_model(checkpoint, step)
     cfg = vit.ViTConfig.from_dict(meta["model"])
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_torch(params, cfg).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -750,7 +764,7 @@ def export_pytorch(
         raise
     finally:
         tmp.unlink(missing_ok=True)
-    return len(sd), classes
+    return len(sd), classes, step
 
 
 def _grid_arg(text: str) -> tuple[int, int, int]:
@@ -876,7 +890,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     before = files.stamp(output)
     try:
         if args.to_pytorch:
-            n, classes = export_pytorch(args.input, args.output, args.step)
+            n, classes, step = export_pytorch(args.input, args.output, args.step)
         else:
             names = read_class_list(args.class_list) if args.class_list else None
             hht = None if args.hht is None else hht_settings(args.hht)
@@ -906,7 +920,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             if classes
             else ""
         )
-        print(f"wrote {n} tensors to {args.output}{names}")
+        print(f"wrote {n} tensors of step {step} to {args.output}{names}")
         return 0
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)

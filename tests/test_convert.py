@@ -631,6 +631,33 @@ def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, 
     assert _run(*args, "--step", "0") == 0
     assert _run(*args[:-1], tmp_path / "y.pth", "--step", "3") == 1
     assert "has no step 3; it holds steps [0]" in capsys.readouterr().err
+    # the run, its checkpoints or a step given without --to-pytorch: the flag is named
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints", step):
+        assert _convert(given, tmp_path / "z") == 1
+        assert capsys.readouterr().err == (
+            f"error: input checkpoint {given} is a folder, a signnet_jax checkpoint (orbax); to "
+            "write it as a PyTorch state dict, add --to-pytorch and give --output FILE.pth\n"
+        )
+    assert not (tmp_path / "z").exists()
+
+
+def test_without_pytorch_both_directions_say_what_to_install(tmodel, tmp_path, capsys, monkeypatch):
+    # pip install -e . brings no torch: the export was a ModuleNotFoundError traceback
+    torch.save(tmodel.state_dict(), tmp_path / "s.pth")
+    assert _convert(tmp_path / "s.pth", tmp_path / "ckpt") == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert _convert(tmp_path / "s.pth", tmp_path / "again") == 1
+    assert capsys.readouterr().err == (
+        f"error: reading {tmp_path / 's.pth'} needs PyTorch: pip install 'signnet_jax[convert]'\n"
+    )
+    out = tmp_path / "back.pth"
+    assert _run("--to-pytorch", "--input", tmp_path / "ckpt", "--output", out) == 1
+    assert capsys.readouterr().err == (
+        f"error: writing {out}, a PyTorch state dict, needs PyTorch: pip install "
+        "'signnet_jax[convert]'\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "s.pth"]
 
 
 def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, capsys):
@@ -645,7 +672,7 @@ def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, c
     assert _run("--to-pytorch", "--input", tmp_path / "a", "--output", tmp_path / "b.pth") == 0
     side = tmp_path / "b.classes.txt"
     assert capsys.readouterr().out == (
-        f"wrote 162 tensors to {tmp_path / 'b.pth'} and the 5 class names to {side} "
+        f"wrote 162 tensors of step 0 to {tmp_path / 'b.pth'} and the 5 class names to {side} "
         "(give it to --class-list when converting back)\n"
     )
     assert side.read_text() == "0\tthank you\n1\t3 weeks\n2\tbook\n3\tdrink\n4\tcomputer\n"
@@ -662,7 +689,7 @@ def test_export_writes_the_class_names_beside_the_state_dict(tmodel, tmp_path, c
     assert _convert(tmp_path / "s.pth", tmp_path / "u") == 0
     capsys.readouterr()
     assert _run("--to-pytorch", "--input", tmp_path / "u", "--output", tmp_path / "u.pth") == 0
-    assert capsys.readouterr().out == f"wrote 162 tensors to {tmp_path / 'u.pth'}\n"
+    assert capsys.readouterr().out == f"wrote 162 tensors of step 0 to {tmp_path / 'u.pth'}\n"
     assert not (tmp_path / "u.classes.txt").exists()
 
 
