@@ -141,10 +141,11 @@ def _download_all(cache: pathlib.Path) -> None:
             try:
                 try:
                     urllib.request.urlretrieve(url, tmp)
-                except OSError as e:
+                except OSError as e:  # every file still missing, so one run tells them all
+                    urls = " ".join(MODEL_URLS[n] for n in _missing(cache))
                     raise FileNotFoundError(
-                        f"could not download {url} ({e}); download it by hand into {cache} "
-                        f"or pass --models DIR / set {ENV_VAR}"
+                        f"could not download {url} ({e}); download the missing files by hand "
+                        f"into {cache} ({urls}), or pass --models DIR / set {ENV_VAR}"
                     ) from e
                 check_model_file(pathlib.Path(tmp), name)
                 os.replace(tmp, target)

@@ -94,14 +94,27 @@ def test_a_bad_download_is_rejected_and_not_kept(cache, monkeypatch):
     assert not any(cache.iterdir())
 
 
-def test_a_failed_download_explains_the_offline_route(cache, monkeypatch):
+def test_a_failed_download_explains_the_offline_route(cache, stand_ins, monkeypatch):
     def offline(url, target):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
-    with pytest.raises(FileNotFoundError, match="network unreachable.*--models DIR"):
+    with pytest.raises(FileNotFoundError) as e:
         find_models()
+    # every missing file's address in one message (it used to name the first alone, so an
+    # offline user learnt them one run at a time)
+    first, urls = MODEL_URLS["hand_landmarker.task"], " ".join(MODEL_URLS.values())
+    assert str(e.value) == (
+        f"could not download {first} (network unreachable); download the missing files by hand "
+        f"into {cache} ({urls}), or pass --models DIR / set {ENV_VAR}"
+    )
     assert os.listdir(cache) == []
+    # the files there already are not asked for again
+    shutil.copy(stand_ins / "hand_landmarker.task", cache)
+    with pytest.raises(FileNotFoundError) as e:
+        find_models()
+    rest = [MODEL_URLS["pose_landmarker_full.task"], MODEL_URLS["blaze_face_short_range.tflite"]]
+    assert f"by hand into {cache} ({' '.join(rest)}), or" in str(e.value)
 
 
 def test_a_folder_that_does_not_exist_is_said_to_be_missing(tmp_path, monkeypatch):
