@@ -150,21 +150,31 @@ def _usage() -> str:
         "  --config.KEY=VALUE     any key of the config, e.g. --config.data.batch_size=32 "
         "--config.mode=eval",
     ]
-    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    if configs.is_dir():
+    if CONFIGS.is_dir():
         lines += ["", "configs:"]
-        for path in sorted(configs.glob("[!_]*.py")):
+        for path in sorted(CONFIGS.glob("[!_]*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             # the paragraph after the command line, to its first break
             paragraph = " ".join((doc.split("\n\n") + ["", ""])[1].split())
             what = re.split(r"[.;:] | \(", paragraph)[0]
-            lines.append(f"  configs/{path.name:<17} {what}")
+            lines.append(f"  {_shown(path):<25} {what}")
     lines += [
         "",
-        "Every key, its default and what it does: configs/wlasl2000.py (groups model, data, "
-        "optim, loss, mesh, train, distributed, smoke). README: Training and evaluation.",
+        f"Every key, its default and what it does: {_shown(CONFIGS / 'wlasl2000.py')} (groups "
+        "model, data, optim, loss, mesh, train, distributed, smoke). README: Training and "
+        "evaluation.",
     ]
     return "\n".join(lines)
+
+
+# the checkout's configs (an editable install runs from it)
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def _shown(path: pathlib.Path) -> str:
+    """``path`` as a command run here gives it: relative inside this folder, else absolute."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -227,10 +237,18 @@ def _config_file_error(error: Exception) -> None:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     lines = str(cause).strip().splitlines()
+    given = _config_arg()
+    # run from elsewhere, configs/NAME.py is the checkout's (its absolute path works anywhere)
+    ours = CONFIGS / pathlib.Path(given).name
+    example = ours if ours.is_file() and not os.path.isfile(given) else CONFIGS / "smoke.py"
+    fix = (
+        f"did you mean --config {_shown(example)}?"
+        if example == ours
+        else f"give a file from {_shown(CONFIGS)}{os.sep}, e.g. --config {_shown(example)}"
+    )
     _exit_usage(
-        f"--config {_config_arg()}: cannot load it as a config file ({type(cause).__name__}: "
-        f"{lines[-1].strip() if lines else ''}); give a file from configs/, e.g. "
-        "--config configs/smoke.py"
+        f"--config {given}: cannot load it as a config file ({type(cause).__name__}: "
+        f"{lines[-1].strip() if lines else ''}); {fix}"
     )
 
 

@@ -80,3 +80,27 @@ def test_help_lists_the_flags_the_configs_and_where_the_keys_are(flag):
     assert "  configs/wlasl2000.py      SignNet on WLASL2000" in lines
     assert any(line.startswith("  --config.KEY=VALUE ") for line in lines)
     assert lines[-1].startswith("Every key, its default and what it does: configs/wlasl2000.py")
+
+
+def test_run_from_another_folder_the_checkout_s_configs_are_shown_by_their_whole_path(tmp_path):
+    # `configs/NAME.py` names the checkout's configs only when run from the checkout: the
+    # message used to suggest that same failing path, and --help listed relative ones
+    def main(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "signnet_jax.main", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    r = main("--config", "configs/smoke.py", "--workdir", "w")
+    assert r.returncode == 2 and not (tmp_path / "w").exists()
+    assert r.stderr.startswith("error: --config configs/smoke.py: cannot load it as a config file")
+    assert r.stderr.endswith(f"; did you mean --config {REPO / 'configs' / 'smoke.py'}?\n")
+    r = main("--config", "mine.py", "--workdir", "w")
+    assert r.stderr.endswith(
+        f"; give a file from {REPO / 'configs'}/, e.g. --config {REPO / 'configs' / 'smoke.py'}\n"
+    )
+    lines = main("--help").stdout.splitlines()
+    assert f"  {REPO / 'configs' / 'smoke.py'} " in "\n".join(lines)
+    assert lines[-1].startswith(
+        f"Every key, its default and what it does: {REPO / 'configs' / 'wlasl2000.py'} "
+    )
