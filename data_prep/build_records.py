@@ -976,16 +976,21 @@ def make_parser() -> argparse.ArgumentParser:
         "cache ~/.cache/signnet_jax/mediapipe)",
     )
     group = p.add_argument_group("H&HT settings (see signnet_jax.hht.HHTSettings)")
+    from signnet_jax.hht.settings import LAYOUTS, field_help
+
+    # each setting's meaning: the first sentence of its HHTSettings docstring entry
+    meaning = {k: re.split(r"(?<=\.) ", v)[0].rstrip(".") for k, v in field_help().items()}
     for field in _hht_settings_fields():
         flag = "--" + field.name.replace("_", "-")
         default = field.default
+        what = meaning[field.name]
         if isinstance(default, bool):
             group.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=default,
                 dest=field.name,
-                help=f"default {'on' if default else 'off'}",
+                help=f"{what} (default {'on' if default else 'off'})",
             )
         elif field.name == "quadrants":  # parsed in main by parse_quadrants, as data_prep.hht
             shown = "".join(str(int(v)) for v in default)
@@ -993,8 +998,7 @@ def make_parser() -> argparse.ArgumentParser:
                 flag,
                 default=shown,
                 dest=field.name,
-                help="four 0/1 flags for frame, head, right hand, left hand, e.g. 1011 or "
-                f"1,0,1,1 (default {shown})",
+                help=f"{what}: four 0/1 flags, e.g. 1011 or 1,0,1,1 (default {shown})",
             )
         else:
             group.add_argument(
@@ -1002,7 +1006,8 @@ def make_parser() -> argparse.ArgumentParser:
                 type=type(default),
                 default=default,
                 dest=field.name,
-                help=f"default {default}",
+                choices=LAYOUTS if field.name == "layout" else None,
+                help=f"{what} (default {default})",
             )
     return p
 
@@ -1066,7 +1071,7 @@ def main(
     """
     interrupt_as_usual()
     from signnet_jax.hht import HHTSettings
-    from signnet_jax.hht.settings import parse_quadrants
+    from signnet_jax.hht.settings import HHTSettingsError, parse_quadrants
 
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -1106,7 +1111,8 @@ def main(
             args.dataset, args.split_file, args.class_list, args.num_glosses
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = e.flag_message() if isinstance(e, HHTSettingsError) else e
+        print(f"error: {message}", file=sys.stderr)
         return 2
     if manifest.entries and not any(
         os.path.isfile(os.path.join(args.videos, e.path)) for e in manifest.entries

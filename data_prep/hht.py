@@ -36,7 +36,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
-from signnet_jax.hht.settings import parse_quadrants
+from signnet_jax.hht.settings import HHTSettingsError, parse_quadrants
 from signnet_jax.hht.video import check_writable, decode_video
 
 
@@ -145,6 +145,9 @@ def _run(args: argparse.Namespace) -> int:
     """``main`` after the options are parsed."""
     try:
         settings = _settings(args)
+    except HHTSettingsError as e:
+        print(f"error: {e.flag_message()}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

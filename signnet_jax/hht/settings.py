@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 LAYOUTS = ("grid2x2", "strip")
@@ -31,6 +32,21 @@ def parse_quadrants(text: str) -> tuple[bool, bool, bool, bool]:
             f"or 1,0,1,1; got {text!r}"
         )
     return tuple(_FLAGS[w] for w in words)
+
+
+class HHTSettingsError(ValueError):
+    """Invalid settings; ``problems`` holds ``(field, what is wrong)`` pairs, which command
+    lines name by their flags (``flag_message``)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(
+            "invalid HHTSettings: " + "; ".join(f"{name} {text}" for name, text in problems)
+        )
+
+    def flag_message(self) -> str:
+        """The problems as a command line's flags say them: ``--size must be ...``."""
+        return "; ".join(f"--{name.replace('_', '-')} {text}" for name, text in self.problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,35 +103,38 @@ class HHTSettings:
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise JSON lists to tuples through object.__setattr__.
         object.__setattr__(self, "quadrants", tuple(bool(q) for q in self.quadrants))
-        problems = []
+        problems: list[tuple[str, str]] = []  # (field, what is wrong with it)
         if self.layout not in LAYOUTS:
-            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            problems.append(("layout", f"must be one of {LAYOUTS}, got {self.layout!r}"))
         if not isinstance(self.size, int) or self.size < 16 or self.size % 2:
-            problems.append(f"size must be an even integer >= 16, got {self.size!r}")
+            problems.append(("size", f"must be an even integer >= 16, got {self.size!r}"))
         if len(self.quadrants) != 4:
-            problems.append(f"quadrants needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
-        elif not any(self.quadrants):
             problems.append(
-                "quadrants are all off, which makes every frame black; switch on at least one "
-                f"of {', '.join(PARTS)}"
+                ("quadrants", f"needs 4 flags ({', '.join(PARTS)}), got {self.quadrants}")
             )
+        elif not any(self.quadrants):
+            problems.append((
+                "quadrants",
+                "are all off, which makes every frame black; switch on at least one of "
+                f"{', '.join(PARTS)}",
+            ))  # fmt: skip
         for name in ("head_margin", "hand_margin", "smoothing"):
             if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+                problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
         if not 0 <= self.min_confidence <= 1:  # MediaPipe's own range
-            problems.append(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+            problems.append(("min_confidence", f"must be in [0, 1], got {self.min_confidence}"))
         if self.hand_scale <= 0:
-            problems.append(f"hand_scale must be > 0, got {self.hand_scale}")
+            problems.append(("hand_scale", f"must be > 0, got {self.hand_scale}"))
         if not isinstance(self.hand_retry, int) or self.hand_retry < 1:
-            problems.append(f"hand_retry must be an integer >= 1, got {self.hand_retry!r}")
+            problems.append(("hand_retry", f"must be an integer >= 1, got {self.hand_retry!r}"))
         for name in ("faithful_margin_px", "max_gap", "max_hold", "detect_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+                problems.append((name, f"must be an integer >= 0, got {value!r}"))
         if not 0 <= self.wrist_visibility <= 1:
-            problems.append(f"wrist_visibility must be in [0, 1], got {self.wrist_visibility}")
+            problems.append(("wrist_visibility", f"must be in [0, 1], got {self.wrist_visibility}"))
         if problems:
-            raise ValueError("invalid HHTSettings: " + "; ".join(problems))
+            raise HHTSettingsError(problems)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the settings as a JSON-able dict (lists for tuples)."""
@@ -141,3 +160,13 @@ class HHTSettings:
                 "(written by a newer signnet_jax?)"
             )
         return cls(**d)
+
+
+def field_help() -> dict[str, str]:
+    """Each setting's meaning, one line, from HHTSettings' docstring (its Attributes)."""
+    doc = HHTSettings.__doc__ or ""
+    attributes = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    help_text: dict[str, str] = {}
+    for m in re.finditer(r"^ {6}(\w+): (.*?)(?=^ {6}\w+: |\Z)", attributes, re.M | re.S):
+        help_text[m.group(1)] = " ".join(m.group(2).split())
+    return help_text

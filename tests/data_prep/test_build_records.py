@@ -906,7 +906,7 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     assert "--jpeg-quality must be in 1..100" in capsys.readouterr().err
     bad_hht = _cli(dataset, tmp_path / "o", "--size", "15")
     assert build_records.main(bad_hht, tunneller_factory=FakeTunneller) == 2
-    assert "invalid HHTSettings: size must be an even integer" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --size must be an even integer >= 16, got 15\n"
     with pytest.raises(SystemExit) as e:
         build_records.main(_cli(dataset, tmp_path / "o", "--videos", str(tmp_path / "none")))
     assert e.value.code == 2
@@ -929,7 +929,7 @@ def test_bad_inputs_exit_2_with_message(dataset, tmp_path, capsys):
     )
     conf = _cli(dataset, tmp_path / "o", "--min-confidence", "3")
     assert build_records.main(conf, tunneller_factory=FakeTunneller) == 2
-    assert "min_confidence must be in [0, 1], got 3.0" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --min-confidence must be in [0, 1], got 3.0\n"
     assert not (tmp_path / "o").exists()
     # an output that is a file, or a folder of someone else's files, is refused untouched
     (tmp_path / "file").write_text("x")
@@ -1124,8 +1124,8 @@ def test_all_quadrants_off_is_refused(dataset, tmp_path, capsys):
     args = _cli(dataset, tmp_path / "o", "--quadrants", "0,0,0,0")
     assert build_records.main(args, tunneller_factory=FakeTunneller) == 2
     assert capsys.readouterr().err == (
-        "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
-        "switch on at least one of frame, head, right_hand, left_hand\n"
+        "error: --quadrants are all off, which makes every frame black; switch on at least one "
+        "of frame, head, right_hand, left_hand\n"
     )
     assert not (tmp_path / "o").exists()
 
@@ -1144,9 +1144,25 @@ def test_help_states_every_options_default():
             assert action.help and re.search(r"\bdefault\b", action.help), (name, action.help)
     text = " ".join(parser.format_help().split())
     assert "--dataset {wlasl,csv,asl_citizen} format of the split files: wlasl" in text
-    assert "--faithful, --no-faithful default off" in text
-    assert "--gate-hands, --no-gate-hands default on" in text
-    assert "--size SIZE default 256" in text
+    # every H&HT setting says what it does (they said only "default 0.6"), from HHTSettings'
+    # docstring: the first sentence of each entry
+    assert "--faithful, --no-faithful reproduce the original preprocessing: landmark" in text
+    assert "whole frame and crops stretched to their cells (default off)" in text
+    assert (
+        "--gate-hands, --no-gate-hands run the hand landmarker only in frames where the pose "
+        "sees a wrist in the frame, since elsewhere it cannot find a hand we would use "
+        "(default on)"
+    ) in text
+    assert "--size SIZE output frame side in pixels (square output, even) (default 256)" in text
+    assert (
+        "--hand-scale HAND_SCALE side of a pose-fallback hand box as a fraction of the shoulder "
+        "width (default 0.6)"
+    ) in text
+    assert (
+        "--detect-size DETECT_SIZE longest side of a downscaled copy for the detectors (0 = the "
+        "frame itself); crops always come from the full"  # argparse wraps at the hyphen
+    ) in text
+    assert "--layout {grid2x2,strip} 'grid2x2' (published:" in text
     assert "nslt_K.json files hold their K already) (default: all of them)" in text
     assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
     assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text

@@ -121,12 +121,16 @@ def test_noise_video_is_written_with_a_warning(tmp_path, capsys):
         (["--quadrants", "11x1"], "--quadrants takes four 0/1 flags"),
         (
             ["--quadrants", "0000"],
-            "error: invalid HHTSettings: quadrants are all off, which makes every frame black; "
-            "switch on at least one of frame, head, right_hand, left_hand\n",
+            "error: --quadrants are all off, which makes every frame black; switch on at least "
+            "one of frame, head, right_hand, left_hand\n",
         ),
-        (["--size", "255"], "size must be an even integer"),
+        (["--size", "255"], "error: --size must be an even integer >= 16, got 255\n"),
         (["--output", "o.avi"], "must end in .mp4"),
-        (["--min-confidence", "2"], "min_confidence must be in [0, 1], got 2.0"),
+        (
+            ["--min-confidence", "2", "--detect-size", "-1"],
+            "error: --min-confidence must be in [0, 1], got 2.0; --detect-size must be an "
+            "integer >= 0, got -1\n",
+        ),
         (["--start-frame", "-5"], "--start-frame -5: the first frame must be >= 0"),
         (["--start-frame", "50", "--end-frame", "10"], "must be >= 0 and before --end-frame"),
     ],
