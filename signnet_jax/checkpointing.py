@@ -279,6 +279,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
+        if path.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors"):  # PyTorch weights
+            raise CheckpointError(
+                f"checkpoint {path} is a PyTorch weights file; convert it first (python -m "
+                f"signnet_jax.convert --input {path} --output DIR --model PRESET --num-frames T "
+                "--num-classes N --class-list CLASSES), then pass DIR"
+            )
         raise CheckpointError(
             f"checkpoint {path} is a file; pass the folder written by signnet_jax.convert "
             "or a training workdir"

@@ -348,11 +348,20 @@ def test_cli_missing_checkpoint(tmp_path, sign_sample, capsys):
 
 
 def test_cli_checkpoint_is_a_file(tmp_path, sign_sample, capsys):
-    (tmp_path / "model.pth").write_bytes(b"x")
+    (tmp_path / "model.ckpt").write_bytes(b"x")
     _expect_error(
         capsys, "is a file; pass the folder written by signnet_jax.convert",
-        "--checkpoint", tmp_path / "model.pth", "--video", sign_sample,
+        "--checkpoint", tmp_path / "model.ckpt", "--video", sign_sample,
     )  # fmt: skip
+    # PyTorch weights: the conversion that makes a checkpoint of them
+    for name in ("model.pth", "MODEL.SAFETENSORS"):
+        (tmp_path / name).write_bytes(b"x")
+        err = _expect_error(capsys, "", "--checkpoint", tmp_path / name, "--video", sign_sample)
+        assert err == (
+            f"error: checkpoint {tmp_path / name} is a PyTorch weights file; convert it first "
+            f"(python -m signnet_jax.convert --input {tmp_path / name} --output DIR --model "
+            "PRESET --num-frames T --num-classes N --class-list CLASSES), then pass DIR\n"
+        )
 
 
 def test_cli_folder_that_is_not_a_checkpoint(tmp_path, sign_sample, capsys):
