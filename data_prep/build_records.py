@@ -597,7 +597,7 @@ def _describe(dataset: Any, split_files: Sequence[str] | None, num_classes: int)
     return f"{what}, {num_classes} class{'' if num_classes == 1 else 'es'}"
 
 
-def check_output(output: str, classes: Sequence[str], info: dict | None) -> None:
+def check_output(output: str, classes: Sequence[str], info: dict | None) -> dict | None:
     """Refuses an output folder that holds another dataset's records (it is left untouched).
 
     The same dataset is the same format (`dataset`), the same split file names and the same
@@ -609,6 +609,10 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> None
       output: the records folder.
       classes: the class list of the build.
       info: the build's extra dataset_info.json fields (`dataset`, `split_files`).
+
+    Returns:
+      What the folder says of the records there (its dataset_info.json, or the identity an
+      unfinished build wrote), or None for a new folder.
 
     Raises:
       BuildError: the folder holds a synthetic smoke dataset or another dataset's records.
@@ -634,7 +638,7 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> None
         except (OSError, ValueError) as e:
             raise BuildError(f"--output {output}: cannot read {name} ({e}); {fix}") from e
     if there is None:
-        return
+        return None
     info = info or {}
     old = _describe(there.get("dataset"), there.get("split_files"), len(there.get("classes", [])))
     tool = there.get("tool", {}).get("name")
@@ -659,6 +663,22 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> None
         raise BuildError(
             f"--output {output} holds another dataset ({old}; this build: {new}); {fix}"
         )
+    return there
+
+
+def _changed_settings(there: dict, hht_settings: dict, jpeg_quality: int) -> str:
+    """The settings the records in a folder were built with that this build changes, as
+    ``"size 256 -> 224, jpeg_quality 90 -> 80"`` ('' when none, or not recorded)."""
+    old = there.get("hht_settings")
+    if not isinstance(old, dict):
+        return ""
+    pairs = [(k, old.get(k), v) for k, v in hht_settings.items()]
+    pairs.append(("jpeg_quality", there.get("jpeg_quality"), jpeg_quality))
+    return ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in pairs if a != b)
+
+
+def _shown(value: Any) -> str:
+    return "".join(str(int(v)) for v in value) if isinstance(value, list) else str(value)
 
 
 def build(
@@ -698,7 +718,7 @@ def build(
 
     t_start = time.perf_counter()
     output = os.fspath(output_dir)
-    check_output(output, manifest.classes, info)
+    there = check_output(output, manifest.classes, info)
     work = os.path.join(output, WORK)
     os.makedirs(work, exist_ok=True)
     lock = open(os.path.join(work, ".lock"), "w")  # noqa: SIM115 - held for the whole build
@@ -732,6 +752,14 @@ def build(
         missing = len(errors)
         cached = len(tasks) - missing - len(todo)
         hht_seconds = setup_seconds = video_seconds = 0.0
+        changed = _changed_settings(there or {}, hht_settings, jpeg_quality)
+        if progress and changed and todo:  # else a rebuild would start over without a word
+            print(
+                f"the records in {output} were built with other settings ({changed}): their "
+                f"videos are tunnelled again (the results of the earlier settings stay cached "
+                f"in {work})",
+                file=sys.stderr,
+            )
         if progress and cached:
             print(
                 f"{cached} of {len(tasks)} videos already done (cached in {work})",

@@ -1184,6 +1184,22 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "H&HT:" not in err and "6 of 7 videos already done" in err
     assert "(0 processed, 6 cached, 1 not found)\n" in err
+    assert "other settings" not in err
+    # other settings tunnel every video again: said, where it used to start over without a word
+    other = ("--jpeg-quality", "80", "--quadrants", "1011", "--no-gate-hands")
+    assert build_records.main(_cli(dataset, out, *other), tunneller_factory=FakeTunneller) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"the records in {out} were built with other settings (quadrants 1111 -> 1011, "
+        "gate_hands True -> False, jpeg_quality 90 -> 80): their videos are tunnelled again (the "
+        f"results of the earlier settings stay cached in {out / 'work'})\n"
+    ) in err
+    assert "(6 processed, 0 cached, 1 not found)\n" in err
+    # and going back to the first settings costs nothing
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    err = capsys.readouterr().err
+    assert "(quadrants 1011 -> 1111, gate_hands False -> True, jpeg_quality 80 -> 90)" not in err
+    assert "(0 processed, 6 cached, 1 not found)\n" in err
 
 
 def _everything(folder):
