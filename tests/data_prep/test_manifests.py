@@ -380,7 +380,7 @@ def _through_pipe(pipe, data, class_list):
             result["error"] = e
 
     def write():
-        with open(pipe, "wb") as f:
+        with open(pipe, "wb", buffering=0) as f:  # no buffer left to flush at close
             try:
                 f.write(data)
             except BrokenPipeError:  # the reader stopped at the size limit
