@@ -29,7 +29,6 @@ import io
 import json
 import os
 import re
-import stat
 from collections.abc import Sequence
 
 DATASETS = ("wlasl", "csv", "asl_citizen")
@@ -105,8 +104,8 @@ def read_text(
 
     Raises:
       FileNotFoundError: nothing at `path`.
-      ValueError: a folder, neither a file nor a pipe (a device), far too large, not UTF-8
-        text, or unreadable.
+      ValueError: a folder, not a regular file (a pipe), far too large, not UTF-8 text, or
+        unreadable.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -126,22 +125,18 @@ def read_text(
         )
         more = f" ({len(inside)} such files there)" if len(inside) > 1 else ""
         raise ValueError(f"{what} {path} is a folder; {fix}{more}")
-    # A pipe (a shell's <(curl ...)) is read as it comes; a device or socket is no text file.
-    if os.path.exists(path) and not (os.path.isfile(path) or stat.S_ISFIFO(os.stat(path).st_mode)):
-        raise ValueError(f"{what} {path} is neither a file nor a pipe; give the file itself")
+    # a pipe (a shell's <(...)) has no name of its own, which the records keep of their split
+    # files (an nslt file also finds its class list beside it); a device is no text file
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is not a regular file; save it to a file and give that")
     try:
-        size = os.path.getsize(path)  # 0 for a pipe, whose size shows only as it is read
-        data = b""
-        if size <= MAX_TEXT_BYTES:
-            with open(path, "rb") as f:
-                data = f.read(MAX_TEXT_BYTES + 1)
-        if max(size, len(data)) > MAX_TEXT_BYTES:
-            size = f"{size / 2**20:.0f} MiB" if size else f"over {MAX_TEXT_BYTES >> 20} MiB"
+        size = os.path.getsize(path)
+        if size > MAX_TEXT_BYTES:
             raise ValueError(
-                f"{what} {path} is {size}, too large for one (they are text of a few MB): give "
-                "the right file"
+                f"{what} {path} is {size / 2**20:.0f} MiB, too large for one (they are text of "
+                "a few MB): give the right file"
             )
-        with io.TextIOWrapper(io.BytesIO(data), encoding=ENCODING, newline=newline) as f:
+        with open(path, encoding=ENCODING, newline=newline) as f:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found") from None
