@@ -1608,13 +1608,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t_last += val_seconds  # throughput counts steps only
             return val_metrics, stop
 
+        def save_step(step: int, val_metrics: dict | None, pending: bool) -> None:
+            """Save ``step``, its loss checked finite first; ``pending``: its validation is
+            still to run (the resumed run runs it and scores the step in place)."""
+            check_finite()
+            run = run_record() | ({"val_pending": True} if pending else {})
+            _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
+
         def keep_unvalidated(step: int) -> None:
             """Save ``step`` unvalidated as its validation fails (a damaged val record, ...),
-            rather than lose the steps since the last save; the resumed run validates it."""
-            check_finite()
-            run = run_record() | {"val_pending": True}
-            _save(ckpt, step, state, step * batch, meta | {"run": run}, None)
-            ckpt.wait()
+            rather than lose the steps since the last save; the validation's error stays the
+            one the run ends with, even when this save fails too."""
+            try:
+                save_step(step, None, pending=True)
+                ckpt.wait()
+            except Exception as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _log(
+                    f"the validation of step {step} failed, and step {step} could not be saved "
+                    f"either ({reason}); the same command goes on from the last saved step"
+                )
+                return
             _log(
                 f"the validation of step {step} failed: step {step} is saved unvalidated, and "
                 "the same command validates it when it resumes"
@@ -1739,23 +1753,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 validate_now = config.val_split and (step % val_every == 0 or step == last_step)
                 stopping = stop if multi_host else preempt.requested
                 if validate_now and not stopping:
+                    curve = best_val, len(val_log)
                     try:
                         val_metrics, stop = validate(step, stop)
                     except Exception:
-                        if not multi_host:  # several hosts save together, and others may not
+                        # not on several hosts (they save together, and the others may not
+                        # come), nor a non-finite step (never saved); a failure after the
+                        # curve took the point (plotting it) leaves no point to repeat
+                        if not multi_host and int(first_bad) < 0:
+                            best_val = curve[0]
+                            del val_log[curve[1] :]
                             keep_unvalidated(step)
                         raise
                 saved = step % every_ckpt == 0 or step == last_step or bool(val_metrics)
-                run = run_record()
-                if validate_now and val_metrics is None:
-                    run["val_pending"] = True
+                pending = bool(validate_now and val_metrics is None)
                 if saved:
-                    check_finite()
-                    _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
+                    save_step(step, val_metrics, pending)
                 if stop if multi_host else preempt.requested:  # one host: as late as possible
                     if not saved:  # a step is saved once; orbax refuses a second save
-                        check_finite()
-                        _save(ckpt, step, state, step * batch, meta | {"run": run}, val_metrics)
+                        save_step(step, val_metrics, pending)
                     return stopped(step, stop)
         ckpt.wait()
         check_finite()

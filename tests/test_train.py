@@ -2888,6 +2888,47 @@ def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_vali
     assert resumed["val_top1"] == whole["val_top1"]
     jax.tree.map(np.testing.assert_array_equal, _final_params(w), _final_params(tmp_path / "whole"))
 
+    # a failure after the curve took step 8's point (drawing it): saved without the point, so
+    # the resumed run, which validates step 8, does not count it twice
+    real_plot, plots = train.plot_training_curves, []
+
+    def plot_fails_the_second(*args, **kwargs):
+        plots.append(1)
+        if len(plots) == 2:  # the first is step 4's validation
+            raise OSError("No space left on device")
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(train, "plot_training_curves", plot_fails_the_second)
+    w2 = tmp_path / "w2"
+    with pytest.raises(OSError, match="No space left on device"):
+        train.train_and_evaluate(c, w2)
+    assert checkpointing.checkpoint_steps(w2 / "checkpoints") == [4, 8]
+    run = checkpointing.load_meta(w2 / "checkpoints", 8)["run"]
+    assert run["val_pending"] is True and [s for s, _ in run["val_top1"]] == [4]
+    monkeypatch.setattr(train, "plot_training_curves", real_plot)
+    assert train.train_and_evaluate(c, w2)["val_top1"] == whole["val_top1"]
+    capsys.readouterr()
+
+    # the save failing too: the validation's error is the one the run ends with
+    calls.clear()
+    monkeypatch.setattr(evaluate, "evaluate_split", fails_the_second)
+    real_save = train._save
+
+    def save_fails_at_8(ckpt, step, *args):
+        if step == 8:
+            raise OSError("Read-only file system")
+        return real_save(ckpt, step, *args)
+
+    monkeypatch.setattr(train, "_save", save_fails_at_8)
+    w3 = tmp_path / "w3"
+    with pytest.raises(train.TrainingError, match="^shard val-00000: record 3 fails its checksum$"):
+        train.train_and_evaluate(c, w3)
+    assert (
+        "the validation of step 8 failed, and step 8 could not be saved either (Read-only file "
+        "system); the same command goes on from the last saved step"
+    ) in capsys.readouterr().out
+    assert checkpointing.checkpoint_steps(w3 / "checkpoints") == [4]
+
 
 def test_sigterm_in_the_final_test_stops_it_and_the_same_command_runs_it_again(
     records, tmp_path, monkeypatch, capsys
