@@ -382,14 +382,15 @@ def eval_folder_name(
     return f"{path.parent.name if path.name == 'checkpoints' else path.name}_{name}"
 
 
-def _same_checkpoint(a: Any, b: str) -> bool:
-    """Whether two spellings of a checkpoint folder name the same one (local folders are
-    compared as resolved paths; a bucket's as written)."""
-    if a == b:
+def _same_checkpoint(stored: Any, source: str) -> bool:
+    """Whether a result's checkpoint (as its metrics.json has it) is ``source``: resolved, when
+    it was stored whole (a relative one, as older results have it, was relative to a folder
+    no longer known: it must match as written)."""
+    if stored == source:
         return True
-    if not isinstance(a, str) or "://" in a or "://" in b:
+    if not isinstance(stored, str) or not os.path.isabs(stored):
         return False
-    return os.path.realpath(a) == os.path.realpath(b)
+    return os.path.realpath(stored) == os.path.realpath(source)
 
 
 def _check_same_result(
@@ -529,7 +530,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         params = train.place_params(setup, config.seed)
         report = evaluate_split(setup, eval_config, params, config.test_split, "test", out)
     train._log(summary_line(report))
-    result = {"checkpoint": str(source), "step": step, "protocol": protocol(config), "test": report}
+    # the whole path, so a later run from another folder can tell whether it is the same
+    result = {"checkpoint": os.path.abspath(source), "step": step, "protocol": protocol(config)}
+    result["test"] = report
     write_json(out / "metrics.json", result)
     train._log(f"wrote {out}/metrics.json, {config.test_split}_per_class.csv and "
                f"{config.test_split}_confused_pairs.png")  # fmt: skip

@@ -1623,7 +1623,7 @@ def test_eval_mode_names_records_of_other_classes_without_the_training_advice(re
     assert not (tmp_path / "w" / "eval").exists()
 
 
-def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path):
+def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path, monkeypatch):
     """As predict and convert --to-pytorch: a run's workdir stands for its checkpoints/."""
     names = json.loads((records / "dataset_info.json").read_text())["classes"]
     _converted(tmp_path / "run", DIMS, names[::-1]).rename(tmp_path / "run" / "checkpoints")
@@ -1648,10 +1648,18 @@ def test_init_from_a_training_workdir_reads_its_checkpoints(records, tmp_path):
     other = tmp_path / "elsewhere" / "run"
     shutil.copytree(tmp_path / "run", other)
     with pytest.raises(train.TrainingError, match=(
-        rf"holds the result of checkpoint {re.escape(os.path.join(respelled, 'checkpoints'))} "
+        rf"holds the result of checkpoint {re.escape(str(tmp_path / 'run' / 'checkpoints'))} "
         rf"step 0 .*, not of {re.escape(str(other / 'checkpoints'))} step 0"
     )):  # fmt: skip
         evaluate_mode(tiny_config(records, mode="eval", init_from=str(other)), tmp_path / "w")
+    # a checkpoint given by a relative path is kept whole, so that a run from another folder
+    # can tell it from one of the same relative name there
+    monkeypatch.chdir(tmp_path)
+    evaluate_mode(tiny_config(records, mode="eval", init_from="run"), "w4")
+    stored = json.loads(
+        (tmp_path / "w4" / "eval" / "run_step_0_test_3x1" / "metrics.json").read_text()
+    )
+    assert stored["checkpoint"] == str(tmp_path / "run" / "checkpoints")
 
 
 def test_device_out_of_memory_says_what_helps(records, tmp_path, monkeypatch):
