@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as a model checkpoint."""
 
 
+# PyTorch and Hugging Face weights files (signnet_jax.convert reads them; no checkpoint)
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
 def local_path(path: str | os.PathLike, write: bool = False) -> pathlib.Path:
     """``files.local_path`` for checkpoints: a remote URL raises CheckpointError."""
     try:
@@ -279,7 +283,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
-        if path.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors"):  # PyTorch weights
+        if path.suffix.lower() in WEIGHTS_SUFFIXES:
             raise CheckpointError(
                 f"checkpoint {path} is a PyTorch weights file; convert it first (python -m "
                 f"signnet_jax.convert --input {path} --output DIR --model PRESET --num-frames T "

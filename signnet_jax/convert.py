@@ -290,7 +290,7 @@ def _from_huggingface(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _is_weights_file(path: pathlib.Path) -> bool:
-    return path.is_file() and path.suffix.lower() in (".pth", ".pt", ".bin", ".safetensors")
+    return path.is_file() and path.suffix.lower() in checkpointing.WEIGHTS_SUFFIXES
 
 
 def read_checkpoint(path: str | os.PathLike) -> Source:
@@ -312,9 +312,16 @@ def read_checkpoint(path: str | os.PathLike) -> Source:
             if inside
             else ""
         )
-        ours = [path, path / "checkpoints"] + ([path.parent] if path.name.isdigit() else [])
         # a training run, its checkpoints/, a step of them: the other direction's input
-        if not inside and any(map(checkpointing.checkpoint_steps, ours)):
+        step = (
+            path.name if path.name.isdigit() and checkpointing.checkpoint_steps(path.parent) else ""
+        )
+        if step:
+            hint = (
+                f", one step of a signnet_jax checkpoint (orbax); to write it as a PyTorch "
+                f"state dict: --to-pytorch --input {path.parent} --step {step} --output FILE.pth"
+            )
+        elif not inside and any(map(checkpointing.checkpoint_steps, (path, path / "checkpoints"))):
             hint = (
                 ", a signnet_jax checkpoint (orbax); to write it as a PyTorch state dict, add "
                 "--to-pytorch and give --output FILE.pth"

@@ -631,14 +631,26 @@ def test_export_takes_a_training_workdir_and_never_overwrites(tmodel, tmp_path, 
     assert _run(*args, "--step", "0") == 0
     assert _run(*args[:-1], tmp_path / "y.pth", "--step", "3") == 1
     assert "has no step 3; it holds steps [0]" in capsys.readouterr().err
-    # the run, its checkpoints or a step given without --to-pytorch: the flag is named
-    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints", step):
+    # the run or its checkpoints given without --to-pytorch: the flag is named
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
         assert _convert(given, tmp_path / "z") == 1
         assert capsys.readouterr().err == (
             f"error: input checkpoint {given} is a folder, a signnet_jax checkpoint (orbax); to "
             "write it as a PyTorch state dict, add --to-pytorch and give --output FILE.pth\n"
         )
+    # a step: the whole command that exports it (its folder and --step)
+    assert _convert(step, tmp_path / "z") == 1
+    assert capsys.readouterr().err == (
+        f"error: input checkpoint {step} is a folder, one step of a signnet_jax checkpoint "
+        "(orbax); to write it as a PyTorch state dict: --to-pytorch --input "
+        f"{step.parent} --step 0 --output FILE.pth\n"
+    )
     assert not (tmp_path / "z").exists()
+    # and that command works
+    assert (
+        _run("--to-pytorch", "--input", step.parent, "--step", "0", "--output", tmp_path / "z.pth")
+        == 0
+    )
 
 
 def test_without_pytorch_both_directions_say_what_to_install(tmodel, tmp_path, capsys, monkeypatch):
