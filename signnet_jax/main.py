@@ -201,7 +201,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_usage(
             f"unknown config key {key} (in {', '.join(named)})"
             + (f"; did you mean {' or '.join(f'--config.{k}' for k in near)}?" if near else "")
-            + " (every key is in configs/wlasl2000.py)"
+            + f" (every key is in {_shown(CONFIGS / 'wlasl2000.py')})"
         )
     except Exception as e:  # --config not a loadable config file (ImportError, a bug, ...)
         _config_file_error(e)
@@ -240,12 +240,11 @@ def _config_file_error(error: Exception) -> None:
     given = _config_arg()
     # run from elsewhere, configs/NAME.py is the checkout's (its absolute path works anywhere)
     ours = CONFIGS / pathlib.Path(given).name
-    example = ours if ours.is_file() and not os.path.isfile(given) else CONFIGS / "smoke.py"
-    fix = (
-        f"did you mean --config {_shown(example)}?"
-        if example == ours
-        else f"give a file from {_shown(CONFIGS)}{os.sep}, e.g. --config {_shown(example)}"
-    )
+    if ours.is_file() and not os.path.isfile(given):  # not a broken file of the same name
+        fix = f"did you mean --config {_shown(ours)}?"
+    else:
+        example = _shown(CONFIGS / "smoke.py")
+        fix = f"give a file from {_shown(CONFIGS)}{os.sep}, e.g. --config {example}"
     _exit_usage(
         f"--config {given}: cannot load it as a config file ({type(cause).__name__}: "
         f"{lines[-1].strip() if lines else ''}); {fix}"

@@ -95,9 +95,19 @@ def test_run_from_another_folder_the_checkout_s_configs_are_shown_by_their_whole
     assert r.returncode == 2 and not (tmp_path / "w").exists()
     assert r.stderr.startswith("error: --config configs/smoke.py: cannot load it as a config file")
     assert r.stderr.endswith(f"; did you mean --config {REPO / 'configs' / 'smoke.py'}?\n")
-    r = main("--config", "mine.py", "--workdir", "w")
-    assert r.stderr.endswith(
+    give = (
         f"; give a file from {REPO / 'configs'}/, e.g. --config {REPO / 'configs' / 'smoke.py'}\n"
+    )
+    r = main("--config", "mine.py", "--workdir", "w")
+    assert r.stderr.endswith(give)
+    # a broken file of a config's name is that file, not the checkout's
+    (tmp_path / "smoke.py").write_text("def get_config(:\n")
+    r = main("--config", "smoke.py", "--workdir", "w")
+    assert "SyntaxError" in r.stderr and r.stderr.endswith(give)
+    r = main("--config", str(REPO / "configs" / "smoke.py"), "--workdir", "w", "--config.nope=1")
+    assert r.stderr == (
+        "error: unknown config key nope (in --config.nope) (every key is in "
+        f"{REPO / 'configs' / 'wlasl2000.py'})\n"
     )
     lines = main("--help").stdout.splitlines()
     assert f"  {REPO / 'configs' / 'smoke.py'} " in "\n".join(lines)
