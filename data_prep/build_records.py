@@ -678,7 +678,8 @@ def _changed_settings(there: dict, hht_settings: dict, jpeg_quality: int) -> str
 
 
 def _shown(value: Any) -> str:
-    return "".join(str(int(v)) for v in value) if isinstance(value, list) else str(value)
+    """A setting as its flag takes it (quadrants as 1011)."""
+    return "".join(str(int(v)) for v in value) if isinstance(value, list | tuple) else str(value)
 
 
 def build(
@@ -731,6 +732,8 @@ def build(
         identity = {"tool": {"name": TOOL}, "classes": list(manifest.classes)} | {
             k: v for k, v in (info or {}).items() if k in ("dataset", "split_files")
         }
+        # and the settings, which a rerun with others names before it tunnels again
+        identity |= {"hht_settings": hht_settings, "jpeg_quality": jpeg_quality}
         atomic_write(os.path.join(work, IDENTITY), json.dumps(identity).encode())
         tasks = []
         for i, entry in enumerate(manifest.entries):
@@ -755,9 +758,8 @@ def build(
         changed = _changed_settings(there or {}, hht_settings, jpeg_quality)
         if progress and changed and todo:  # else a rebuild would start over without a word
             print(
-                f"the records in {output} were built with other settings ({changed}): their "
-                f"videos are tunnelled again (the results of the earlier settings stay cached "
-                f"in {work})",
+                f"{output} was built with other settings ({changed}): its videos are "
+                f"tunnelled again (the results of the earlier settings stay cached in {work})",
                 file=sys.stderr,
             )
         if progress and cached:
@@ -1011,7 +1013,7 @@ def make_parser() -> argparse.ArgumentParser:
     for field in _hht_settings_fields():
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        what = meaning[field.name]
+        what = meaning.get(field.name, field.name.replace("_", " "))  # python -OO: no docstrings
         if isinstance(default, bool):
             group.add_argument(
                 flag,
@@ -1021,7 +1023,7 @@ def make_parser() -> argparse.ArgumentParser:
                 help=f"{what} (default {'on' if default else 'off'})",
             )
         elif field.name == "quadrants":  # parsed in main by parse_quadrants, as data_prep.hht
-            shown = "".join(str(int(v)) for v in default)
+            shown = _shown(default)
             group.add_argument(
                 flag,
                 default=shown,

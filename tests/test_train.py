@@ -1480,15 +1480,16 @@ def test_eval_mode_needs_the_test_split_alone(records, tmp_path):
         for shard in info["splits"].pop(split)["shards"]:
             (only_test / shard["file"]).unlink()
     (only_test / "dataset_info.json").write_text(json.dumps(info))
-    for mode in ("eval", "train"):
-        c = tiny_config(only_test, mode=mode, **{"smoke.enabled": False})
-        if mode == "eval":
-            assert train.dataset_classes(c)[0] == classes
-            continue
-        with pytest.raises(train.TrainingError, match=(
-            r"has no records in split 'train' \(records per split: \{'test': 8\}\)"
-        )):  # fmt: skip
-            train.dataset_classes(c)
+    init = _converted(tmp_path, DIMS, classes)
+    c = tiny_config(only_test, mode="eval", init_from=str(init), **{"smoke.enabled": False})
+    result = evaluate.evaluate(c, str(tmp_path / "w"))
+    assert result["test"]["num_videos"] == 8 and result["checkpoint"] == str(init)
+    c = tiny_config(only_test, **{"smoke.enabled": False})
+    with pytest.raises(train.TrainingError, match=(
+        r"has no records in split 'train' \(records per split: \{'test': 8\}\)"
+    )):  # fmt: skip
+        train.train_and_evaluate(c, str(tmp_path / "t"))
+    assert not (tmp_path / "t").exists()
 
 
 def _converted(tmp_path, preset_dims, classes):

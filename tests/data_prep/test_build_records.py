@@ -1190,15 +1190,24 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
     assert build_records.main(_cli(dataset, out, *other), tunneller_factory=FakeTunneller) == 0
     err = capsys.readouterr().err
     assert (
-        f"the records in {out} were built with other settings (quadrants 1111 -> 1011, "
-        "gate_hands True -> False, jpeg_quality 90 -> 80): their videos are tunnelled again (the "
-        f"results of the earlier settings stay cached in {out / 'work'})\n"
+        f"{out} was built with other settings (quadrants 1111 -> 1011, gate_hands True -> "
+        "False, jpeg_quality 90 -> 80): its videos are tunnelled again (the results of the "
+        f"earlier settings stay cached in {out / 'work'})\n"
     ) in err
     assert "(6 processed, 0 cached, 1 not found)\n" in err
     # and going back to the first settings costs nothing
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
     err = capsys.readouterr().err
-    assert "(quadrants 1011 -> 1111, gate_hands False -> True, jpeg_quality 80 -> 90)" not in err
+    assert "other settings" not in err  # nothing is tunnelled again
+    # an unfinished build (no dataset_info.json yet) is compared by the settings it started with
+    (out / "dataset_info.json").unlink()
+    assert (
+        build_records.main(
+            _cli(dataset, out, "--jpeg-quality", "70"), tunneller_factory=FakeTunneller
+        )
+        == 0
+    )
+    assert "was built with other settings (jpeg_quality 90 -> 70)" in capsys.readouterr().err
     assert "(0 processed, 6 cached, 1 not found)\n" in err
 
 
