@@ -36,7 +36,7 @@ from signnet_jax.hht import (
 from signnet_jax.hht.boxes import SOURCE_NAMES
 from signnet_jax.hht.models import ModelFileError
 from signnet_jax.hht.preview import contact_sheet
-from signnet_jax.hht.settings import HHTSettingsError, parse_quadrants
+from signnet_jax.hht.settings import LAYOUTS, HHTSettingsError, parse_quadrants
 from signnet_jax.hht.video import check_writable, decode_video
 
 
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "~/.cache/signnet_jax/mediapipe, filled by a one-time download)",
     )
     p.add_argument(
-        "--layout", choices=("grid2x2", "strip"), default=d.layout,
+        "--layout", choices=LAYOUTS, default=d.layout,
         help=f"cell arrangement (default {d.layout}, the published one)",
     )  # fmt: skip
     p.add_argument(
