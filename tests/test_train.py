@@ -2857,6 +2857,19 @@ def test_a_skipped_validation_scores_even_the_only_checkpoint_and_runs_once(
     assert checkpointing.checkpoint_steps(ckpts) == [4, 5]
 
 
+def _failing_call(real, n: int, error: Exception):
+    """``real``, but its ``n``-th call raises ``error``."""
+    calls = []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+
+    return call
+
+
 def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_validates_it(
     records, tmp_path, monkeypatch, capsys
 ):
@@ -2868,15 +2881,9 @@ def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_vali
     whole = train.train_and_evaluate(tiny_config(records, **kw), tmp_path / "whole")
     assert [s for s, _ in whole["val_top1"]] == [4, 8, 12]
     capsys.readouterr()
-    real, calls = evaluate.evaluate_split, []
-
-    def fails_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise train.TrainingError("shard val-00000: record 3 fails its checksum")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "evaluate_split", fails_the_second)
+    real = evaluate.evaluate_split
+    damaged = train.TrainingError("shard val-00000: record 3 fails its checksum")
+    monkeypatch.setattr(evaluate, "evaluate_split", _failing_call(real, 2, damaged))
     c = tiny_config(records, **kw)
     w = tmp_path / "w"
     with pytest.raises(train.TrainingError, match="^shard val-00000: record 3 fails its checksum$"):
@@ -2899,15 +2906,9 @@ def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_vali
 
     # a failure after the curve took step 8's point (drawing it): saved without the point, so
     # the resumed run, which validates step 8, does not count it twice
-    real_plot, plots = train.plot_training_curves, []
-
-    def plot_fails_the_second(*args, **kwargs):
-        plots.append(1)
-        if len(plots) == 2:  # the first is step 4's validation
-            raise OSError("No space left on device")
-        return real_plot(*args, **kwargs)
-
-    monkeypatch.setattr(train, "plot_training_curves", plot_fails_the_second)
+    real_plot = train.plot_training_curves
+    full = OSError("No space left on device")  # the first plot is step 4's validation's
+    monkeypatch.setattr(train, "plot_training_curves", _failing_call(real_plot, 2, full))
     w2 = tmp_path / "w2"
     with pytest.raises(OSError, match="No space left on device"):
         train.train_and_evaluate(c, w2)
@@ -2919,8 +2920,7 @@ def test_a_failed_validation_saves_its_step_unvalidated_and_the_resumed_run_vali
     capsys.readouterr()
 
     # the save failing too: the validation's error is the one the run ends with
-    calls.clear()
-    monkeypatch.setattr(evaluate, "evaluate_split", fails_the_second)
+    monkeypatch.setattr(evaluate, "evaluate_split", _failing_call(real, 2, damaged))
     real_save = train._save
 
     def save_fails_at_8(ckpt, step, *args):
