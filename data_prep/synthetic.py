@@ -39,7 +39,13 @@ import numpy as np
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
-from signnet_jax.files import atomic_write, creation_problem, interrupt_as_usual, interrupted
+from signnet_jax.files import (
+    PROBE_PREFIX,
+    atomic_write,
+    creation_problem,
+    interrupt_as_usual,
+    interrupted,
+)
 from signnet_jax.hht import HHTSettings, compose_frames
 
 TOOL = "data_prep.synthetic"
@@ -577,7 +583,9 @@ _STALE = re.compile(
 )
 
 
-_OURS = re.compile(rf"{_STALE.pattern}|{re.escape(LOCK)}")
+# A concurrent caller's probe (files.creation_problem) is neither foreign nor stale: its owner
+# removes it.
+_OURS = re.compile(rf"{_STALE.pattern}|{re.escape(LOCK)}|{re.escape(PROBE_PREFIX)}.*")
 
 
 def build_smoke_dataset(output_dir: str | os.PathLike, options: SmokeOptions) -> dict[str, Any]:

@@ -14,11 +14,16 @@ import tempfile
 import threading
 import uuid
 
+# Name prefix of creation_problem's probe files: a folder listed while another process probes
+# it may briefly hold one (its owner removes it).
+PROBE_PREFIX = ".probe-"
+
 
 def creation_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` (a file or folder, with any missing parent folders) cannot be created, or
-    an existing folder ``path`` cannot be written into, or None: checked with a probe file in
-    ``path`` when it is a folder, else in its nearest existing folder, before long work."""
+    an existing folder ``path`` cannot be written into, or None: checked with a probe file
+    (named ``PROBE_PREFIX...``) in ``path`` when it is a folder, else in its nearest existing
+    folder, before long work."""
     ancestor = pathlib.Path(os.path.abspath(path))
     if not ancestor.is_dir():
         ancestor = ancestor.parent
@@ -27,7 +32,7 @@ def creation_problem(path: str | os.PathLike) -> str | None:
     if not ancestor.is_dir():
         return f"{ancestor} is a file, not a folder"
     try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=ancestor)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=ancestor)
     except OSError as e:
         return f"{ancestor}: {e.strerror or e}"
     os.close(fd)

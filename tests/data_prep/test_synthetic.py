@@ -15,6 +15,7 @@ import pytest
 
 from data_prep import build_records, synthetic
 from signnet_jax.data import pipeline, records
+from signnet_jax.files import PROBE_PREFIX
 from signnet_jax.hht import HHTSettings
 from tests.helpers import interrupt_after
 
@@ -270,6 +271,22 @@ def test_unfinished_build_is_rebuilt(tmp_path, small_dir):
     expected = _files(small_dir)
     expected.pop(synthetic.LOCK, None)
     assert files == expected
+
+
+def test_another_callers_probe_is_not_foreign(tmp_path, small_dir):
+    """A caller checking that it can write probes inside the folder another caller has just
+    created; a third caller listing the folder at that moment builds (the race CI once hit)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    probe = folder / f"{PROBE_PREFIX}4b0k0ws8"
+    probe.write_bytes(b"")
+    synthetic.ensure_smoke_dataset(folder, **SMALL)
+    built = _files(folder)
+    assert built.pop(probe.name) == b""  # its owner removes it
+    built.pop(synthetic.LOCK, None)
+    expected = _files(small_dir)
+    expected.pop(synthetic.LOCK, None)
+    assert built == expected
 
 
 def test_concurrent_callers_build_once(tmp_path, monkeypatch):
