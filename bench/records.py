@@ -1,12 +1,17 @@
 """Benchmark of the dataset builder and the record reader.
 
 python bench/records.py [--videos 8] [--workers 0] [--reads 2000]
+python bench/records.py --landmark-cache [--videos 8] [--repeats 3]
 
 Builder: copies of shared/assets/sign_sample.mp4 (76 frames, 256x256) go through the real
 H&HT; reported is where the wall time went: H&HT itself (Tunneller.process_video), the
 Tunneller's creation per video, and the builder's own overhead (probing, JPEG encoding,
 caching, shard writing, bookkeeping) as a fraction of the total. With --workers 0 all of it
 runs in this process, so the fractions add up exactly.
+
+Landmark cache (--landmark-cache): the paper's ablation build (quadrants 1011) of spans of
+the sample, with and without MediaPipe's landmarks kept from a first build (1111), timed side
+by side (the minimum of --repeats), and the first build's cost of keeping them.
 
 Reader: random-order reads through RecordSource (index lookup + pread + both CRCs) and the
 same plus tf.train.Example parsing, in one process, over shards of the built records.
@@ -15,6 +20,7 @@ same plus tf.train.Example parsing, in one process, over shards of the built rec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -27,6 +33,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.options import positive  # noqa: E402
 from data_prep import build_records, manifests  # noqa: E402
 from signnet_jax.data import records  # noqa: E402
 
@@ -83,6 +90,63 @@ def bench_build(root: pathlib.Path, sample: pathlib.Path, n: int, workers: int) 
     }
 
 
+def bench_landmark_cache(root: pathlib.Path, sample: pathlib.Path, n: int, repeats: int) -> dict:
+    """In-process builds of n spans of the sample (frames i..76: n distinct landmark files):
+    with settings 1111, without and with a landmark cache (filling it); then 1011, without
+    and with the filled cache. Seconds are the minimum over repeats (each into new folders;
+    the cache is filled anew each repeat, then read)."""
+    from signnet_jax.hht import HHTSettings
+
+    videos = root / "videos"
+    videos.mkdir(exist_ok=True)
+    shutil.copyfile(sample, videos / "sample.mp4")
+    manifest = manifests.Manifest(
+        ["sign"],
+        [manifests.Entry("train", f"{i:05d}", "sample.mp4", 0, "sign", i + 1) for i in range(n)],
+    )
+    models = os.environ["SIGNNET_MEDIAPIPE_MODELS"]
+    full = HHTSettings().to_dict()
+    ablation = HHTSettings(quadrants=(True, False, True, True)).to_dict()
+    times: dict[str, list[float]] = {}
+    outputs: dict[str, bytes] = {}
+    for r in range(repeats):
+        cache = build_records.LandmarkCache.create(root / f"landmarks{r}", full, models)
+        for name, hht, with_cache in (
+            ("full_plain", full, False),
+            ("full_filling_cache", full, True),
+            ("ablation_plain", ablation, False),
+            ("ablation_from_cache", ablation, True),
+        ):
+            out = root / f"{name}{r}"
+            t0 = time.perf_counter()
+            result = build_records.build(
+                manifest,
+                videos,
+                out,
+                hht_settings=hht,
+                tunneller_factory=build_records._HHTFactory(hht, models),
+                workers=0,
+                progress=False,
+                landmark_cache=dataclasses.replace(cache, settings=hht) if with_cache else None,
+            )
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            assert result.num_records == n, result.failures
+            shard = (out / records.shard_name("train", 0, 1)).read_bytes()
+            assert outputs.setdefault(f"{hht['quadrants']}", shard) == shard, "records differ"
+            if name == "ablation_from_cache":
+                assert result.landmarks_read == n, result
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "videos": n,
+        "frames": sum(76 - i for i in range(n)),
+        "repeats": repeats,
+        **{f"{k}_s": v for k, v in best.items()},
+        "ablation_speedup": best["ablation_plain"] / best["ablation_from_cache"],
+        "filling_cost": best["full_filling_cache"] / best["full_plain"] - 1,
+        "records_identical": True,
+    }
+
+
 def bench_read(records_dir: pathlib.Path, copies: int, reads: int) -> dict:
     """Random reads over `copies` x the built records, rewritten as 4 shards."""
     src = records.RecordSource(records_dir, "train")
@@ -130,9 +194,30 @@ def main() -> None:
         help="folder with assets/sign_sample.mp4 and mediapipe_models/ (default: "
         f"$SIGNNET_SHARED, else the repository's sibling shared/; here {shared})",
     )  # fmt: skip
+    p.add_argument(
+        "--landmark-cache", action="store_true",
+        help="time the ablation build with and without a landmark cache instead",
+    )  # fmt: skip
+    p.add_argument("--repeats", type=positive, default=3, help="with --landmark-cache (default 3)")
     args = p.parse_args()
     shared = pathlib.Path(args.shared)
     os.environ.setdefault("SIGNNET_MEDIAPIPE_MODELS", str(shared / "mediapipe_models"))
+    if args.landmark_cache:
+        if not 1 <= args.videos <= 60:
+            p.error(f"--videos with --landmark-cache: spans of the 76-frame sample, 1..60, got "
+                    f"{args.videos}")  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = shared / "assets" / "sign_sample.mp4"
+            lc = bench_landmark_cache(pathlib.Path(tmp), sample, args.videos, args.repeats)
+        print(json.dumps({"landmark_cache": lc}, indent=1))
+        print(
+            f"| ablation build (quadrants 1011), {lc['videos']} spans of sign_sample "
+            f"({lc['frames']} frames), in-process | {lc['ablation_plain_s']:.1f} s without, "
+            f"{lc['ablation_from_cache_s']:.1f} s with the landmark cache: "
+            f"{lc['ablation_speedup']:.1f}x; filling it cost the first build "
+            f"{lc['filling_cost']:+.1%}; records identical |"
+        )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         build = bench_build(root, shared / "assets" / "sign_sample.mp4", args.videos, args.workers)

@@ -84,18 +84,19 @@ class SetupError(BuildError):
     disk): the build stops instead of failing every video."""
 
 
-def _cache_write(path: str, data: bytes) -> None:
-    """Writes a cache file; a full disk stops the build at once (else every video would be
-    tunnelled and then fail to be kept, for hours)."""
+def _cache_write(path: str, data: bytes, elsewhere: str = "build into another --output") -> None:
+    """Writes a cache file (OUTPUT/work's, or a `LandmarkCache`'s, whose other way out is
+    ``elsewhere``); a full disk stops the build at once (else every video would be tunnelled
+    and then fail to be kept, for hours)."""
     try:
         atomic_write(path, data)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        kept = "in " + os.path.dirname(path) if elsewhere.endswith("--output") else "kept"
         raise SetupError(
-            f"cannot write {path}: {e.strerror}; free space there (or build into another "
-            f"--output), then run the same command again: the videos finished so far are "
-            f"cached in {os.path.dirname(path)}"
+            f"cannot write {path}: {e.strerror}; free space there (or {elsewhere}), then run "
+            f"the same command again: the videos finished so far are cached {kept}"
         ) from e
 
 
@@ -183,6 +184,7 @@ class Outcome:
     hht_seconds: float = 0.0
     setup_seconds: float = 0.0
     seconds: float = 0.0
+    landmarks_read: bool = False  # from a LandmarkCache (MediaPipe did not run)
 
 
 @functools.lru_cache(maxsize=64)
@@ -265,8 +267,12 @@ def process(task: Task, factory: TunnellerFactory, work_dir: str, jpeg_quality: 
                         t2 = time.perf_counter()
                         result = tunneller.process_video(task.video_path, start, end)
                         t3 = time.perf_counter()
-                out.hht_seconds = t3 - t2
-                out.setup_seconds = (t2 - t1) + (time.perf_counter() - t3)
+                # a LandmarkCache's Tunneller is made inside process_video, when needed
+                timings = getattr(result, "timings", {})
+                inside = timings.get("setup", 0.0)
+                out.hht_seconds = t3 - t2 - inside
+                out.setup_seconds = (t2 - t1) + inside + (time.perf_counter() - t3)
+                out.landmarks_read = "landmark_cache" in timings
                 if len(result.frames) == 0:
                     out.reason = EMPTY_SPAN
                     out.detail = f"{task.video_path}: no frames in [{start}, {end})"
@@ -457,6 +463,121 @@ class _HHTFactory:
 
 
 # --------------------------------------------------------------------------------------------
+# Landmarks kept between builds
+# --------------------------------------------------------------------------------------------
+
+# Bump when the landmarks detected for the same video and settings change.
+LANDMARKS_FORMAT = 1
+LANDMARKS_SUFFIX = ".landmarks.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkCache:
+    """MediaPipe's landmarks per video, kept in a folder that several builds share.
+
+    MediaPipe takes nearly all of H&HT's time, and its landmarks depend only on the video,
+    the span, the settings of `DETECTION_FIELDS`, the model files and MediaPipe's version.
+    A build that changes only the composition (quadrants, layout, size, margins, smoothing,
+    JPEG quality: the paper's ablations) reads them here and skips MediaPipe; its records are
+    byte-identical to those of a build without the cache. A file is named by the hash of all
+    of the above (the video by its contents, so renamed or copied videos are found too).
+
+    Attributes:
+      folder: where the files go (FOLDER/ab/abcd...landmarks.npz).
+      settings: HHTSettings.to_dict() of the build (the composition uses all of them).
+      prefix: hash of what the landmarks depend on besides the video and its span.
+    """
+
+    folder: str
+    settings: dict
+    prefix: str
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, settings: dict, models_dir: str) -> LandmarkCache:
+        """The cache in ``folder`` for a build with these settings and model files."""
+        from signnet_jax.hht.models import MODEL_URLS
+        from signnet_jax.hht.settings import DETECTION_FIELDS
+
+        models = {}
+        for name in sorted(MODEL_URLS):
+            with open(os.path.join(models_dir, name), "rb") as f:
+                models[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        depends = {
+            "detection": {k: settings[k] for k in DETECTION_FIELDS},
+            "models": models,
+            "mediapipe": importlib.metadata.version("mediapipe"),
+            "format": LANDMARKS_FORMAT,
+        }
+        prefix = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()
+        return cls(os.path.abspath(folder), dict(settings), prefix)
+
+    def path(self, video_path: str, start: int, end: int | None) -> str:
+        """The file of one video's span (the video is read to hash its contents)."""
+        with open(video_path, "rb") as f:
+            video = hashlib.file_digest(f, "sha256").hexdigest()
+        key = hashlib.sha256(f"{self.prefix} {video} {start} {end}".encode()).hexdigest()[:32]
+        return os.path.join(self.folder, key[:2], key + LANDMARKS_SUFFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachingFactory:
+    """Wraps a factory of real Tunnellers with a `LandmarkCache` (picklable)."""
+
+    inner: TunnellerFactory
+    cache: LandmarkCache
+
+    def __call__(self) -> _CachingTunneller:
+        return _CachingTunneller(self.inner, self.cache)
+
+
+class _CachingTunneller:
+    """`process_video` of a Tunneller that reads the landmarks from the cache when they are
+    there, and else runs MediaPipe (a fresh Tunneller, made only then) and keeps them."""
+
+    def __init__(self, factory: TunnellerFactory, cache: LandmarkCache):
+        self._factory, self._cache = factory, cache
+        self._context = self._tunneller = None
+
+    def __enter__(self) -> _CachingTunneller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)
+
+    def process_video(self, path: str, start_frame: int = 0, end_frame: int | None = None):
+        from signnet_jax.hht import HHTSettings
+        from signnet_jax.hht.boxes import Landmarks
+        from signnet_jax.hht.tunnel import tunnel_landmarks
+        from signnet_jax.hht.video import decode_video
+
+        file = self._cache.path(path, start_frame, end_frame)
+        t0 = time.perf_counter()
+        frames, fps, times = decode_video(path, start_frame, end_frame)
+        t1 = time.perf_counter()
+        try:
+            with open(file, "rb") as f:
+                landmarks = Landmarks.from_bytes(f.read())
+        except (OSError, ValueError):  # not there yet, or damaged: detected (again) below
+            landmarks = None
+        if landmarks is not None and len(landmarks) == len(frames):
+            timings = {"decode": t1 - t0, "landmark_cache": time.perf_counter() - t1}
+            settings = HHTSettings.from_dict(self._cache.settings)
+            return tunnel_landmarks(frames, fps, landmarks, settings, path, timings)
+        if self._tunneller is None:  # MediaPipe's tasks are made only for a video not cached
+            try:
+                self._context = self._factory()
+                self._tunneller = self._context.__enter__()
+            except Exception as e:
+                raise SetupError(f"H&HT could not start: {type(e).__name__}: {e}") from e
+        t2 = time.perf_counter()
+        result = self._tunneller.process_frames(frames, fps, times, name=path)
+        result.timings = {"decode": t1 - t0, "setup": t2 - t1, **result.timings}
+        _cache_write(file, result.landmarks.to_bytes(), "give another --landmark-cache")
+        return result
+
+
+# --------------------------------------------------------------------------------------------
 # The build
 # --------------------------------------------------------------------------------------------
 
@@ -482,6 +603,9 @@ class BuildResult:
     # cell is still there, but many of them point at the detector setup)
     no_person: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     missing: int = 0  # videos not found (neither processed nor cached: looked for every run)
+    landmark_cache: str | None = None  # its folder, when the build had one
+    landmarks_read: int = 0  # processed videos whose landmarks came from it
+    landmarks_kept: int = 0  # processed videos whose landmarks were detected and kept there
 
 
 def cache_key(
@@ -666,15 +790,33 @@ def check_output(output: str, classes: Sequence[str], info: dict | None) -> dict
     return there
 
 
-def _changed_settings(there: dict, hht_settings: dict, jpeg_quality: int) -> str:
+def _changed_settings(there: dict, hht_settings: dict, jpeg_quality: int) -> dict[str, tuple]:
     """The settings the records in a folder were built with that this build changes, as
-    ``"size 256 -> 224, jpeg_quality 90 -> 80"`` ('' when none, or not recorded)."""
+    ``{name: (old, new)}`` (empty when none, or not recorded)."""
     old = there.get("hht_settings")
     if not isinstance(old, dict):
-        return ""
+        return {}
     pairs = [(k, old.get(k), v) for k, v in hht_settings.items()]
     pairs.append(("jpeg_quality", there.get("jpeg_quality"), jpeg_quality))
-    return ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in pairs if a != b)
+    return {k: (a, b) for k, a, b in pairs if a != b}
+
+
+def _shown_changes(changed: dict[str, tuple]) -> str:
+    """``"size 256 -> 224, jpeg_quality 90 -> 80"``."""
+    return ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items())
+
+
+def _landmark_cache_hint(changed: dict[str, tuple], cache: LandmarkCache | None) -> str:
+    """When only settings that the landmarks do not depend on changed, and MediaPipe is run
+    again for want of a landmark cache, the sentence saying how to skip it next time."""
+    from signnet_jax.hht.settings import DETECTION_FIELDS
+
+    if cache is not None or set(changed) & set(DETECTION_FIELDS):
+        return ""
+    return (
+        "; MediaPipe's landmarks do not depend on these settings: give every build the same "
+        "--landmark-cache DIR, and a build that changes only such settings skips MediaPipe"
+    )
 
 
 def _shown(value: Any) -> str:
@@ -695,6 +837,7 @@ def build(
     max_failure_fraction: float = 0.05,
     info: dict | None = None,
     progress: bool = True,
+    landmark_cache: LandmarkCache | None = None,
 ) -> BuildResult:
     """Processes every entry (reusing cached results) and writes shards and metadata.
 
@@ -711,6 +854,8 @@ def build(
       max_failure_fraction: the result's `exceeded` is set above this fraction.
       info: extra fields for dataset_info.json (dataset name, split files).
       progress: show a progress bar and the summary on stderr.
+      landmark_cache: read MediaPipe's landmarks from there when they are, keep them there
+        when not (``tunneller_factory`` must then make real Tunnellers).
 
     Returns:
       Counts, failures and timings.
@@ -755,13 +900,17 @@ def build(
         missing = len(errors)
         cached = len(tasks) - missing - len(todo)
         hht_seconds = setup_seconds = video_seconds = 0.0
+        landmarks_read = landmarks_kept = 0
         changed = _changed_settings(there or {}, hht_settings, jpeg_quality)
         if progress and changed and todo:  # else a rebuild would start over without a word
             print(
-                f"{output} was built with other settings ({changed}): its videos are "
-                f"tunnelled again (the results of the earlier settings stay cached in {work})",
+                f"{output} was built with other settings ({_shown_changes(changed)}): its "
+                "videos are tunnelled again (the results of the earlier settings stay cached in "
+                f"{work})" + _landmark_cache_hint(changed, landmark_cache),
                 file=sys.stderr,
             )
+        if landmark_cache is not None:
+            tunneller_factory = _CachingFactory(tunneller_factory, landmark_cache)
         if progress and cached:
             print(
                 f"{cached} of {len(tasks)} videos already done (cached in {work})",
@@ -779,6 +928,8 @@ def build(
                 hht_seconds += out.hht_seconds
                 setup_seconds += out.setup_seconds
                 video_seconds += out.seconds
+                landmarks_read += out.landmarks_read
+                landmarks_kept += out.ok and not out.landmarks_read
                 if out.reason in UNCACHED:
                     errors[out.index] = out
                 if out.reason in RETRIED:
@@ -877,6 +1028,9 @@ def build(
         failure_fraction=fraction,
         exceeded=fraction > max_failure_fraction,
         no_person=no_person,
+        landmark_cache=None if landmark_cache is None else landmark_cache.folder,
+        landmarks_read=landmarks_read,
+        landmarks_kept=landmarks_kept if landmark_cache is not None else 0,
     )
 
 
@@ -1005,6 +1159,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="MediaPipe model folder (default: $SIGNNET_MEDIAPIPE_MODELS, else the download "
         "cache ~/.cache/signnet_jax/mediapipe)",
     )
+    p.add_argument(
+        "--landmark-cache",
+        metavar="DIR",
+        help="keep MediaPipe's landmarks in DIR, shared by builds: a build that changes only "
+        "the composition (quadrants, layout, size, margins, smoothing, JPEG quality...) reads "
+        "them and skips MediaPipe, nearly all of H&HT's time; its records are the same bytes "
+        "(default: none)",
+    )
     group = p.add_argument_group("H&HT settings (see signnet_jax.hht.HHTSettings)")
     from signnet_jax.hht.settings import LAYOUTS, field_help
 
@@ -1082,6 +1244,11 @@ def _summary(result: BuildResult, output: str) -> str:
             f"worker time {result.video_seconds:.1f} s: H&HT {result.hht_seconds:.1f} s, "
             f"its setup {result.setup_seconds:.1f} s"
         )
+    if result.landmark_cache is not None and result.processed:
+        lines.append(
+            f"  landmark cache {result.landmark_cache}: {_count(result.landmarks_read, 'video')} "
+            f"read from it (MediaPipe skipped), {result.landmarks_kept} detected and kept there"
+        )
     lines.append(f"  cache: {os.path.join(output, WORK)} (delete it once the build is final)")
     return "\n".join(lines)
 
@@ -1109,11 +1276,13 @@ def main(
         parser.error(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if not 0 <= args.max_failure_fraction <= 1:
         parser.error("--max-failure-fraction must be in [0, 1]")
-    for flag, path in (("--videos", args.videos), ("--output", args.output)):
+    outputs = {"--output": args.output, "--landmark-cache": args.landmark_cache}
+    for flag, path in (("--videos", args.videos), *outputs.items()):
         # Shards are written and videos read through local paths: a URL would otherwise
         # become a local folder named 'gs:' (and the bucket would never see the records).
         try:
-            local_path(path, write=flag == "--output")
+            if path is not None:
+                local_path(path, write=flag in outputs)
         except RemotePathError as e:
             parser.error(f"{flag} {e} (or use a mounted bucket's folder)")
     if not os.path.isdir(args.videos):
@@ -1128,11 +1297,18 @@ def main(
                 f"--output {args.output} already holds other files (e.g. {sorted(entries)[0]}); "
                 "give a new or empty folder, or one an earlier build_records wrote"
             )
-    problem = creation_problem(args.output)
-    if problem:
-        parser.error(
-            f"cannot write --output {args.output}: {problem}; give a folder you can write to"
-        )
+    if args.landmark_cache is not None and os.path.exists(args.landmark_cache):
+        if not os.path.isdir(args.landmark_cache):
+            parser.error(
+                f"--landmark-cache {args.landmark_cache} is a file; give a folder for the "
+                "landmarks (new, or one an earlier build kept them in)"
+            )
+    for flag, path in outputs.items():
+        problem = path is not None and creation_problem(path)
+        if problem:
+            parser.error(f"cannot write {flag} {path}: {problem}; give a folder you can write to")
+    if args.landmark_cache is not None and tunneller_factory is not None:
+        raise ValueError("--landmark-cache keeps the landmarks of the real Tunneller only")
     try:
         values = {f.name: getattr(args, f.name) for f in _hht_settings_fields()}
         values["quadrants"] = parse_quadrants(args.quadrants)
@@ -1161,6 +1337,7 @@ def main(
         )
         return 2
     hht = settings.to_dict()
+    landmark_cache = None
     if tunneller_factory is None:
         from signnet_jax.hht import find_models
 
@@ -1171,6 +1348,8 @@ def main(
             print(f"error: {e}", file=sys.stderr)
             return 2
         tunneller_factory = _HHTFactory(hht, models)
+        if args.landmark_cache is not None:
+            landmark_cache = LandmarkCache.create(args.landmark_cache, hht, models)
     try:
         result = build(
             manifest,
@@ -1186,6 +1365,7 @@ def main(
                 "dataset": args.dataset,
                 "split_files": [os.path.basename(p) for p in args.split_file],
             },
+            landmark_cache=landmark_cache,
         )
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """bench/train.py and bench/model.py run end to end at a tiny size; --trace writes a profile."""
 
+import json
 import os
 import pathlib
 import re
@@ -400,6 +401,21 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
     )
 
 
+def test_records_bench_times_the_ablation_with_and_without_kept_landmarks():
+    r = _bench("bench/records.py --landmark-cache --videos 2 --repeats 1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout[: r.stdout.rindex("}") + 1])["landmark_cache"]
+    # the bench itself checks that both ablation builds wrote the same shard, and that the
+    # one with the cache read every video's landmarks from it
+    assert result["records_identical"] is True
+    assert (result["videos"], result["frames"], result["repeats"]) == (2, 76 + 75, 1)
+    speedup = result["ablation_plain_s"] / result["ablation_from_cache_s"]
+    assert result["ablation_speedup"] == pytest.approx(speedup)
+    assert r.stdout.splitlines()[-1].startswith(
+        "| ablation build (quadrants 1011), 2 spans of sign_sample (151 frames), in-process | "
+    )
+
+
 @pytest.mark.parametrize(
     "command, error",
     [
@@ -436,6 +452,10 @@ def test_model_bench_runs_the_jax_side_in_the_dtype_asked_for():
         ),
         ("bench/model.py --batch 0", "argument --batch: give a whole number >= 1, not '0'"),
         ("bench/train.py --blocks scan,loop", "--blocks 'loop': choose from unrolled, scan"),
+        (
+            "bench/records.py --landmark-cache --videos 61",
+            "--videos with --landmark-cache: spans of the 76-frame sample, 1..60, got 61",
+        ),
     ],
 )
 def test_bad_bench_options_are_one_line_usage_errors(command, error):

@@ -12,7 +12,7 @@ from signnet_jax.hht.models import find_models
 from signnet_jax.hht.settings import HHTSettings
 from signnet_jax.hht.video import VideoError, read_video, write_video
 
-_TUNNEL_NAMES = ("HHTResult", "NoPersonWarning", "Tunneller", "coverage")
+_TUNNEL_NAMES = ("HHTResult", "NoPersonWarning", "Tunneller", "coverage", "tunnel_landmarks")
 
 
 def __getattr__(name: str):
@@ -40,5 +40,6 @@ __all__ = [
     "find_models",
     "layout_cells",
     "read_video",
+    "tunnel_landmarks",
     "write_video",
 ]

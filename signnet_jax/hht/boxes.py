@@ -6,6 +6,9 @@ Pure numpy, no MediaPipe: tests drive it with synthetic landmarks.
 from __future__ import annotations
 
 import dataclasses
+import io
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -60,6 +63,39 @@ class Landmarks:
 
     def __len__(self) -> int:
         return self.pose.shape[0]
+
+    def to_bytes(self) -> bytes:
+        """The arrays as an .npz file's bytes (compressed), for `from_bytes`."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **dataclasses.asdict(self))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Landmarks:
+        """Landmarks from `to_bytes`' output, exactly as they were.
+
+        Raises:
+          ValueError: not such a file (damaged, or another layout): the arrays, their
+            dtypes and shapes are checked against those of `empty`.
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"not a landmarks file ({type(e).__name__}: {e})") from e
+        n = len(arrays["pose"]) if "pose" in arrays and arrays["pose"].ndim else 0
+        expected = cls.empty(n)
+        for field in dataclasses.fields(cls):
+            want, got = getattr(expected, field.name), arrays.get(field.name)
+            if got is None or got.dtype != want.dtype or got.shape != want.shape:
+                found = "missing" if got is None else f"{got.dtype} {got.shape}"
+                raise ValueError(
+                    f"not a landmarks file: {field.name} is {found}, expected {want.dtype} "
+                    f"{want.shape}"
+                )
+        if set(arrays) != {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"not a landmarks file: it holds {sorted(arrays)}")
+        return cls(**arrays)
 
 
 def wrist_in_view(pose: np.ndarray, visibility: float) -> np.ndarray:

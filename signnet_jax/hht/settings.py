@@ -9,6 +9,9 @@ from typing import Any
 LAYOUTS = ("grid2x2", "strip")
 # Cell order everywhere in this package: whole frame, head, right hand, left hand (body sides).
 PARTS = ("frame", "head", "right_hand", "left_hand")
+# The settings MediaPipe's detections depend on (the Tunneller's detect); the others shape
+# only the boxes and the composition, so one video's landmarks serve every value of them.
+DETECTION_FIELDS = ("faithful", "detect_size", "min_confidence", "gate_hands", "hand_retry")
 _FLAGS = {"1": True, "0": False, "true": True, "false": False}
 
 

@@ -81,6 +81,50 @@ def coverage(box_source: np.ndarray) -> dict[str, dict[str, int]]:
     return out
 
 
+def tunnel_landmarks(
+    frames: np.ndarray,
+    fps: float,
+    landmarks: Landmarks,
+    settings: HHTSettings,
+    name: str = "video",
+    timings: dict[str, float] | None = None,
+    stacklevel: int = 2,
+) -> HHTResult:
+    """Tunnels frames from their landmarks (`Tunneller.detect`'s, or ones kept from it): the
+    boxes, then the composition; no MediaPipe.
+
+    Args:
+      frames: (N, H, W, 3) uint8 RGB upright frames.
+      fps: frame rate.
+      landmarks: the detections of these N frames.
+      settings: H&HT settings (those of `DETECTION_FIELDS` are the detections' business).
+      name: what the no-person warning calls the video.
+      timings: seconds per stage so far; 'boxes' and 'compose' are added.
+      stacklevel: of the no-person warning.
+
+    Returns:
+      As `Tunneller.process_frames`.
+    """
+    if len(landmarks) != len(frames):
+        raise ValueError(f"{name}: {len(landmarks)} frames of landmarks for {len(frames)} frames")
+    timings = {} if timings is None else timings
+    height, width = frames.shape[1:3]
+    t0 = time.perf_counter()
+    boxes, source = compute_boxes(landmarks, width, height, settings)
+    t1 = time.perf_counter()
+    out = compose_frames(frames, boxes, source, settings)
+    timings["boxes"] = t1 - t0
+    timings["compose"] = time.perf_counter() - t1
+    if not source.any():
+        warnings.warn(
+            f"{name}: no head or hand found in any of {len(frames)} frames; the output "
+            "holds only the whole-frame cell",
+            NoPersonWarning,
+            stacklevel=stacklevel,
+        )
+    return HHTResult(out, boxes, source, fps, (height, width), landmarks, timings)
+
+
 class Tunneller:
     """Runs H&HT on videos; owns three MediaPipe tasks (pose, hands, face detector).
 
@@ -233,21 +277,7 @@ class Tunneller:
             times = np.arange(len(frames)) / fps
         timings: dict[str, float] = {}
         landmarks = self.detect(frames, times, progress=progress, timings=timings)
-        height, width = frames.shape[1:3]
-        t0 = time.perf_counter()
-        boxes, source = compute_boxes(landmarks, width, height, self.settings)
-        t1 = time.perf_counter()
-        out = compose_frames(frames, boxes, source, self.settings)
-        timings["boxes"] = t1 - t0
-        timings["compose"] = time.perf_counter() - t1
-        if not source.any():
-            warnings.warn(
-                f"{name}: no head or hand found in any of {len(frames)} frames; the output "
-                "holds only the whole-frame cell",
-                NoPersonWarning,
-                stacklevel=3,
-            )
-        return HHTResult(out, boxes, source, fps, (height, width), landmarks, timings)
+        return tunnel_landmarks(frames, fps, landmarks, self.settings, name, timings, stacklevel=4)
 
     def detect(
         self,

@@ -21,7 +21,8 @@ import pytest
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
-from signnet_jax.hht import HHTSettings, Tunneller, VideoError
+from signnet_jax.hht import HHTSettings, Landmarks, Tunneller, VideoError
+from signnet_jax.hht.settings import DETECTION_FIELDS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -1135,7 +1136,7 @@ def test_help_states_every_options_default():
 
     parser = build_records.make_parser()
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    assert len(options) == 11 + len(dataclasses.fields(HHTSettings))
+    assert len(options) == 12 + len(dataclasses.fields(HHTSettings))
     for action in options:
         name = action.option_strings[0]
         if action.required:
@@ -1166,6 +1167,12 @@ def test_help_states_every_options_default():
     assert "nslt_K.json files hold their K already) (default: all of them)" in text
     assert "e.g. 1011 or 1,0,1,1 (default 1111)" in text
     assert f"(default: every core, {os.cpu_count()} here; 0 runs in-process" in text
+    assert (
+        "--landmark-cache DIR keep MediaPipe's landmarks in DIR, shared by builds: a build that "
+        "changes only the composition (quadrants, layout, size, margins, smoothing, JPEG "
+        "quality...) reads them and skips MediaPipe, nearly all of H&HT's time; its records "
+        "are the same bytes (default: none)"
+    ) in text
 
 
 def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monkeypatch):
@@ -1207,8 +1214,15 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
         )
         == 0
     )
-    assert "was built with other settings (jpeg_quality 90 -> 70)" in capsys.readouterr().err
-    assert "(0 processed, 6 cached, 1 not found)\n" in err
+    err = capsys.readouterr().err
+    # only a setting the landmarks do not depend on changed: the landmark cache is named
+    assert (
+        f"{out} was built with other settings (jpeg_quality 90 -> 70): its videos are tunnelled "
+        f"again (the results of the earlier settings stay cached in {out / 'work'}); "
+        "MediaPipe's landmarks do not depend on these settings: give every build the same "
+        "--landmark-cache DIR, and a build that changes only such settings skips MediaPipe\n"
+    ) in err
+    assert "(6 processed, 0 cached, 1 not found)\n" in err
 
 
 def _everything(folder):
@@ -1394,3 +1408,145 @@ def test_an_output_that_cannot_be_made_is_refused_first(dataset, tmp_path, capsy
             "give a folder you can write to"
         )
     )
+
+
+# --------------------------------------------------------------------------------------------
+# --landmark-cache
+# --------------------------------------------------------------------------------------------
+
+
+def _landmark_files(folder):
+    return sorted(pathlib.Path(folder).glob(f"*/*{build_records.LANDMARKS_SUFFIX}"))
+
+
+def _no_mediapipe(monkeypatch):
+    """MediaPipe fails if asked: a build reading every landmark from the cache passes."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("MediaPipe ran")
+
+    monkeypatch.setattr(Tunneller, "__init__", refused)
+
+
+def test_landmark_cache_serves_builds_of_other_compositions(
+    built, dataset, tmp_path, capsys, monkeypatch
+):
+    cache = tmp_path / "landmarks"
+    first = tmp_path / "first"
+    # a cold cache: the records are those of a build without it (the reference, 2 workers)
+    assert build_records.main(_cli(dataset, first, "--landmark-cache", str(cache))) == 0
+    assert _tree_bytes(first) == _tree_bytes(built)
+    files = _landmark_files(cache)
+    assert len(files) == len(GOOD)  # the failed videos leave nothing there
+    err = capsys.readouterr().err
+    assert f"  landmark cache {cache}: 0 videos read from it (MediaPipe skipped), 3 " in err
+
+    # the paper's ablation, other sizes and JPEG quality: the same bytes as without the cache,
+    # MediaPipe never asked
+    ablation = ("--quadrants", "1011", "--size", "128", "--smoothing", "0", "--jpeg-quality", "70")
+    plain = tmp_path / "plain"
+    assert build_records.main(_cli(dataset, plain, "--workers", "0", *ablation)) == 0
+    with monkeypatch.context() as m:
+        _no_mediapipe(m)
+        with pytest.raises(AssertionError, match="MediaPipe ran"):  # the guard works
+            Tunneller()
+        cached = tmp_path / "cached"
+        args = _cli(dataset, cached, "--workers", "0", "--landmark-cache", str(cache), *ablation)
+        assert build_records.main(args) == 0
+    assert _tree_bytes(cached) == _tree_bytes(plain) != _tree_bytes(built)
+    assert _landmark_files(cache) == files
+    err = capsys.readouterr().err
+    assert f"  landmark cache {cache}: 3 videos read from it (MediaPipe skipped), 0 " in err
+
+    # a damaged file is detected again (and replaced); the others are still read
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    again = tmp_path / "again"
+    args = _cli(dataset, again, "--workers", "0", "--landmark-cache", str(cache), *ablation)
+    assert build_records.main(args) == 0
+    assert _tree_bytes(again) == _tree_bytes(plain)
+    # the spans' frames: 00002 [11, 40], 00003 [41, 76], 00001 the whole clip
+    assert sorted(len(Landmarks.from_bytes(f.read_bytes())) for f in files) == [30, 36, 76]
+    assert "2 videos read from it (MediaPipe skipped), 1 detected and kept there" in (
+        capsys.readouterr().err
+    )
+
+
+def test_landmark_files_are_named_by_what_the_landmarks_depend_on(
+    shared_dir, sign_sample, tmp_path
+):
+    models = str(shared_dir / "mediapipe_models")
+    base = HHTSettings().to_dict()
+
+    def path(settings=base, models=models, video=sign_sample, span=(0, None)):
+        cache = build_records.LandmarkCache.create(tmp_path / "lm", settings, models)
+        return cache.path(str(video), *span)
+
+    first = path()
+    assert first == path()  # the same inputs: the same file
+    assert first.startswith(str(tmp_path / "lm") + os.sep) and first.endswith(".landmarks.npz")
+    # every detection setting moves it, no other setting does
+    changed = {
+        "layout": "strip", "size": 128, "quadrants": [True, False, True, True],
+        "faithful": True, "faithful_margin_px": 4, "head_margin": 0.2, "hand_margin": 0.2,
+        "hand_scale": 0.5, "wrist_visibility": 0.4, "max_gap": 3, "max_hold": 2,
+        "smoothing": 0.0, "detect_size": 512, "min_confidence": 0.6, "gate_hands": False,
+        "hand_retry": 1,
+    }  # fmt: skip
+    assert set(changed) == set(base)
+    moved = {k for k, v in changed.items() if path({**base, k: v}) != first}
+    assert moved == set(DETECTION_FIELDS) == {
+        "faithful", "detect_size", "min_confidence", "gate_hands", "hand_retry"
+    }  # fmt: skip
+    # the span, the video's contents (not its name) and the model files
+    assert len({first, path(span=(0, 40)), path(span=(1, None))}) == 3
+    copy = tmp_path / "renamed.mp4"
+    copy.write_bytes(sign_sample.read_bytes())
+    assert path(video=copy) == first
+    copy.write_bytes(sign_sample.read_bytes() + b"\0")
+    assert path(video=copy) != first
+    other_models = tmp_path / "models"
+    shutil.copytree(models, other_models)
+    assert path(models=str(other_models)) == first
+    face = other_models / "blaze_face_short_range.tflite"
+    face.write_bytes(face.read_bytes() + b"\0")
+    assert path(models=str(other_models)) != first
+
+
+def test_detection_reads_only_the_detection_settings():
+    """What DETECTION_FIELDS promises: the Tunneller's MediaPipe side reads no other setting
+    (the boxes and the composition, which read the others, run from the landmarks)."""
+    import inspect
+
+    from signnet_jax.hht import tunnel
+
+    source = inspect.getsource(tunnel.Tunneller._open) + inspect.getsource(tunnel.Tunneller.detect)
+    read = set(re.findall(r"self\.settings\.(\w+)", source))
+    assert read and read <= set(DETECTION_FIELDS), read - set(DETECTION_FIELDS)
+    assert "settings" not in re.sub(r"self\.settings\.\w+", "", source)
+
+
+def _exit_code(args):
+    with pytest.raises(SystemExit) as e:
+        build_records.main(args)
+    return e.value.code
+
+
+def test_a_landmark_cache_that_cannot_be_used_is_refused_first(dataset, tmp_path, capsys):
+    out = tmp_path / "records"
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert _exit_code(_cli(dataset, out, "--landmark-cache", str(taken))) == 2
+    assert (
+        f"error: --landmark-cache {taken} is a file; give a folder for the landmarks (new, or "
+        "one an earlier build kept them in)"
+    ) in capsys.readouterr().err
+    assert not out.exists() and taken.read_text() == "mine"
+    assert _exit_code(_cli(dataset, out, "--landmark-cache", "gs://bucket/landmarks")) == 2
+    assert "--landmark-cache gs://bucket/landmarks: gs:// paths are not supported" in (
+        capsys.readouterr().err
+    )
+    assert _exit_code(_cli(dataset, out, "--landmark-cache", str(taken / "lm"))) == 2
+    assert f"cannot write --landmark-cache {taken / 'lm'}: {taken} is a file, not a folder" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()

@@ -4,6 +4,8 @@ Source frame 256 x 128; every coordinate below is an integer pixel, so the
 normalized values are exact in float32.
 """
 
+import io
+
 import numpy as np
 import pytest
 
@@ -237,3 +239,39 @@ def test_faithful_finds_no_head_or_hands_in_a_frame_without_pose():
     assert np.all(boxes[0] == -1)
     np.testing.assert_allclose(px(boxes[1, 1]), [46, 62, 82, 106], atol=1e-4)
     np.testing.assert_allclose(px(boxes[1, 0]), [102, 14, 154, 66], atol=1e-4)
+
+
+def test_landmarks_round_trip_through_bytes_exactly():
+    rng = np.random.default_rng(0)
+    lm = Landmarks.empty(5)
+    lm.pose[1:] = rng.random((4, 33, 3), np.float32)
+    lm.hands[2, 0] = rng.random((21, 2), np.float32)
+    lm.hand_label[2] = (1, -1)
+    lm.faces[3, 0] = (0.1, 0.2, 0.3, 0.4, 0.9)
+    lm.hands_run[::2] = True
+    back = Landmarks.from_bytes(lm.to_bytes())
+    assert len(back) == 5
+    for name in ("pose", "hands", "hand_label", "faces", "hands_run"):
+        a, b = getattr(lm, name), getattr(back, name)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)  # NaN where nothing was found, too
+    assert len(Landmarks.from_bytes(Landmarks.empty(0).to_bytes())) == 0
+
+
+def test_landmarks_from_other_bytes_are_refused():
+    good = Landmarks.empty(3).to_bytes()
+    for damaged in (good[:100], good[: len(good) // 2], b"", b"not an npz file"):
+        with pytest.raises(ValueError, match="not a landmarks file"):
+            Landmarks.from_bytes(damaged)
+    other = io.BytesIO()
+    np.savez(other, pose=np.zeros((3, 33, 3), np.float32))
+    with pytest.raises(ValueError, match=r"not a landmarks file: hands is missing"):
+        Landmarks.from_bytes(other.getvalue())
+    lm = Landmarks.empty(3)
+    lm.hands = np.zeros((3, 2, 21, 3), np.float32)  # another layout
+    with pytest.raises(ValueError, match=r"hands is float32 \(3, 2, 21, 3\), expected float32 "):
+        Landmarks.from_bytes(lm.to_bytes())
+    extra = io.BytesIO()
+    np.savez(extra, **vars(Landmarks.empty(3)), more=np.zeros(1))
+    with pytest.raises(ValueError, match=r"it holds \['faces', "):
+        Landmarks.from_bytes(extra.getvalue())
