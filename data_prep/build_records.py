@@ -48,6 +48,7 @@ from signnet_jax.files import (
     interrupted,
     local_path,
 )
+from signnet_jax.progress import progress_bar
 
 TOOL = "data_prep.build_records"
 # Bump when the bytes written for the same inputs change; it is part of every cache key.
@@ -860,8 +861,6 @@ def build(
     Returns:
       Counts, failures and timings.
     """
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     output = os.fspath(output_dir)
     there = check_output(output, manifest.classes, info)
@@ -916,13 +915,8 @@ def build(
                 f"{cached} of {len(tasks)} videos already done (cached in {work})",
                 file=sys.stderr,
             )
-        bar = tqdm(
-            total=len(todo),
-            unit="video",
-            desc="H&HT",
-            disable=not progress or not todo,  # all cached: the line above says so
-            dynamic_ncols=True,
-        )
+        # all cached: the line above says so
+        bar = progress_bar(len(todo), "H&HT", "video", disable=not progress or not todo)
         with bar, _outcomes(todo, tunneller_factory, workers, work, jpeg_quality) as outcomes:
             for out in outcomes:
                 hht_seconds += out.hht_seconds

@@ -196,9 +196,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         if bar is None:
-            from tqdm import tqdm
+            from signnet_jax.progress import progress_bar
 
-            bar = tqdm(total=total, unit="frame", desc="detecting", file=sys.stderr, leave=False)
+            bar = progress_bar(total, "detecting", "frame", leave=False)
         bar.update(done - bar.n)
 
     start = time.perf_counter()

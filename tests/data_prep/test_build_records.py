@@ -409,6 +409,32 @@ if __name__ == "__main__":
 """
 
 
+def test_a_log_file_gets_whole_progress_lines_not_a_redrawn_bar(dataset, tmp_path):
+    """`... > build.log 2>&1`: the bar's carriage returns made the log one ever longer line."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_DRIVER)
+    log = tmp_path / "build.log"
+    with open(log, "w") as f:
+        r = subprocess.run(
+            [sys.executable, str(driver), *_cli(dataset, tmp_path / "records", "--workers", "0")],
+            env=dict(os.environ, PYTHONPATH=str(REPO), TQDM_MININTERVAL="0.4"),
+            cwd=REPO,
+            stderr=f,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("H&HT: ")]
+    # a line whenever 0.4 s have passed (a video takes 0.5 s), the last one on the close
+    assert [line.split(" videos")[0] for line in lines] == [f"H&HT: {n}/6" for n in range(1, 7)]
+    speed = r"(\d+\.\d\d videos/s|\d+\.\d s/video)"  # about 2 videos/s
+    first = rf"H&HT: 1/6 videos \(17%\), {speed}, \d\d:\d\d so far, about \d\d:\d\d left"
+    assert re.fullmatch(first, lines[0]), lines[0]
+    assert re.fullmatch(rf"H&HT: 6/6 videos \(100%\), {speed}, \d\d:\d\d so far", lines[-1])
+    assert "3 records, 4 failures (57.1%) from 7 entries" in text
+
+
 def test_ctrl_c_is_a_message_not_tracebacks_and_leaves_no_workers(dataset, tmp_path):
     import time
 

@@ -215,6 +215,27 @@ def test_native_mediapipe_logs_are_off_stderr_unless_asked_for(logs, sign_sample
         assert "DestroyAccelerator" in proc.stderr
 
 
+def test_progress_into_a_log_file_is_a_line_not_a_redrawn_bar(sign_sample, tmp_path):
+    log = tmp_path / "hht.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_prep.hht", "--video", str(sign_sample), "--output",
+             str(tmp_path / "o.mp4"), "--end-frame", "5"],
+            cwd=REPO, stderr=f, stdout=subprocess.PIPE, text=True, timeout=120,
+            env={k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"},
+        )  # fmt: skip
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    # the work is shorter than the interval between lines: only the last line
+    progress = [line for line in text.splitlines() if line.startswith("detecting")]
+    assert len(progress) == 1, text
+    assert re.fullmatch(
+        r"detecting: 5/5 frames \(100%\), (\d+\.\d\d frames/s|\d+\.\d s/frame), 00:0\d so far",
+        progress[0],
+    )
+
+
 def test_outputs_that_cannot_be_written_stop_before_the_work(sign_sample, tmp_path, capsys):
     (tmp_path / "taken.mp4").mkdir()
     for flag, target, message, fix in [
