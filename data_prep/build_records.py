@@ -485,32 +485,34 @@ class LandmarkCache:
 
     Attributes:
       folder: where the files go (FOLDER/ab/abcd...landmarks.npz).
-      settings: HHTSettings.to_dict() of the build (the composition uses all of them).
+      detection: the settings of `DETECTION_FIELDS` the landmarks are detected with (a build
+        with other values of them needs another `create`).
       prefix: hash of what the landmarks depend on besides the video and its span.
     """
 
     folder: str
-    settings: dict
+    detection: dict
     prefix: str
 
     @classmethod
     def create(cls, folder: str | os.PathLike, settings: dict, models_dir: str) -> LandmarkCache:
-        """The cache in ``folder`` for a build with these settings and model files."""
+        """The cache in ``folder`` for builds with these settings (HHTSettings.to_dict(); only
+        those of `DETECTION_FIELDS` matter) and model files."""
         from signnet_jax.hht.models import MODEL_URLS
-        from signnet_jax.hht.settings import DETECTION_FIELDS
 
         models = {}
         for name in sorted(MODEL_URLS):
             with open(os.path.join(models_dir, name), "rb") as f:
                 models[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        detection = _detection(settings)
         depends = {
-            "detection": {k: settings[k] for k in DETECTION_FIELDS},
+            "detection": detection,
             "models": models,
             "mediapipe": importlib.metadata.version("mediapipe"),
             "format": LANDMARKS_FORMAT,
         }
         prefix = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()
-        return cls(os.path.abspath(folder), dict(settings), prefix)
+        return cls(os.path.abspath(folder), detection, prefix)
 
     def path(self, video_path: str, start: int, end: int | None) -> str:
         """The file of one video's span (the video is read to hash its contents)."""
@@ -520,23 +522,32 @@ class LandmarkCache:
         return os.path.join(self.folder, key[:2], key + LANDMARKS_SUFFIX)
 
 
+def _detection(settings: dict) -> dict:
+    """The settings of `DETECTION_FIELDS` among HHTSettings.to_dict()'s."""
+    from signnet_jax.hht.settings import DETECTION_FIELDS
+
+    return {k: settings[k] for k in DETECTION_FIELDS}
+
+
 @dataclasses.dataclass(frozen=True)
 class _CachingFactory:
-    """Wraps a factory of real Tunnellers with a `LandmarkCache` (picklable)."""
+    """Wraps a factory of real Tunnellers with a `LandmarkCache` (picklable); ``settings``
+    (HHTSettings.to_dict()) are the build's, those the inner Tunnellers have."""
 
     inner: TunnellerFactory
     cache: LandmarkCache
+    settings: dict
 
     def __call__(self) -> _CachingTunneller:
-        return _CachingTunneller(self.inner, self.cache)
+        return _CachingTunneller(self.inner, self.cache, self.settings)
 
 
 class _CachingTunneller:
     """`process_video` of a Tunneller that reads the landmarks from the cache when they are
     there, and else runs MediaPipe (a fresh Tunneller, made only then) and keeps them."""
 
-    def __init__(self, factory: TunnellerFactory, cache: LandmarkCache):
-        self._factory, self._cache = factory, cache
+    def __init__(self, factory: TunnellerFactory, cache: LandmarkCache, settings: dict):
+        self._factory, self._cache, self._settings = factory, cache, settings
         self._context = self._tunneller = None
 
     def __enter__(self) -> _CachingTunneller:
@@ -563,7 +574,7 @@ class _CachingTunneller:
             landmarks = None
         if landmarks is not None and len(landmarks) == len(frames):
             timings = {"decode": t1 - t0, "landmark_cache": time.perf_counter() - t1}
-            settings = HHTSettings.from_dict(self._cache.settings)
+            settings = HHTSettings.from_dict(self._settings)
             return tunnel_landmarks(frames, fps, landmarks, settings, path, timings)
         if self._tunneller is None:  # MediaPipe's tasks are made only for a video not cached
             try:
@@ -856,12 +867,18 @@ def build(
       info: extra fields for dataset_info.json (dataset name, split files).
       progress: show a progress bar and the summary on stderr.
       landmark_cache: read MediaPipe's landmarks from there when they are, keep them there
-        when not (``tunneller_factory`` must then make real Tunnellers).
+        when not (``tunneller_factory`` must then make real Tunnellers); made for
+        ``hht_settings``' detection settings.
 
     Returns:
       Counts, failures and timings.
     """
     t_start = time.perf_counter()
+    if landmark_cache is not None and landmark_cache.detection != _detection(hht_settings):
+        raise ValueError(
+            f"the landmark cache was made for the detection settings {landmark_cache.detection}, "
+            f"not for those of hht_settings: LandmarkCache.create it with hht_settings"
+        )
     output = os.fspath(output_dir)
     there = check_output(output, manifest.classes, info)
     work = os.path.join(output, WORK)
@@ -909,7 +926,7 @@ def build(
                 file=sys.stderr,
             )
         if landmark_cache is not None:
-            tunneller_factory = _CachingFactory(tunneller_factory, landmark_cache)
+            tunneller_factory = _CachingFactory(tunneller_factory, landmark_cache, hht_settings)
         if progress and cached:
             print(
                 f"{cached} of {len(tasks)} videos already done (cached in {work})",

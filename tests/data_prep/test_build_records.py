@@ -1538,6 +1538,30 @@ def test_landmark_files_are_named_by_what_the_landmarks_depend_on(
     assert path(models=str(other_models)) != first
 
 
+def test_a_landmark_cache_of_other_detection_settings_is_refused(shared_dir, dataset, tmp_path):
+    models = str(shared_dir / "mediapipe_models")
+    hht = HHTSettings().to_dict()
+    cache = build_records.LandmarkCache.create(
+        tmp_path / "lm", {**hht, "min_confidence": 0.6}, models
+    )
+    manifest = manifests.load_manifest("wlasl", [str(dataset / "WLASL_v0.3.json")])
+    with pytest.raises(ValueError, match=r"made for the detection settings \{'faithful': "):
+        build_records.build(
+            manifest,
+            dataset / "videos",
+            tmp_path / "records",
+            hht_settings=hht,
+            tunneller_factory=build_records._HHTFactory(hht, models),
+            landmark_cache=cache,
+        )
+    assert not (tmp_path / "records").exists() and not (tmp_path / "lm").exists()
+    # the composition's settings do not matter to it
+    ablation = {**hht, "quadrants": [True, False, True, True], "size": 128}
+    assert build_records.LandmarkCache.create(tmp_path / "lm", ablation, models) == (
+        build_records.LandmarkCache.create(tmp_path / "lm", hht, models)
+    )
+
+
 def test_detection_reads_only_the_detection_settings():
     """What DETECTION_FIELDS promises: the Tunneller's MediaPipe side reads no other setting
     (the boxes and the composition, which read the others, run from the landmarks)."""
