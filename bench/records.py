@@ -210,8 +210,9 @@ def main() -> None:
             lc = bench_landmark_cache(pathlib.Path(tmp), sample, args.videos, args.repeats)
         print(json.dumps({"landmark_cache": lc}, indent=1))
         print(
-            f"| ablation build (quadrants 1011), {lc['videos']} spans of sign_sample "
-            f"({lc['frames']} frames), in-process | {lc['ablation_plain_s']:.1f} s without, "
+            f"| ablation build (quadrants 1011), {lc['videos']} span{'s' * (lc['videos'] != 1)} "
+            f"of sign_sample ({lc['frames']} frames), in-process | "
+            f"{lc['ablation_plain_s']:.1f} s without, "
             f"{lc['ablation_from_cache_s']:.1f} s with the landmark cache: "
             f"{lc['ablation_speedup']:.1f}x; filling it cost the first build "
             f"{lc['filling_cost']:+.1%}; records identical |"
