@@ -22,6 +22,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -41,6 +42,7 @@ import numpy as np
 from data_prep import manifests
 from signnet_jax.data import records
 from signnet_jax.files import (
+    PROBE_PREFIX,
     RemotePathError,
     atomic_write,
     creation_problem,
@@ -85,19 +87,27 @@ class SetupError(BuildError):
     disk): the build stops instead of failing every video."""
 
 
-def _cache_write(path: str, data: bytes, elsewhere: str = "build into another --output") -> None:
-    """Writes a cache file (OUTPUT/work's, or a `LandmarkCache`'s, whose other way out is
-    ``elsewhere``); a full disk stops the build at once (else every video would be tunnelled
-    and then fail to be kept, for hours)."""
+def _cache_write(
+    path: str, data: bytes, elsewhere: str = "build into another --output", work: str = ""
+) -> None:
+    """Writes a cache file; a full disk stops the build at once (else every video would be
+    tunnelled and then fail to be kept, for hours).
+
+    Args:
+      path: a file in OUTPUT/work, or in a `LandmarkCache`.
+      data: its bytes.
+      elsewhere: the other way out than freeing space.
+      work: OUTPUT/work, where the finished videos are (default: ``path``'s folder).
+    """
     try:
         atomic_write(path, data)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        kept = "in " + os.path.dirname(path) if elsewhere.endswith("--output") else "kept"
         raise SetupError(
             f"cannot write {path}: {e.strerror}; free space there (or {elsewhere}), then run "
-            f"the same command again: the videos finished so far are cached {kept}"
+            "the same command again: the videos finished so far are cached in "
+            f"{work or os.path.dirname(path)}"
         ) from e
 
 
@@ -467,9 +477,13 @@ class _HHTFactory:
 # Landmarks kept between builds
 # --------------------------------------------------------------------------------------------
 
-# Bump when the landmarks detected for the same video and settings change.
+# Bump when the landmarks detected for the same video and settings change in a way the key
+# below does not see (it holds the detection code's source and the decoders' versions).
 LANDMARKS_FORMAT = 1
 LANDMARKS_SUFFIX = ".landmarks.npz"
+# The modules that decode the frames and detect the landmarks: any edit to them starts the
+# landmark caches afresh.
+_DETECTION_CODE = ("signnet_jax.hht.tunnel", "signnet_jax.hht.video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,7 +491,8 @@ class LandmarkCache:
     """MediaPipe's landmarks per video, kept in a folder that several builds share.
 
     MediaPipe takes nearly all of H&HT's time, and its landmarks depend only on the video,
-    the span, the settings of `DETECTION_FIELDS`, the model files and MediaPipe's version.
+    the span, the settings of `DETECTION_FIELDS`, the model files, the code that decodes and
+    detects, and the versions of MediaPipe, PyAV and OpenCV.
     A build that changes only the composition (quadrants, layout, size, margins, smoothing,
     JPEG quality: the paper's ablations) reads them here and skips MediaPipe; its records are
     byte-identical to those of a build without the cache. A file is named by the hash of all
@@ -504,11 +519,24 @@ class LandmarkCache:
         for name in sorted(MODEL_URLS):
             with open(os.path.join(models_dir, name), "rb") as f:
                 models[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        import av
+        import cv2
+
+        code = hashlib.sha256()
+        for module in _DETECTION_CODE:  # read, not imported: that would load MediaPipe here
+            with open(importlib.util.find_spec(module).origin, "rb") as f:
+                code.update(f.read())
         detection = _detection(settings)
         depends = {
             "detection": detection,
             "models": models,
-            "mediapipe": importlib.metadata.version("mediapipe"),
+            "code": code.hexdigest(),
+            # the frames come from FFmpeg (PyAV), resized by OpenCV with detect_size
+            "versions": {
+                "mediapipe": importlib.metadata.version("mediapipe"),
+                "av": av.__version__,
+                "opencv": cv2.__version__,
+            },
             "format": LANDMARKS_FORMAT,
         }
         prefix = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()
@@ -532,22 +560,24 @@ def _detection(settings: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class _CachingFactory:
     """Wraps a factory of real Tunnellers with a `LandmarkCache` (picklable); ``settings``
-    (HHTSettings.to_dict()) are the build's, those the inner Tunnellers have."""
+    (HHTSettings.to_dict()) are the build's, those the inner Tunnellers have; ``work`` is
+    OUTPUT/work (for messages)."""
 
     inner: TunnellerFactory
     cache: LandmarkCache
     settings: dict
+    work: str
 
     def __call__(self) -> _CachingTunneller:
-        return _CachingTunneller(self.inner, self.cache, self.settings)
+        return _CachingTunneller(self)
 
 
 class _CachingTunneller:
     """`process_video` of a Tunneller that reads the landmarks from the cache when they are
     there, and else runs MediaPipe (a fresh Tunneller, made only then) and keeps them."""
 
-    def __init__(self, factory: TunnellerFactory, cache: LandmarkCache, settings: dict):
-        self._factory, self._cache, self._settings = factory, cache, settings
+    def __init__(self, factory: _CachingFactory):
+        self._factory = factory
         self._context = self._tunneller = None
 
     def __enter__(self) -> _CachingTunneller:
@@ -563,7 +593,7 @@ class _CachingTunneller:
         from signnet_jax.hht.tunnel import tunnel_landmarks
         from signnet_jax.hht.video import decode_video
 
-        file = self._cache.path(path, start_frame, end_frame)
+        file = self._factory.cache.path(path, start_frame, end_frame)
         t0 = time.perf_counter()
         frames, fps, times = decode_video(path, start_frame, end_frame)
         t1 = time.perf_counter()
@@ -574,18 +604,26 @@ class _CachingTunneller:
             landmarks = None
         if landmarks is not None and len(landmarks) == len(frames):
             timings = {"decode": t1 - t0, "landmark_cache": time.perf_counter() - t1}
-            settings = HHTSettings.from_dict(self._settings)
+            settings = HHTSettings.from_dict(self._factory.settings)
             return tunnel_landmarks(frames, fps, landmarks, settings, path, timings)
         if self._tunneller is None:  # MediaPipe's tasks are made only for a video not cached
             try:
-                self._context = self._factory()
+                self._context = self._factory.inner()
                 self._tunneller = self._context.__enter__()
             except Exception as e:
                 raise SetupError(f"H&HT could not start: {type(e).__name__}: {e}") from e
         t2 = time.perf_counter()
         result = self._tunneller.process_frames(frames, fps, times, name=path)
         result.timings = {"decode": t1 - t0, "setup": t2 - t1, **result.timings}
-        _cache_write(file, result.landmarks.to_bytes(), "give another --landmark-cache")
+        work = self._factory.work
+        try:
+            _cache_write(file, result.landmarks.to_bytes(), "leave out --landmark-cache", work)
+        except OSError as e:  # not a full disk (a SetupError already): a folder made read-only
+            raise SetupError(
+                f"cannot keep the landmarks in {file}: {e.strerror or e}; fix that or leave out "
+                "--landmark-cache, then run the same command again: the videos finished so far "
+                f"are cached in {work}"
+            ) from e
         return result
 
 
@@ -926,7 +964,9 @@ def build(
                 file=sys.stderr,
             )
         if landmark_cache is not None:
-            tunneller_factory = _CachingFactory(tunneller_factory, landmark_cache, hht_settings)
+            tunneller_factory = _CachingFactory(
+                tunneller_factory, landmark_cache, hht_settings, work
+            )
         if progress and cached:
             print(
                 f"{cached} of {len(tasks)} videos already done (cached in {work})",
@@ -1175,8 +1215,9 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep MediaPipe's landmarks in DIR, shared by builds: a build that changes only "
         "the composition (quadrants, layout, size, margins, smoothing, JPEG quality...) reads "
-        "them and skips MediaPipe, nearly all of H&HT's time; its records are the same bytes "
-        "(default: none)",
+        "them and skips MediaPipe, nearly all of H&HT's time; its records are the same bytes. "
+        "--faithful, --detect-size, --min-confidence, --gate-hands and --hand-retry change the "
+        "landmarks themselves (default: none)",
     )
     group = p.add_argument_group("H&HT settings (see signnet_jax.hht.HHTSettings)")
     from signnet_jax.hht.settings import LAYOUTS, field_help
@@ -1302,12 +1343,15 @@ def main(
         if not os.path.isdir(args.output):
             parser.error(f"--output {args.output} is a file; give a folder for the records")
         ours = {WORK, records.DATASET_INFO, FAILURES}
-        entries = set(os.listdir(args.output))
+        # another build's probe (creation_problem) is not someone's file
+        entries = {n for n in os.listdir(args.output) if not n.startswith(PROBE_PREFIX)}
         if entries and not entries & ours:
             parser.error(
                 f"--output {args.output} already holds other files (e.g. {sorted(entries)[0]}); "
                 "give a new or empty folder, or one an earlier build_records wrote"
             )
+    if args.landmark_cache == "":
+        parser.error("--landmark-cache needs a folder, got ''")
     if args.landmark_cache is not None and os.path.exists(args.landmark_cache):
         if not os.path.isdir(args.landmark_cache):
             parser.error(

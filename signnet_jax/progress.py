@@ -1,15 +1,14 @@
-"""Progress of long work on stderr: a tqdm bar in a terminal or notebook, plain lines in a log.
+"""Progress of long work on stderr: a tqdm bar in a terminal, whole lines in a log.
 
-A bar redraws itself with carriage returns, which a terminal (or Colab's cell output) shows as
-one changing line but a log file (``> build.log 2>&1``) keeps as one ever longer line. When
-stderr is a regular file, `progress_bar` writes a line now and then instead.
+A bar redraws itself with carriage returns, which a terminal shows as one changing line (so
+does a Colab cell: its ``!`` commands run in a pseudo-terminal), but a log keeps as one ever
+longer line: a file (``> build.log 2>&1``), a pipe (``| tee``, Docker's and Kubernetes'
+logs). When stderr is not a terminal, `progress_bar` writes a line now and then.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import stat
 import sys
 import time
 from typing import IO, Any
@@ -18,12 +17,11 @@ from typing import IO, Any
 LOG_INTERVAL = 30.0
 
 
-def writes_to_file(stream: IO[str]) -> bool:
-    """Whether ``stream`` is a regular file (a redirected log), not a terminal, pipe or
-    notebook."""
+def is_terminal(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a terminal (a pseudo-terminal too), where a bar can redraw."""
     try:
-        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or closed
         return False
 
 
@@ -100,7 +98,7 @@ class LogProgress:
 def progress_bar(
     total: int, desc: str, unit: str, disable: bool = False, leave: bool = True
 ) -> Any:
-    """A progress bar on stderr: tqdm's, or a `LogProgress` when stderr is a regular file.
+    """A progress bar on stderr: tqdm's in a terminal, else a `LogProgress`.
 
     Args:
       total: how many units the work has.
@@ -109,7 +107,7 @@ def progress_bar(
       disable: show nothing.
       leave: keep tqdm's bar on the screen when closed (a log keeps its lines anyway).
     """
-    if writes_to_file(sys.stderr):
+    if not is_terminal(sys.stderr):
         return LogProgress(total, desc, unit, sys.stderr, disable)
     from tqdm import tqdm
 

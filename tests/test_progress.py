@@ -65,17 +65,25 @@ def test_the_interval_follows_tqdm_mininterval_and_disable_writes_nothing(clock,
     assert quiet.getvalue() == ""
 
 
-def test_a_log_file_gets_lines_a_terminal_pipe_or_notebook_the_bar(tmp_path, monkeypatch):
-    with open(tmp_path / "build.log", "w") as log:
-        assert progress.writes_to_file(log)
+def test_a_terminal_gets_the_bar_a_file_or_pipe_lines(tmp_path, monkeypatch):
+    with open(tmp_path / "build.log", "w") as log:  # > build.log 2>&1
+        assert not progress.is_terminal(log)
         monkeypatch.setattr(sys, "stderr", log)
         assert isinstance(progress.progress_bar(3, "H&HT", "video"), progress.LogProgress)
-    read, write = os.pipe()
+    read, write = os.pipe()  # | tee build.log, docker logs
     with os.fdopen(read) as r, os.fdopen(write, "w") as w:
-        assert not progress.writes_to_file(w) and not progress.writes_to_file(r)
-    notebook = io.StringIO()  # as Colab's and pytest's captured streams: no file descriptor
-    assert not progress.writes_to_file(notebook)
-    monkeypatch.setattr(sys, "stderr", notebook)
-    bar = progress.progress_bar(3, "H&HT", "video")
-    assert isinstance(bar, tqdm) and bar.total == 3 and bar.unit == "video"
-    bar.close()
+        assert not progress.is_terminal(w) and not progress.is_terminal(r)
+        monkeypatch.setattr(sys, "stderr", w)
+        assert isinstance(progress.progress_bar(3, "H&HT", "video"), progress.LogProgress)
+    captured = io.StringIO()  # no file descriptor, as pytest's capture
+    assert not progress.is_terminal(captured)
+    closed = io.StringIO()
+    closed.close()
+    assert not progress.is_terminal(closed)
+    main, other = os.openpty()  # a terminal, or Colab's ! commands
+    with os.fdopen(main, "w"), os.fdopen(other, "w") as terminal:
+        assert progress.is_terminal(terminal)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        bar = progress.progress_bar(3, "H&HT", "video")
+        assert isinstance(bar, tqdm) and bar.total == 3 and bar.unit == "video"
+        bar.close()

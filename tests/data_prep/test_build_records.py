@@ -4,14 +4,18 @@ worker-count determinism, corruption detection; a small stand-in Tunneller for t
 import argparse
 import dataclasses
 import errno
+import fcntl
+import importlib.metadata
 import json
 import os
 import pathlib
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 
 import av
@@ -21,6 +25,7 @@ import pytest
 
 from data_prep import build_records, manifests
 from signnet_jax.data import records
+from signnet_jax.files import PROBE_PREFIX
 from signnet_jax.hht import HHTSettings, Landmarks, Tunneller, VideoError
 from signnet_jax.hht.settings import DETECTION_FIELDS
 
@@ -433,6 +438,38 @@ def test_a_log_file_gets_whole_progress_lines_not_a_redrawn_bar(dataset, tmp_pat
     assert re.fullmatch(first, lines[0]), lines[0]
     assert re.fullmatch(rf"H&HT: 6/6 videos \(100%\), {speed}, \d\d:\d\d so far", lines[-1])
     assert "3 records, 4 failures (57.1%) from 7 entries" in text
+
+
+def test_a_terminal_gets_the_bar_and_its_last_line_once(dataset, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_DRIVER)
+    main, terminal = os.openpty()
+    # 24 rows of 100 columns, as a terminal has (a new one has 0, which tqdm draws as nothing)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(driver), *_cli(dataset, tmp_path / "records", "--workers", "2")],
+            env=dict(os.environ, PYTHONPATH=str(REPO), TQDM_MININTERVAL="0"),
+            cwd=REPO,
+            stderr=terminal,
+        )
+    finally:
+        os.close(terminal)
+    chunks = []
+    while True:  # until the process ends and closes its end
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: no process has the terminal open any more
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(timeout=120) == 0
+    err = b"".join(chunks).decode()
+    assert err.count("H&HT: 100%|") == 1, err  # the last video: drawn once, by the close
+    assert err.count("6/6 [") == 1, err
+    assert "\r" in err and "H&HT: 6/6 videos" not in err
 
 
 def test_ctrl_c_is_a_message_not_tracebacks_and_leaves_no_workers(dataset, tmp_path):
@@ -1197,7 +1234,8 @@ def test_help_states_every_options_default():
         "--landmark-cache DIR keep MediaPipe's landmarks in DIR, shared by builds: a build that "
         "changes only the composition (quadrants, layout, size, margins, smoothing, JPEG "
         "quality...) reads them and skips MediaPipe, nearly all of H&HT's time; its records "
-        "are the same bytes (default: none)"
+        "are the same bytes. --faithful, --detect-size, --min-confidence, --gate-hands and "
+        "--hand-retry change the landmarks themselves (default: none)"
     ) in text
 
 
@@ -1208,9 +1246,9 @@ def test_the_last_progress_line_is_printed_once(dataset, tmp_path, capsys, monke
         shutil.rmtree(out, ignore_errors=True)
         args = _cli(dataset, out, "--workers", workers)
         assert build_records.main(args, tunneller_factory=FakeTunneller) == 0
-        err = capsys.readouterr().err
-        assert err.count("H&HT: 100%|") == 1, err
-        assert err.count("6/6 [") == 1, err  # the 7th video is missing: nothing to run
+        err = capsys.readouterr().err  # not a terminal: lines (the terminal's bar: below)
+        assert err.count("H&HT: 6/6 videos (100%)") == 1, err  # the 7th video is missing
+        assert err.count("H&HT: 5/6 videos (83%)") == 1, err
         assert "(6 processed, 0 cached, 1 not found)\n" in err
     # everything cached: no bar of zero videos, the summary says it
     assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
@@ -1307,6 +1345,15 @@ def test_an_output_holding_another_dataset_is_refused_untouched(dataset, tmp_pat
         build_records.main(_cli(dataset, out, "--size", "128"), tunneller_factory=FakeTunneller)
         == 0
     )
+
+
+def test_another_builds_probe_in_a_new_output_is_not_a_foreign_file(dataset, tmp_path):
+    """Two builds started together into a new folder: the second saw the first's probe."""
+    out = tmp_path / "records"
+    out.mkdir()
+    (out / f"{PROBE_PREFIX}x1y2z3").write_bytes(b"")
+    assert build_records.main(_cli(dataset, out), tunneller_factory=FakeTunneller) == 0
+    assert records.load_dataset_info(out)["num_records"] == 3
 
 
 def test_an_output_holding_the_smoke_dataset_is_refused_untouched(dataset, tmp_path, capsys):
@@ -1497,6 +1544,46 @@ def test_landmark_cache_serves_builds_of_other_compositions(
     )
 
 
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            errno.ENOSPC,
+            "error: cannot write {file}: No space left on device; free space there (or leave out "
+            "--landmark-cache), then run the same command again: the videos finished so far are "
+            "cached in {work}",
+        ),
+        (
+            errno.EROFS,
+            "error: cannot keep the landmarks in {file}: Read-only file system; fix that or leave "
+            "out --landmark-cache, then run the same command again: the videos finished so far "
+            "are cached in {work}",
+        ),
+    ],
+)
+def test_landmarks_that_cannot_be_kept_stop_the_build_at_once(
+    dataset, tmp_path, monkeypatch, capsys, error, message
+):
+    out, cache = tmp_path / "records", tmp_path / "landmarks"
+    write = build_records.atomic_write
+    refused = []
+
+    def no_landmarks(path, *args, **kwargs):
+        if str(path).endswith(build_records.LANDMARKS_SUFFIX):
+            refused.append(str(path))
+            raise OSError(error, os.strerror(error), str(path))
+        write(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_records, "atomic_write", no_landmarks)
+    args = _cli(dataset, out, "--workers", "0", "--landmark-cache", str(cache))
+    assert build_records.main(args) == 2
+    # stopped at the first video, not each video failed (or the build ran on without them)
+    assert len(refused) == 1 and _final_names(out) == []
+    work = out / build_records.WORK
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == message.format(file=refused[0], work=work)
+
+
 def test_landmark_files_are_named_by_what_the_landmarks_depend_on(
     shared_dir, sign_sample, tmp_path
 ):
@@ -1536,6 +1623,19 @@ def test_landmark_files_are_named_by_what_the_landmarks_depend_on(
     face = other_models / "blaze_face_short_range.tflite"
     face.write_bytes(face.read_bytes() + b"\0")
     assert path(models=str(other_models)) != first
+    # the code that decodes and detects, and the versions of what it runs on
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(build_records, "_DETECTION_CODE", ("signnet_jax.hht.tunnel",))
+        assert path() != first
+    for module in (av, cv2):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(module, "__version__", "0.0.1")
+            assert path() != first
+    with pytest.MonkeyPatch.context() as m:
+        real = importlib.metadata.version
+        m.setattr(importlib.metadata, "version", lambda n: "0.0.1" if n == "mediapipe" else real(n))
+        assert path() != first
+    assert path() == first
 
 
 def test_a_landmark_cache_of_other_detection_settings_is_refused(shared_dir, dataset, tmp_path):
@@ -1554,7 +1654,7 @@ def test_a_landmark_cache_of_other_detection_settings_is_refused(shared_dir, dat
             tunneller_factory=build_records._HHTFactory(hht, models),
             landmark_cache=cache,
         )
-    assert not (tmp_path / "records").exists() and not (tmp_path / "lm").exists()
+    assert not (tmp_path / "records").exists()
     # the composition's settings do not matter to it
     ablation = {**hht, "quadrants": [True, False, True, True], "size": 128}
     assert build_records.LandmarkCache.create(tmp_path / "lm", ablation, models) == (
@@ -1591,6 +1691,8 @@ def test_a_landmark_cache_that_cannot_be_used_is_refused_first(dataset, tmp_path
         "one an earlier build kept them in)"
     ) in capsys.readouterr().err
     assert not out.exists() and taken.read_text() == "mine"
+    assert _exit_code(_cli(dataset, out, "--landmark-cache", "")) == 2
+    assert "error: --landmark-cache needs a folder, got ''" in capsys.readouterr().err
     assert _exit_code(_cli(dataset, out, "--landmark-cache", "gs://bucket/landmarks")) == 2
     assert "--landmark-cache gs://bucket/landmarks: gs:// paths are not supported" in (
         capsys.readouterr().err

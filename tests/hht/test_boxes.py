@@ -263,6 +263,20 @@ def test_landmarks_from_other_bytes_are_refused():
     for damaged in (good[:100], good[: len(good) // 2], b"", b"not an npz file"):
         with pytest.raises(ValueError, match="not a landmarks file"):
             Landmarks.from_bytes(damaged)
+    # damage anywhere: whatever np.load raises for it (zip, zlib, .npy header errors) is this
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        damaged = bytearray(good)
+        for i in rng.integers(0, len(good), rng.integers(1, 5)):
+            damaged[i] = rng.integers(0, 256)
+        try:
+            Landmarks.from_bytes(bytes(damaged))
+        except ValueError as e:
+            assert str(e).startswith("not a landmarks file"), e
+    one = io.BytesIO()
+    np.save(one, np.zeros(3))
+    with pytest.raises(ValueError, match=r"one array \(.npy\), not an .npz file"):
+        Landmarks.from_bytes(one.getvalue())
     other = io.BytesIO()
     np.savez(other, pose=np.zeros((3, 33, 3), np.float32))
     with pytest.raises(ValueError, match=r"not a landmarks file: hands is missing"):
